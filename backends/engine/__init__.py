@@ -1,0 +1,8 @@
+"""The model-agnostic engine every Triton stage runs."""
+
+from .errors import InvalidRequestError
+from .llm import LLM, RequestOutput
+from .llm_engine import LLMEngine
+from .sampling_params import SamplingParams
+
+__all__ = ["LLM", "InvalidRequestError", "LLMEngine", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,61 @@
+"""Offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .llm_engine import LLMEngine
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    num_cached_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+
+
+class LLM:
+    def __init__(self, model: str | Path, **engine_args: Any) -> None:
+        self.engine = LLMEngine(model, **engine_args)
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        eng = self.engine
+        seqs = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                seqs.append(eng.add_request(p, sp))
+            while eng.has_unfinished():
+                eng.step()
+        except BaseException:
+            for s in seqs:
+                eng.abort(s.request_id)
+            raise
+        tok = eng.tokenizer
+        return [
+            RequestOutput(
+                request_id=s.request_id,
+                prompt_token_ids=s.token_ids[: s.num_prompt_tokens],
+                token_ids=s.output_token_ids,
+                text=tok.decode(s.output_token_ids) if tok else "",
+                finish_reason=s.finish_reason or "",
+                num_cached_tokens=max(s.num_cached_tokens, 0),
+                logprobs=s.logprobs,
+            )
+            for s in seqs
+        ]
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,169 @@
+"""The engine loop: schedule -> run the model -> sample -> update sequences. Readable in one sitting."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..kv.block_manager import BlockManager
+from ..kv.pool import KVPool, PoolSpec
+from ..loader.safetensors_loader import load_state_dict
+from ..models.config import ModelConfig
+from ..models.decoder import DecoderLM
+from .errors import InvalidRequestError
+from .model_runner import ModelRunner
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    new_token_ids: list[int]
+    finished: bool
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str | torch.dtype = "auto",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_memory: int = 1 << 30,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        kv_pool_name: str | None = None,
+        num_threads: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model_dir = Path(model)
+        self.config = cfg = ModelConfig.from_dir(model)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.dtype = cfg.torch_dtype if dtype == "auto" else DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if not isinstance(self.dtype, torch.dtype):
+            raise InvalidRequestError("dtype", f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+        self.max_model_len = max_model_len or min(cfg.max_position_embeddings, 8192)
+        self.block_size = block_size
+        self.model = DecoderLM(cfg, load_state_dict(model, self.dtype), self.max_model_len)
+        self.tokenizer = Tokenizer.from_dir(model)
+
+        spec = PoolSpec(0, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, str(self.dtype).split(".")[-1])
+        if num_blocks is None:
+            num_blocks = kv_cache_memory // spec.block_bytes
+        if num_blocks < 1:
+            raise InvalidRequestError("num_blocks", f"KV pool needs at least one block, got {num_blocks}")
+        spec = replace(spec, num_blocks=num_blocks)
+        name = kv_pool_name or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.pool = KVPool.create(name, spec)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, self.max_model_len)
+        if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
+            raise InvalidRequestError("max_num_batched_tokens", "must be >= max_model_len without chunked prefill")
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.sampler = Sampler(seed)
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        self.requests: dict[str, Sequence] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, cache_salt: str | None = None) -> Sequence:
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        if request_id is not None and request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        seq = Sequence(ids, params, self.block_size, request_id, (cache_salt,) if cache_salt else ())
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "model has no tokenizer.json; pass token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError("prompt_token_ids", f"id {bad[0]!r} outside the vocabulary [0, {vocab})")
+        if not ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}")
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                seq = self.scheduler.waiting[0]
+                raise RuntimeError(f"request {seq.request_id} needs more KV blocks than the pool has")
+            return []
+        seqs, logits = self.runner.run(scheduled)
+        bm = self.block_manager
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            full = seq.num_computed_tokens // self.block_size
+            for b in range(seq.num_published_blocks, full):
+                bm.cache_block(seq.block_table[b], seq.block_hashes[b])
+            seq.num_published_blocks = full
+        if logits is None:
+            return []
+        tokens, logprobs = self.sampler(logits, seqs)
+        out = []
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            seq.append(tok)
+            if logprobs is not None and seq.params.logprobs:
+                seq.logprobs.append(logprobs[i])
+            reason = self._stop_reason(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self.requests.pop(seq.request_id, None)
+            out.append(StepOutput(seq, [tok], reason is not None))
+        return out
+
+    def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
+        p = seq.params
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def close(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __del__(self) -> None:
+        self.close()

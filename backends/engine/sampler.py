@@ -1,0 +1,66 @@
+"""Token selection: penalties -> temperature -> top-k / top-p / min-p -> sample (or argmax)."""
+
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)  # for requests without a seed
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+        """logits: [N, vocab] fp32, row i for seqs[i]. Returns chosen tokens and their logprobs
+        (log-softmax of the raw model logits) when any request asked for them."""
+        params = [s.params for s in seqs]
+        want_lp = any(p.logprobs for p in params)
+        raw_lp = torch.log_softmax(logits, -1) if want_lp else None
+        if all(p.greedy and not p.has_penalties for p in params):
+            tokens = logits.argmax(-1)
+        else:
+            tokens = self._sample(logits.clone(), seqs)
+        lp = raw_lp.gather(1, tokens.view(-1, 1)).view(-1).tolist() if raw_lp is not None else None
+        return tokens.tolist(), lp
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        out = torch.empty(len(seqs), dtype=torch.int64)
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            row = logits[i]
+            if p.has_penalties:
+                _apply_penalties(row, seq, vocab)
+            if p.greedy:
+                out[i] = row.argmax()
+                continue
+            row = row / p.temperature
+            if 0 < p.top_k < vocab:
+                kth = torch.topk(row, p.top_k).values[-1]
+                row = row.masked_fill(row < kth, float("-inf"))
+            probs = row.softmax(-1)
+            if p.top_p < 1:
+                sp, idx = probs.sort(descending=True)
+                # drop a token when the mass before it already reaches top_p (the top one always stays)
+                drop = (sp.cumsum(0) - sp) >= p.top_p
+                probs = probs.scatter(0, idx[drop], 0.0)
+            if p.min_p > 0:
+                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            gen = seq.generator if seq.generator is not None else self.generator
+            # Exponential race == sampling from probs (normalization not needed).
+            q = torch.empty_like(probs).exponential_(generator=gen)
+            out[i] = (probs / q).argmax()
+        return out
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab: int) -> None:
+    p = seq.params
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted({t for t in seq.token_ids if t < vocab}), dtype=torch.int64)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        counts = torch.bincount(torch.tensor(seq.output_token_ids, dtype=torch.int64), minlength=vocab)[:vocab]
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)

@@ -1,0 +1,107 @@
+"""FCFS continuous batching under a token budget.
+
+Each step: running sequences first (a decode needs 1 token, an unfinished prefill its next chunk),
+then waiting sequences are admitted while budget, sequence slots and blocks last. A new sequence
+first takes its cached prefix from the block manager and computes only the rest. When a running
+sequence needs a block and none is free, the most recently admitted sequence is preempted: its
+blocks are released and it is recomputed later (its full blocks usually come back as prefix hits)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ..kv.block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True) -> None:
+        self.bm = block_manager
+        self.block_size = block_manager.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        return -(-(seq.num_computed_tokens + n) // self.block_size) - len(seq.block_table)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """Returns (sequence, number of tokens to compute this step) pairs."""
+        budget = self.max_num_batched_tokens
+        out: list[tuple[Sequence, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._blocks_needed(seq, n)
+            while need > self.bm.num_free and self.running[-1] is not seq:
+                self._preempt(self.running.pop())
+                preempted = True
+            if need > self.bm.num_free:          # nothing left to take from: this one waits
+                self._preempt(self.running.pop(i))
+                preempted = True
+                break
+            seq.block_table += self.bm.allocate(need)
+            out.append((seq, n))
+            budget -= n
+            i += 1
+        # Admitting new work right after a preemption would only thrash.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self._match_prefix(seq)
+            n = seq.num_tokens - seq.num_computed_tokens
+            if n > budget and not self.chunked:
+                break
+            n = min(n, budget)
+            need = self._blocks_needed(seq, n)
+            if need > self.bm.num_free:
+                break
+            seq.block_table += self.bm.allocate(need)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        # Leave at least one token to compute: its logits give the next token.
+        usable = (seq.num_tokens - 1) // self.block_size
+        hit = self.bm.match_prefix(seq.block_hashes[:usable])
+        seq.block_table = hit
+        seq.num_published_blocks = len(hit)   # already in the index
+        seq.num_computed_tokens = len(hit) * self.block_size
+        if seq.num_cached_tokens < 0:          # report the first admission, not recomputes
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_published_blocks = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Release a sequence's blocks and drop it from the queues (finished or aborted)."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.bm.release(seq.block_table)
+        seq.block_table = []
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

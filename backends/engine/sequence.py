@@ -1,0 +1,69 @@
+"""A request's state inside the engine."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum
+
+import torch
+
+from ..kv.hashing import ROOT, hash_blocks
+from .sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int,
+                 request_id: str | None = None, extra_keys: tuple = ()) -> None:
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.params = params
+        self.block_size = block_size
+        self.extra_keys = extra_keys
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0      # tokens whose K/V is in the pool
+        self.num_cached_tokens = -1       # prompt tokens served from the prefix cache (-1: not yet admitted)
+        self.num_published_blocks = 0     # full blocks already in the prefix index
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []
+        self._extend_hashes()
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append(self, token: int) -> None:
+        self.token_ids.append(token)
+        if self.num_tokens % self.block_size == 0:
+            self._extend_hashes()
+
+    def _extend_hashes(self) -> None:
+        parent = self.block_hashes[-1] if self.block_hashes else ROOT
+        start = len(self.block_hashes) * self.block_size
+        self.block_hashes += hash_blocks(self.token_ids, self.block_size, self.extra_keys, parent, start)

@@ -1,0 +1,33 @@
+"""Chained block hashes: hash(parent, block token ids, extra keys).
+
+Seeded xxh3-128 over a fixed byte encoding, so every process, restart and machine computes the
+same key for the same prefix (Python's hash() is salted per process and cannot be used)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+SEED = 0x6261746F6E  # "baton"
+ROOT = 0
+
+
+def block_hash(parent: int, token_ids: Sequence[int], extra_keys: tuple = ()) -> int:
+    h = xxhash.xxh3_128(seed=SEED)
+    h.update(parent.to_bytes(16, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    if extra_keys:
+        h.update(repr(extra_keys).encode())
+    return h.intdigest()
+
+
+def hash_blocks(token_ids: Sequence[int], block_size: int, extra_keys: tuple = (),
+                parent: int = ROOT, start: int = 0) -> list[int]:
+    """Hashes of the full blocks of token_ids[start:], chained from `parent`."""
+    out = []
+    for i in range(start, len(token_ids) - block_size + 1, block_size):
+        parent = block_hash(parent, token_ids[i:i + block_size], extra_keys)
+        out.append(parent)
+    return out

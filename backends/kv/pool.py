@@ -1,0 +1,102 @@
+"""The node's KV pool: ONE shared-memory allocation of fixed-size blocks, mapped as a torch tensor.
+
+Layout is block-major: [num_blocks, num_layers, 2 (K/V), block_size, kv_heads, head_dim], so a block
+(every layer's K and V for `block_size` tokens) is one contiguous span: the unit that later moves
+between tiers and nodes. Another process maps the same pool with `KVPool.attach(name)`."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
+PREFIX = "baton-kv-"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    num_blocks: int
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class KVPool:
+    def __init__(self, name: str, spec: PoolSpec, tensor: torch.Tensor, owner: bool) -> None:
+        self.name = name
+        self.spec = spec
+        self.tensor = tensor
+        self.owner = owner
+        # Per-layer [num_blocks, block_size, kv_heads, head_dim] views, built once.
+        self.layers = [(tensor[:, i, 0], tensor[:, i, 1]) for i in range(spec.num_layers)]
+        paths = (self.data_path(name), self.meta_path(name))
+        self._finalizer = weakref.finalize(self, _unlink, *paths) if owner else None
+
+    @staticmethod
+    def data_path(name: str) -> Path:
+        return SHM_DIR / f"{PREFIX}{name}"
+
+    @staticmethod
+    def meta_path(name: str) -> Path:
+        return SHM_DIR / f"{PREFIX}{name}.json"
+
+    @classmethod
+    def create(cls, name: str, spec: PoolSpec) -> KVPool:
+        path = cls.data_path(name)
+        numel = 1
+        for s in spec.shape:
+            numel *= s
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, numel * spec.torch_dtype.itemsize)
+        finally:
+            os.close(fd)
+        tensor = torch.from_file(str(path), shared=True, size=numel, dtype=spec.torch_dtype).view(spec.shape)
+        cls.meta_path(name).write_text(json.dumps(asdict(spec)))
+        return cls(name, spec, tensor, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> KVPool:
+        meta = cls.meta_path(name)
+        if not meta.is_file():
+            raise FileNotFoundError(f"no KV pool named {name!r} ({meta} missing)")
+        spec = PoolSpec(**json.loads(meta.read_text()))
+        numel = 1
+        for s in spec.shape:
+            numel *= s
+        tensor = torch.from_file(str(cls.data_path(name)), shared=True, size=numel, dtype=spec.torch_dtype)
+        return cls(name, spec, tensor.view(spec.shape), owner=False)
+
+    def close(self) -> None:
+        """Drop the mapping; the creating process also removes the /dev/shm files."""
+        self.layers = []
+        self.tensor = None  # type: ignore[assignment]
+        if self._finalizer is not None:
+            self._finalizer()

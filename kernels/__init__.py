@@ -1,0 +1,34 @@
+"""Ops the engine calls. Each op module has a torch reference (`*_ref`) and the fast path for
+the tensor's device; the public function dispatches. GPU (Triton-language) kernels plug in here
+behind the same signatures, so the engine never calls an implementation directly."""
+
+from .activation import silu_and_mul
+from .attention import (
+    AttentionBatch,
+    DecodeMeta,
+    PrefillMeta,
+    decode_attention,
+    paged_attention,
+    prefill_attention,
+)
+from .kv_cache import store_kv
+from .linear import LinearWeight, linear
+from .norm import add_rms_norm, rms_norm
+from .rotary import RotaryCache, apply_rotary
+
+__all__ = [
+    "AttentionBatch",
+    "DecodeMeta",
+    "LinearWeight",
+    "PrefillMeta",
+    "RotaryCache",
+    "add_rms_norm",
+    "apply_rotary",
+    "decode_attention",
+    "linear",
+    "paged_attention",
+    "prefill_attention",
+    "rms_norm",
+    "silu_and_mul",
+    "store_kv",
+]

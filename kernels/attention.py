@@ -1,0 +1,168 @@
+"""Attention over the paged KV pool.
+
+decode_attention:  one query token per sequence, context read from its blocks.
+prefill_attention: a chunk of query tokens per sequence, causal, after a (possibly cached) prefix.
+
+Metadata is built once per engine step (not per layer) by `DecodeMeta.build` / `PrefillMeta.build`.
+The CPU path gathers blocks with one index_select and runs fp32 bmm + softmax: measured here it is
+~10x faster than SDPA for a single query token (SDPA's CPU kernels cost ~190 us even when tiny).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DecodeMeta:
+    block_tables: torch.Tensor    # [B, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor    # [B] int64, tokens of context incl. the new one
+    block_size: int
+    num_blocks: int               # blocks gathered per sequence (covers the longest context)
+    flat_blocks: torch.Tensor     # [B * num_blocks] block ids to gather
+    mask: torch.Tensor | None     # [B, 1, 1, num_blocks*block_size] additive fp32, None if no padding
+
+    @classmethod
+    def build(cls, block_tables: list[list[int]], context_lens: list[int], block_size: int) -> DecodeMeta:
+        nb = max((n + block_size - 1) // block_size for n in context_lens)
+        rows = [bt[:nb] + [0] * (nb - len(bt[:nb])) for bt in block_tables]
+        tables = torch.tensor(rows, dtype=torch.int64)
+        lens = torch.tensor(context_lens, dtype=torch.int64)
+        span = nb * block_size
+        mask = None
+        if any(n != span for n in context_lens):
+            pad = torch.arange(span).unsqueeze(0) >= lens.unsqueeze(1)
+            mask = torch.zeros(len(context_lens), 1, 1, span).masked_fill_(pad.view(-1, 1, 1, span), float("-inf"))
+        return cls(tables, lens, block_size, nb, tables.view(-1), mask)
+
+
+@dataclass
+class PrefillMeta:
+    """Per sequence: its query rows [q_start, q_end) in the flat batch and the prefix before them."""
+
+    q_starts: list[int]
+    q_ends: list[int]
+    prefix_lens: list[int]
+    block_tables: list[torch.Tensor]  # int64 block ids covering prefix + chunk
+
+    @classmethod
+    def build(cls, q_starts: list[int], q_lens: list[int], prefix_lens: list[int],
+              block_tables: list[list[int]], block_size: int) -> PrefillMeta:
+        tables = []
+        for n, p, bt in zip(q_lens, prefix_lens, block_tables):
+            tables.append(torch.tensor(bt[: (p + n + block_size - 1) // block_size], dtype=torch.int64))
+        return cls(q_starts, [s + n for s, n in zip(q_starts, q_lens)], prefix_lens, tables)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """[num_blocks, bs, kvh, d] cache, block ids -> [length, kvh, d] contiguous."""
+    return cache.index_select(0, blocks).flatten(0, 1)[:length]
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: DecodeMeta, scale: float) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for i in range(q.shape[0]):
+        n = int(meta.context_lens[i])
+        k = _gather(k_cache, meta.block_tables[i], n).float()
+        v = _gather(v_cache, meta.block_tables[i], n).float()
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+        s = torch.einsum("hd,thd->ht", q[i].float(), k) * scale
+        out[i] = torch.einsum("ht,thd->hd", s.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: DecodeMeta, scale: float) -> torch.Tensor:
+    """q: [B, Hq, D] -> [B, Hq, D]."""
+    B, H, D = q.shape
+    kvh = k_cache.shape[2]
+    span = meta.num_blocks * meta.block_size
+    # One pass: gather blocks, convert to fp32, put heads first ([B, kvh, T, D]).
+    k = torch.empty(B, kvh, span, D).copy_(
+        k_cache.index_select(0, meta.flat_blocks).view(B, span, kvh, D).transpose(1, 2))
+    v = torch.empty(B, kvh, span, D).copy_(
+        v_cache.index_select(0, meta.flat_blocks).view(B, span, kvh, D).transpose(1, 2))
+    qf = q.view(B, kvh, H // kvh, D).float() * scale   # not in place: .float() may alias q
+    s = torch.matmul(qf, k.transpose(-1, -2))           # [B, kvh, g, T]
+    if meta.mask is not None:
+        s += meta.mask
+    o = torch.matmul(s.softmax(-1), v)                   # [B, kvh, g, D]
+    return o.view(B, H, D).to(q.dtype)
+
+
+def _causal_mask(n: int, prefix: int) -> torch.Tensor:
+    """Bool [n, prefix+n]: query j sees keys 0..prefix+j."""
+    return torch.arange(prefix + n).unsqueeze(0) <= (torch.arange(n) + prefix).unsqueeze(1)
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: PrefillMeta, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D]; k/v: the chunk's own [T, Hkv, D] (already stored in the cache)."""
+    out = torch.empty_like(q)
+    for s, e, p, bt in zip(meta.q_starts, meta.q_ends, meta.prefix_lens, meta.block_tables):
+        n = e - s
+        kk = _gather(k_cache, bt, p + n).float()
+        vv = _gather(v_cache, bt, p + n).float()
+        g = q.shape[1] // kk.shape[1]
+        kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
+        sc = torch.einsum("qhd,khd->hqk", q[s:e].float(), kk) * scale
+        sc = sc.masked_fill(~_causal_mask(n, p), float("-inf"))
+        out[s:e] = torch.einsum("hqk,khd->qhd", sc.softmax(-1), vv).to(q.dtype)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: PrefillMeta, scale: float) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for s, e, p, bt in zip(meta.q_starts, meta.q_ends, meta.prefix_lens, meta.block_tables):
+        n = e - s
+        qs = q[s:e].transpose(0, 1).unsqueeze(0)
+        if p == 0:  # no prefix: attend to the chunk's own K/V, no gather
+            ks, vs = k[s:e], v[s:e]
+            mask, causal = None, True
+        else:
+            ks, vs = _gather(k_cache, bt, p + n), _gather(v_cache, bt, p + n)
+            mask, causal = _causal_mask(n, p), False
+        o = F.scaled_dot_product_attention(
+            qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+        )
+        out[s:e] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+@dataclass
+class AttentionBatch:
+    """A flat batch: the first `num_decode` rows are single-token decodes, the rest prefill chunks.
+    `slot_blocks/slot_offsets` say where each row's new K/V goes."""
+
+    num_decode: int
+    decode: DecodeMeta | None
+    prefill: PrefillMeta | None
+    slot_blocks: torch.Tensor
+    slot_offsets: torch.Tensor
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """Stores the batch's K/V into the pool, then attends. q: [T, Hq, D], k/v: [T, Hkv, D]."""
+    from .kv_cache import store_kv
+
+    store_kv(k, v, k_cache, v_cache, batch.slot_blocks, batch.slot_offsets)
+    nd = batch.num_decode
+    if batch.prefill is None:
+        return decode_attention(q, k_cache, v_cache, batch.decode, scale)
+    if nd == 0:
+        return prefill_attention(q, k, v, k_cache, v_cache, batch.prefill, scale)
+    out = torch.empty_like(q)
+    out[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch.decode, scale)
+    out[nd:] = prefill_attention(q[nd:], k[nd:], v[nd:], k_cache, v_cache, batch.prefill, scale)
+    return out

@@ -1,0 +1,42 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("BATON_TEST_CACHE", ROOT / ".cache" / "test-checkpoints"))
+FAMILIES = ["tiny-qwen3", "tiny-qwen2", "tiny-llama"]
+
+torch.set_num_threads(2)
+
+
+def _checkpoint(preset: str, **kw) -> Path:
+    """Build once per machine (deterministic), reuse afterwards."""
+    from baton.backends.tools.make_checkpoint import make_checkpoint
+
+    tag = "-".join([preset] + [f"{k}={v}" for k, v in sorted(kw.items())])
+    out = CACHE / tag
+    if not (out / "config.json").is_file():
+        tmp = CACHE / (tag + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_checkpoint(preset, tmp, **kw)
+        tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint():
+    return _checkpoint
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir():
+    return _checkpoint("tiny-qwen3", dtype="float32")
+
+
+def prompts_of(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # stay clear of the special tokens at the start of the vocabulary
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -1,0 +1,183 @@
+"""Prefix caching, sampling, block accounting and input validation on the offline engine."""
+
+import pytest
+from conftest import prompts_of
+
+from baton import LLM, InvalidRequestError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_dir):
+    engine = LLM(qwen3_dir, dtype="float32", num_blocks=128, max_model_len=256)
+    yield engine
+    engine.close()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def test_prefix_hit_reports_cached_tokens_and_same_output(llm):
+    shared = prompts_of(512, [70], seed=3)[0]
+    a, b = shared + [5, 6, 7], shared + [9, 10]
+    first = llm.generate(a, GREEDY)[0]
+    second = llm.generate(b, GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 64          # 4 full 16-token blocks of the shared 70
+    fresh = LLM(llm.engine.model_dir, dtype="float32", num_blocks=64,
+                enable_prefix_caching=False)
+    try:
+        assert fresh.generate(b, GREEDY)[0].token_ids == second.token_ids
+    finally:
+        fresh.close()
+    # the same prompt again: everything but the last block's worth is served from cache
+    again = llm.generate(a, GREEDY)[0]
+    assert again.token_ids == first.token_ids
+    assert again.num_cached_tokens == 64
+
+
+def test_cache_salt_isolates_prefixes(llm):
+    p = prompts_of(512, [40], seed=4)[0]
+    llm.engine.add_request(p, GREEDY, cache_salt="tenant-a")
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    other = llm.engine.add_request(p, GREEDY, cache_salt="tenant-b")
+    same = llm.engine.add_request(p, GREEDY, cache_salt="tenant-a")
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert other.num_cached_tokens == 0
+    assert same.num_cached_tokens == 32
+
+
+def test_seeded_sampling_reproducible_and_seed_sensitive(llm):
+    p = prompts_of(512, [20], seed=5)[0]
+
+    def run(seed, **kw):
+        sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=seed, max_tokens=16, ignore_eos=True, **kw)
+        return llm.generate(p, sp)[0].token_ids
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert run(7, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3) == \
+        run(7, min_p=0.05, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)
+
+
+def test_seeded_requests_independent_of_batch(llm):
+    """A seeded request samples the same tokens alone or batched with others."""
+    ps = prompts_of(512, [9, 30, 15], seed=6)
+    sp = SamplingParams(temperature=0.8, seed=11, max_tokens=10, ignore_eos=True)
+    alone = llm.generate(ps[0], sp)[0].token_ids
+    batched = llm.generate(ps, [sp, SamplingParams(temperature=1.0, max_tokens=5), GREEDY])[0].token_ids
+    assert alone == batched
+
+
+def test_top_k_1_is_greedy_and_penalty_changes_output(llm):
+    p = prompts_of(512, [25], seed=7)[0]
+    greedy = llm.generate(p, GREEDY)[0].token_ids
+    topk1 = llm.generate(p, SamplingParams(temperature=1.0, top_k=1, seed=3, max_tokens=12, ignore_eos=True))
+    assert topk1[0].token_ids == greedy
+    pen = llm.generate(p, SamplingParams(temperature=0, repetition_penalty=5.0, max_tokens=12, ignore_eos=True))
+    # a strong repetition penalty never repeats a token greedily chosen from a random model twice in a row
+    assert pen[0].token_ids != greedy or len(set(greedy)) == len(greedy)
+
+
+def test_stop_tokens_max_tokens_and_logprobs(llm):
+    p = prompts_of(512, [12], seed=8)[0]
+    base = llm.generate(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=True))[0]
+    assert len(base.token_ids) == 8 and base.finish_reason == "length"
+    assert len(base.logprobs) == 8 and all(lp <= 0 for lp in base.logprobs)
+    stop_at = base.token_ids[3]
+    cut = llm.generate(p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_at]))[0]
+    first = base.token_ids.index(stop_at)
+    assert cut.token_ids == base.token_ids[: first + 1] and cut.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(llm):
+    eng = llm.engine
+    eos = next(iter(eng.eos_token_ids))
+    p = prompts_of(512, [10], seed=9)[0]
+    base = llm.generate(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    eng.eos_token_ids = {base.token_ids[2]}
+    try:
+        out = llm.generate(p, SamplingParams(temperature=0, max_tokens=6))[0]
+    finally:
+        eng.eos_token_ids = {eos}
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[: base.token_ids.index(base.token_ids[2]) + 1]
+
+
+def test_blocks_return_after_finish_and_abort(llm):
+    eng = llm.engine
+    assert eng.block_manager.num_used == 0
+    seqs = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+            for p in prompts_of(512, [30, 45, 20], seed=10)]
+    for _ in range(5):
+        eng.step()
+    assert eng.block_manager.num_used > 0
+    eng.abort(seqs[1].request_id)
+    while eng.has_unfinished():
+        eng.step()
+    assert seqs[1].finish_reason == "abort"
+    assert eng.block_manager.num_used == 0
+    assert sum(eng.block_manager.ref_counts) == 0
+
+
+def test_text_prompt_round_trip(llm):
+    out = llm.generate("def fibonacci(n):", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and isinstance(out.text, str)
+    assert out.prompt_token_ids == llm.engine.tokenizer.encode("def fibonacci(n):")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_k=-5), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(max_tokens="3"), "max_tokens"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field and field in str(e.value)
+
+
+@pytest.mark.parametrize("prompt, field", [
+    ("", "prompt"),
+    ([[]], "prompt"),                # one empty token-id prompt
+    ([1] * 300, "prompt"),           # longer than max_model_len=256
+    ([5, 512], "prompt_token_ids"),  # vocab is 512
+    ([5, -1], "prompt_token_ids"),
+])
+def test_bad_prompts_name_the_field(llm, prompt, field):
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate(prompt, GREEDY)
+    assert e.value.field == field
+    assert llm.engine.block_manager.num_used == 0 and not llm.engine.has_unfinished()
+
+
+def test_unknown_model_directory_and_architecture(tmp_path):
+    from baton.backends.models import ModelConfigError
+
+    with pytest.raises(ModelConfigError, match="model directory not found"):
+        LLM(tmp_path / "nope")
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ModelConfigError, match="GPT2LMHeadModel"):
+        LLM(tmp_path)
+
+
+def test_missing_tensor_is_named(qwen3_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from baton.backends.loader.safetensors_loader import CheckpointError
+
+    for f in qwen3_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    sd = load_file(str(qwen3_dir / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        LLM(tmp_path, dtype="float32", num_blocks=8)

@@ -1,0 +1,116 @@
+"""Each op's fast path matches its torch reference."""
+
+import pytest
+import torch
+
+from baton.kernels import attention, kv_cache, norm, rotary
+from baton.kernels.activation import silu_and_mul, silu_and_mul_ref
+from baton.kernels.attention import DecodeMeta, PrefillMeta
+from baton.kernels.linear import LinearWeight, linear, linear_ref
+
+
+def _cache(num_blocks, bs, kvh, d, dtype, layers=3):
+    # a block-major pool, like KVPool's, so the per-layer views are strided
+    pool = torch.randn(num_blocks, layers, 2, bs, kvh, d).to(dtype)
+    return pool[:, 1, 0], pool[:, 1, 1]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("group, d", [(1, 64), (4, 64), (8, 128)])
+def test_decode_attention(dtype, tol, group, d):
+    torch.manual_seed(0)
+    bs, kvh, num_blocks = 16, 2, 40
+    kc, vc = _cache(num_blocks, bs, kvh, d, dtype)
+    lens = [1, 16, 37, 100]                        # one token, exact block, ragged, long
+    tables = [torch.randperm(num_blocks)[: -(-n // bs)].tolist() for n in lens]
+    meta = DecodeMeta.build(tables, lens, bs)
+    q = torch.randn(len(lens), kvh * group, d).to(dtype)
+    ref = attention.decode_attention_ref(q, kc, vc, meta, d ** -0.5)
+    out = attention.decode_attention(q, kc, vc, meta, d ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_decode_attention_max_blocks():
+    bs, kvh, d, num_blocks = 4, 1, 64, 12
+    kc, vc = _cache(num_blocks, bs, kvh, d, torch.float32)
+    meta = DecodeMeta.build([list(range(num_blocks))], [num_blocks * bs], bs)   # every block of the pool
+    q = torch.randn(1, 4, d)
+    torch.testing.assert_close(attention.decode_attention(q, kc, vc, meta, 0.125),
+                               attention.decode_attention_ref(q, kc, vc, meta, 0.125))
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_attention_with_cached_prefix(group):
+    torch.manual_seed(1)
+    bs, kvh, d, num_blocks = 16, 2, 64, 30
+    kc, vc = _cache(num_blocks, bs, kvh, d, torch.float32)
+    q_lens, prefixes = [5, 20, 33], [0, 32, 7]
+    tables = [torch.randperm(num_blocks)[: -(-(n + p) // bs)].tolist() for n, p in zip(q_lens, prefixes)]
+    starts = [0, 5, 25]
+    T = sum(q_lens)
+    q, k, v = torch.randn(T, kvh * group, d), torch.randn(T, kvh, d), torch.randn(T, kvh, d)
+    slots_b, slots_o = [], []
+    for n, p, bt in zip(q_lens, prefixes, tables):
+        slots_b += [bt[j // bs] for j in range(p, p + n)]
+        slots_o += [j % bs for j in range(p, p + n)]
+    kv_cache.store_kv(k, v, kc, vc, torch.tensor(slots_b), torch.tensor(slots_o))
+    meta = PrefillMeta.build(starts, q_lens, prefixes, tables, bs)
+    ref = attention.prefill_attention_ref(q, k, v, kc, vc, meta, d ** -0.5)
+    out = attention.prefill_attention(q, k, v, kc, vc, meta, d ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_store_kv_matches_reference():
+    kc, vc = _cache(6, 4, 2, 8, torch.float32)
+    kc2, vc2 = kc.clone(), vc.clone()
+    k, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    b, o = torch.tensor([3, 3, 0, 5, 1]), torch.tensor([0, 1, 3, 2, 0])
+    kv_cache.store_kv(k, v, kc, vc, b, o)
+    kv_cache.store_kv_ref(k, v, kc2, vc2, b, o)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms(dtype):
+    x, r, w = torch.randn(7, 64).to(dtype), torch.randn(7, 64).to(dtype), torch.randn(64).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(norm.rms_norm(x, w, 1e-6), norm.rms_norm_ref(x, w, 1e-6), atol=tol, rtol=tol)
+    out, res = norm.add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(res, x + r)
+    torch.testing.assert_close(out, norm.rms_norm_ref(x + r, w, 1e-6), atol=tol, rtol=tol)
+    per_head = torch.randn(3, 64).to(dtype)
+    h = torch.randn(7, 3, 64).to(dtype)
+    torch.testing.assert_close(norm.rms_norm(h, per_head, 1e-6), norm.rms_norm_ref(h, per_head, 1e-6))
+
+
+def test_rotary_matches_transformers_convention():
+    from baton.backends.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 64, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+    })
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=500000.0,
+                         rope_scaling=cfg.rope_scaling)
+    hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    torch.testing.assert_close(cfg.rope_inv_freq(), hf_inv.float())
+    cache = rotary.RotaryCache(cfg.rope_inv_freq(), 128, torch.float32)
+    x, pos = torch.randn(9, 3, 32), torch.tensor([0, 1, 5, 17, 64, 65, 100, 127, 3])
+    torch.testing.assert_close(rotary.apply_rotary(x, pos, cache), rotary.apply_rotary_ref(x, pos, cache))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 8, 33])
+def test_linear_and_activation(dtype, m):
+    w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+    lw = LinearWeight(w, b)
+    x = torch.randn(m, 64).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 0.25   # bf16 output rounding at |y| ~ 8-30
+    torch.testing.assert_close(linear(x, lw).float(), linear_ref(x, lw).float(), atol=tol, rtol=2e-2)
+    g = torch.randn(m, 128).to(dtype)
+    torch.testing.assert_close(silu_and_mul(g), silu_and_mul_ref(g))
