@@ -13,9 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+from baton import LLMEngine, SamplingParams  # first: sets OpenMP spin before torch loads  # isort: skip
 import torch
-
-from baton import LLMEngine, SamplingParams
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

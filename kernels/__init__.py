@@ -14,7 +14,7 @@ from .attention import (
 from .kv_cache import store_kv
 from .linear import LinearWeight, linear
 from .norm import add_rms_norm, rms_norm
-from .rotary import RotaryCache, apply_rotary
+from .rotary import RotaryCache, apply_rotary, qk_norm_rope_
 
 __all__ = [
     "AttentionBatch",
@@ -28,6 +28,7 @@ __all__ = [
     "linear",
     "paged_attention",
     "prefill_attention",
+    "qk_norm_rope_",
     "rms_norm",
     "silu_and_mul",
     "store_kv",

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import cpu_ext
+
 
 @dataclass
 class DecodeMeta:
@@ -79,6 +81,9 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: DecodeMeta, scale: float) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, D]."""
+    if q.device.type == "cpu" and cpu_ext.available():
+        return torch.ops.baton_cpu.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     B, H, D = q.shape
     kvh = k_cache.shape[2]
     span = meta.num_blocks * meta.block_size

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_ext
+
 
 def store_kv_ref(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -23,6 +25,9 @@ def store_kv(
     slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
 ) -> None:
     """k, v: [tokens, kv_heads, head_dim]; token i goes to (slot_blocks[i], slot_offsets[i])."""
+    if k.device.type == "cpu" and cpu_ext.available():
+        torch.ops.baton_cpu.store_kv(k, v, k_cache, v_cache, slot_blocks, slot_offsets)
+        return
     idx = (slot_blocks, slot_offsets)
     k_cache.index_put_(idx, k)
     v_cache.index_put_(idx, v)

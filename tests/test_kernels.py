@@ -1,12 +1,23 @@
-"""Each op's fast path matches its torch reference."""
+"""Each op's fast paths (fused C++ kernels, and the torch fallback) match its torch reference."""
 
 import pytest
 import torch
 
-from baton.kernels import attention, kv_cache, norm, rotary
+from baton.kernels import attention, cpu_ext, kv_cache, norm, rotary
 from baton.kernels.activation import silu_and_mul, silu_and_mul_ref
 from baton.kernels.attention import DecodeMeta, PrefillMeta
 from baton.kernels.linear import LinearWeight, linear, linear_ref
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch"])
+def impl(request, monkeypatch):
+    """Run every test on the fused CPU kernels and again on the plain torch path."""
+    if request.param == "fused":
+        if not cpu_ext.available():
+            pytest.skip("fused CPU kernels could not be built here")
+    else:
+        monkeypatch.setitem(cpu_ext._state, "ok", False)
+    return request.param
 
 
 def _cache(num_blocks, bs, kvh, d, dtype, layers=3):
@@ -75,7 +86,7 @@ def test_norms(dtype):
     x, r, w = torch.randn(7, 64).to(dtype), torch.randn(7, 64).to(dtype), torch.randn(64).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(norm.rms_norm(x, w, 1e-6), norm.rms_norm_ref(x, w, 1e-6), atol=tol, rtol=tol)
-    out, res = norm.add_rms_norm(x, r, w, 1e-6)
+    out, res = norm.add_rms_norm(x, r.clone(), w, 1e-6)
     torch.testing.assert_close(res, x + r)
     torch.testing.assert_close(out, norm.rms_norm_ref(x + r, w, 1e-6), atol=tol, rtol=tol)
     per_head = torch.randn(3, 64).to(dtype)
@@ -101,7 +112,31 @@ def test_rotary_matches_transformers_convention():
     torch.testing.assert_close(cfg.rope_inv_freq(), hf_inv.float())
     cache = rotary.RotaryCache(cfg.rope_inv_freq(), 128, torch.float32)
     x, pos = torch.randn(9, 3, 32), torch.tensor([0, 1, 5, 17, 64, 65, 100, 127, 3])
-    torch.testing.assert_close(rotary.apply_rotary(x, pos, cache), rotary.apply_rotary_ref(x, pos, cache))
+    torch.testing.assert_close(rotary.apply_rotary(x, *cache.lookup(pos)), rotary.apply_rotary_ref(x, pos, cache))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_qk_norm_rope_in_place_on_fused_qkv_view(dtype, with_norm):
+    from baton.backends.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dict({"architectures": ["Qwen3ForCausalLM"], "vocab_size": 10, "hidden_size": 64,
+                                    "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4,
+                                    "num_key_value_heads": 2, "head_dim": 32})
+    cache = rotary.RotaryCache(cfg.rope_inv_freq(), 64, dtype)
+    T, H, KV, D = 5, 4, 2, 32
+    qkv = torch.randn(T, H + 2 * KV, D).to(dtype)
+    w = torch.randn(H + KV, D).to(dtype) if with_norm else None
+    pos = torch.tensor([0, 3, 7, 8, 63])
+    x = qkv[:, : H + KV].clone()
+    if with_norm:
+        x = norm.rms_norm_ref(x, w, 1e-6)
+    expected = rotary.apply_rotary_ref(x, pos, cache)
+    v_before = qkv[:, H + KV:].clone()
+    rotary.qk_norm_rope_(qkv[:, : H + KV], w, pos, cache, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(qkv[:, : H + KV], expected, atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, H + KV:], v_before)          # v untouched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -114,3 +149,13 @@ def test_linear_and_activation(dtype, m):
     torch.testing.assert_close(linear(x, lw).float(), linear_ref(x, lw).float(), atol=tol, rtol=2e-2)
     g = torch.randn(m, 128).to(dtype)
     torch.testing.assert_close(silu_and_mul(g), silu_and_mul_ref(g))
+
+
+def test_decode_attention_reads_strided_q():
+    """The model passes q as a view of the fused qkv rows."""
+    kc, vc = _cache(8, 4, 2, 16, torch.float32)
+    meta = DecodeMeta.build([[3, 1], [5]], [6, 2], 4)
+    qkv = torch.randn(2, 8 + 4, 16)
+    q = qkv[:, :8]
+    torch.testing.assert_close(attention.decode_attention(q, kc, vc, meta, 0.25),
+                               attention.decode_attention_ref(q.contiguous(), kc, vc, meta, 0.25))

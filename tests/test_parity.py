@@ -30,7 +30,12 @@ def family_case(request, checkpoint):
     return path, prompts, hf_greedy(path, prompts, NEW)
 
 
-def test_greedy_matches_transformers(family_case):
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+def test_greedy_matches_transformers(family_case, impl, monkeypatch):
+    from baton.kernels import cpu_ext
+
+    if impl == "torch":
+        monkeypatch.setitem(cpu_ext._state, "ok", False)
     path, prompts, expected = family_case
     llm = LLM(path, dtype="float32", num_blocks=64)
     try:

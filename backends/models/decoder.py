@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from baton.kernels import (
-    AttentionBatch, LinearWeight, RotaryCache, add_rms_norm, apply_rotary, linear, paged_attention,
-    rms_norm, silu_and_mul,
+    AttentionBatch, LinearWeight, RotaryCache, add_rms_norm, linear, paged_attention, qk_norm_rope_, rms_norm,
+    silu_and_mul,
 )
 
 from ..loader.safetensors_loader import take
@@ -82,12 +82,9 @@ class DecoderLM:
             if i:
                 x, residual = add_rms_norm(h, residual, L.input_norm, eps)
             qkv = linear(x, L.qkv).view(T, H + 2 * KV, D)
-            qk = qkv[:, : H + KV]
-            if L.qk_norm is not None:
-                qk = rms_norm(qk, L.qk_norm, eps)
-            qk = apply_rotary(qk, positions, self.rope)
+            qk_norm_rope_(qkv[:, : H + KV], L.qk_norm, positions, self.rope, eps)
             k_cache, v_cache = kv_layers[i]
-            o = paged_attention(qk[:, :H], qk[:, H:], qkv[:, H + KV:], k_cache, v_cache, batch, self.scale)
+            o = paged_attention(qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:], k_cache, v_cache, batch, self.scale)
             h = linear(o.view(T, H * D), L.o)
             x, residual = add_rms_norm(h, residual, L.post_norm, eps)
             h = linear(silu_and_mul(linear(x, L.gate_up)), L.down)

@@ -1,0 +1,49 @@
+"""Builds (once per machine, cached) and loads the fused CPU kernels in csrc/cpu_ops.cpp.
+
+Compiled for the host CPU (-march=native) on first use; later processes just load the cached .so.
+If there is no compiler, or BATON_CPU_EXT=0, every op falls back to its torch path."""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def build_dir() -> Path:
+    root = os.environ.get("BATON_EXT_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "baton"
+    d = Path(root) / f"torch{torch.__version__.split('+')[0]}-cpu_ops"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def available() -> bool:
+    """True when torch.ops.baton_cpu is loaded (building it first if needed)."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _load()
+    return _state["ok"]
+
+
+def _load() -> bool:
+    if os.environ.get("BATON_CPU_EXT", "1") == "0":
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="baton_cpu_ops", sources=[str(_SRC)], build_directory=str(build_dir()),
+             extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-DNDEBUG"],
+             is_python_module=False, verbose=False)
+        return hasattr(torch.ops.baton_cpu, "paged_decode_attention")
+    except Exception as e:  # no compiler / headers: the torch paths still work
+        warnings.warn(f"baton: fused CPU kernels unavailable, using torch paths ({e})", stacklevel=2)
+        return False

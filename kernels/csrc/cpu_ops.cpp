@@ -1,0 +1,274 @@
+// Fused CPU kernels for the decode hot path. Each replaces several small torch ops (each ~5-25 us
+// of dispatch + thread wake-up here) with one call. Math is fp32; storage is the tensor's dtype.
+// Registered as torch.ops.baton_cpu.*; kernels/cpu_ext.py builds and loads this file.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float f32(T v) { return static_cast<float>(v); }
+
+// Row -> fp32. The bf16 case is a plain 16-bit shift so the compiler vectorizes it
+// (c10::BFloat16's conversion goes through a union and stays scalar).
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void load_row<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float p, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
+}
+
+// exp(x) for x <= 0 that vectorizes (libm's expf does not without -ffast-math):
+// 2^t = 2^round(t) * 2^f, f in [-0.5, 0.5], degree-6 Taylor of 2^f (rel. error ~1e-7).
+inline float exp_nonpos(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float t = x * 1.4426950408889634f;
+  const float r = (t + 12582912.f) - 12582912.f;  // round to nearest (magic constant 1.5 * 2^23)
+  const float f = (t - r) * 0.6931471805599453f;  // back to natural-log units: 2^(t-r) = e^f
+  float p = 1.f / 720;
+  p = p * f + 1.f / 120;
+  p = p * f + 1.f / 24;
+  p = p * f + 1.f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// In place: x <- softmax(x).
+inline void softmax_row(float* x, int64_t n) {
+  float m = x[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = exp_nonpos(x[i] - m);
+    sum += x[i];
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+// Rows per thread chunk: below this a call stays on one thread (no OpenMP wake-up).
+constexpr int64_t kRowGrain = 8;
+
+template <typename T>
+void rms_row(const T* x, const T* w, T* out, int64_t n, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += f32(x[i]) * f32(x[i]);
+  const float r = 1.f / std::sqrt(ss / n + eps);
+  for (int64_t i = 0; i < n; ++i) {
+    // transformers' order: normalize in fp32, round to the storage type, then scale
+    const T y = static_cast<T>(f32(x[i]) * r);
+    out[i] = w ? static_cast<T>(f32(w[i]) * f32(y)) : y;
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.stride(-1) == 1 && w.is_contiguous(), "rms_norm: last dim must be contiguous");
+  auto x2 = x.reshape({-1, x.size(-1)});
+  auto out = at::empty_like(x2, at::MemoryFormat::Contiguous);
+  const int64_t rows = x2.size(0), n = x2.size(1), xs = x2.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) rms_row(xp + r * xs, wp, op + r * n, n, (float)eps);
+    });
+  });
+  return out.view(x.sizes());
+}
+
+// residual <- x + residual (in place); returns rms_norm(residual) * w.
+at::Tensor add_rms_norm(const at::Tensor& x, at::Tensor residual, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous(), "add_rms_norm: tensors must be contiguous");
+  auto out = at::empty_like(residual);
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* rp = residual.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        scalar_t* row = rp + r * n;
+        for (int64_t i = 0; i < n; ++i) row[i] = static_cast<scalar_t>(f32(xp[r * n + i]) + f32(row[i]));
+        rms_row<scalar_t>(row, wp, op + r * n, n, (float)eps);
+      }
+    });
+  });
+  return out;
+}
+
+// In place on qk [T, heads, D] (a strided view of the fused qkv output): optional per-head RMSNorm
+// (w: [heads, D]) then neox rotary with cos / sin_signed tables [max_pos, D] at `positions`.
+void qk_norm_rope(at::Tensor qk, const c10::optional<at::Tensor>& w, const at::Tensor& cos,
+                  const at::Tensor& sin_signed, const at::Tensor& positions, double eps) {
+  TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1 && qk.stride(1) == qk.size(2), "qk_norm_rope: bad qk layout");
+  const int64_t T = qk.size(0), H = qk.size(1), D = qk.size(2), ts = qk.stride(0), half = D / 2;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qk.scalar_type(), "qk_norm_rope", [&] {
+    scalar_t* base = qk.data_ptr<scalar_t>();
+    const scalar_t* wp = w.has_value() ? w->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cp = cos.data_ptr<scalar_t>();
+    const scalar_t* sp = sin_signed.data_ptr<scalar_t>();
+    at::parallel_for(0, T * H, 4 * kRowGrain, [&](int64_t b, int64_t e) {
+      std::vector<scalar_t> tmp(D);
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t t = i / H, h = i % H;
+        scalar_t* x = base + t * ts + h * D;
+        if (wp) rms_row<scalar_t>(x, wp + h * D, tmp.data(), D, (float)eps);
+        else std::memcpy(tmp.data(), x, D * sizeof(scalar_t));
+        const scalar_t* c = cp + pos[t] * D;
+        const scalar_t* s = sp + pos[t] * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const float rot = f32(tmp[d < half ? d + half : d - half]);
+          x[d] = static_cast<scalar_t>(f32(tmp[d]) * f32(c[d]) + rot * f32(s[d]));
+        }
+      }
+    });
+  });
+}
+
+// k/v: [T, kvh, D] (rows may be strided); caches: [num_blocks, bs, kvh, D] with a contiguous
+// [kvh, D] per token. Token i goes to (blocks[i], offsets[i]).
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor kc, at::Tensor vc,
+              const at::Tensor& blocks, const at::Tensor& offsets) {
+  const int64_t T = k.size(0), row = k.size(1) * k.size(2);
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              "store_kv: k/v rows must be contiguous");
+  TORCH_CHECK(kc.stride(2) == kc.size(3) && kc.stride(3) == 1 && kc.stride(1) == row, "store_kv: bad cache layout");
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  const size_t bytes = row * k.element_size();
+  char* kb = static_cast<char*>(kc.data_ptr());
+  char* vb = static_cast<char*>(vc.data_ptr());
+  const char* ks = static_cast<const char*>(k.data_ptr());
+  const char* vs = static_cast<const char*>(v.data_ptr());
+  const int64_t es = k.element_size(), c0 = kc.stride(0), c1 = kc.stride(1);
+  const int64_t kstride = k.stride(0) * es, vstride = v.stride(0) * es;
+  TORCH_CHECK(vc.stride(0) == c0 && vc.stride(1) == c1, "store_kv: k and v caches must share a layout");
+  for (int64_t i = 0; i < T; ++i) {
+    const int64_t dst = (bp[i] * c0 + op[i] * c1) * es;
+    std::memcpy(kb + dst, ks + i * kstride, bytes);
+    std::memcpy(vb + dst, vs + i * vstride, bytes);
+  }
+}
+
+// One query token per sequence over its paged context. q: [B, Hq, D]; caches [NB, bs, kvh, D];
+// block_tables [B, max_blocks] int64; context_lens [B] int64. Parallel over (sequence, kv head).
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_decode_attention: q heads must be contiguous");
+  TORCH_CHECK(kc.stride(3) == 1 && vc.stride(3) == 1, "paged_decode_attention: head_dim must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), qs = q.stride(0);
+  const int64_t bs = kc.size(1), KV = kc.size(2), G = H / KV, maxb = block_tables.size(1);
+  auto out = at::empty({B, H, D}, q.options());
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  // strides hoisted: Tensor::stride() is an out-of-line call
+  const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2);
+  const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = kc.data_ptr<scalar_t>();
+    const scalar_t* vp = vc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(G * D), acc(G * D), row(D), scores;
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / KV, h = idx % KV, n = lens[b];
+        scores.assign(G * n, 0.f);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f32(qp[b * qs + (h * G + g) * D + d]) * (float)scale;
+        for (int64_t t0 = 0; t0 < n; t0 += bs) {  // block by block: one table lookup per block
+          const scalar_t* kb = kp + bt[b * maxb + t0 / bs] * ks0 + h * ks2;
+          for (int64_t t = t0; t < std::min(n, t0 + bs); ++t) {
+            load_row(kb + (t - t0) * ks1, row.data(), D);
+            for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot(qf.data() + g * D, row.data(), D);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) softmax_row(scores.data() + g * n, n);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t0 = 0; t0 < n; t0 += bs) {
+          const scalar_t* vb = vp + bt[b * maxb + t0 / bs] * vs0 + h * vs2;
+          for (int64_t t = t0; t < std::min(n, t0 + bs); ++t) {
+            load_row(vb + (t - t0) * vs1, row.data(), D);
+            for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + t], row.data(), acc.data() + g * D, D);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < D; ++d) op[(b * H + h * G + g) * D + d] = static_cast<scalar_t>(acc[g * D + d]);
+      }
+    });
+  });
+  return out;
+}
+
+// x: [T, 2N] = [gate | up] -> silu(gate) * up, [T, N].
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.is_contiguous(), "silu_and_mul: x must be contiguous");
+  const int64_t N = x.size(-1) / 2, rows = x.numel() / (2 * N);
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto out = at::empty(sizes, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* g = xp + r * 2 * N;
+        const scalar_t* u = g + N;
+        for (int64_t i = 0; i < N; ++i) {
+          const float gv = f32(g[i]);
+          // round silu(gate) to the storage type first, as F.silu(gate) * up does
+          op[r * N + i] = static_cast<scalar_t>(f32(static_cast<scalar_t>(gv / (1.f + std::exp(-gv)))) * f32(u[i]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+
+}  // namespace
+
+TORCH_LIBRARY(baton_cpu, m) {
+  m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("qk_norm_rope", &qk_norm_rope);
+  m.def("store_kv", &store_kv);
+  m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("silu_and_mul", &silu_and_mul);
+}
