@@ -41,7 +41,9 @@ def _load() -> bool:
         from torch.utils.cpp_extension import load
 
         load(name="baton_cpu_ops", sources=[str(_SRC)], build_directory=str(build_dir()),
-             extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-DNDEBUG"],
+             # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The .so then
+             # needs libgomp.so.1, which resolves to the copy torch already loaded (same SONAME).
+             extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
         return hasattr(torch.ops.baton_cpu, "paged_decode_attention")
     except Exception as e:  # no compiler / headers: the torch paths still work

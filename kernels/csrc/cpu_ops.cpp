@@ -42,10 +42,28 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += p * x[i];
 }
 
-// exp(x) for x <= 0 that vectorizes (libm's expf does not without -ffast-math):
+// fp32 row -> storage type. bf16: round to nearest even with integer ops so it vectorizes.
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+template <>
+inline void store_row<at::BFloat16>(const float* src, at::BFloat16* dst, int64_t n) {
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = s[i];
+    const bool nan = (b & 0x7fffffffu) > 0x7f800000u;
+    d[i] = nan ? static_cast<uint16_t>((b >> 16) | 0x40) : static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+  }
+}
+
+// exp(x) that vectorizes (libm's expf does not without -ffast-math), for x in [-87, 88]:
 // 2^t = 2^round(t) * 2^f, f in [-0.5, 0.5], degree-6 Taylor of 2^f (rel. error ~1e-7).
-inline float exp_nonpos(float x) {
-  x = x < -87.f ? -87.f : x;
+__attribute__((always_inline)) inline float fast_exp(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
   const float t = x * 1.4426950408889634f;
   const float r = (t + 12582912.f) - 12582912.f;  // round to nearest (magic constant 1.5 * 2^23)
   const float f = (t - r) * 0.6931471805599453f;  // back to natural-log units: 2^(t-r) = e^f
@@ -70,7 +88,7 @@ inline void softmax_row(float* x, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    x[i] = exp_nonpos(x[i] - m);
+    x[i] = fast_exp(x[i] - m);
     sum += x[i];
   }
   const float inv = 1.f / sum;
@@ -236,6 +254,20 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
   return out;
 }
 
+// One row of silu(gate) * up. silu(gate) is rounded to the storage type first, as F.silu(gate) * up does.
+template <typename T>
+void silu_mul_row(const T* g, const T* u, T* out, int64_t n, float* gb, float* ub, T* tmp) {
+  load_row(g, gb, n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) gb[i] = gb[i] / (1.f + fast_exp(-gb[i]));
+  store_row(gb, tmp, n);
+  load_row(tmp, gb, n);
+  load_row(u, ub, n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) gb[i] *= ub[i];
+  store_row(gb, out, n);
+}
+
 // x: [T, 2N] = [gate | up] -> silu(gate) * up, [T, N].
 at::Tensor silu_and_mul(const at::Tensor& x) {
   TORCH_CHECK(x.is_contiguous(), "silu_and_mul: x must be contiguous");
@@ -247,20 +279,14 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, kRowGrain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const scalar_t* g = xp + r * 2 * N;
-        const scalar_t* u = g + N;
-        for (int64_t i = 0; i < N; ++i) {
-          const float gv = f32(g[i]);
-          // round silu(gate) to the storage type first, as F.silu(gate) * up does
-          op[r * N + i] = static_cast<scalar_t>(f32(static_cast<scalar_t>(gv / (1.f + std::exp(-gv)))) * f32(u[i]));
-        }
-      }
+      std::vector<float> gb(N), ub(N);
+      std::vector<scalar_t> tmp(N);
+      for (int64_t r = b; r < e; ++r)
+        silu_mul_row<scalar_t>(xp + r * 2 * N, xp + r * 2 * N + N, op + r * N, N, gb.data(), ub.data(), tmp.data());
     });
   });
   return out;
 }
-
 
 }  // namespace
 
