@@ -40,6 +40,7 @@ def _load() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
+        _ninja_on_path()
         load(name="baton_cpu_ops", sources=[str(_SRC)], build_directory=str(build_dir()),
              # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The .so then
              # needs libgomp.so.1, which resolves to the copy torch already loaded (same SONAME).
@@ -49,3 +50,16 @@ def _load() -> bool:
     except Exception as e:  # no compiler / headers: the torch paths still work
         warnings.warn(f"baton: fused CPU kernels unavailable, using torch paths ({e})", stacklevel=2)
         return False
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; use the pip-installed one when none is there."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass

@@ -181,3 +181,25 @@ def test_missing_tensor_is_named(qwen3_dir, tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
         LLM(tmp_path, dtype="float32", num_blocks=8)
+
+
+def test_request_larger_than_pool_is_rejected_and_growth_stops_at_capacity(qwen3_dir):
+    llm = LLM(qwen3_dir, dtype="float32", num_blocks=4, max_model_len=256)   # 64 tokens of KV
+    try:
+        with pytest.raises(InvalidRequestError, match="KV blocks"):
+            llm.generate(prompts_of(512, [100], seed=12)[0], GREEDY)
+        out = llm.generate(prompts_of(512, [40], seed=12)[0],
+                           SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+        assert out.finish_reason == "length" and len(out.token_ids) == 64 - 40 + 1
+        assert llm.engine.block_manager.num_used == 0
+    finally:
+        llm.close()
+
+
+def test_engine_argument_errors(qwen3_dir):
+    with pytest.raises(InvalidRequestError) as e:
+        LLM(qwen3_dir, dtype="int3")
+    assert e.value.field == "dtype"
+    with pytest.raises(InvalidRequestError) as e:
+        LLM(qwen3_dir, max_model_len=10**6)
+    assert e.value.field == "max_model_len"

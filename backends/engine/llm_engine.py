@@ -54,10 +54,11 @@ class LLMEngine:
         self.config = cfg = ModelConfig.from_dir(model)
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.dtype = cfg.torch_dtype if dtype == "auto" else DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if not isinstance(self.dtype, torch.dtype):
-            raise InvalidRequestError("dtype", f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or 'auto'")
+        self.dtype = _resolve_dtype(dtype, cfg.torch_dtype)
         self.max_model_len = max_model_len or min(cfg.max_position_embeddings, 8192)
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise InvalidRequestError("max_model_len", f"{self.max_model_len} exceeds the model's "
+                                      f"max_position_embeddings={cfg.max_position_embeddings}")
         self.block_size = block_size
         self.model = DecoderLM(cfg, load_state_dict(model, self.dtype), self.max_model_len)
         self.tokenizer = Tokenizer.from_dir(model)
@@ -111,6 +112,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 "prompt", f"{len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}")
+        if len(ids) // self.block_size + 1 > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                "prompt", f"{len(ids)} tokens need more KV blocks than the pool has ({self.block_manager.num_blocks})")
         return ids
 
     def abort(self, request_id: str) -> None:
@@ -124,11 +128,12 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         scheduled = self.scheduler.schedule()
+        # sequences the scheduler ended because the whole pool could not hold them
+        out = [StepOutput(s, [], True) for s in self.scheduler.take_finished()]
+        for o in out:
+            self.requests.pop(o.seq.request_id, None)
         if not scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
-                seq = self.scheduler.waiting[0]
-                raise RuntimeError(f"request {seq.request_id} needs more KV blocks than the pool has")
-            return []
+            return out
         seqs, logits = self.runner.run(scheduled)
         bm = self.block_manager
         for seq, n in scheduled:
@@ -138,9 +143,8 @@ class LLMEngine:
                 bm.cache_block(seq.block_table[b], seq.block_hashes[b])
             seq.num_published_blocks = full
         if logits is None:
-            return []
+            return out
         tokens, logprobs = self.sampler(logits, seqs)
-        out = []
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             seq.append(tok)
             if logprobs is not None and seq.params.logprobs:
@@ -167,3 +171,13 @@ class LLMEngine:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    if dtype == "auto":
+        return checkpoint_dtype
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidRequestError("dtype", f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(DTYPES)}")

@@ -25,6 +25,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._finished: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -48,8 +49,12 @@ class Scheduler:
             while need > self.bm.num_free and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
                 preempted = True
-            if need > self.bm.num_free:          # nothing left to take from: this one waits
-                self._preempt(self.running.pop(i))
+            if need > self.bm.num_free:
+                if i == 0:                       # alone and still too big: the pool is its limit
+                    self.finish(seq, "length")
+                    self._finished.append(seq)
+                    continue
+                self._preempt(self.running.pop(i))  # nothing left to take from: this one waits
                 preempted = True
                 break
             seq.block_table += self.bm.allocate(need)
@@ -74,6 +79,11 @@ class Scheduler:
             self.running.append(seq)
             out.append((seq, n))
             budget -= n
+        return out
+
+    def take_finished(self) -> list[Sequence]:
+        """Sequences ended by the scheduler itself since the last call."""
+        out, self._finished = self._finished, []
         return out
 
     def _match_prefix(self, seq: Sequence) -> None:

@@ -66,6 +66,8 @@ class ModelConfig:
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                 f"supported: {sorted(ARCHITECTURES)}"
             )
+        if cfg.get("use_sliding_window"):
+            raise ModelConfigError("use_sliding_window=true is not supported (full attention only)")
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         kv_heads = cfg.get("num_key_value_heads") or heads
