@@ -14,6 +14,10 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        from .gpu.activation import silu_and_mul as gpu
+
+        return gpu(x)
     if x.device.type == "cpu" and cpu_ext.available() and x.is_contiguous():
         return torch.ops.baton_cpu.silu_and_mul(x)
     n = x.shape[-1] // 2

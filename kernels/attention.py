@@ -59,18 +59,24 @@ class PrefillMeta:
         return cls(q_starts, [s + n for s, n in zip(q_starts, q_lens)], prefix_lens, tables)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
-    """[num_blocks, bs, kvh, d] cache, block ids -> [length, kvh, d] contiguous."""
-    return cache.index_select(0, blocks).flatten(0, 1)[:length]
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int,
+            scales: torch.Tensor | None = None) -> torch.Tensor:
+    """[num_blocks, bs, kvh, d] cache, block ids -> [length, kvh, d] contiguous (dequantized to fp32
+    with [num_blocks, bs, kvh] scales when the cache is quantized)."""
+    rows = cache.index_select(0, blocks).flatten(0, 1)[:length]
+    if scales is None:
+        return rows
+    return rows.float() * scales.index_select(0, blocks).flatten(0, 1)[:length, :, None]
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         meta: DecodeMeta, scale: float) -> torch.Tensor:
+                         meta: DecodeMeta, scale: float, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.empty_like(q)
     for i in range(q.shape[0]):
         n = int(meta.context_lens[i])
-        k = _gather(k_cache, meta.block_tables[i], n).float()
-        v = _gather(v_cache, meta.block_tables[i], n).float()
+        k = _gather(k_cache, meta.block_tables[i], n, k_scale).float()
+        v = _gather(v_cache, meta.block_tables[i], n, v_scale).float()
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
         s = torch.einsum("hd,thd->ht", q[i].float(), k) * scale
@@ -79,19 +85,29 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: DecodeMeta, scale: float) -> torch.Tensor:
-    """q: [B, Hq, D] -> [B, Hq, D]."""
-    if q.device.type == "cpu" and cpu_ext.available():
+                     meta: DecodeMeta, scale: float, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, Hq, D] -> [B, Hq, D]. k/v_scale: per (block, slot, kv head) for an INT8/FP8 cache."""
+    if q.is_cuda:
+        from .gpu.decode_attention import decode_attention as gpu
+
+        return gpu(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                   meta.num_blocks * meta.block_size, k_scale, v_scale)
+    if k_scale is None and cpu_ext.available():
         return torch.ops.baton_cpu.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     B, H, D = q.shape
     kvh = k_cache.shape[2]
     span = meta.num_blocks * meta.block_size
-    # One pass: gather blocks, convert to fp32, put heads first ([B, kvh, T, D]).
-    k = torch.empty(B, kvh, span, D).copy_(
-        k_cache.index_select(0, meta.flat_blocks).view(B, span, kvh, D).transpose(1, 2))
-    v = torch.empty(B, kvh, span, D).copy_(
-        v_cache.index_select(0, meta.flat_blocks).view(B, span, kvh, D).transpose(1, 2))
+
+    def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """Blocks -> fp32 [B, kvh, T, D] in one copy (dequantized first for an INT8/FP8 cache)."""
+        rows = cache.index_select(0, meta.flat_blocks)
+        if scales is not None:
+            rows = rows.float() * scales.index_select(0, meta.flat_blocks)[..., None]
+        return torch.empty(B, kvh, span, D).copy_(rows.view(B, span, kvh, D).transpose(1, 2))
+
+    k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)
     qf = q.view(B, kvh, H // kvh, D).float() * scale   # not in place: .float() may alias q
     s = torch.matmul(qf, k.transpose(-1, -2))           # [B, kvh, g, T]
     if meta.mask is not None:
@@ -125,6 +141,8 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: PrefillMeta, scale: float) -> torch.Tensor:
+    if q.is_cuda:
+        return _prefill_cuda(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     for s, e, p, bt in zip(meta.q_starts, meta.q_ends, meta.prefix_lens, meta.block_tables):
         n = e - s
@@ -141,6 +159,31 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         )
         out[s:e] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _prefill_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: PrefillMeta, scale: float) -> torch.Tensor:
+    """flash-attn's paged varlen kernel when installed and the page size suits it (FA2 needs pages of
+    a multiple of 256 tokens), else the Triton kernel."""
+    width = max(len(t) for t in meta.block_tables)
+    tables = torch.zeros(len(meta.block_tables), width, dtype=torch.int32)
+    for i, t in enumerate(meta.block_tables):
+        tables[i, : len(t)] = t
+    tables = tables.to(q.device)
+    q_lens = [e - s for s, e in zip(meta.q_starts, meta.q_ends)]
+    if k_cache.shape[1] % 256 == 0:
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            flash_attn_varlen_func = None
+        if flash_attn_varlen_func is not None:
+            k_lens = [p + n for p, n in zip(meta.prefix_lens, q_lens)]
+            cu = lambda xs: torch.tensor([0] + list(torch.tensor(xs).cumsum(0)), dtype=torch.int32, device=q.device)  # noqa: E731
+            return flash_attn_varlen_func(q, k_cache, v_cache, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
+                                          softmax_scale=scale, causal=True, block_table=tables)
+    from .gpu.prefill_attention import prefill_attention as triton_prefill
+
+    return triton_prefill(q, k_cache, v_cache, tables, meta.q_starts, q_lens, meta.prefix_lens, scale)
 
 
 @dataclass

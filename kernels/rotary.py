@@ -49,6 +49,11 @@ def qk_norm_rope_(qk: torch.Tensor, norm_weight: torch.Tensor | None, positions:
                   cache: RotaryCache, eps: float) -> None:
     """In place on qk [T, Hq+Hkv, D] (a view into the fused qkv output): optional per-head RMSNorm
     (Qwen3's q_norm/k_norm stacked as [Hq+Hkv, D]) then rotary at `positions`."""
+    if qk.is_cuda:
+        from .gpu.rotary import qk_norm_rope_ as gpu
+
+        gpu(qk, norm_weight, cache.cos, cache.sin_signed, positions, eps)
+        return
     if qk.device.type == "cpu" and cpu_ext.available():
         torch.ops.baton_cpu.qk_norm_rope(qk, norm_weight, cache.cos, cache.sin_signed, positions, eps)
         return

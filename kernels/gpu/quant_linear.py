@@ -1,0 +1,118 @@
+"""Weight-only quantized GEMMs: y = x @ dequant(w)^T, dequantizing tiles in registers.
+
+INT8: per-output-channel scales applied in the epilogue. INT4: GPTQ or AWQ packed words unpacked
+per tile (layouts in kernels/quant.py), zeros and scales per group. For decode (small M) these are
+weight-streaming bound: 1 (INT8) or 0.5 (INT4) bytes per weight instead of 2."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import Int4Weight
+from .common import INTERPRET, mma
+
+
+@triton.jit
+def _int8_mm(X, W, S, BIAS, Y, M, N, K, sxm, swn, sym,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+             DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mm = offs_m < M
+    mn = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mk = ks < K
+        x = tl.load(X + offs_m[:, None] * sxm + ks[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        w = tl.load(W + offs_n[None, :] * swn + ks[:, None], mask=mk[:, None] & mn[None, :], other=0)
+        acc += mma(x, w.to(tl.float32).to(x.dtype), DOT_F32)   # via fp32: int8->bf16 is wrong in the interpreter
+    acc = acc * tl.load(S + offs_n, mask=mn, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _int4_mm(X, QW, QZ, S, GIDX, BIAS, Y, M, N, K, group_size, sxm, sq0, sq1, sz0, sz1, ss0, sym,
+             AWQ: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mm = offs_m < M
+    mn = offs_n < N
+    if AWQ:   # column n lives in nibble AWQ_NIBBLE[n % 8] = (n % 8) // 2 + 4 * (n % 2)
+        nshift = (((offs_n % 8) // 2) + 4 * (offs_n % 2)) * 4
+    else:
+        nshift = (offs_n % 8) * 4
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mk = ks < K
+        wm = mk[:, None] & mn[None, :]
+        x = tl.load(X + offs_m[:, None] * sxm + ks[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        if AWQ:
+            word = tl.load(QW + ks[:, None] * sq0 + (offs_n // 8)[None, :] * sq1, mask=wm, other=0)
+            q = (word >> nshift[None, :]) & 0xF
+        else:
+            word = tl.load(QW + (ks // 8)[:, None] * sq0 + offs_n[None, :] * sq1, mask=wm, other=0)
+            q = (word >> ((ks % 8) * 4)[:, None]) & 0xF
+        if HAS_GIDX:
+            g = tl.load(GIDX + ks, mask=mk, other=0)
+        else:
+            g = ks // group_size
+        zw = tl.load(QZ + g[:, None] * sz0 + (offs_n // 8)[None, :] * sz1, mask=wm, other=0)
+        z = ((zw >> nshift[None, :]) & 0xF) + ZERO_OFFSET
+        s = tl.load(S + g[:, None] * ss0 + offs_n[None, :], mask=wm, other=0.0)
+        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+        acc += mma(x, w, DOT_F32)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+def _blocks(M: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): GEMV-like tiles for decode, square ones for prefill."""
+    if M <= 16:
+        return 16, 64, 256, 4
+    if M <= 64:
+        return 64, 64, 128, 4
+    return 128, 128, 64, 8
+
+
+def int8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BM, BN, BK, nw = _blocks(M)
+    _int8_mm[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        x2, w, scale, bias if bias is not None else scale, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, HAS_BIAS=bias is not None, DOT_F32=INTERPRET, num_warps=nw,
+    )
+    return y.view(*x.shape[:-1], N)
+
+
+def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    N = w.out_features
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BM, BN, BK, nw = _blocks(M)
+    BK = min(BK, w.group_size) if w.g_idx is None else BK
+    _int4_mm[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        x2, w.qweight, w.qzeros, w.scales, w.g_idx if w.g_idx is not None else w.scales,
+        bias if bias is not None else w.scales, y, M, N, K, w.group_size, x2.stride(0),
+        w.qweight.stride(0), w.qweight.stride(1), w.qzeros.stride(0), w.qzeros.stride(1), w.scales.stride(0),
+        y.stride(0), AWQ=w.fmt == "awq", ZERO_OFFSET=w.zero_offset, HAS_GIDX=w.g_idx is not None,
+        HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, DOT_F32=INTERPRET, num_warps=nw,
+    )
+    return y.view(*x.shape[:-1], N)
