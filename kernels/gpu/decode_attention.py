@@ -91,7 +91,8 @@ def num_splits(batch: int, kv_heads: int, max_pages: int, sm_count: int) -> int:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                      max_context_len: int, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None, splits: int | None = None,
+                     block_n: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """q [B, Hq, D]; caches [num_blocks, page, Hkv, D] (strided views of the pool); block_tables
     [B, max_pages] int; context_lens [B] int; k/v_scale [num_blocks, page, Hkv] fp32 when quantized."""
     B, H, D = q.shape
@@ -104,7 +105,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     pages_per_split = triton.cdiv(max_pages, splits)
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_G = max(16, triton.next_power_of_2(G))
-    BLOCK_N = max(16, min(64, page * max(1, 64 // page)))
+    BLOCK_N = block_n or max(16, min(64, page * max(1, 64 // page)))
     mid_o = torch.empty(B, H, splits, BLOCK_D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     quant = k_scale is not None
@@ -116,7 +117,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         scale, pages_per_split,
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_N=BLOCK_N, QUANT=quant, DOT_F32=INTERPRET,
-        num_warps=4,
+        num_warps=num_warps,
     )
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     _decode_merge[(B, H)](mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),

@@ -72,7 +72,8 @@ def tile_table(q_lens: list[int], block_m: int, device: torch.device) -> tuple[t
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, q_starts: list[int], q_lens: list[int],
-                      prefix_lens: list[int], scale: float, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                      prefix_lens: list[int], scale: float, block_m: int = 64, block_n: int = 64,
+                      num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """q [T, Hq, D] (rows of all sequences, flat); block_tables [S, max_pages] covering prefix+chunk."""
     T, H, D = q.shape
     page, KV = k_cache.shape[1], k_cache.shape[2]
@@ -88,6 +89,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
         block_tables.stride(0), scale,
         G=H // KV, D=D, BLOCK_D=BLOCK_D, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, DOT_F32=INTERPRET,
-        num_warps=4 if BLOCK_D <= 64 else 8, num_stages=2,
+        num_warps=num_warps or (4 if BLOCK_D <= 64 else 8), num_stages=num_stages,
     )
     return out
