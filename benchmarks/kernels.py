@@ -70,6 +70,22 @@ def decode_case(B: int, ctx: int, H: int, KV: int, D: int, quantized: bool, page
             "kv": "int8" if quantized else "bf16", "ms": ms, "GBps": nbytes / ms / 1e6, "block_n": bn, "warps": nw}
 
 
+GEMV_CFGS = [(16, bn, bk, nw, ns) for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8) for ns in (3, 4)]
+
+
+def best_cfg(fn) -> tuple[float, tuple]:
+    """Sweep tile configs for a GEMV; the default config is included as None."""
+    best = (bench(lambda: fn(None)), None)
+    for cfg in GEMV_CFGS:
+        try:
+            ms = bench(lambda cfg=cfg: fn(cfg))
+        except Exception:          # out of shared memory etc.
+            continue
+        if ms < best[0]:
+            best = (ms, cfg)
+    return best
+
+
 def gemv_cases() -> list[dict]:
     out = []
     for N, K in ((8192, 8192), (28672, 4096)):
@@ -77,13 +93,18 @@ def gemv_cases() -> list[dict]:
         w = torch.randn(N, K, device=DEV, dtype=torch.bfloat16)
         ms_bf16 = bench(lambda x=x, w=w: x @ w.T)
         wq, sc = quant.quantize_int8(w)
-        ms8 = bench(lambda x=x, wq=wq, sc=sc: int8_linear(x, wq, sc))
+        ms8, cfg8 = best_cfg(lambda cfg, x=x, wq=wq, sc=sc: int8_linear(x, wq, sc, cfg=cfg))
         q, z, s = quant.quantize_int4(w.float(), 128)
         w4 = quant.pack_gptq(q, z, s.half(), 128)
-        ms4 = bench(lambda x=x, w4=w4: int4_linear(x, w4))
-        for name, ms, nbytes in (("cublas_bf16_gemv", ms_bf16, N * K * 2), ("int8_gemv", ms8, N * K + N * 4),
-                                 ("int4_gptq_gemv", ms4, N * K // 2 + (K // 128) * N * (2 + 0.5))):
-            out.append({"kernel": name, "N": N, "K": K, "ms": ms, "GBps": nbytes / ms / 1e6})
+        ms4, cfg4 = best_cfg(lambda cfg, x=x, w4=w4: int4_linear(x, w4, cfg=cfg))
+        awq = quant.pack_awq(q, z, s.half(), 128)
+        msa, cfga = best_cfg(lambda cfg, x=x, awq=awq: int4_linear(x, awq, cfg=cfg))
+        int4_bytes = N * K // 2 + (K // 128) * N * (2 + 0.5)
+        for name, ms, nbytes, cfg in (("cublas_bf16_gemv", ms_bf16, N * K * 2, None),
+                                      ("int8_gemv", ms8, N * K + N * 4, cfg8),
+                                      ("int4_gptq_gemv", ms4, int4_bytes, cfg4),
+                                      ("int4_awq_gemv", msa, int4_bytes, cfga)):
+            out.append({"kernel": name, "N": N, "K": K, "ms": ms, "GBps": nbytes / ms / 1e6, "cfg": cfg})
     return out
 
 
@@ -128,17 +149,21 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     res = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__, "ceilings": ceilings(), "rows": []}
     peak = res["ceilings"]["copy_GBps"]
+    print(f"{props.name}: copy {peak:.0f} GB/s, bf16 GEMM {res['ceilings']['bf16_gemm_TFLOPs']:.0f} TFLOP/s", flush=True)
+
+    def report(rows: list[dict]) -> None:
+        for r in rows:
+            res["rows"].append(r)
+            metric = (f"{r['GBps']:7.0f} GB/s ({100 * r['GBps'] / peak:5.1f}% of copy)" if "GBps" in r
+                      else f"{r['TFLOPs']:7.1f} TFLOP/s")
+            shape = {k: v for k, v in r.items() if k not in ("kernel", "ms", "GBps", "TFLOPs")}
+            print(f"{r['kernel']:26s} {r['ms']:8.3f} ms  {metric}  {shape}", flush=True)
+
     for B in (32, 64):
         for qz in (False, True):
-            res["rows"].append(decode_case(B, 4096, 32, 8, 128, qz))
-    res["rows"] += gemv_cases()
-    res["rows"] += prefill_case(4, 4096, 32, 8, 128)
-    print(f"{props.name}: copy {peak:.0f} GB/s, bf16 GEMM {res['ceilings']['bf16_gemm_TFLOPs']:.0f} TFLOP/s")
-    for r in res["rows"]:
-        metric = (f"{r['GBps']:7.0f} GB/s ({100 * r['GBps'] / peak:5.1f}% of copy)" if "GBps" in r
-                  else f"{r['TFLOPs']:7.1f} TFLOP/s")
-        shape = {k: v for k, v in r.items() if k not in ("kernel", "ms", "GBps", "TFLOPs")}
-        print(f"{r['kernel']:26s} {r['ms']:8.3f} ms  {metric}  {shape}")
+            report([decode_case(B, 4096, 32, 8, 128, qz)])
+    report(gemv_cases())
+    report(prefill_case(4, 4096, 32, 8, 128))
     print(f"total {time.time() - t0:.0f}s")
     if a.out:
         with open(a.out, "w") as f:

@@ -138,7 +138,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 def _pack_rows(nibbles: torch.Tensor) -> torch.Tensor:
     """[R, C*8] 0..15 -> int32 [R, C], element 8c+i in nibble i."""
     r, c8 = nibbles.shape
-    x = nibbles.view(r, c8 // 8, 8).to(torch.int64) << torch.arange(0, 32, 4, dtype=torch.int64)
+    x = nibbles.view(r, c8 // 8, 8).to(torch.int64) << torch.arange(0, 32, 4, dtype=torch.int64, device=nibbles.device)
     return x.sum(-1).to(torch.int64).bitwise_and(0xFFFFFFFF).to(torch.int32)
 
 
@@ -150,7 +150,7 @@ def pack_gptq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_
 
 
 def pack_awq(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
-    order = torch.tensor(AWQ_ORDER)
+    order = torch.tensor(AWQ_ORDER, device=q.device)
 
     def interleave(m: torch.Tensor) -> torch.Tensor:    # [R, N] -> [R, N] with columns in nibble order
         r, n = m.shape

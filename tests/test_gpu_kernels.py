@@ -148,9 +148,17 @@ def test_quantized_kv_store_and_decode(qdtype):
     kv_cache.store_kv(k, v, *cpu_c[:2], sb, so, *cpu_c[2:])
     dev_c = [t.to(DEV) for t in fresh()]
     gpu_store(k.to(DEV), v.to(DEV), dev_c[0], dev_c[1], sb.to(DEV), so.to(DEV), dev_c[2], dev_c[3])
-    for a, b, c in zip(ref_c, cpu_c, dev_c):
+    for a, b in zip(ref_c, cpu_c):
         torch.testing.assert_close(a.float(), b.float())
-        torch.testing.assert_close(a.float(), c.cpu().float(), atol=1e-6, rtol=1e-5)
+    for a, c in zip(ref_c[2:], dev_c[2:]):                  # scales
+        torch.testing.assert_close(a, c.cpu(), atol=1e-7, rtol=1e-5)
+    for a, c in zip(ref_c[:2], dev_c[:2]):
+        # a GPU's fp32 division is not IEEE-rounded, so a value on a rounding tie may land one
+        # quantization step away on a few elements
+        a, c = a.float(), c.cpu().float()
+        off = (a - c).abs() > 0
+        step = 1.0 if qdtype == torch.int8 else 0.13 * a.abs().clamp(min=1)
+        assert off.float().mean() < 1e-3 and ((a - c).abs() <= step).all()
 
     meta = DecodeMeta.build(tables, lens, page)
     q = torch.randn(2, kvh * group, d).to(torch.bfloat16)

@@ -17,4 +17,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def mma(a, b, DOT_F32: tl.constexpr):
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if a.dtype == tl.float32:   # fp32 models (parity runs) keep full precision, not TF32
+        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)

@@ -46,17 +46,23 @@ def _decode_split(Q, K, V, KS, VS, BT, LENS, MO, MLSE,
         k = tl.load(K + blk[:, None] * skb + slot[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + blk[:, None] * svb + slot[:, None] * svt + kvh * svh + offs_d[None, :], mask=kv_mask, other=0.0)
         if QUANT:
+            # A scale belongs to a whole token row, so it commutes with the dots: scale the scores
+            # (K) and the probabilities (V) instead of dequantizing every element. int8 and fp8
+            # values are exact in bf16.
             ks = tl.load(KS + blk * ssb + slot * sst + kvh, mask=mn, other=0.0)
             vs = tl.load(VS + blk * ssb + slot * sst + kvh, mask=mn, other=0.0)
-            k = (k.to(tl.float32) * ks[:, None]).to(tl.bfloat16)
-            v = (v.to(tl.float32) * vs[:, None]).to(tl.bfloat16)
-        s = mma(q, tl.trans(k), DOT_F32)                 # [BLOCK_G, BLOCK_N], fp32
+            s = mma(q, tl.trans(k.to(tl.float32).to(tl.bfloat16)), DOT_F32) * ks[None, :]
+        else:
+            s = mma(q, tl.trans(k), DOT_F32)             # [BLOCK_G, BLOCK_N], fp32
         s = tl.where(mn[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_F32)
+        if QUANT:
+            acc = acc * alpha[:, None] + mma((p * vs[None, :]).to(tl.bfloat16), v.to(tl.float32).to(tl.bfloat16), DOT_F32)
+        else:
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_F32)
         m_i = m_new
     out_mask = mg[:, None] & md[None, :]
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -42,77 +42,96 @@ def _int8_mm(X, W, S, BIAS, Y, M, N, K, sxm, swn, sym,
 def _int4_mm(X, QW, QZ, S, GIDX, BIAS, Y, M, N, K, group_size, sxm, sq0, sq1, sz0, sz1, ss0, sym,
              AWQ: tl.constexpr, ZERO_OFFSET: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """Each packed word is loaded once and unpacked by broadcasting against the 8 nibble shifts.
+    Without act-order a K tile lies in one group (BLOCK_K divides group_size), so zeros and scales
+    are one row per tile."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    nib = tl.arange(0, 8)
     mm = offs_m < M
     mn = offs_n < N
-    if AWQ:   # column n lives in nibble AWQ_NIBBLE[n % 8] = (n % 8) // 2 + 4 * (n % 2)
-        nshift = (((offs_n % 8) // 2) + 4 * (offs_n % 2)) * 4
-    else:
-        nshift = (offs_n % 8) * 4
+    # nibble shift of column n in AWQ's interleaved order: AWQ_NIBBLE[n % 8] = (n % 8) // 2 + 4 * (n % 2)
+    awq_shift = (((nib // 2) + 4 * (nib % 2)) * 4) if AWQ else nib * 4
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         mk = ks < K
-        wm = mk[:, None] & mn[None, :]
         x = tl.load(X + offs_m[:, None] * sxm + ks[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        if AWQ:
-            word = tl.load(QW + ks[:, None] * sq0 + (offs_n // 8)[None, :] * sq1, mask=wm, other=0)
-            q = (word >> nshift[None, :]) & 0xF
-        else:
-            word = tl.load(QW + (ks // 8)[:, None] * sq0 + offs_n[None, :] * sq1, mask=wm, other=0)
-            q = (word >> ((ks % 8) * 4)[:, None]) & 0xF
-        if HAS_GIDX:
+        if AWQ:   # words [BLOCK_K, BLOCK_N/8], 8 columns each
+            wn = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+            word = tl.load(QW + ks[:, None] * sq0 + wn[None, :] * sq1, mask=mk[:, None] & (wn < (N // 8))[None, :], other=0)
+            q = tl.reshape((word[:, :, None] >> awq_shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+        else:     # GPTQ words [BLOCK_K/8, BLOCK_N], 8 consecutive k each
+            wk = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            word = tl.load(QW + wk[:, None] * sq0 + offs_n[None, :] * sq1, mask=(wk < K // 8)[:, None] & mn[None, :], other=0)
+            q = tl.reshape((word[:, None, :] >> (nib * 4)[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+        zn = offs_n // 8
+        zshift = (((offs_n % 8) // 2) + 4 * (offs_n % 2)) * 4 if AWQ else (offs_n % 8) * 4
+        if HAS_GIDX:   # act-order: every row has its own group
             g = tl.load(GIDX + ks, mask=mk, other=0)
+            zw = tl.load(QZ + g[:, None] * sz0 + zn[None, :] * sz1, mask=mk[:, None] & mn[None, :], other=0)
+            z = ((zw >> zshift[None, :]) & 0xF) + ZERO_OFFSET
+            s = tl.load(S + g[:, None] * ss0 + offs_n[None, :], mask=mk[:, None] & mn[None, :], other=0.0)
+            w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
         else:
-            g = ks // group_size
-        zw = tl.load(QZ + g[:, None] * sz0 + (offs_n // 8)[None, :] * sz1, mask=wm, other=0)
-        z = ((zw >> nshift[None, :]) & 0xF) + ZERO_OFFSET
-        s = tl.load(S + g[:, None] * ss0 + offs_n[None, :], mask=wm, other=0.0)
-        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+            g = k0 // group_size
+            zw = tl.load(QZ + g * sz0 + zn * sz1, mask=mn, other=0)
+            z = ((zw >> zshift) & 0xF) + ZERO_OFFSET
+            s = tl.load(S + g * ss0 + offs_n, mask=mn, other=0.0)
+            w = ((q - z[None, :]).to(tl.float32) * s.to(tl.float32)[None, :]).to(x.dtype)
         acc += mma(x, w, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * sym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=mm[:, None] & mn[None, :])
 
 
-def _blocks(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): GEMV-like tiles for decode, square ones for prefill."""
+def _blocks(M: int, cfg: tuple | None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Decode (small M) is weight-streaming bound:
+    narrow N tiles give enough programs to fill the SMs."""
+    if cfg is not None:
+        return cfg
     if M <= 16:
-        return 16, 64, 256, 4
+        return 16, 32, 256, 4, 4
     if M <= 64:
-        return 64, 64, 128, 4
-    return 128, 128, 64, 8
+        return 64, 64, 128, 4, 3
+    return 128, 128, 64, 8, 3
 
 
-def int8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                cfg: tuple | None = None) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BM, BN, BK, nw = _blocks(M)
+    BM, BN, BK, nw, ns = _blocks(M, cfg)
     _int8_mm[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
         x2, w, scale, bias if bias is not None else scale, y, M, N, K, x2.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, HAS_BIAS=bias is not None, DOT_F32=INTERPRET, num_warps=nw,
+        num_stages=ns,
     )
     return y.view(*x.shape[:-1], N)
 
 
-def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None,
+                cfg: tuple | None = None) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     M, K = x2.shape
     N = w.out_features
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BM, BN, BK, nw = _blocks(M)
-    BK = min(BK, w.group_size) if w.g_idx is None else BK
+    BM, BN, BK, nw, ns = _blocks(M, cfg)
+    if w.g_idx is None:
+        BK = min(BK, w.group_size)     # a K tile must not straddle groups
+    else:
+        BK, ns = min(BK, 64), 2        # per-row zero/scale tiles: keep shared memory in bounds
     _int4_mm[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
         x2, w.qweight, w.qzeros, w.scales, w.g_idx if w.g_idx is not None else w.scales,
         bias if bias is not None else w.scales, y, M, N, K, w.group_size, x2.stride(0),
         w.qweight.stride(0), w.qweight.stride(1), w.qzeros.stride(0), w.qzeros.stride(1), w.scales.stride(0),
         y.stride(0), AWQ=w.fmt == "awq", ZERO_OFFSET=w.zero_offset, HAS_GIDX=w.g_idx is not None,
         HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, DOT_F32=INTERPRET, num_warps=nw,
+        num_stages=ns,
     )
     return y.view(*x.shape[:-1], N)
