@@ -92,6 +92,9 @@ def test_int8_linear(m, with_bias):
     ref = quant.int8_linear_ref(x, w, sc, bias)
     out = int8_linear(x.to(DEV), w.to(DEV), sc.to(DEV), bias.to(DEV) if with_bias else None)
     assert _rel(out.cpu(), ref) < 1e-2
+    split = int8_linear(x.to(DEV), w.to(DEV), sc.to(DEV), bias.to(DEV) if with_bias else None,
+                        cfg=(16, 32, 32, 4, 2, 3))          # split-K partials, bias added once
+    assert _rel(split.cpu(), ref) < 1e-2
     assert _rel(quant.int8_linear(x, w, sc, bias), ref) < 1e-2       # CPU fast path
 
 
@@ -116,6 +119,8 @@ def test_int4_linear(fmt, m):
     dev_w = quant.Int4Weight(w.qweight.to(DEV), w.qzeros.to(DEV), w.scales.to(DEV), G, w.fmt,
                              w.g_idx.to(DEV) if w.g_idx is not None else None, w.zero_offset)
     assert _rel(int4_linear(x.to(DEV), dev_w).cpu(), ref) < 1e-2
+    assert _rel(int4_linear(x.to(DEV), dev_w, reshape=False).cpu(), ref) < 1e-2
+    assert _rel(int4_linear(x.to(DEV), dev_w, cfg=(16, 32, 64, 4, 2, 2)).cpu(), ref) < 1e-2
     assert _rel(quant.int4_linear(x, w), ref) < 1e-2                  # CPU fast path
 
 

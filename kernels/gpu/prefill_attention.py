@@ -15,6 +15,30 @@ from .common import INTERPRET, mma
 
 
 @triton.jit
+def _attend(q, m_i, l_i, acc, K, V, BT, seq, kvh, prefix, offs_m, offs_d, md, n0, hi,
+            skb, skt, skh, svb, svt, svh, sbt,
+            PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr):
+    """One BLOCK_N key tile of online softmax (log2 domain). CAUSAL masks the diagonal tiles only."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mn = offs_n < hi
+    blk = tl.load(BT + seq * sbt + offs_n // PAGE, mask=mn, other=0)
+    slot = offs_n % PAGE
+    kv_mask = mn[:, None] & md[None, :]
+    k = tl.load(K + blk[:, None] * skb + slot[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + blk[:, None] * svb + slot[:, None] * svt + kvh * svh + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = mma(q, tl.trans(k), DOT_F32)
+    if CAUSAL:
+        keep = (offs_n[None, :] <= (prefix + offs_m)[:, None]) & mn[None, :]
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill(Q, K, V, OUT, BT, TILE_SEQ, TILE_M0, Q_START, Q_LEN, PREFIX,
              sqt, sqh, skb, skt, skh, svb, svt, svh, sot, soh, sbt, scale,
              G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
@@ -32,28 +56,18 @@ def _prefill(Q, K, V, OUT, BT, TILE_SEQ, TILE_M0, Q_START, Q_LEN, PREFIX,
     mm = offs_m < n_q
     md = offs_d < D
     q = tl.load(Q + (q_start + offs_m)[:, None] * sqt + h * sqh + offs_d[None, :], mask=mm[:, None] & md[None, :], other=0.0)
-    q = (q.to(tl.float32) * scale).to(q.dtype)
+    q = (q.to(tl.float32) * (scale * 1.4426950408889634)).to(q.dtype)     # log2(e) folded: exp2 below
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = prefix + tl.minimum(n_q, m0 + BLOCK_M)          # keys needed by the tile's last row
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mn = offs_n < hi
-        blk = tl.load(BT + seq * sbt + offs_n // PAGE, mask=mn, other=0)
-        slot = offs_n % PAGE
-        kv_mask = mn[:, None] & md[None, :]
-        k = tl.load(K + blk[:, None] * skb + slot[:, None] * skt + kvh * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + blk[:, None] * svb + slot[:, None] * svt + kvh * svh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = mma(q, tl.trans(k), DOT_F32)
-        causal = offs_n[None, :] <= (prefix + offs_m)[:, None]
-        s = tl.where(causal & mn[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
+    full = ((prefix + m0) // BLOCK_N) * BLOCK_N         # keys before this are visible to every row
+    for n0 in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, K, V, BT, seq, kvh, prefix, offs_m, offs_d, md, n0, hi,
+                                skb, skt, skh, svb, svt, svh, sbt, PAGE, BLOCK_N, False, DOT_F32)
+    for n0 in range(full, hi, BLOCK_N):
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, K, V, BT, seq, kvh, prefix, offs_m, offs_d, md, n0, hi,
+                                skb, skt, skh, svb, svt, svh, sbt, PAGE, BLOCK_N, True, DOT_F32)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(OUT + (q_start + offs_m)[:, None] * sot + h * soh + offs_d[None, :], o.to(OUT.dtype.element_ty),
              mask=mm[:, None] & md[None, :])
