@@ -203,3 +203,38 @@ def test_engine_argument_errors(qwen3_dir):
     with pytest.raises(InvalidRequestError) as e:
         LLM(qwen3_dir, max_model_len=10**6)
     assert e.value.field == "max_model_len"
+
+
+def test_stop_strings_cut_the_text_and_stream_without_them(llm):
+    from baton.backends.engine.detokenizer import Detokenizer
+
+    eng = llm.engine
+    base = llm.generate("def add(a, b):", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert len(base.text) > 6
+    stop = base.text[3:6]                                   # a string that does occur in the output
+    cut = llm.generate("def add(a, b):", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                        stop=[stop, "never-there"]))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert base.text.startswith(cut.text) and cut.text == base.text[: base.text.index(stop)]
+    # streamed deltas concatenate to the same text and never show (part of) the stop string
+    seq = eng.add_request("def add(a, b):", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    deltas = []
+    while eng.has_unfinished():
+        deltas += [o.text for o in eng.step() if o.seq is seq]
+    assert "".join(deltas) == cut.text
+    # incremental detokenization equals decoding the whole output, for arbitrary UTF-8
+    tok = eng.tokenizer
+    text = "héllo wörld — ünïcødé ✓ 日本語"
+    ids = tok.encode(text)
+    d = Detokenizer(tok, [], None)
+    pieces = []
+    for t in ids:
+        d.add([t])
+        pieces.append(d.delta())
+    assert "".join(pieces) + d.delta(final=True) == tok.decode(ids)
+
+
+def test_stop_must_be_strings():
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(stop=[""])
+    assert e.value.field == "stop"

@@ -49,7 +49,7 @@ class LLM:
                 request_id=s.request_id,
                 prompt_token_ids=s.token_ids[: s.num_prompt_tokens],
                 token_ids=s.output_token_ids,
-                text=tok.decode(s.output_token_ids) if tok else "",
+                text=s.detok.text if s.detok is not None else (tok.decode(s.output_token_ids) if tok else ""),
                 finish_reason=s.finish_reason or "",
                 num_cached_tokens=max(s.num_cached_tokens, 0),
                 logprobs=s.logprobs,

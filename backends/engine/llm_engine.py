@@ -14,12 +14,13 @@ from ..kv.pool import KVPool, PoolSpec
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM
+from .detokenizer import Detokenizer
 from .errors import InvalidRequestError
 from .model_runner import ModelRunner
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, Status
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -31,6 +32,7 @@ class StepOutput:
     seq: Sequence
     new_token_ids: list[int]
     finished: bool
+    text: str = ""            # text delta, for sequences that track text (stream_text or stop strings)
 
 
 class LLMEngine:
@@ -49,7 +51,11 @@ class LLMEngine:
         kv_pool_name: str | None = None,
         num_threads: int | None = None,
         seed: int = 0,
+        pool: KVPool | None = None,
+        block_manager: BlockManager | None = None,
     ) -> None:
+        """`pool` / `block_manager` let a serving stage run on a node's shared pool (attached by name)
+        and its KV manager (over a local channel) instead of private ones."""
         self.model_dir = Path(model)
         self.config = cfg = ModelConfig.from_dir(model)
         if num_threads:
@@ -63,15 +69,11 @@ class LLMEngine:
         self.model = DecoderLM(cfg, load_state_dict(model, self.dtype), self.max_model_len)
         self.tokenizer = Tokenizer.from_dir(model)
 
-        spec = PoolSpec(0, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, str(self.dtype).split(".")[-1])
-        if num_blocks is None:
-            num_blocks = kv_cache_memory // spec.block_bytes
-        if num_blocks < 1:
-            raise InvalidRequestError("num_blocks", f"KV pool needs at least one block, got {num_blocks}")
-        spec = replace(spec, num_blocks=num_blocks)
-        name = kv_pool_name or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.pool = KVPool.create(name, spec)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        if pool is None:
+            spec = pool_spec(cfg, self.dtype, block_size, num_blocks, kv_cache_memory)
+            pool = KVPool.create(kv_pool_name or f"{os.getpid()}-{uuid.uuid4().hex[:8]}", spec)
+        self.pool = pool
+        self.block_manager = block_manager or BlockManager(pool.spec.num_blocks, block_size, enable_prefix_caching)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, self.max_model_len)
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
@@ -84,12 +86,17 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt: str | None = None) -> Sequence:
+                    request_id: str | None = None, cache_salt: str | None = None,
+                    stream_text: bool = False) -> Sequence:
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
         if request_id is not None and request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         seq = Sequence(ids, params, self.block_size, request_id, (cache_salt,) if cache_salt else ())
+        if (stream_text or params.stop) and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a tokenizer.json in the model directory")
+        if stream_text or params.stop:
+            seq.detok = Detokenizer(self.tokenizer, ids, params.stop)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -116,6 +123,19 @@ class LLMEngine:
             raise InvalidRequestError(
                 "prompt", f"{len(ids)} tokens need more KV blocks than the pool has ({self.block_manager.num_blocks})")
         return ids
+
+    def detach(self, seq: Sequence) -> Sequence:
+        """Hand a running sequence to another stage: it leaves this scheduler WITHOUT releasing its
+        blocks; its block table is the handle the next stage adopts."""
+        self.scheduler.running.remove(seq)
+        self.requests.pop(seq.request_id, None)
+        return seq
+
+    def adopt(self, seq: Sequence) -> None:
+        """Continue a sequence prefilled elsewhere on this node's pool (its blocks are already ours)."""
+        seq.status = Status.RUNNING
+        self.requests[seq.request_id] = seq
+        self.scheduler.running.append(seq)
 
     def abort(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
@@ -150,10 +170,16 @@ class LLMEngine:
             if logprobs is not None and seq.params.logprobs:
                 seq.logprobs.append(logprobs[i])
             reason = self._stop_reason(seq, tok)
+            text = ""
+            if seq.detok is not None:
+                seq.detok.add([tok])
+                if seq.detok.stopped:
+                    reason = "stop"
+                text = seq.detok.delta(final=reason is not None)
             if reason:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
-            out.append(StepOutput(seq, [tok], reason is not None))
+            out.append(StepOutput(seq, [tok], reason is not None, text))
         return out
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
@@ -171,6 +197,16 @@ class LLMEngine:
 
     def __del__(self) -> None:
         self.close()
+
+
+def pool_spec(cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int | None,
+              kv_cache_memory: int) -> PoolSpec:
+    spec = PoolSpec(0, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, str(dtype).split(".")[-1])
+    if num_blocks is None:
+        num_blocks = kv_cache_memory // spec.block_bytes
+    if num_blocks < 1:
+        raise InvalidRequestError("num_blocks", f"KV pool needs at least one block, got {num_blocks}")
+    return replace(spec, num_blocks=num_blocks)
 
 
 def _resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:

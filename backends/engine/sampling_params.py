@@ -19,6 +19,7 @@ class SamplingParams:
     presence_penalty: float = 0.0     # on output tokens
     frequency_penalty: float = 0.0    # on output tokens
     stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)   # stop strings (not included in the output)
     ignore_eos: bool = False
     logprobs: bool = False            # return the logprob of each chosen token
 
@@ -47,6 +48,10 @@ class SamplingParams:
                 raise InvalidRequestError(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None:
             num("seed", True)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(x, str) and x for x in self.stop):
+            raise InvalidRequestError("stop", f"must be non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids!r}")
 

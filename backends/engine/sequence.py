@@ -38,6 +38,7 @@ class Sequence:
         self._extend_hashes()
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
+        self.detok = None                 # Detokenizer when text is streamed or stop strings are set
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -1,0 +1,176 @@
+"""The node's KV manager: owns the shared pool's allocation, reference counts and prefix index.
+
+One process per node (started by `baton serve`). Stages reach it over a ZeroMQ REQ/REP socket on a
+local ipc path and batch their work: a client buffers releases and publishes, and keeps a small
+reserve of free blocks, so a decode step costs at most one round trip (usually none).
+
+    python -m baton.backends.kv.manager --pool NAME --address ipc:///run/kv.sock --blocks N ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import signal
+import time
+from collections.abc import Iterable
+
+import zmq
+
+from .block_manager import BlockManager, OutOfBlocks
+from .pool import KVPool, PoolSpec
+
+
+class KVManagerServer:
+    def __init__(self, bm: BlockManager, address: str) -> None:
+        self.bm = bm
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.REP)
+        self.sock.bind(address)
+        self.calls = 0
+        self.busy_s = 0.0
+
+    def handle(self, ops: list[tuple]) -> list:
+        """Apply a batch of (op, arg) in order; every reply carries the free-block count."""
+        out = []
+        for op, arg in ops:
+            if op == "release":
+                self.bm.release(arg)
+                out.append(None)
+            elif op == "publish":
+                for b, h in arg:
+                    self.bm.cache_block(b, h)
+                out.append(None)
+            elif op == "alloc":
+                try:
+                    out.append(self.bm.allocate(arg))
+                except OutOfBlocks:
+                    out.append(None)
+            elif op == "match":
+                out.append(self.bm.match_prefix(arg))
+            elif op == "stats":
+                out.append({"num_blocks": self.bm.num_blocks, "num_used": self.bm.num_used,
+                            "hits": self.bm.hits, "queries": self.bm.queries, "calls": self.calls,
+                            "busy_us_per_call": 1e6 * self.busy_s / max(1, self.calls)})
+            else:
+                raise ValueError(f"unknown KV manager op {op!r}")
+        return out
+
+    def serve_forever(self) -> None:
+        while True:
+            msg = self.sock.recv()
+            t = time.perf_counter()
+            try:
+                reply = ("ok", self.handle(pickle.loads(msg)), self.bm.num_free)
+            except Exception as e:  # a bad call must not kill the node's manager
+                reply = ("error", repr(e), self.bm.num_free)
+            self.calls += 1
+            self.busy_s += time.perf_counter() - t
+            self.sock.send(pickle.dumps(reply))
+
+
+class RemoteBlockManager:
+    """BlockManager's interface over the manager socket (what the scheduler and stages call)."""
+
+    def __init__(self, address: str, num_blocks: int, block_size: int, reserve: int = 8) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.REQ)
+        self.sock.connect(address)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.reserve_target = reserve
+        self.reserve: list[int] = []          # free blocks held by this stage, handed out locally
+        self.pending: list[tuple] = []        # buffered release/publish ops
+        self.remote_free = num_blocks
+        self.round_trips = 0
+        self.rtt_s = 0.0
+
+    def _call(self, ops: list[tuple]) -> list:
+        ops = self.pending + ops
+        self.pending = []
+        t = time.perf_counter()
+        self.sock.send(pickle.dumps(ops))
+        status, result, free = pickle.loads(self.sock.recv())
+        self.rtt_s += time.perf_counter() - t
+        self.round_trips += 1
+        self.remote_free = free
+        if status != "ok":
+            raise RuntimeError(f"KV manager: {result}")
+        return result
+
+    @property
+    def num_free(self) -> int:
+        return self.remote_free + len(self.reserve)
+
+    @property
+    def num_used(self) -> int:
+        return self.stats()["num_used"]
+
+    def allocate(self, n: int) -> list[int]:
+        if n <= len(self.reserve):
+            out, self.reserve = self.reserve[:n], self.reserve[n:]
+            return out
+        want = n - len(self.reserve) + self.reserve_target
+        got = self._call([("alloc", want)])[-1]
+        if got is None:                                   # not enough for the reserve too: exact ask
+            got = self._call([("alloc", n - len(self.reserve))])[-1]
+            if got is None:
+                raise OutOfBlocks(f"need {n} KV blocks, {self.num_free} free")
+        blocks = self.reserve + got
+        out, self.reserve = blocks[:n], blocks[n:]
+        return out
+
+    def release(self, blocks: Iterable[int]) -> None:
+        blocks = list(blocks)
+        if blocks:
+            self.pending.append(("release", blocks))
+
+    def cache_block(self, block: int, h: int) -> None:
+        if self.pending and self.pending[-1][0] == "publish":
+            self.pending[-1][1].append((block, h))
+        else:
+            self.pending.append(("publish", [(block, h)]))
+
+    def match_prefix(self, hashes: list[int]) -> list[int]:
+        return self._call([("match", hashes)])[-1] if hashes else []
+
+    def flush(self) -> None:
+        """Send buffered releases/publishes now (end of a request or an idle loop)."""
+        if self.pending:
+            self._call([])
+
+    def return_reserve(self) -> None:
+        if self.reserve:
+            self.release(self.reserve)
+            self.reserve = []
+        self.flush()
+
+    def stats(self) -> dict:
+        return self._call([("stats", None)])[-1]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="baton kv-manager")
+    ap.add_argument("--pool", required=True, help="name of the KV pool to create")
+    ap.add_argument("--address", required=True)
+    ap.add_argument("--spec", required=True, help="PoolSpec as key=value,... ")
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    a = ap.parse_args(argv)
+    fields = dict(kv.split("=") for kv in a.spec.split(","))
+    spec = PoolSpec(**{k: (v if k == "dtype" else int(v)) for k, v in fields.items()})
+    pool = KVPool.create(a.pool, spec)
+    bm = BlockManager(spec.num_blocks, spec.block_size, not a.no_prefix_caching)
+    server = KVManagerServer(bm, a.address)
+
+    def stop(*_: object) -> None:
+        pool.close()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"kv-manager ready pool={a.pool} blocks={spec.num_blocks} at {a.address}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
