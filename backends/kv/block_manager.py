@@ -74,6 +74,9 @@ class BlockManager:
         self.hits += len(out)
         return out
 
+    def flush(self, idle: bool = False) -> None:
+        """Nothing is buffered locally (the remote client's flush sends its batch)."""
+
     def cache_block(self, block: int, h: int) -> None:
         """Publish a full, computed block under its chained hash (first writer wins)."""
         if not self.enable_prefix_caching or self.block_hash[block] is not None:

@@ -134,16 +134,14 @@ class RemoteBlockManager:
     def match_prefix(self, hashes: list[int]) -> list[int]:
         return self._call([("match", hashes)])[-1] if hashes else []
 
-    def flush(self) -> None:
-        """Send buffered releases/publishes now (end of a request or an idle loop)."""
-        if self.pending:
-            self._call([])
-
-    def return_reserve(self) -> None:
-        if self.reserve:
+    def flush(self, idle: bool = False) -> None:
+        """Send buffered releases/publishes now. `idle`: also give back the local reserve, so an
+        idle stage holds no blocks. Not thread-safe: one client per thread (a REQ socket)."""
+        if idle and self.reserve:
             self.release(self.reserve)
             self.reserve = []
-        self.flush()
+        if self.pending:
+            self._call([])
 
     def stats(self) -> dict:
         return self._call([("stats", None)])[-1]

@@ -1,0 +1,40 @@
+"""What the stages share: parameters from config.pbtxt, and building an engine on the node's pool."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..engine.llm_engine import LLMEngine
+from ..kv.manager import RemoteBlockManager
+from ..kv.pool import KVPool
+
+
+@dataclass
+class StageParams:
+    model_dir: str
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    max_tokens_limit: int = 4096
+    kv_pool: str = ""
+    kv_address: str = ""
+    max_num_seqs: int = 64
+    threads: int = 0
+
+    @classmethod
+    def from_model_config(cls, model_config: str | dict) -> StageParams:
+        cfg = json.loads(model_config) if isinstance(model_config, str) else model_config
+        raw = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        kw = {}
+        for name, field in cls.__dataclass_fields__.items():
+            if name in raw and raw[name] != "":
+                kw[name] = int(raw[name]) if field.type == "int" else raw[name]
+        return cls(**kw)
+
+
+def node_engine(p: StageParams) -> LLMEngine:
+    """An engine whose KV blocks live in the node's shared pool, allocated through the KV manager."""
+    pool = KVPool.attach(p.kv_pool)
+    bm = RemoteBlockManager(p.kv_address, pool.spec.num_blocks, pool.spec.block_size)
+    return LLMEngine(p.model_dir, dtype=p.dtype, block_size=pool.spec.block_size, max_model_len=p.max_model_len,
+                     max_num_seqs=p.max_num_seqs, num_threads=p.threads or None, pool=pool, block_manager=bm)

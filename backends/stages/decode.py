@@ -1,0 +1,131 @@
+"""decode: ONE continuous-batching loop per model instance over every live request.
+
+execute() only hands a request's KVHandle and response sink to `submit` and returns; a loop thread
+adopts new sequences, drops cancelled ones (their blocks go back to the KV manager), steps the
+engine and streams each sequence's new tokens and text through its sink."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..engine.detokenizer import Detokenizer
+from ..engine.llm_engine import LLMEngine
+from ..engine.sequence import Sequence
+from .handle import KVHandle
+
+
+class Sink(Protocol):
+    def send(self, out: dict, final: bool) -> None: ...
+    def error(self, message: str) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class _Live:
+    seq: Sequence
+    sink: Sink
+
+
+class DecodeStage:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.cv = threading.Condition()
+        self.inbox: list[tuple[KVHandle, Sink]] = []
+        self.live: dict[int, _Live] = {}
+        self.stopping = False
+        self.steps = 0
+        self.step_s = 0.0
+        self.thread = threading.Thread(target=self._loop, name="baton-decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, handle: KVHandle, sink: Sink) -> None:
+        with self.cv:
+            self.inbox.append((handle, sink))
+            self.cv.notify()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.thread.join(5)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        eng = self.engine
+        while True:
+            with self.cv:
+                while not self.stopping and not self.inbox and not self.live:
+                    eng.block_manager.flush(idle=True)     # idle: hold no blocks
+                    self.cv.wait(0.5)
+                if self.stopping:
+                    return
+                arrivals, self.inbox = self.inbox, []
+            try:
+                for handle, sink in arrivals:
+                    self._admit(handle, sink)
+                self._drop_cancelled()
+                if not self.live:
+                    continue
+                t = time.perf_counter()
+                outs = eng.step()
+                self.step_s += time.perf_counter() - t
+                self.steps += 1
+                finished = False
+                for o in outs:
+                    live = self.live.get(o.seq.seq_id)
+                    if live is None:
+                        continue
+                    live.sink.send(self._output(o.seq, o.new_token_ids, o.text), o.finished)
+                    if o.finished:
+                        finished = True
+                        del self.live[o.seq.seq_id]
+                if finished:
+                    eng.block_manager.flush()        # return blocks promptly
+            except Exception:                          # keep serving: fail the live requests, not the loop
+                msg = traceback.format_exc(limit=3)
+                for live in list(self.live.values()):
+                    eng.abort(live.seq.request_id)
+                    live.sink.error(f"decode failed: {msg}")
+                self.live.clear()
+
+    def _admit(self, handle: KVHandle, sink: Sink) -> None:
+        eng = self.engine
+        seq = handle.to_sequence(eng.block_size, uuid.uuid4().hex)
+        seq.detok = Detokenizer(eng.tokenizer, seq.token_ids[: seq.num_prompt_tokens], seq.params.stop)
+        first = seq.output_token_ids
+        seq.detok.add(first)
+        done = handle.finish_reason or ("stop" if seq.detok.stopped else "")
+        if done:                                       # prefill already finished it (or a stop string did)
+            seq.finish_reason = done
+            if seq.block_table:
+                eng.block_manager.release(seq.block_table)
+                seq.block_table = []
+            sink.send(self._output(seq, first, seq.detok.delta(final=True)), True)
+            return
+        eng.adopt(seq)
+        self.live[seq.seq_id] = _Live(seq, sink)
+        sink.send(self._output(seq, first, seq.detok.delta()), False)
+
+    def _drop_cancelled(self) -> None:
+        for sid, live in list(self.live.items()):
+            if live.sink.cancelled():
+                self.engine.abort(live.seq.request_id)        # releases its blocks
+                del self.live[sid]
+                live.sink.send(self._output(live.seq, [], ""), True)
+
+    @staticmethod
+    def _output(seq: Sequence, new_ids: list[int], text: str) -> dict:
+        return {
+            "token_ids": list(new_ids), "text": text, "finish_reason": seq.finish_reason or "",
+            "prompt_tokens": seq.num_prompt_tokens, "completion_tokens": seq.num_output_tokens,
+            "cached_tokens": max(seq.num_cached_tokens, 0),
+            "logprobs": seq.logprobs[-len(new_ids):] if (seq.params.logprobs and new_ids) else [],
+        }
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "ms_per_step": 1e3 * self.step_s / max(1, self.steps), "live": len(self.live)}
