@@ -1,0 +1,109 @@
+"""`baton serve`: one node = the KV manager process + one tritonserver with the profile's models.
+
+    start(): render the repository, create the pool (via the KV manager), start tritonserver,
+             wait for readiness (with the stage log if a stage fails), print the endpoints;
+    stop():  stop tritonserver then the manager, remove this node's /dev/shm segments."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine.llm_engine import pool_spec
+from ..kv.node import KVManagerProcess
+from ..models.config import ModelConfig
+from .repository import Profile, render
+from .tritonserver import TritonServer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Node:
+    model_dir: str
+    profile: str = "single_node"
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    run_dir: Path | None = None
+    overrides: dict = field(default_factory=dict)
+    node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    server: TritonServer | None = None
+    manager: KVManagerProcess | None = None
+
+    def start(self, timeout: float = 300, quiet: bool = False) -> Node:
+        prof = Profile.load(self.profile)
+        eng = prof.engine | self.overrides
+        self.run_dir = Path(self.run_dir or Path(os.environ.get("BATON_RUN_DIR", "/tmp")) / f"baton-{self.node_id}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = ModelConfig.from_dir(self.model_dir)
+        dtype = cfg.torch_dtype if eng.get("dtype", "auto") == "auto" else eng["dtype"]
+        import torch
+
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+        spec = pool_spec(cfg, dtype, int(eng.get("block_size", 16)), eng.get("num_blocks"),
+                         int(eng.get("kv_cache_memory_mb", 512)) << 20)
+        pool_name = f"node-{self.node_id}"
+        address = f"ipc://{self.run_dir}/kv.sock"
+        self.manager = KVManagerProcess(pool_name, spec, address, self.run_dir / "kv-manager.log")
+        self.manager.start()
+        params = {"model_dir": str(Path(self.model_dir).resolve()), "dtype": str(dtype).split(".")[-1],
+                  "max_model_len": eng.get("max_model_len", 2048), "max_tokens_limit": eng.get("max_tokens_limit", 2048),
+                  "max_num_seqs": eng.get("max_num_seqs", 64), "threads": eng.get("threads", 0),
+                  "kv_pool": pool_name, "kv_address": address}
+        repo = render(prof, self.run_dir / "models", params)
+        self.http_port = self.http_port or free_port()
+        self.grpc_port = self.grpc_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+        self.server = TritonServer(repo, self.run_dir, self.http_port, self.grpc_port, self.metrics_port,
+                                   f"baton-{self.node_id}-", self.run_dir / "tritonserver.log")
+        self.server.start()
+        t0 = time.monotonic()
+        spinner = "|/-\\"
+        tick = [0]
+
+        def progress() -> None:
+            if not quiet and sys.stderr.isatty():
+                tick[0] += 1
+                print(f"\r[baton] loading models {spinner[tick[0] % 4]} {time.monotonic() - t0:4.0f}s",
+                      end="", file=sys.stderr, flush=True)
+
+        try:
+            self.server.wait_ready(timeout, progress)
+        except Exception:
+            self.stop()
+            raise
+        if not quiet:
+            print(f"\r[baton] ready in {time.monotonic() - t0:.1f}s: gRPC 127.0.0.1:{self.grpc_port}  "
+                  f"HTTP http://127.0.0.1:{self.http_port}  metrics http://127.0.0.1:{self.metrics_port}/metrics",
+                  file=sys.stderr, flush=True)
+        return self
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.manager is not None:
+            self.manager.stop()
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,28 @@
+"""prefill: thin adapter over baton.backends.stages.prefill.PrefillStage (requests of one execute
+are prefilled together)."""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from baton.backends.engine.errors import InvalidRequestError
+from baton.backends.stages.common import StageParams, node_engine
+from baton.backends.stages.prefill import PrefillStage
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.stage = PrefillStage(node_engine(StageParams.from_model_config(json.loads(args["model_config"]))))
+
+    def execute(self, requests):
+        batch = [(pb_utils.get_input_tensor_by_name(r, "input_ids").as_numpy(),
+                  pb_utils.get_input_tensor_by_name(r, "sampling").as_numpy().reshape(-1)[0].decode())
+                 for r in requests]
+        out = []
+        for res in self.stage.run(batch):
+            if isinstance(res, Exception):
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(res, InvalidRequestError) else pb_utils.TritonError.INTERNAL
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(res), code)))
+            else:
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in res.to_arrays().items()]))
+        return out

@@ -1,0 +1,44 @@
+"""preprocess: thin adapter over baton.backends.stages.preprocess.Preprocessor."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from baton.backends.engine.errors import InvalidRequestError
+from baton.backends.serving.tensors import SCALARS
+from baton.backends.stages.common import StageParams
+from baton.backends.stages.preprocess import Preprocessor
+
+NAMES = ["text_input", "messages", "stop"] + [n for n, _ in SCALARS]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = StageParams.from_model_config(json.loads(args["model_config"]))
+        self.pre = Preprocessor(p.model_dir, p.max_model_len, p.max_tokens_limit)
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            inputs = {}
+            for name in NAMES:
+                t = pb_utils.get_input_tensor_by_name(r, name)
+                if t is not None:
+                    inputs[name] = t.as_numpy()
+            try:
+                ids, sampling = self.pre(inputs)
+            except InvalidRequestError as e:
+                out.append(pb_utils.InferenceResponse(error=_invalid(str(e))))
+                continue
+            out.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("input_ids", ids),
+                pb_utils.Tensor("sampling", np.array([sampling.encode()], dtype=object))]))
+        return out
+
+
+def _invalid(message):
+    try:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    except (AttributeError, TypeError):
+        return pb_utils.TritonError(message)
