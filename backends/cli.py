@@ -59,9 +59,111 @@ def _generate(argv: list[str]) -> None:
         engine.close()
 
 
+def _serve(argv: list[str]) -> None:
+    import signal
+
+    from .serving.launcher import Node
+
+    ap = argparse.ArgumentParser(prog="baton serve", description="Serve a model through tritonserver.")
+    ap.add_argument("profile", nargs="?", default="single_node", help="ensemble_configs/<profile>.toml")
+    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--prompt", default=None, help="stream this sample completion once ready")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--smoke", action="store_true",
+                    help="stream the sample, check it against the in-process engine, stop, exit 0/1")
+    ap.add_argument("--timeout", type=float, default=300)
+    a = ap.parse_args(argv)
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    node = Node(a.model, a.profile, a.http_port, a.grpc_port, a.metrics_port)
+    try:
+        node.start(a.timeout)
+        if a.prompt or a.smoke:
+            ok = _sample(node, a.prompt or "def fibonacci(n):", a.max_tokens, check=a.smoke, model=a.model)
+            if a.smoke:
+                raise SystemExit(0 if ok else 1)
+        print("[baton] serving; Ctrl-C to stop", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("[baton] stopping", file=sys.stderr, flush=True)
+        node.stop()
+
+
+def _sample(node, prompt: str, max_tokens: int, check: bool, model: str) -> bool:  # noqa: ANN001
+    from baton.clients import BatonClient
+
+    print(f"[baton] sample completion (gRPC stream):\n{prompt}", end="", flush=True)
+    ids: list[int] = []
+    last = None
+    for chunk in BatonClient(node.grpc_url).stream(prompt, max_tokens=max_tokens, temperature=0.0):
+        print(chunk.text, end="", flush=True)
+        ids += chunk.token_ids
+        last = chunk
+    print(f"\n[baton] {len(ids)} tokens, finish_reason={last.finish_reason if last else None}", flush=True)
+    if not check:
+        return True
+    from baton import LLM, SamplingParams
+
+    llm = LLM(model, max_model_len=1024, kv_cache_memory=64 << 20)
+    try:
+        expect = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens))[0].token_ids
+    finally:
+        llm.close()
+    ok = bool(ids) and ids == expect and last is not None and last.finish_reason in ("stop", "length")
+    print(f"[baton] smoke {'OK' if ok else 'FAILED'}: server tokens {'==' if ids == expect else '!='} in-process engine",
+          flush=True)
+    return ok
+
+
+def _client(argv: list[str]) -> None:
+    from baton.clients import BatonClient, BatonError
+
+    ap = argparse.ArgumentParser(prog="baton client", description="Send a prompt to a Baton server.")
+    ap.add_argument("prompt")
+    ap.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 gRPC / :8000 HTTP)")
+    ap.add_argument("--http", action="store_true", help="use HTTP generate_stream (SSE) instead of gRPC")
+    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=None)
+    a = ap.parse_args(argv)
+    proto = "http" if a.http else "grpc"
+    client = BatonClient(a.url or ("127.0.0.1:8000" if a.http else "127.0.0.1:8001"), proto)
+    kw = {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p}
+    if a.seed is not None:
+        kw["seed"] = a.seed
+    try:
+        if a.stream:
+            last = None
+            for chunk in client.stream(a.prompt, stop=a.stop, **kw):
+                print(chunk.text, end="", flush=True)
+                last = chunk
+            print(f"\n[{last.finish_reason}; prompt {last.prompt_tokens}, completion {last.completion_tokens}, "
+                  f"cached {last.cached_tokens}]" if last else "", file=sys.stderr)
+        else:
+            c = client.generate(a.prompt, stop=a.stop, **kw)
+            print(c.text)
+    except BatonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 COMMANDS = {
     "make-checkpoint": lambda argv: __import__("baton.backends.tools.make_checkpoint", fromlist=["main"]).main(argv),
     "generate": _generate,
+    "serve": _serve,
+    "client": _client,
 }
 
 

@@ -43,7 +43,14 @@ class Detokenizer:
         return self.stopped
 
     def delta(self, final: bool = False) -> str:
-        """New text to emit; holds back a possible stop-string prefix unless final."""
+        """New text to emit; holds back a possible stop-string prefix unless final. At the end,
+        bytes that never completed a character are flushed as U+FFFD, as a full decode shows them."""
+        if final and not self.stopped and self.read < len(self.ids):
+            before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+            after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+            if len(after) > len(before):
+                self.text += after[len(before):]
+            self.read = len(self.ids)
         end = len(self.text) if (final or self.stopped or not self.stop) else max(self.sent, len(self.text) - self.hold)
         out = self.text[self.sent:end]
         self.sent = end

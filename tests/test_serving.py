@@ -1,0 +1,160 @@
+"""End to end through a real tritonserver: the `llm` ensemble (preprocess -> prefill -> decode ->
+postprocess) on a KV manager process and a shared pool."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from baton import LLM, SamplingParams
+from baton.backends.kv.manager import RemoteBlockManager
+from baton.backends.kv.pool import KVPool
+from baton.backends.serving.launcher import Node
+from baton.clients import BatonClient, BatonError
+
+pytestmark = pytest.mark.slow
+
+GREEDY = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
+PROMPTS = ["def fibonacci(n):", "class LRUCache:", "import os\nimport sys\n", "x = [i * i for i in",
+           "async def main():\n    await", "# Copyright 2001 Python Software Foundation\n"]
+
+
+@pytest.fixture(scope="module")
+def node(qwen3_dir):
+    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 256, "max_tokens_limit": 200,
+                                        "kv_cache_memory_mb": 4})
+    n.start(timeout=180, quiet=True)
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(qwen3_dir):
+    llm = LLM(qwen3_dir, dtype="float32", num_blocks=64, max_model_len=256)
+    yield lambda prompt, **kw: llm.generate(prompt, SamplingParams(**(GREEDY | kw)))[0]
+    llm.close()
+
+
+def blocks_in_use(node, timeout=5.0):
+    client = RemoteBlockManager(node.manager.address, 1, 16)
+    deadline = time.monotonic() + timeout
+    while True:
+        used = client.stats()["num_used"]
+        if used == 0 or time.monotonic() > deadline:
+            return used
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_streamed_greedy_equals_offline_engine(node, offline, protocol):
+    url = node.grpc_url if protocol == "grpc" else node.http_url
+    client = BatonClient(url, protocol)
+    for prompt in PROMPTS[:3]:
+        chunks = list(client.stream(prompt, **GREEDY))
+        expect = offline(prompt)
+        assert [t for c in chunks for t in c.token_ids] == expect.token_ids
+        assert len(chunks) == len(expect.token_ids)          # one response per token: it streams
+        assert "".join(c.text for c in chunks) == expect.text
+        last = chunks[-1]
+        assert last.finish_reason == "length" and last.completion_tokens == 16 and last.prompt_tokens > 0
+
+
+def test_sixteen_concurrent_streams(node, offline):
+    prompts = [PROMPTS[i % len(PROMPTS)] + str(i) for i in range(16)]
+    expect = {p: offline(p, max_tokens=12).token_ids for p in prompts}
+    client = BatonClient(node.grpc_url)
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda p: client.generate(p, **(GREEDY | {"max_tokens": 12})), prompts))
+    for p, g in zip(prompts, got):
+        assert g.token_ids == expect[p] and g.finish_reason == "length"
+    assert blocks_in_use(node) == 0
+
+
+def test_shared_prefix_reports_cached_tokens(node, offline):
+    client = BatonClient(node.grpc_url)
+    prefix = "def parse(path):\n    with open(path) as f:\n        for line in f:\n            " * 2
+    first = client.generate(prefix + "yield line", **GREEDY)
+    second = client.generate(prefix + "print(line)", **GREEDY)
+    assert first.cached_tokens == 0 or first.cached_tokens < second.cached_tokens
+    assert second.cached_tokens > 0
+    assert second.token_ids == offline(prefix + "print(line)").token_ids
+
+
+def test_grpc_cancellation_frees_all_blocks(node):
+    client = BatonClient(node.grpc_url)
+    stream = client.stream("def long_function():", temperature=0.0, max_tokens=180, ignore_eos=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()                                     # stop_stream(cancel_requests=True)
+    assert blocks_in_use(node) == 0
+    assert client.generate("still serving?", max_tokens=3).completion_tokens == 3
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(prompt=None), "text_input"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=201), "max_tokens"),
+    (dict(prompt="x " * 300), "max_model_len"),
+    (dict(top_p=2.0), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(stop=[""]), "stop"),
+])
+def test_bad_requests_name_the_problem_and_server_keeps_serving(node, kwargs, needle):
+    client = BatonClient(node.grpc_url)
+    prompt = kwargs.pop("prompt", "hello")
+    with pytest.raises(BatonError, match=needle):
+        client.generate(prompt, **kwargs)
+    assert client.generate("def f():", max_tokens=2).completion_tokens == 2
+
+
+def test_wrong_types_shapes_and_bytes_are_refused(node):
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    c = grpc.InferenceServerClient(node.grpc_url)
+
+    def infer(inputs):
+        c.infer("preprocess", inputs)
+
+    def tensor(name, arr, dtype):
+        t = grpc.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        return t
+
+    text = tensor("text_input", np.array([b"hi"], dtype=object), "BYTES")
+    with pytest.raises(Exception, match="max_tokens"):      # FP32 where INT32 is declared
+        infer([text, tensor("max_tokens", np.array([3.0], np.float32), "FP32")])
+    with pytest.raises(Exception, match="max_tokens"):      # two values
+        infer([text, tensor("max_tokens", np.array([3, 4], np.int32), "INT32")])
+    with pytest.raises(Exception, match="UTF-8"):
+        infer([tensor("text_input", np.array([b"\xff\xfe\xfd"], dtype=object), "BYTES")])
+    h = http.InferenceServerClient(node.http_url)
+    assert h.is_server_live() and h.is_model_ready("llm")
+    assert BatonClient(node.http_url, "http").generate("ok", max_tokens=2).completion_tokens == 2
+
+
+def test_shutdown_leaves_no_processes_or_shm(qwen3_dir):
+    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 128, "kv_cache_memory_mb": 2})
+    n.start(timeout=180, quiet=True)
+    assert BatonClient(n.grpc_url).generate("hi", max_tokens=2).completion_tokens == 2
+    pids = [n.server.proc.pid, n.manager.proc.pid]
+    n.stop()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    stubs = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).count(str(n.run_dir)) and "stub" in _cmdline(p)]
+    assert not stubs
+    assert not list(Path("/dev/shm").glob(f"baton-{n.node_id}-*"))
+    assert not KVPool.data_path(f"node-{n.node_id}").exists()
+
+
+def _cmdline(p):
+    try:
+        return (p / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+
