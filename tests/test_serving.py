@@ -148,6 +148,9 @@ def test_shutdown_leaves_no_processes_or_shm(qwen3_dir):
     assert not stubs
     assert not list(Path("/dev/shm").glob(f"baton-{n.node_id}-*"))
     assert not KVPool.data_path(f"node-{n.node_id}").exists()
+    from baton.backends.loader import weight_store
+
+    assert not weight_store.data_path(f"node-{n.node_id}").exists()
 
 
 def _cmdline(p):

@@ -47,11 +47,29 @@ def node(qwen3_dir, tmp_path_factory):
     addr = f"ipc://{tmp_path_factory.mktemp('kv')}/kv.sock"
     mgr = KVManagerProcess(name, spec, addr, tmp_path_factory.mktemp("log") / "kv.log")
     mgr.start()
-    params = StageParams(model_dir=str(qwen3_dir), dtype="float32", max_model_len=256, kv_pool=name, kv_address=addr)
-    prefill, decode = PrefillStage(node_engine(params)), DecodeStage(node_engine(params))
+    from baton.backends.loader import weight_store
+    from baton.backends.loader.safetensors_loader import load_state_dict
+    from baton.backends.models.decoder import prepare_weights
+
+    weight_store.publish(name, prepare_weights(cfg, load_state_dict(qwen3_dir, cfg.torch_dtype)))
+    params = StageParams(model_dir=str(qwen3_dir), dtype="float32", max_model_len=256, kv_pool=name,
+                         kv_address=addr, weights=name)
+    prefill, decode = PrefillStage(node_engine(params, "prefill")), DecodeStage(node_engine(params, "decode"))
     yield params, prefill, decode
     decode.stop()
     mgr.stop()
+    weight_store.unlink(name)
+
+
+def test_stages_map_the_nodes_one_weight_copy(node):
+    from baton.backends.loader import weight_store
+
+    params, prefill, decode = node
+    shared = str(weight_store.data_path(params.weights))
+    for eng in (prefill.engine, decode.engine):
+        m = eng.model
+        assert m.embed.untyped_storage().filename == shared
+        assert m.layers[0].qkv.weight.untyped_storage().filename == shared
 
 
 def blocks_in_use(params, timeout=5.0):

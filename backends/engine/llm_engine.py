@@ -13,7 +13,7 @@ from ..kv.block_manager import BlockManager
 from ..kv.pool import KVPool, PoolSpec
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
-from ..models.decoder import DecoderLM
+from ..models.decoder import DecoderLM, prepare_weights
 from .detokenizer import Detokenizer
 from .errors import InvalidRequestError
 from .model_runner import ModelRunner
@@ -53,9 +53,12 @@ class LLMEngine:
         seed: int = 0,
         pool: KVPool | None = None,
         block_manager: BlockManager | None = None,
+        weights: dict[str, torch.Tensor] | None = None,
+        pack_weights: bool = True,
     ) -> None:
         """`pool` / `block_manager` let a serving stage run on a node's shared pool (attached by name)
-        and its KV manager (over a local channel) instead of private ones."""
+        and its KV manager (over a local channel) instead of private ones; `weights` are the node's
+        shared prepared tensors (loader.weight_store) instead of a private load of the checkpoint."""
         self.model_dir = Path(model)
         self.config = cfg = ModelConfig.from_dir(model)
         if num_threads:
@@ -66,7 +69,9 @@ class LLMEngine:
             raise InvalidRequestError("max_model_len", f"{self.max_model_len} exceeds the model's "
                                       f"max_position_embeddings={cfg.max_position_embeddings}")
         self.block_size = block_size
-        self.model = DecoderLM(cfg, load_state_dict(model, self.dtype), self.max_model_len)
+        if weights is None:
+            weights = prepare_weights(cfg, load_state_dict(model, self.dtype))
+        self.model = DecoderLM(cfg, weights, self.max_model_len, pack=pack_weights)
         self.tokenizer = Tokenizer.from_dir(model)
 
         if pool is None:

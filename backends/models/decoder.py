@@ -30,44 +30,63 @@ class LayerWeights:
     down: LinearWeight
 
 
+def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors -> the fused tensors the model runs on (q|k|v, gate|up, stacked q/k norms),
+    under flat names. This is what a node publishes once in shared memory for all its stages."""
+    out: dict[str, torch.Tensor] = {}
+    for i in range(cfg.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        out[o + "qkv.weight"] = torch.cat([take(state, a + f"{n}_proj.weight") for n in "qkv"])
+        if cfg.qkv_bias:
+            out[o + "qkv.bias"] = torch.cat([take(state, a + f"{n}_proj.bias") for n in "qkv"])
+        if cfg.qk_norm:
+            qn, kn = take(state, a + "q_norm.weight"), take(state, a + "k_norm.weight")
+            out[o + "qk_norm"] = torch.cat([qn.expand(cfg.num_heads, -1), kn.expand(cfg.num_kv_heads, -1)]).contiguous()
+        out[o + "o.weight"] = take(state, a + "o_proj.weight")
+        if cfg.o_bias:
+            out[o + "o.bias"] = take(state, a + "o_proj.bias")
+        out[o + "gate_up.weight"] = torch.cat([take(state, m + "gate_proj.weight"), take(state, m + "up_proj.weight")])
+        out[o + "down.weight"] = take(state, m + "down_proj.weight")
+        if cfg.mlp_bias:
+            out[o + "gate_up.bias"] = torch.cat([take(state, m + "gate_proj.bias"), take(state, m + "up_proj.bias")])
+            out[o + "down.bias"] = take(state, m + "down_proj.bias")
+        out[o + "input_norm"] = take(state, p + "input_layernorm.weight")
+        out[o + "post_norm"] = take(state, p + "post_attention_layernorm.weight")
+    out["embed"] = take(state, "model.embed_tokens.weight")
+    out["norm"] = take(state, "model.norm.weight")
+    head = state.pop("lm_head.weight", None)
+    if head is None and not cfg.tie_word_embeddings:
+        raise ValueError("checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
+    if head is not None:
+        out["lm_head"] = head
+    return out
+
+
 class DecoderLM:
-    def __init__(self, cfg: ModelConfig, state: dict[str, torch.Tensor], max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
+                 pack: bool = True) -> None:
+        """`weights` from prepare_weights (possibly views into a node's shared weight file).
+        pack=False keeps linears on those tensors (no private copy; F.linear instead of oneDNN's
+        pre-packed GEMV)."""
         self.cfg = cfg
-        self.layers = [self._layer(cfg, state, f"model.layers.{i}.") for i in range(cfg.num_layers)]
-        self.embed = take(state, "model.embed_tokens.weight")
-        self.norm = take(state, "model.norm.weight")
-        head = state.pop("lm_head.weight", None)
-        if head is None:
-            if not cfg.tie_word_embeddings:
-                raise ValueError("checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
-            head = self.embed
-        self.lm_head = LinearWeight(head)
+        w = weights
+
+        def lin(name: str) -> LinearWeight:
+            return LinearWeight(w[name + ".weight"], w.get(name + ".bias"), pack=pack)
+
+        self.layers = [
+            LayerWeights(input_norm=w[f"layers.{i}.input_norm"], qkv=lin(f"layers.{i}.qkv"),
+                         qk_norm=w.get(f"layers.{i}.qk_norm"), o=lin(f"layers.{i}.o"),
+                         post_norm=w[f"layers.{i}.post_norm"], gate_up=lin(f"layers.{i}.gate_up"),
+                         down=lin(f"layers.{i}.down"))
+            for i in range(cfg.num_layers)
+        ]
+        self.embed = w["embed"]
+        self.norm = w["norm"]
+        self.lm_head = LinearWeight(w.get("lm_head", self.embed), pack=pack)
         self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype)
         self.scale = cfg.head_dim ** -0.5
-
-    @staticmethod
-    def _layer(cfg: ModelConfig, st: dict[str, torch.Tensor], p: str) -> LayerWeights:
-        a, m = p + "self_attn.", p + "mlp."
-        qkv_w = torch.cat([take(st, a + f"{n}_proj.weight") for n in "qkv"])
-        qkv_b = torch.cat([take(st, a + f"{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
-        qk_norm = None
-        if cfg.qk_norm:
-            qn, kn = take(st, a + "q_norm.weight"), take(st, a + "k_norm.weight")
-            qk_norm = torch.cat([qn.expand(cfg.num_heads, -1), kn.expand(cfg.num_kv_heads, -1)]).contiguous()
-        gate_up = torch.cat([take(st, m + "gate_proj.weight"), take(st, m + "up_proj.weight")])
-        gu_b = down_b = None
-        if cfg.mlp_bias:
-            gu_b = torch.cat([take(st, m + "gate_proj.bias"), take(st, m + "up_proj.bias")])
-            down_b = take(st, m + "down_proj.bias")
-        return LayerWeights(
-            input_norm=take(st, p + "input_layernorm.weight"),
-            qkv=LinearWeight(qkv_w, qkv_b),
-            qk_norm=qk_norm,
-            o=LinearWeight(take(st, a + "o_proj.weight"), take(st, a + "o_proj.bias") if cfg.o_bias else None),
-            post_norm=take(st, p + "post_attention_layernorm.weight"),
-            gate_up=LinearWeight(gate_up, gu_b),
-            down=LinearWeight(take(st, m + "down_proj.weight"), down_b),
-        )
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,

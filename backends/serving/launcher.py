@@ -16,7 +16,10 @@ from pathlib import Path
 
 from ..engine.llm_engine import pool_spec
 from ..kv.node import KVManagerProcess
+from ..loader import weight_store
+from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
+from ..models.decoder import prepare_weights
 from .repository import Profile, render
 from .tritonserver import TritonServer
 
@@ -56,10 +59,18 @@ class Node:
         address = f"ipc://{self.run_dir}/kv.sock"
         self.manager = KVManagerProcess(pool_name, spec, address, self.run_dir / "kv-manager.log")
         self.manager.start()
+        # weights: loaded and fused once here, mapped by every stage process
+        t = time.monotonic()
+        self.weights_name = pool_name
+        size = weight_store.publish(pool_name, prepare_weights(cfg, load_state_dict(self.model_dir, dtype)))
+        if not quiet:
+            print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory "
+                  f"({time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
         params = {"model_dir": str(Path(self.model_dir).resolve()), "dtype": str(dtype).split(".")[-1],
                   "max_model_len": eng.get("max_model_len", 2048), "max_tokens_limit": eng.get("max_tokens_limit", 2048),
                   "max_num_seqs": eng.get("max_num_seqs", 64), "threads": eng.get("threads", 0),
-                  "kv_pool": pool_name, "kv_address": address}
+                  "kv_pool": pool_name, "kv_address": address, "weights": pool_name,
+                  "pack_weights": eng.get("pack_weights", "decode")}
         repo = render(prof, self.run_dir / "models", params)
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
@@ -101,6 +112,8 @@ class Node:
             self.server.stop()
         if self.manager is not None:
             self.manager.stop()
+        if getattr(self, "weights_name", None):
+            weight_store.unlink(self.weights_name)
 
     def __enter__(self) -> Node:
         return self.start()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..engine.llm_engine import LLMEngine
 from ..kv.manager import RemoteBlockManager
 from ..kv.pool import KVPool
+from ..loader import weight_store
 
 
 @dataclass
@@ -20,6 +21,8 @@ class StageParams:
     kv_address: str = ""
     max_num_seqs: int = 64
     threads: int = 0
+    weights: str = ""              # name of the node's shared weight file ("" = load the checkpoint)
+    pack_weights: str = "decode"   # stages that keep a private oneDNN-packed copy (faster GEMV)
 
     @classmethod
     def from_model_config(cls, model_config: str | dict) -> StageParams:
@@ -32,9 +35,12 @@ class StageParams:
         return cls(**kw)
 
 
-def node_engine(p: StageParams) -> LLMEngine:
-    """An engine whose KV blocks live in the node's shared pool, allocated through the KV manager."""
+def node_engine(p: StageParams, stage: str) -> LLMEngine:
+    """An engine on the node's shared pool (blocks allocated through the KV manager) and, when the
+    node published them, its shared weights."""
     pool = KVPool.attach(p.kv_pool)
     bm = RemoteBlockManager(p.kv_address, pool.spec.num_blocks, pool.spec.block_size)
+    weights = weight_store.attach(p.weights) if p.weights else None
     return LLMEngine(p.model_dir, dtype=p.dtype, block_size=pool.spec.block_size, max_model_len=p.max_model_len,
-                     max_num_seqs=p.max_num_seqs, num_threads=p.threads or None, pool=pool, block_manager=bm)
+                     max_num_seqs=p.max_num_seqs, num_threads=p.threads or None, pool=pool, block_manager=bm,
+                     weights=weights, pack_weights=stage in p.pack_weights.split(","))

@@ -39,7 +39,7 @@ class TritonSink:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.stage = DecodeStage(node_engine(StageParams.from_model_config(json.loads(args["model_config"]))))
+        self.stage = DecodeStage(node_engine(StageParams.from_model_config(json.loads(args["model_config"])), "decode"))
 
     def execute(self, requests):
         for r in requests:

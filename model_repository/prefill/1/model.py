@@ -12,7 +12,7 @@ from baton.backends.stages.prefill import PrefillStage
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.stage = PrefillStage(node_engine(StageParams.from_model_config(json.loads(args["model_config"]))))
+        self.stage = PrefillStage(node_engine(StageParams.from_model_config(json.loads(args["model_config"])), "prefill"))
 
     def execute(self, requests):
         batch = [(pb_utils.get_input_tensor_by_name(r, "input_ids").as_numpy(),
