@@ -70,7 +70,7 @@ class Node:
                   "max_model_len": eng.get("max_model_len", 2048), "max_tokens_limit": eng.get("max_tokens_limit", 2048),
                   "max_num_seqs": eng.get("max_num_seqs", 64), "threads": eng.get("threads", 0),
                   "kv_pool": pool_name, "kv_address": address, "weights": pool_name,
-                  "pack_weights": eng.get("pack_weights", "decode")}
+                  "pack_weights": eng.get("pack_weights", "decode"), "run_dir": str(self.run_dir)}
         repo = render(prof, self.run_dir / "models", params)
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()

@@ -124,14 +124,34 @@ class TritonServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL the whole process group after a deadline; remove our shm regions."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None:
+            pgid = self.proc.pid          # start_new_session: the server leads a group with its stubs
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+                os.killpg(pgid, signal.SIGTERM)
             except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and _group_alive(pgid):
+                self.proc.poll()          # reap the server itself
+                time.sleep(0.05)
+            if _group_alive(pgid):        # stubs (and their workers) that did not finish in time
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
                 pass
         for f in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             f.unlink(missing_ok=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -23,6 +23,7 @@ class StageParams:
     threads: int = 0
     weights: str = ""              # name of the node's shared weight file ("" = load the checkpoint)
     pack_weights: str = "decode"   # stages that keep a private oneDNN-packed copy (faster GEMV)
+    run_dir: str = "/tmp"          # the node's run directory (sockets, logs)
 
     @classmethod
     def from_model_config(cls, model_config: str | dict) -> StageParams:

@@ -32,7 +32,10 @@ class _Live:
 
 
 class DecodeStage:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, thread: bool = True) -> None:
+        """thread=True runs the loop on a thread of this process (tests, in-process use); the Triton
+        model instead drives `step_once` from the main thread of a worker process (decode_worker):
+        OpenMP parallel regions entered from a non-initial thread cost ~30% more here."""
         self.engine = engine
         self.cv = threading.Condition()
         self.inbox: list[tuple[KVHandle, Sink]] = []
@@ -40,8 +43,10 @@ class DecodeStage:
         self.stopping = False
         self.steps = 0
         self.step_s = 0.0
-        self.thread = threading.Thread(target=self._loop, name="baton-decode", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if thread:
+            self.thread = threading.Thread(target=self._loop, name="baton-decode", daemon=True)
+            self.thread.start()
 
     def submit(self, handle: KVHandle, sink: Sink) -> None:
         with self.cv:
@@ -52,7 +57,8 @@ class DecodeStage:
         with self.cv:
             self.stopping = True
             self.cv.notify()
-        self.thread.join(5)
+        if self.thread is not None:
+            self.thread.join(5)
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -65,33 +71,38 @@ class DecodeStage:
                 if self.stopping:
                     return
                 arrivals, self.inbox = self.inbox, []
-            try:
-                for handle, sink in arrivals:
-                    self._admit(handle, sink)
-                self._drop_cancelled()
-                if not self.live:
+            self.step_once(arrivals)
+
+    def step_once(self, arrivals: list[tuple[KVHandle, Sink]]) -> None:
+        """Admit arrivals, drop cancelled requests, run one engine step and stream its outputs."""
+        eng = self.engine
+        try:
+            for handle, sink in arrivals:
+                self._admit(handle, sink)
+            self._drop_cancelled()
+            if not self.live:
+                return
+            t = time.perf_counter()
+            outs = eng.step()
+            self.step_s += time.perf_counter() - t
+            self.steps += 1
+            finished = False
+            for o in outs:
+                live = self.live.get(o.seq.seq_id)
+                if live is None:
                     continue
-                t = time.perf_counter()
-                outs = eng.step()
-                self.step_s += time.perf_counter() - t
-                self.steps += 1
-                finished = False
-                for o in outs:
-                    live = self.live.get(o.seq.seq_id)
-                    if live is None:
-                        continue
-                    live.sink.send(self._output(o.seq, o.new_token_ids, o.text), o.finished)
-                    if o.finished:
-                        finished = True
-                        del self.live[o.seq.seq_id]
-                if finished:
-                    eng.block_manager.flush()        # return blocks promptly
-            except Exception:                          # keep serving: fail the live requests, not the loop
-                msg = traceback.format_exc(limit=3)
-                for live in list(self.live.values()):
-                    eng.abort(live.seq.request_id)
-                    live.sink.error(f"decode failed: {msg}")
-                self.live.clear()
+                live.sink.send(self._output(o.seq, o.new_token_ids, o.text), o.finished)
+                if o.finished:
+                    finished = True
+                    del self.live[o.seq.seq_id]
+            if finished:
+                eng.block_manager.flush()        # return blocks promptly
+        except Exception:                          # keep serving: fail the live requests, not the loop
+            msg = traceback.format_exc(limit=3)
+            for live in list(self.live.values()):
+                eng.abort(live.seq.request_id)
+                live.sink.error(f"decode failed: {msg}")
+            self.live.clear()
 
     def _admit(self, handle: KVHandle, sink: Sink) -> None:
         eng = self.engine

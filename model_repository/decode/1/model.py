@@ -2,12 +2,14 @@
 returns at once; the loop streams responses through the request's sender."""
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from baton.backends.stages.common import StageParams, node_engine
-from baton.backends.stages.decode import DecodeStage
+from baton.backends.stages.common import StageParams
+from baton.backends.stages.decode_worker import DecodeProxy
 from baton.backends.stages.handle import KVHandle
 
 
@@ -39,7 +41,12 @@ class TritonSink:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.stage = DecodeStage(node_engine(StageParams.from_model_config(json.loads(args["model_config"])), "decode"))
+        # The loop runs on the main thread of a worker process (see decode_worker); this stub relays.
+        params = StageParams.from_model_config(json.loads(args["model_config"]))
+        address = f"ipc://{params.run_dir}/decode-{args['model_instance_name']}.sock"
+        cmd = [shutil.which("python3") or "python3", "-m", "baton.backends.stages.decode_worker",
+               "--address", address, "--params", json.dumps(params.__dict__)]
+        self.stage = DecodeProxy(address, lambda: subprocess.Popen(cmd))
 
     def execute(self, requests):
         for r in requests:
@@ -49,3 +56,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.stage.stop()
+        self.stage.proc.wait(10)

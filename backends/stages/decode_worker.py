@@ -1,0 +1,157 @@
+"""The decode loop in its own process, driven from that process's MAIN thread (OpenMP regions
+entered from other threads measured ~30% slower here), talking to the Triton model over a ZeroMQ
+PAIR socket:
+
+  stub -> worker: ("add", key, handle arrays) | ("cancel", key) | ("stop",)
+  worker -> stub: [(key, out, final) | (key, "error", message)]   one message per engine step
+
+    python -m baton.backends.stages.decode_worker --address ipc://... --params JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import threading
+from collections.abc import Callable
+
+import zmq
+
+from .common import StageParams, node_engine
+from .decode import DecodeStage
+from .handle import KVHandle
+
+
+class _WorkerSink:
+    def __init__(self, key: int, outbox: list, cancelled: set) -> None:
+        self.key, self.outbox, self._cancelled = key, outbox, cancelled
+
+    def send(self, out: dict, final: bool) -> None:
+        self.outbox.append((self.key, out, final))
+
+    def error(self, message: str) -> None:
+        self.outbox.append((self.key, "error", message))
+
+    def cancelled(self) -> bool:
+        return self.key in self._cancelled
+
+
+def serve(params: StageParams, address: str) -> None:
+    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock.connect(address)
+    stage = DecodeStage(node_engine(params, "decode"), thread=False)
+    parent = os.getppid()
+    outbox: list = []
+    cancelled: set[int] = set()
+    sock.send(pickle.dumps([("ready",)]))
+    while True:
+        idle = not stage.live
+        if idle:
+            stage.engine.block_manager.flush(idle=True)      # idle: hold no blocks
+            if os.getppid() != parent:                       # the stub is gone (killed): so are we
+                return
+        arrivals = []
+        # block while idle; otherwise just drain what has arrived
+        while sock.poll(500 if idle and not arrivals else 0):
+            msg = pickle.loads(sock.recv())
+            if msg[0] == "add":
+                arrivals.append((KVHandle.from_arrays(msg[2]), _WorkerSink(msg[1], outbox, cancelled)))
+            elif msg[0] == "cancel":
+                cancelled.add(msg[1])
+            elif msg[0] == "stop":
+                return
+            idle = False
+        if not arrivals and not stage.live:
+            continue
+        stage.step_once(arrivals)
+        if outbox:
+            for key, out, final in outbox:
+                if final is True or out == "error":
+                    cancelled.discard(key)
+            sock.send(pickle.dumps(outbox))
+            outbox.clear()
+
+
+class DecodeProxy:
+    """In the Triton stub: forwards requests to the worker and relays its outputs to the sinks.
+    The relay thread owns the worker socket (ZeroMQ sockets are not thread-safe); submit() queues
+    and wakes it through an inproc socket."""
+
+    def __init__(self, address: str, spawn: Callable[[], object]) -> None:
+        ctx = zmq.Context.instance()
+        self.sock = ctx.socket(zmq.PAIR)
+        self.sock.bind(address)
+        self.proc = spawn()
+        msg = pickle.loads(self.sock.recv())           # wait for the worker's engine to load
+        assert msg[0][0] == "ready", msg
+        wake = f"inproc://baton-decode-{id(self)}"
+        self.wake_pull = ctx.socket(zmq.PULL)
+        self.wake_pull.bind(wake)
+        self.wake_push = ctx.socket(zmq.PUSH)           # used by the stub's main thread only
+        self.wake_push.connect(wake)
+        self.queue: list[tuple] = []
+        self.lock = threading.Lock()
+        self.sinks: dict[int, object] = {}
+        self.next_key = 0
+        self.thread = threading.Thread(target=self._relay, name="baton-decode-relay", daemon=True)
+        self.thread.start()
+
+    def submit(self, handle: KVHandle, sink: object) -> None:
+        with self.lock:
+            key = self.next_key
+            self.next_key += 1
+            self.sinks[key] = sink
+            self.queue.append(("add", key, handle.to_arrays()))
+        self.wake_push.send(b"")
+
+    def _relay(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wake_pull, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(10))
+            if self.wake_pull in events:
+                while self.wake_pull.poll(0):
+                    self.wake_pull.recv()
+                with self.lock:
+                    out, self.queue = self.queue, []
+                for msg in out:
+                    self.sock.send(pickle.dumps(msg))
+                    if msg[0] == "stop":
+                        return
+            if self.sock in events:
+                for key, out, final in pickle.loads(self.sock.recv()):
+                    sink = self.sinks.get(key)
+                    if sink is None:
+                        continue
+                    if out == "error":
+                        sink.error(final)
+                        self.sinks.pop(key, None)
+                    else:
+                        sink.send(out, final)
+                        if final:
+                            self.sinks.pop(key, None)
+            for key, sink in list(self.sinks.items()):   # cancellation is polled, ~every 10 ms
+                if not getattr(sink, "cancel_sent", False) and sink.cancelled():
+                    sink.cancel_sent = True
+                    self.sock.send(pickle.dumps(("cancel", key)))
+
+    def stop(self) -> None:
+        with self.lock:
+            self.queue.append(("stop",))
+        self.wake_push.send(b"")
+        self.thread.join(5)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="baton decode-worker")
+    ap.add_argument("--address", required=True)
+    ap.add_argument("--params", required=True, help="StageParams as JSON")
+    a = ap.parse_args()
+    serve(StageParams(**json.loads(a.params)), a.address)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Serving benchmark: Poisson arrivals through the `llm` ensemble over gRPC streaming, and the same
+workload on the in-process engine, so Triton's cost per token is a measured ratio.
+
+    python benchmarks/serving.py --model .cache/checkpoints/small [--rates 0.5,1,2] [--requests 24]
+
+Reports TTFT, TPOT (per request: (last - first token) / (n - 1)), ITL (every gap between streamed
+responses) at P50/P95/P99, output throughput, the idle-server TTFT of one 128-token prompt, batch-1
+decode tok/s, and the KV manager's cost (calls per generated token, server time per call, RTT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from baton import LLMEngine, SamplingParams  # isort: skip
+import torch
+
+from baton.backends.kv.manager import RemoteBlockManager
+from baton.backends.serving.launcher import Node
+from baton.clients import BatonClient
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def summarize(name: str, rate: float, recs: list[dict], wall: float) -> dict:
+    ttft = [r["ttft"] for r in recs]
+    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in recs if len(r["times"]) > 1]
+    itl = [b - a for r in recs for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(r["n"] for r in recs)
+    row = {"path": name, "rate": rate, "requests": len(recs), "tokens": tokens, "throughput_tok_s": tokens / wall}
+    for label, xs in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl)):
+        for p in (50, 95, 99):
+            row[f"{label}_p{p}"] = 1000 * pct(xs, p)
+    return row
+
+
+def workload(n: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, vocab - 1, (prompt_len,), generator=g).tolist() for _ in range(n)]
+
+
+def arrivals(n: int, rate: float, seed: int) -> list[float]:
+    rnd, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        t += rnd.expovariate(rate) if rate > 0 else 0.0
+        out.append(t)
+    return out
+
+
+def run_server(url: str, tok, prompts: list[list[int]], times: list[float], new: int) -> tuple[list[dict], float]:  # noqa: ANN001
+    """Text prompts (the server tokenizes); greedy, EOS ignored."""
+    client = BatonClient(url)
+    recs: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
+    t0 = time.perf_counter()
+
+    def one(i: int) -> None:
+        delay = t0 + times[i] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        start = time.perf_counter()
+        stamps, n = [], 0
+        for c in client.stream(tok.decode(prompts[i], skip_special_tokens=False), max_tokens=new,
+                               temperature=0.0, ignore_eos=True):
+            if c.token_ids:
+                stamps.append(time.perf_counter())
+                n += len(c.token_ids)
+        recs[i] = {"ttft": stamps[0] - start, "times": stamps, "n": n}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return recs, time.perf_counter() - t0
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], times: list[float], new: int) -> tuple[list[dict], float]:
+    """The same arrivals, stepping the engine in this process."""
+    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    tok = engine.tokenizer
+    recs: dict[int, dict] = {}
+    seqs: dict[int, int] = {}
+    pending = list(range(len(prompts)))
+    t0 = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while pending and times[pending[0]] <= now:
+            i = pending.pop(0)
+            s = engine.add_request(tok.encode(tok.decode(prompts[i], skip_special_tokens=False)), sp)
+            seqs[s.seq_id] = i
+            recs[i] = {"start": time.perf_counter(), "times": [], "n": 0}
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, times[pending[0]] - (time.perf_counter() - t0)))
+            continue
+        for o in engine.step():
+            r = recs[seqs[o.seq.seq_id]]
+            r["times"].append(time.perf_counter())
+            r["n"] += len(o.new_token_ids)
+    for r in recs.values():
+        r["ttft"] = r["times"][0] - r.pop("start")
+    return [recs[i] for i in range(len(prompts))], time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=".cache/checkpoints/small")
+    ap.add_argument("--rates", default="0.5,1,2")
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    rows: list[dict] = []
+    node = Node(a.model, overrides={"max_model_len": 1024}).start(quiet=True)
+    try:
+        engine = LLMEngine(a.model, max_model_len=1024, enable_prefix_caching=False, num_threads=2)
+        vocab, tok = engine.config.vocab_size, engine.tokenizer
+        idle = {}
+        for name, fn in (("triton", lambda p, t, n: run_server(node.grpc_url, tok, p, t, n)),
+                         ("engine", lambda p, t, n: run_engine(engine, p, t, n))):
+            fn(workload(2, a.prompt_len, vocab, 1), [0, 0], 8)                       # warm-up
+            # idle TTFT and batch-1 decode: one request at a time
+            ttfts, tpots = [], []
+            for k in range(3):
+                r, _ = fn(workload(1, a.prompt_len, vocab, 10 + k), [0.0], 128)
+                ttfts.append(r[0]["ttft"])
+                tpots.append((r[0]["times"][-1] - r[0]["times"][0]) / (len(r[0]["times"]) - 1))
+            idle[name] = {"ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(tpots),
+                          "decode_tok_s": 1 / statistics.median(tpots)}
+            print(f"{name:7s} idle: TTFT {idle[name]['ttft_ms']:6.1f} ms  batch-1 TPOT {idle[name]['tpot_ms']:6.2f} ms "
+                  f"({idle[name]['decode_tok_s']:.1f} tok/s)", flush=True)
+        mgr = RemoteBlockManager(node.manager.address, 1, 16)
+        before = mgr.stats()
+        for rate in [float(r) for r in a.rates.split(",")]:
+            prompts = workload(a.requests, a.prompt_len, vocab, int(rate * 100))
+            times = arrivals(a.requests, rate, int(rate * 1000))
+            for name, fn in (("triton", lambda p, t, n: run_server(node.grpc_url, tok, p, t, n)),
+                             ("engine", lambda p, t, n: run_engine(engine, p, t, n))):
+                recs, wall = fn(prompts, times, a.new)
+                row = summarize(name, rate, recs, wall)
+                rows.append(row)
+                print(f"{name:7s} rate {rate:4.1f}/s: TTFT p50/p95/p99 {row['ttft_ms_p50']:6.1f}/{row['ttft_ms_p95']:6.1f}/"
+                      f"{row['ttft_ms_p99']:6.1f} ms  TPOT p50 {row['tpot_ms_p50']:6.2f} ms  ITL p50/p99 "
+                      f"{row['itl_ms_p50']:6.2f}/{row['itl_ms_p99']:6.2f} ms  {row['throughput_tok_s']:6.1f} tok/s",
+                      flush=True)
+        after = mgr.stats()
+        t = time.perf_counter()
+        for _ in range(200):
+            mgr.stats()
+        rtt_us = (time.perf_counter() - t) / 200 * 1e6
+        gen_tokens = sum(r["tokens"] for r in rows if r["path"] == "triton")
+        kv = {"calls_per_token": (after["calls"] - before["calls"]) / max(1, gen_tokens),
+              "server_us_per_call": after["busy_us_per_call"], "rtt_us": rtt_us}
+        overhead = idle["triton"]["tpot_ms"] / idle["engine"]["tpot_ms"] - 1
+        print(f"Triton overhead per token at batch 1: {100 * overhead:+.1f}% of TPOT; KV manager: "
+              f"{kv['calls_per_token']:.3f} calls/token, {kv['server_us_per_call']:.1f} us/call server, "
+              f"{rtt_us:.0f} us round trip", flush=True)
+        engine.close()
+    finally:
+        node.stop()
+    if a.out:
+        Path(a.out).write_text(json.dumps({"idle": idle, "rows": rows, "kv_manager": kv,
+                                           "triton_overhead_batch1": overhead, "model": a.model,
+                                           "date": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
