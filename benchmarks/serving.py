@@ -119,10 +119,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="threads per serving stage (0: the profile's)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows: list[dict] = []
-    node = Node(a.model, overrides={"max_model_len": 1024}).start(quiet=True)
+    overrides: dict = {"max_model_len": 1024} | ({"threads": a.threads} if a.threads else {})
+    node = Node(a.model, overrides=overrides).start(quiet=True)
     try:
         engine = LLMEngine(a.model, max_model_len=1024, enable_prefix_caching=False, num_threads=2)
         vocab, tok = engine.config.vocab_size, engine.tokenizer
