@@ -161,3 +161,18 @@ def _cmdline(p):
 
 
 
+
+
+def test_asyncio_client_streams_the_same_tokens(node, offline):
+    import asyncio
+
+    from baton.clients import AsyncBatonClient
+
+    async def go():
+        client = AsyncBatonClient(node.grpc_url)
+        chunks = [c async for c in client.stream(PROMPTS[4], **GREEDY)]
+        return chunks
+
+    chunks = asyncio.run(go())
+    assert [t for c in chunks for t in c.token_ids] == offline(PROMPTS[4]).token_ids
+    assert chunks[-1].finish_reason == "length"
