@@ -27,24 +27,22 @@ class BatonError(RuntimeError):
 
 
 @dataclass
-class Chunk:
+class Completion:
+    """A whole completion; `finish_reason` is "" until the last response of a stream."""
+
     text: str
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
+class Chunk(Completion):
+    """One streamed response: the text delta and the new token ids (usage counts so far)."""
+
+    logprobs: list[float] = field(default_factory=list)
 
 
 def join(chunks: Iterator[Chunk]) -> Completion:

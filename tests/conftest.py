@@ -45,3 +45,19 @@ def prompts_of(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]
     g = torch.Generator().manual_seed(seed)
     # stay clear of the special tokens at the start of the vocabulary
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def blocks_in_use(kv_address: str, timeout: float = 5.0) -> int:
+    """Blocks the node's KV manager has handed out, asked on a socket of our own (stage clients belong
+    to their threads). Idle stages give their reserves back within one loop turn, so poll briefly."""
+    import time
+
+    from baton.backends.kv.manager import RemoteBlockManager
+
+    client = RemoteBlockManager(kv_address, 1, 16)
+    deadline = time.monotonic() + timeout
+    while True:
+        used = client.stats()["num_used"]
+        if used == 0 or time.monotonic() > deadline:
+            return used
+        time.sleep(0.05)

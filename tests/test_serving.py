@@ -1,15 +1,14 @@
 """End to end through a real tritonserver: the `llm` ensemble (preprocess -> prefill -> decode ->
 postprocess) on a KV manager process and a shared pool."""
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import blocks_in_use
 
 from baton import LLM, SamplingParams
-from baton.backends.kv.manager import RemoteBlockManager
 from baton.backends.kv.pool import KVPool
 from baton.backends.serving.launcher import Node
 from baton.clients import BatonClient, BatonError
@@ -37,16 +36,6 @@ def offline(qwen3_dir):
     llm.close()
 
 
-def blocks_in_use(node, timeout=5.0):
-    client = RemoteBlockManager(node.manager.address, 1, 16)
-    deadline = time.monotonic() + timeout
-    while True:
-        used = client.stats()["num_used"]
-        if used == 0 or time.monotonic() > deadline:
-            return used
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_streamed_greedy_equals_offline_engine(node, offline, protocol):
     url = node.grpc_url if protocol == "grpc" else node.http_url
@@ -69,7 +58,7 @@ def test_sixteen_concurrent_streams(node, offline):
         got = list(pool.map(lambda p: client.generate(p, **(GREEDY | {"max_tokens": 12})), prompts))
     for p, g in zip(prompts, got):
         assert g.token_ids == expect[p] and g.finish_reason == "length"
-    assert blocks_in_use(node) == 0
+    assert blocks_in_use(node.manager.address) == 0
 
 
 def test_shared_prefix_reports_cached_tokens(node, offline):
@@ -89,7 +78,7 @@ def test_grpc_cancellation_frees_all_blocks(node):
         if i == 3:
             break
     stream.close()                                     # stop_stream(cancel_requests=True)
-    assert blocks_in_use(node) == 0
+    assert blocks_in_use(node.manager.address) == 0
     assert client.generate("still serving?", max_tokens=3).completion_tokens == 3
 
 

@@ -8,7 +8,7 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import prompts_of
+from conftest import blocks_in_use, prompts_of
 
 from baton import LLM, InvalidRequestError, SamplingParams
 from baton.backends.engine.llm_engine import pool_spec
@@ -72,20 +72,6 @@ def test_stages_map_the_nodes_one_weight_copy(node):
         assert m.layers[0].qkv.weight.untyped_storage().filename == shared
 
 
-def blocks_in_use(params, timeout=5.0):
-    """Ask the manager on a socket of our own (stage clients belong to their threads); idle
-    stages give their reserves back within one loop turn."""
-    from baton.backends.kv.manager import RemoteBlockManager
-
-    client = RemoteBlockManager(params.kv_address, 1, 16)
-    deadline = time.monotonic() + timeout
-    while True:
-        used = client.stats()["num_used"]
-        if used == 0 or time.monotonic() > deadline:
-            return used
-        time.sleep(0.05)
-
-
 def run(node, ids, params):
     _, prefill, decode = node
     handle = prefill.run([(np.asarray(ids), json.dumps(SamplingParams(**params).__dict__))])[0]
@@ -122,7 +108,7 @@ def test_shared_prefix_hits_cache_across_stages_and_blocks_return(node):
     a = run(node, shared + [7, 8], dict(temperature=0, max_tokens=4, ignore_eos=True))
     b = run(node, shared + [9], dict(temperature=0, max_tokens=4, ignore_eos=True))
     assert a.outs[-1]["cached_tokens"] == 0 and b.outs[-1]["cached_tokens"] == 48
-    assert blocks_in_use(params) == 0
+    assert blocks_in_use(params.kv_address) == 0
 
 
 def test_cancel_mid_stream_frees_blocks(node):
@@ -136,7 +122,7 @@ def test_cancel_mid_stream_frees_blocks(node):
     sink.cancel = True
     assert sink.done.wait(10)
     assert sink.outs[-1]["finish_reason"] == "abort" and len(sink.outs) < 100
-    assert blocks_in_use(params) == 0
+    assert blocks_in_use(params.kv_address) == 0
 
 
 def test_preprocess_validates_and_tokenizes(qwen3_dir):
