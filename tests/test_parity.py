@@ -65,3 +65,17 @@ def test_engine_modes_keep_outputs(family_case, engine_args):
     finally:
         llm.close()
     assert [o.token_ids for o in outs] == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's CUDA path needs a GPU")
+@pytest.mark.parametrize("engine_args", [dict(), dict(max_num_batched_tokens=16, num_blocks=12)],
+                         ids=["default", "chunks+preemption"])
+def test_greedy_matches_transformers_on_cuda(family_case, engine_args):
+    """The same checkpoints on the GPU: Triton kernels for attention, norms, RoPE, KV store."""
+    path, prompts, expected = family_case
+    llm = LLM(path, dtype="float32", device="cuda", **(dict(num_blocks=64) | engine_args))
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    finally:
+        llm.close()
+    assert [o.token_ids for o in outs] == expected

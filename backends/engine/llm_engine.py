@@ -55,6 +55,7 @@ class LLMEngine:
         block_manager: BlockManager | None = None,
         weights: dict[str, torch.Tensor] | None = None,
         pack_weights: bool = True,
+        device: str = "cpu",
     ) -> None:
         """`pool` / `block_manager` let a serving stage run on a node's shared pool (attached by name)
         and its KV manager (over a local channel) instead of private ones; `weights` are the node's
@@ -69,14 +70,19 @@ class LLMEngine:
             raise InvalidRequestError("max_model_len", f"{self.max_model_len} exceeds the model's "
                                       f"max_position_embeddings={cfg.max_position_embeddings}")
         self.block_size = block_size
+        self.device = torch.device(device)
         if weights is None:
             weights = prepare_weights(cfg, load_state_dict(model, self.dtype))
+        if self.device.type != "cpu":
+            weights = {k: v.to(self.device) for k, v in weights.items()}
         self.model = DecoderLM(cfg, weights, self.max_model_len, pack=pack_weights)
         self.tokenizer = Tokenizer.from_dir(model)
 
         if pool is None:
             spec = pool_spec(cfg, self.dtype, block_size, num_blocks, kv_cache_memory)
-            pool = KVPool.create(kv_pool_name or f"{os.getpid()}-{uuid.uuid4().hex[:8]}", spec)
+            name = kv_pool_name or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            pool = KVPool.create(name, spec) if self.device.type == "cpu" else \
+                KVPool.create_on_device(name, spec, str(self.device))
         self.pool = pool
         self.block_manager = block_manager or BlockManager(pool.spec.num_blocks, block_size, enable_prefix_caching)
         if max_num_batched_tokens is None:

@@ -17,6 +17,7 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.block_size = pool.spec.block_size
+        self.device = pool.tensor.device
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
         bs = self.block_size
@@ -44,17 +45,23 @@ class ModelRunner:
             slot_b += [s.block_table[j // bs] for j in rng]
             slot_o += [j % bs for j in rng]
 
+        dev = self.device
+        decode = None
+        if decodes:
+            decode = DecodeMeta.build([s.block_table for s, _ in decodes],
+                                      [s.num_computed_tokens + 1 for s, _ in decodes], bs)
+            if dev.type != "cpu":
+                decode.block_tables, decode.context_lens = decode.block_tables.to(dev), decode.context_lens.to(dev)
         batch = AttentionBatch(
             num_decode=len(decodes),
-            decode=DecodeMeta.build([s.block_table for s, _ in decodes],
-                                    [s.num_computed_tokens + 1 for s, _ in decodes], bs) if decodes else None,
+            decode=decode,
             prefill=PrefillMeta.build(q_starts, q_lens, prefix_lens, [s.block_table for s, _ in prefills], bs)
             if prefills else None,
-            slot_blocks=torch.tensor(slot_b, dtype=torch.int64),
-            slot_offsets=torch.tensor(slot_o, dtype=torch.int64),
+            slot_blocks=torch.tensor(slot_b, dtype=torch.int64, device=dev),
+            slot_offsets=torch.tensor(slot_o, dtype=torch.int64, device=dev),
         )
-        hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                                    batch, self.pool.layers)
+        hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
+                                    torch.tensor(positions, dtype=torch.int64, device=dev), batch, self.pool.layers)
 
         sample_seqs, rows, row = [], [], 0
         for s, n in decodes + prefills:
@@ -64,5 +71,5 @@ class ModelRunner:
                 rows.append(row - 1)
         if not sample_seqs:
             return [], None
-        h = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows)]
-        return sample_seqs, self.model.logits(h)
+        h = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=dev)]
+        return sample_seqs, self.model.logits(h).cpu()     # sampling (seeded CPU generators) on the host

@@ -86,6 +86,13 @@ class KVPool:
         return cls(name, spec, tensor, owner=True)
 
     @classmethod
+    def create_on_device(cls, name: str, spec: PoolSpec, device: str) -> KVPool:
+        """A pool in GPU memory, private to this process (sharing it across stage processes needs
+        CUDA IPC, not done yet)."""
+        tensor = torch.zeros(spec.shape, dtype=spec.torch_dtype, device=device)
+        return cls(name, spec, tensor, owner=False)
+
+    @classmethod
     def attach(cls, name: str) -> KVPool:
         meta = cls.meta_path(name)
         if not meta.is_file():

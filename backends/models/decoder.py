@@ -85,7 +85,7 @@ class DecoderLM:
         self.embed = w["embed"]
         self.norm = w["norm"]
         self.lm_head = LinearWeight(w.get("lm_head", self.embed), pack=pack)
-        self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype)
+        self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype, str(self.embed.device))
         self.scale = cfg.head_dim ** -0.5
 
     @torch.inference_mode()
