@@ -25,20 +25,23 @@ class DecodeMeta:
     block_size: int
     num_blocks: int               # blocks gathered per sequence (covers the longest context)
     flat_blocks: torch.Tensor     # [B * num_blocks] block ids to gather
-    mask: torch.Tensor | None     # [B, 1, 1, num_blocks*block_size] additive fp32, None if no padding
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], block_size: int) -> DecodeMeta:
         nb = max((n + block_size - 1) // block_size for n in context_lens)
         rows = [bt[:nb] + [0] * (nb - len(bt[:nb])) for bt in block_tables]
         tables = torch.tensor(rows, dtype=torch.int64)
-        lens = torch.tensor(context_lens, dtype=torch.int64)
-        span = nb * block_size
-        mask = None
-        if any(n != span for n in context_lens):
-            pad = torch.arange(span).unsqueeze(0) >= lens.unsqueeze(1)
-            mask = torch.zeros(len(context_lens), 1, 1, span).masked_fill_(pad.view(-1, 1, 1, span), float("-inf"))
-        return cls(tables, lens, block_size, nb, tables.view(-1), mask)
+        return cls(tables, torch.tensor(context_lens, dtype=torch.int64), block_size, nb, tables.view(-1))
+
+    def padding_mask(self) -> torch.Tensor | None:
+        """[B, 1, 1, num_blocks*block_size] additive fp32 (None if nothing is padded). Only the torch
+        path needs it, so it is built there, not every step."""
+        span = self.num_blocks * self.block_size
+        lens = self.context_lens.cpu()
+        if bool((lens == span).all()):
+            return None
+        pad = torch.arange(span).unsqueeze(0) >= lens.unsqueeze(1)
+        return torch.zeros(len(lens), 1, 1, span).masked_fill_(pad.view(-1, 1, 1, span), float("-inf"))
 
 
 @dataclass
@@ -110,8 +113,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)
     qf = q.view(B, kvh, H // kvh, D).float() * scale   # not in place: .float() may alias q
     s = torch.matmul(qf, k.transpose(-1, -2))           # [B, kvh, g, T]
-    if meta.mask is not None:
-        s += meta.mask
+    mask = meta.padding_mask()
+    if mask is not None:
+        s += mask
     o = torch.matmul(s.softmax(-1), v)                   # [B, kvh, g, D]
     return o.view(B, H, D).to(q.dtype)
 
