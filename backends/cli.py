@@ -94,6 +94,9 @@ def _serve(argv: list[str]) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        # a second Ctrl-C must not cut the cleanup short (it would leave /dev/shm files behind)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("[baton] stopping", file=sys.stderr, flush=True)
         node.stop()
 

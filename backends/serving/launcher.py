@@ -108,12 +108,17 @@ class Node:
         return f"127.0.0.1:{self.http_port}"
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        if self.manager is not None:
-            self.manager.stop()
-        if getattr(self, "weights_name", None):
-            weight_store.unlink(self.weights_name)
+        """Each step runs even if an earlier one fails."""
+        try:
+            if self.server is not None:
+                self.server.stop()
+        finally:
+            try:
+                if self.manager is not None:
+                    self.manager.stop()
+            finally:
+                if getattr(self, "weights_name", None):
+                    weight_store.unlink(self.weights_name)
 
     def __enter__(self) -> Node:
         return self.start()
