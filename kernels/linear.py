@@ -12,7 +12,9 @@ class LinearWeight:
 
     __slots__ = ("weight", "bias", "packed", "out_features")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
+                 keep_weight: bool = True) -> None:
+        """keep_weight=False drops the plain tensor once packed (the model does: one copy in memory)."""
         self.weight = weight
         self.bias = bias
         self.out_features = weight.shape[0]
@@ -20,6 +22,8 @@ class LinearWeight:
         if pack and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
             if torch.backends.mkldnn.is_available():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+                if not keep_weight:
+                    self.weight = None
 
 
 def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:

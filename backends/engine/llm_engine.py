@@ -64,7 +64,7 @@ class LLMEngine:
         self.config = cfg = ModelConfig.from_dir(model)
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.dtype = _resolve_dtype(dtype, cfg.torch_dtype)
+        self.dtype = resolve_dtype(dtype, cfg.torch_dtype)
         self.max_model_len = max_model_len or min(cfg.max_position_embeddings, 8192)
         if self.max_model_len > cfg.max_position_embeddings:
             raise InvalidRequestError("max_model_len", f"{self.max_model_len} exceeds the model's "
@@ -220,7 +220,8 @@ def pool_spec(cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks:
     return replace(spec, num_blocks=num_blocks)
 
 
-def _resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """'auto' (the checkpoint's), a name like 'bf16', or a torch.dtype."""
     if dtype == "auto":
         return checkpoint_dtype
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():

@@ -82,17 +82,12 @@ class RemoteBlockManager:
         self.reserve: list[int] = []          # free blocks held by this stage, handed out locally
         self.pending: list[tuple] = []        # buffered release/publish ops
         self.remote_free = num_blocks
-        self.round_trips = 0
-        self.rtt_s = 0.0
 
     def _call(self, ops: list[tuple]) -> list:
         ops = self.pending + ops
         self.pending = []
-        t = time.perf_counter()
         self.sock.send(pickle.dumps(ops))
         status, result, free = pickle.loads(self.sock.recv())
-        self.rtt_s += time.perf_counter() - t
-        self.round_trips += 1
         self.remote_free = free
         if status != "ok":
             raise RuntimeError(f"KV manager: {result}")

@@ -73,7 +73,7 @@ class DecoderLM:
         w = weights
 
         def lin(name: str) -> LinearWeight:
-            return LinearWeight(w[name + ".weight"], w.get(name + ".bias"), pack=pack)
+            return LinearWeight(w[name + ".weight"], w.get(name + ".bias"), pack=pack, keep_weight=False)
 
         self.layers = [
             LayerWeights(input_norm=w[f"layers.{i}.input_norm"], qkv=lin(f"layers.{i}.qkv"),
@@ -84,7 +84,7 @@ class DecoderLM:
         ]
         self.embed = w["embed"]
         self.norm = w["norm"]
-        self.lm_head = LinearWeight(w.get("lm_head", self.embed), pack=pack)
+        self.lm_head = LinearWeight(w.get("lm_head", self.embed), pack=pack, keep_weight=False)
         self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype, str(self.embed.device))
         self.scale = cfg.head_dim ** -0.5
 

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine.llm_engine import pool_spec
+from ..engine.llm_engine import pool_spec, resolve_dtype
 from ..kv.node import KVManagerProcess
 from ..loader import weight_store
 from ..loader.safetensors_loader import load_state_dict
@@ -49,10 +49,7 @@ class Node:
         self.run_dir = Path(self.run_dir or Path(os.environ.get("BATON_RUN_DIR", "/tmp")) / f"baton-{self.node_id}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = ModelConfig.from_dir(self.model_dir)
-        dtype = cfg.torch_dtype if eng.get("dtype", "auto") == "auto" else eng["dtype"]
-        import torch
-
-        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+        dtype = resolve_dtype(eng.get("dtype", "auto"), cfg.torch_dtype)
         spec = pool_spec(cfg, dtype, int(eng.get("block_size", 16)), eng.get("num_blocks"),
                          int(eng.get("kv_cache_memory_mb", 512)) << 20)
         pool_name = f"node-{self.node_id}"

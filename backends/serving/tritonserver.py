@@ -13,6 +13,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +104,7 @@ class TritonServer:
         except OSError:
             return False
 
-    def wait_ready(self, timeout: float, progress: callable | None = None) -> None:  # type: ignore[valid-type]
+    def wait_ready(self, timeout: float, progress: Callable[[], None] | None = None) -> None:
         """A stage that fails to load leaves the server NOT READY without exiting: always bounded."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
