@@ -4,10 +4,10 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-MODEL  ?= .cache/checkpoints/small
-PRESET ?= small
+MODEL  ?= models/baton-tiny
+BENCH_MODEL ?= .cache/checkpoints/small
 
-.PHONY: venv test lint serve smoke bench checkpoint clean
+.PHONY: venv test lint serve smoke bench checkpoint models clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,19 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest
 
-$(MODEL)/config.json: | venv
-	$(VENV)/bin/baton make-checkpoint $(PRESET) --out $(MODEL)
+# The default model is committed (models/, trained by `make models`); random-init checkpoints of
+# larger shapes for benchmarks are made on demand.
+models/baton-tiny/config.json: | venv
+	$(VENV)/bin/baton train-tiny --out models
+
+.cache/checkpoints/%/config.json: | venv
+	$(VENV)/bin/baton make-checkpoint $* --out .cache/checkpoints/$*
 
 checkpoint: $(MODEL)/config.json
+
+# Retrain the baton-tiny family from the stdlib sources (~50 min on 2 cores); rewrites models/.
+models: venv
+	$(VENV)/bin/baton train-tiny --out models
 
 # Serves the default model through tritonserver (prefill -> decode ensemble), streams a sample
 # completion, then keeps serving until Ctrl-C.
@@ -40,8 +49,8 @@ serve: venv checkpoint
 smoke: venv checkpoint
 	$(VENV)/bin/baton serve --model $(MODEL) --smoke --http-port 0 --grpc-port 0 --metrics-port 0
 
-bench: venv checkpoint
-	$(PY) benchmarks/engine.py --model $(MODEL)
+bench: venv $(BENCH_MODEL)/config.json
+	$(PY) benchmarks/engine.py --model $(BENCH_MODEL)
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

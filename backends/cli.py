@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+# The embedded default model (models/, trained by `baton train-tiny`), next to the package sources.
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "models" / "baton-tiny")
 
 
 def _generate(argv: list[str]) -> None:
@@ -12,7 +16,7 @@ def _generate(argv: list[str]) -> None:
 
     ap = argparse.ArgumentParser(prog="baton generate", description="Run the engine in-process on a prompt.")
     ap.add_argument("prompt", nargs="?", default=None)
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory (default: baton-tiny)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -66,7 +70,7 @@ def _serve(argv: list[str]) -> None:
 
     ap = argparse.ArgumentParser(prog="baton serve", description="Serve a model through tritonserver.")
     ap.add_argument("profile", nargs="?", default="single_node", help="ensemble_configs/<profile>.toml")
-    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory (default: baton-tiny)")
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
@@ -164,6 +168,7 @@ def _client(argv: list[str]) -> None:
 
 COMMANDS = {
     "make-checkpoint": lambda argv: __import__("baton.backends.tools.make_checkpoint", fromlist=["main"]).main(argv),
+    "train-tiny": lambda argv: __import__("baton.backends.train.tiny", fromlist=["main"]).main(argv),
     "generate": _generate,
     "serve": _serve,
     "client": _client,

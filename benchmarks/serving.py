@@ -120,10 +120,14 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="threads per serving stage (0: the profile's)")
+    ap.add_argument("--share-cores", default=None,
+                    help="threads prefill and decode share by load: auto, N, or 0 for a fixed `threads` each")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows: list[dict] = []
     overrides: dict = {"max_model_len": 1024} | ({"threads": a.threads} if a.threads else {})
+    if a.share_cores is not None:
+        overrides["share_cores"] = a.share_cores
     node = Node(a.model, overrides=overrides).start(quiet=True)
     try:
         engine = LLMEngine(a.model, max_model_len=1024, enable_prefix_caching=False, num_threads=2)
@@ -174,6 +178,7 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps({"idle": idle, "rows": rows, "kv_manager": kv,
                                            "triton_overhead_batch1": overhead, "model": a.model,
+                                           "overrides": overrides,
                                            "date": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
 
 

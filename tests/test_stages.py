@@ -147,3 +147,25 @@ def test_preprocess_validates_and_tokenizes(qwen3_dir):
         with pytest.raises(InvalidRequestError) as e:
             pre(inputs)
         assert e.value.field == field, (inputs, e.value)
+
+
+def test_core_share_splits_only_while_both_work(tmp_path):
+    import torch
+
+    from baton.backends.stages.cores import CoreShare
+
+    before = torch.get_num_threads()
+    CoreShare.create(tmp_path / "cores")
+    prefill = CoreShare(tmp_path / "cores", "prefill", 2)
+    decode = CoreShare(tmp_path / "cores", "decode", 2)
+    try:
+        assert decode.busy() == 2               # alone: every core
+        assert prefill.busy() == 1              # decode is working: half
+        assert decode.busy() == 1
+        prefill.idle()
+        assert decode.busy() == 2               # prefill done: all cores again, from the next step
+        decode.idle()
+        assert prefill.busy() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -20,8 +20,14 @@ from ..loader import weight_store
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import prepare_weights
+from ..stages.cores import CoreShare
 from .repository import Profile, render
 from .tritonserver import TritonServer
+
+
+def _share_cores(value: int | str) -> int:
+    """"auto" = the CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if value == "auto" else int(value)
 
 
 def free_port() -> int:
@@ -67,7 +73,10 @@ class Node:
                   "max_model_len": eng.get("max_model_len", 2048), "max_tokens_limit": eng.get("max_tokens_limit", 2048),
                   "max_num_seqs": eng.get("max_num_seqs", 64), "threads": eng.get("threads", 0),
                   "kv_pool": pool_name, "kv_address": address, "weights": pool_name,
-                  "pack_weights": eng.get("pack_weights", "decode"), "run_dir": str(self.run_dir)}
+                  "pack_weights": eng.get("pack_weights", "decode"), "run_dir": str(self.run_dir),
+                  "share_cores": _share_cores(eng.get("share_cores", 0))}
+        if params["share_cores"]:
+            CoreShare.create(self.run_dir / "cores")
         repo = render(prof, self.run_dir / "models", params)
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()

@@ -9,6 +9,7 @@ from ..engine.llm_engine import LLMEngine
 from ..kv.manager import RemoteBlockManager
 from ..kv.pool import KVPool
 from ..loader import weight_store
+from .cores import CoreShare
 
 
 @dataclass
@@ -24,6 +25,7 @@ class StageParams:
     weights: str = ""              # name of the node's shared weight file ("" = load the checkpoint)
     pack_weights: str = "decode"   # stages that keep a private oneDNN-packed copy (faster GEMV)
     run_dir: str = "/tmp"          # the node's run directory (sockets, logs)
+    share_cores: int = 0           # prefill and decode share this many threads by load (0 = `threads` each)
 
     @classmethod
     def from_model_config(cls, model_config: str | dict) -> StageParams:
@@ -45,3 +47,7 @@ def node_engine(p: StageParams, stage: str) -> LLMEngine:
     return LLMEngine(p.model_dir, dtype=p.dtype, block_size=pool.spec.block_size, max_model_len=p.max_model_len,
                      max_num_seqs=p.max_num_seqs, num_threads=p.threads or None, pool=pool, block_manager=bm,
                      weights=weights, pack_weights=stage in p.pack_weights.split(","))
+
+
+def core_share(p: StageParams, stage: str) -> CoreShare | None:
+    return CoreShare(f"{p.run_dir}/cores", stage, p.share_cores) if p.share_cores else None

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import zmq
 
-from .common import StageParams, node_engine
+from .common import StageParams, core_share, node_engine
 from .decode import DecodeStage
 from .handle import KVHandle
 
@@ -42,6 +42,7 @@ def serve(params: StageParams, address: str) -> None:
     sock = zmq.Context.instance().socket(zmq.PAIR)
     sock.connect(address)
     stage = DecodeStage(node_engine(params, "decode"), thread=False)
+    cores = core_share(params, "decode")
     parent = os.getppid()
     outbox: list = []
     cancelled: set[int] = set()
@@ -49,6 +50,8 @@ def serve(params: StageParams, address: str) -> None:
     while True:
         idle = not stage.live
         if idle:
+            if cores:
+                cores.idle()
             stage.engine.block_manager.flush(idle=True)      # idle: hold no blocks
             if os.getppid() != parent:                       # the stub is gone (killed): so are we
                 return
@@ -65,6 +68,8 @@ def serve(params: StageParams, address: str) -> None:
             idle = False
         if not arrivals and not stage.live:
             continue
+        if cores:
+            cores.busy()
         stage.step_once(arrivals)
         if outbox:
             for key, out, final in outbox:

@@ -12,12 +12,14 @@ import numpy as np
 from ..engine.errors import InvalidRequestError
 from ..engine.llm_engine import LLMEngine
 from ..engine.sampling_params import SamplingParams
+from .cores import CoreShare
 from .handle import KVHandle
 
 
 class PrefillStage:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, cores: CoreShare | None = None) -> None:
         self.engine = engine
+        self.cores = cores
 
     def run(self, batch: list[tuple[np.ndarray, str]]) -> list[KVHandle | Exception]:
         eng = self.engine
@@ -31,6 +33,8 @@ class PrefillStage:
         pending = {s.seq_id for s in seqs if not isinstance(s, Exception)}
         try:
             while pending:
+                if self.cores:
+                    self.cores.busy()
                 for out in eng.step():
                     s = out.seq
                     if s.seq_id in pending:
@@ -43,5 +47,7 @@ class PrefillStage:
                     eng.abort(s.request_id)
             seqs = [e if (not isinstance(s, Exception) and s.seq_id in pending) else s for s in seqs]
         finally:
+            if self.cores:
+                self.cores.idle()
             eng.block_manager.flush(idle=True)           # publish prompt blocks, release the rest
         return [s if isinstance(s, Exception) else KVHandle.from_sequence(s) for s in seqs]

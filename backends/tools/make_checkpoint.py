@@ -7,14 +7,9 @@ on the Python standard library sources (present on every machine). Deterministic
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from baton.backends.train.corpus import save_tokenizer, stdlib_files, train_tokenizer
 
 # name -> (architecture, shape). `vocab` is the tokenizer's size (the model's vocab_size matches).
 PRESETS: dict[str, dict] = {
@@ -33,12 +28,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-
-
 def corpus(max_bytes: int) -> list[str]:
+    """The first `max_bytes` of stdlib sources, in path order (enough to train a tokenizer)."""
     out, total = [], 0
     for f in stdlib_files():
         try:
@@ -50,31 +41,6 @@ def corpus(max_bytes: int) -> list[str]:
         if total >= max_bytes:
             break
     return out
-
-
-def train_tokenizer(vocab_size: int, max_bytes: int):  # noqa: ANN201 - returns tokenizers.Tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(corpus(max_bytes), trainer=trainer)
-    return tok
-
-
-def save_tokenizer(tok, out: Path) -> None:  # noqa: ANN001
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(out))
 
 
 def hf_config(preset: dict, vocab: int, dtype: str, eos_id: int) -> dict:
@@ -116,7 +82,7 @@ def make_checkpoint(preset: str, out: str | Path, dtype: str = "bfloat16", seed:
     p = PRESETS[preset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(p["vocab"], tokenizer_bytes or (4 << 20 if p["vocab"] > 4096 else 1 << 20))
+    tok = train_tokenizer(p["vocab"], corpus(tokenizer_bytes or (4 << 20 if p["vocab"] > 4096 else 1 << 20)))
     save_tokenizer(tok, out)
     vocab = max(p["vocab"], tok.get_vocab_size())   # pad the embedding to the preset's size, as Qwen does
     eos = tok.token_to_id("<|endoftext|>")

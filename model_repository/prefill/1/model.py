@@ -6,13 +6,14 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from baton.backends.engine.errors import InvalidRequestError
-from baton.backends.stages.common import StageParams, node_engine
+from baton.backends.stages.common import StageParams, core_share, node_engine
 from baton.backends.stages.prefill import PrefillStage
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.stage = PrefillStage(node_engine(StageParams.from_model_config(json.loads(args["model_config"])), "prefill"))
+        params = StageParams.from_model_config(json.loads(args["model_config"]))
+        self.stage = PrefillStage(node_engine(params, "prefill"), core_share(params, "prefill"))
 
     def execute(self, requests):
         batch = [(pb_utils.get_input_tensor_by_name(r, "input_ids").as_numpy(),

@@ -1,0 +1,69 @@
+"""`baton train-tiny --recipe ci`: every phase of the real recipe on a sliver of the corpus."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from baton.backends.train import corpus
+
+
+def test_split_is_by_file_and_stable():
+    a = corpus.read_split(5, max_bytes=200_000)
+    b = corpus.read_split(5, max_bytes=200_000)
+    assert a.heldout_files == b.heldout_files and a.heldout_files
+    for name in a.heldout_files:
+        assert corpus.is_heldout(name, 5)
+    assert not set(a.train) & set(a.heldout)
+    assert not any(corpus.is_test(n) for n in a.heldout_files)
+
+
+def test_test_suites_are_recognised():
+    assert corpus.is_test("test/test_os.py") and corpus.is_test("idlelib/idle_test/htest.py")
+    assert corpus.is_test("unittest/test/test_case.py") and corpus.is_test("lib2to3/tests/data/x.py")
+    assert not corpus.is_test("unittest/case.py") and not corpus.is_test("contest.py")
+
+
+def test_windows():
+    stream = np.arange(100, dtype=np.int32)
+    w = next(corpus.random_windows(stream, 3, 9, seed=0))
+    assert w.shape == (3, 10) and (np.diff(w, axis=1) == 1).all()
+    f = corpus.fixed_windows(stream, 10, 4)
+    assert f.shape == (4, 11) and f[1, 0] == 10
+    with pytest.raises(ValueError, match="shorter than one window"):
+        next(corpus.random_windows(stream[:5], 1, 9, seed=0))
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    from baton.backends.train.tiny import RECIPES, train_tiny
+
+    out = tmp_path_factory.mktemp("tiny")
+    return out, train_tiny(out, RECIPES["ci"], threads=2)
+
+
+def test_short_run_lowers_loss(ci_run):
+    _, r = ci_run
+    t = r["train"]
+    assert np.mean(t["target_loss_last"]) < np.mean(t["target_loss_first"]) - 0.3
+    assert np.mean(t["student_loss_last"]) < np.mean(t["student_loss_first"])
+
+
+def test_short_run_writes_loadable_family(ci_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baton.backends.spec.heads import EagleHead, MedusaHeads
+
+    out, r = ci_run
+    for name in ("baton-tiny", "baton-tiny-draft"):
+        model = AutoModelForCausalLM.from_pretrained(str(out / name), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(out / name))
+        assert model.config.vocab_size == len(tok) == r["recipe"]["vocab"]
+    MedusaHeads.load(out / "baton-tiny-medusa")
+    EagleHead.load(out / "baton-tiny-eagle")
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["target_ppl"] == pytest.approx(r["metrics"]["target_ppl"])
+    assert "## Held-out metrics" in (out / "README.md").read_text()
+    listed = {ln.split("  ", 1)[1] for ln in (out / "SHA256SUMS").read_text().splitlines()}
+    assert "baton-tiny/model.safetensors" in listed and "metrics.json" in listed
