@@ -26,6 +26,13 @@ class BatonError(RuntimeError):
     """The server refused or failed the request; the message names the problem."""
 
 
+def _checked(sampling: dict) -> dict:
+    for k in sampling:
+        if k not in SCALAR_TYPES:
+            raise BatonError(f"unknown sampling parameter {k!r}; known: {sorted(SCALAR_TYPES)}")
+    return sampling
+
+
 @dataclass
 class Completion:
     """A whole completion; `finish_reason` is "" until the last response of a stream."""
@@ -105,9 +112,7 @@ class BatonClient:
             add("messages", np.array([json.dumps(messages).encode()], dtype=object), "BYTES")
         if stop:
             add("stop", np.array([s.encode() for s in stop], dtype=object), "BYTES")
-        for k, v in sampling.items():
-            if k not in SCALAR_TYPES:
-                raise BatonError(f"unknown sampling parameter {k!r}; known: {sorted(SCALAR_TYPES)}")
+        for k, v in _checked(sampling).items():
             add(k, np.array([v], dtype=_NP[SCALAR_TYPES[k]]), _TRITON[SCALAR_TYPES[k]])
         return inputs
 
@@ -136,10 +141,7 @@ class BatonClient:
 
     # ---- HTTP (Triton generate_stream, server-sent events) ----------------------------------------
     def _stream_http(self, prompt, messages, stop, timeout, sampling) -> Iterator[Chunk]:  # noqa: ANN001
-        body: dict = dict(sampling)
-        for k in body:
-            if k not in SCALAR_TYPES:
-                raise BatonError(f"unknown sampling parameter {k!r}; known: {sorted(SCALAR_TYPES)}")
+        body: dict = dict(_checked(sampling))
         if prompt is not None:
             body["text_input"] = prompt
         if messages is not None:

@@ -91,18 +91,24 @@ def test_chat_template_renders(tokenizer):
     assert ids.count(1) == 3 and ids.count(2) == 2
 
 
-def test_heads_load_and_beat_chance(report):
-    """The Medusa and EAGLE files load in the documented formats and recorded real accuracy."""
-    from baton.backends.spec.heads import EagleHead, MedusaHeads
+def test_draft_and_heads_predict_the_target(tokenizer):
+    """Recomputed from the committed files on the held-out slice: the draft agrees with the target
+    (the issue's goal: >= 55%), and the Medusa and EAGLE heads, loaded in their documented formats,
+    guess the target's tokens far above chance (1/8192)."""
+    from transformers import AutoModelForCausalLM
 
-    medusa = MedusaHeads.load(MODELS / "baton-tiny-medusa")
-    eagle = EagleHead.load(MODELS / "baton-tiny-eagle")
-    h = json.loads((TARGET / "config.json").read_text())["hidden_size"]
-    x = torch.randn(2, 5, h)
-    assert medusa(x).shape == (medusa.num_heads, 2, 5, h)
-    assert eagle(x, x).shape == (2, 5, h)
-    m = report["metrics"]
-    assert m["medusa_top1_vs_target"][0] > 0.2 and m["eagle_top1_vs_target"] > m["medusa_top1_vs_target"][0]
+    from baton.backends.spec.heads import EagleHead, MedusaHeads
+    from baton.backends.train.evaluate import family_metrics
+    from baton.backends.train.tiny import heldout_slice_windows
+
+    windows = heldout_slice_windows(tokenizer, (MODELS / "heldout-slice.txt").read_text(encoding="utf-8"), 512, 4)
+    m = family_metrics(AutoModelForCausalLM.from_pretrained(str(TARGET), dtype=torch.float32).eval(),
+                       AutoModelForCausalLM.from_pretrained(str(DRAFT), dtype=torch.float32).eval(),
+                       MedusaHeads.load(MODELS / "baton-tiny-medusa").eval(),
+                       EagleHead.load(MODELS / "baton-tiny-eagle").eval(), windows)
+    assert m["draft_target_agreement"] >= 0.55
+    assert m["medusa_top1_vs_target"][0] > 0.2
+    assert m["eagle_top1_vs_target"] > m["medusa_top1_vs_target"][0]
 
 
 def test_engine_greedy_matches_transformers_on_baton_tiny(tokenizer):

@@ -14,6 +14,7 @@ from baton import LLM, InvalidRequestError, SamplingParams
 from baton.backends.engine.llm_engine import pool_spec
 from baton.backends.kv.node import KVManagerProcess
 from baton.backends.models.config import ModelConfig
+from baton.backends.serving.tensors import HANDLE
 from baton.backends.stages.common import StageParams, node_engine
 from baton.backends.stages.decode import DecodeStage
 from baton.backends.stages.handle import KVHandle
@@ -76,7 +77,9 @@ def run(node, ids, params):
     _, prefill, decode = node
     handle = prefill.run([(np.asarray(ids), json.dumps(SamplingParams(**params).__dict__))])[0]
     assert isinstance(handle, KVHandle), handle
-    handle = KVHandle.from_arrays(handle.to_arrays())           # through Triton's tensor form
+    arrays = handle.to_arrays()
+    assert list(arrays) == [n for n, _, _ in HANDLE]             # what the decode config declares
+    handle = KVHandle.from_arrays(arrays)                        # through Triton's tensor form
     sink = ListSink()
     decode.submit(handle, sink)
     assert sink.done.wait(30)

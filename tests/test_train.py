@@ -31,6 +31,7 @@ def test_windows():
     assert w.shape == (3, 10) and (np.diff(w, axis=1) == 1).all()
     f = corpus.fixed_windows(stream, 10, 4)
     assert f.shape == (4, 11) and f[1, 0] == 10
+    assert corpus.first_bytes(["abc", "de", "fgh"], 4) == ["abc", "de"]    # the last one crosses the mark
     with pytest.raises(ValueError, match="shorter than one window"):
         next(corpus.random_windows(stream[:5], 1, 9, seed=0))
 

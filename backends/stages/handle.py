@@ -72,8 +72,3 @@ class KVHandle:
                    int(a["num_computed_tokens"].reshape(-1)[0]), a["block_table"].astype(np.int64).tolist(),
                    int(a["num_cached_tokens"].reshape(-1)[0]), text(a["finish_reason"]), text(a["sampling"]),
                    a["gen_state"].astype(np.uint8).tobytes(), tuple(a["logprobs"].astype(np.float32).tolist()))
-
-    @staticmethod
-    def tensor_names() -> list[str]:
-        return ["token_ids", "num_prompt_tokens", "num_computed_tokens", "block_table", "num_cached_tokens",
-                "finish_reason", "sampling", "gen_state", "logprobs"]

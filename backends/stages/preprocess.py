@@ -12,15 +12,12 @@ import numpy as np
 from ..engine.errors import InvalidRequestError
 from ..engine.sampling_params import SamplingParams
 from ..engine.tokenizer import Tokenizer
+from ..serving import tensors
 
-# optional scalar inputs -> (SamplingParams field, python type)
-SCALARS = {
-    "max_tokens": ("max_tokens", int), "temperature": ("temperature", float), "top_p": ("top_p", float),
-    "top_k": ("top_k", int), "min_p": ("min_p", float), "seed": ("seed", int),
-    "repetition_penalty": ("repetition_penalty", float), "presence_penalty": ("presence_penalty", float),
-    "frequency_penalty": ("frequency_penalty", float), "ignore_eos": ("ignore_eos", bool),
-    "return_logprobs": ("logprobs", bool),
-}
+# optional scalar inputs (serving.tensors.SCALARS) -> (SamplingParams field, python type)
+_KIND = {"TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
+_FIELD = {"return_logprobs": "logprobs"}
+SCALARS = {name: (_FIELD.get(name, name), _KIND[t]) for name, t in tensors.SCALARS}
 
 
 class Preprocessor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from baton.backends.train.corpus import save_tokenizer, stdlib_files, train_tokenizer
+from baton.backends.train.corpus import first_bytes, save_tokenizer, stdlib_texts, train_tokenizer
 
 # name -> (architecture, shape). `vocab` is the tokenizer's size (the model's vocab_size matches).
 PRESETS: dict[str, dict] = {
@@ -26,21 +26,6 @@ PRESETS: dict[str, dict] = {
     "medium": dict(arch="Qwen3ForCausalLM", hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128,
                    inter=3072, vocab=32000, tie=False, init=0.02),
 }
-
-
-def corpus(max_bytes: int) -> list[str]:
-    """The first `max_bytes` of stdlib sources, in path order (enough to train a tokenizer)."""
-    out, total = [], 0
-    for f in stdlib_files():
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        out.append(text)
-        total += len(text)
-        if total >= max_bytes:
-            break
-    return out
 
 
 def hf_config(preset: dict, vocab: int, dtype: str, eos_id: int) -> dict:
@@ -82,7 +67,8 @@ def make_checkpoint(preset: str, out: str | Path, dtype: str = "bfloat16", seed:
     p = PRESETS[preset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(p["vocab"], corpus(tokenizer_bytes or (4 << 20 if p["vocab"] > 4096 else 1 << 20)))
+    budget = tokenizer_bytes or (4 << 20 if p["vocab"] > 4096 else 1 << 20)
+    tok = train_tokenizer(p["vocab"], first_bytes((text for _, text in stdlib_texts()), budget))
     save_tokenizer(tok, out)
     vocab = max(p["vocab"], tok.get_vocab_size())   # pad the embedding to the preset's size, as Qwen does
     eos = tok.token_to_id("<|endoftext|>")

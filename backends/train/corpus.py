@@ -8,7 +8,7 @@ order files are found in and stays the same when files are added.
 from __future__ import annotations
 
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +49,31 @@ class Split:
     heldout_files: list[str]
 
 
-def read_split(heldout_percent: int = 5, max_bytes: int | None = None, include_tests: bool = False) -> Split:
-    """Texts of the stdlib files, by split. `max_bytes` caps the train part (for quick runs)."""
+def stdlib_texts() -> Iterator[tuple[str, str]]:
+    """(path relative to the stdlib root, text) of every readable UTF-8 source, in path order."""
     root = stdlib_root()
-    train, heldout, names, size = [], [], [], 0
     for f in stdlib_files():
         try:
-            text = f.read_text(encoding="utf-8")
+            yield f.relative_to(root).as_posix(), f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        rel = f.relative_to(root).as_posix()
+
+
+def first_bytes(texts: Iterable[str], n: int) -> list[str]:
+    """Texts in order until they hold at least n characters (the last one crosses the mark)."""
+    out, size = [], 0
+    for t in texts:
+        if size >= n:
+            break
+        out.append(t)
+        size += len(t)
+    return out
+
+
+def read_split(heldout_percent: int = 5, max_bytes: int | None = None, include_tests: bool = False) -> Split:
+    """Texts of the stdlib files, by split. `max_bytes` caps the train part (for quick runs)."""
+    train, heldout, names, size = [], [], [], 0
+    for rel, text in stdlib_texts():
         if not include_tests and is_test(rel):
             continue
         if is_heldout(rel, heldout_percent):

@@ -116,7 +116,7 @@ def train_tiny(out: Path, recipe: Recipe, threads: int | None = None) -> dict:
 
     # 1. corpus, split by file; tokenizer on the train split only
     split = corpus.read_split(recipe.heldout_percent, recipe.max_train_bytes, recipe.include_tests)
-    tok = corpus.train_tokenizer(recipe.vocab, _first_bytes(split.train, recipe.tokenizer_bytes))
+    tok = corpus.train_tokenizer(recipe.vocab, corpus.first_bytes(split.train, recipe.tokenizer_bytes))
     tok_dir = out / ".tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
     corpus.save_tokenizer(tok, tok_dir, recipe.max_positions)
@@ -188,16 +188,6 @@ def train_tiny(out: Path, recipe: Recipe, threads: int | None = None) -> dict:
     write_readme(out, report)
     write_checksums(out)
     return report
-
-
-def _first_bytes(texts: list[str], n: int) -> list[str]:
-    out, size = [], 0
-    for t in texts:
-        if size >= n:
-            break
-        out.append(t)
-        size += len(t)
-    return out
 
 
 def _slice_text(heldout: list[str], tok, min_tokens: int) -> str:  # noqa: ANN001

@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from baton.backends.serving.tensors import HANDLE
 from baton.backends.stages.common import StageParams
 from baton.backends.stages.decode_worker import DecodeProxy
 from baton.backends.stages.handle import KVHandle
@@ -50,7 +51,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for r in requests:
-            arrays = {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in KVHandle.tensor_names()}
+            arrays = {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n, _, _ in HANDLE}
             self.stage.submit(KVHandle.from_arrays(arrays), TritonSink(r))
         return None
 
