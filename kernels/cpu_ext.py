@@ -53,13 +53,13 @@ def _load() -> bool:
 
 
 def _ninja_on_path() -> None:
-    """torch's builder runs `ninja` from PATH; use the pip-installed one when none is there."""
-    import shutil
-
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
+    """torch's builder runs `ninja` from PATH. Put the pip-installed one first whenever it exists:
+    ninja 1.13 and 1.11 hash build commands differently, so processes that found different ninjas
+    (a stub with the venv's bin/ on PATH, a plain `.venv/bin/python`) rebuilt the library in turn,
+    ~13 s each time."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if not os.environ.get("PATH", "").startswith(ninja.BIN_DIR + os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")

@@ -8,7 +8,7 @@ import torch
 from baton.kernels import attention, cpu_ext, kv_cache, norm, rotary
 from baton.kernels.activation import silu_and_mul, silu_and_mul_ref
 from baton.kernels.attention import DecodeMeta, PrefillMeta
-from baton.kernels.linear import LinearWeight, linear, linear_ref
+from baton.kernels.linear import LinearWeight, PackedWeight, can_share_packed, linear, linear_ref, pack
 
 
 @pytest.fixture(autouse=True, params=["fused", "torch"])
@@ -160,6 +160,25 @@ def test_linear_and_activation(dtype, m):
     torch.testing.assert_close(linear(x, lw).float(), linear_ref(x, lw).float(), atol=tol, rtol=2e-2)
     g = torch.randn(m, 128).to(dtype)
     torch.testing.assert_close(silu_and_mul(g), silu_and_mul_ref(g))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("m", [1, 17])
+def test_packed_weight_bytes_wrap_back_exactly(impl, m):
+    """pack() copies oneDNN's blocked buffer out; wrapping those bytes (as a stage does with the node's
+    shared file) must compute exactly what the private packed weight computes."""
+    w, b = torch.randn(96, 64).to(torch.bfloat16), torch.randn(96).to(torch.bfloat16)
+    pw = pack(w)
+    assert pw.blob.dtype == torch.uint8 and pw.shape == (96, 64)
+    shared = pw.blob.clone()                                  # another owner of the same bytes
+    if not can_share_packed(torch.bfloat16):                  # the torch path: a clear error, not a crash
+        with pytest.raises(RuntimeError, match="CPU extension"):
+            LinearWeight(PackedWeight(shared, pw.md, pw.shape, pw.dtype), b)
+        return
+    wrapped = LinearWeight(PackedWeight(shared, pw.md, pw.shape, pw.dtype), b)
+    assert wrapped.weight is None and wrapped._blob is shared
+    x = torch.randn(m, 64).to(torch.bfloat16)
+    assert torch.equal(linear(x, wrapped), linear(x, LinearWeight(w, b)))
 
 
 def test_decode_attention_reads_strided_q():

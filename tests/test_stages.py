@@ -69,8 +69,43 @@ def test_stages_map_the_nodes_one_weight_copy(node):
     shared = str(weight_store.data_path(params.weights))
     for eng in (prefill.engine, decode.engine):
         assert eng.model.embed.untyped_storage().filename == shared
-    # prefill runs its linears on the mapped tensors (decode packs a private copy for speed)
-    assert prefill.engine.model.layers[0].qkv.weight.untyped_storage().filename == shared
+    # plain (here fp32) weights: both stages run their linears on the mapped tensors, no private copy
+    for eng in (prefill.engine, decode.engine):
+        assert eng.model.layers[0].qkv.weight.untyped_storage().filename == shared
+
+
+def test_packed_store_is_shared_and_exact(qwen3_dir):
+    """bf16 weights published oneDNN-packed (what the launcher does): an engine on them keeps no
+    private copy of any linear and generates exactly what a privately packed engine does."""
+    import torch
+
+    from baton.backends.loader import weight_store
+    from baton.backends.loader.safetensors_loader import load_state_dict
+    from baton.backends.models.decoder import pack_linears, prepare_weights
+    from baton.kernels.linear import can_share_packed
+
+    if not can_share_packed(torch.bfloat16):
+        pytest.skip("needs oneDNN bf16 and the CPU extension")
+    cfg = ModelConfig.from_dir(qwen3_dir)
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    weight_store.publish(name, pack_linears(cfg, prepare_weights(cfg, load_state_dict(qwen3_dir, torch.bfloat16))))
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = prompts_of(512, [9, 40], seed=31)
+    try:
+        shared = LLM(qwen3_dir, dtype="bfloat16", num_blocks=32, weights=weight_store.attach(name), pack_weights=False)
+        private = LLM(qwen3_dir, dtype="bfloat16", num_blocks=32)
+        try:
+            model = shared.engine.model
+            linears = [lw for L in model.layers for lw in (L.qkv, L.o, L.gate_up, L.down)] + [model.lm_head]
+            path = str(weight_store.data_path(name))
+            assert all(lw.weight is None and lw._blob.untyped_storage().filename == path for lw in linears)
+            got = [o.token_ids for o in shared.generate(prompts, greedy)]
+            assert got == [o.token_ids for o in private.generate(prompts, greedy)]
+        finally:
+            shared.close()
+            private.close()
+    finally:
+        weight_store.unlink(name)
 
 
 def run(node, ids, params):

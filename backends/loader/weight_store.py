@@ -1,5 +1,8 @@
 """One copy of a model's weights per node: the prepared (fused) tensors written once into a
-/dev/shm file that every stage process maps. Attaching is a memory map, not a read."""
+/dev/shm file that every stage process maps. Attaching is a memory map, not a read.
+
+Linear weights may be stored oneDNN-packed (kernels.linear.PackedWeight): their bytes plus the
+descriptor, so every stage runs the fast packed GEMM on the one shared copy."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from baton.kernels.linear import PackedWeight
 
 from ..kv.pool import SHM_DIR
 
@@ -23,13 +28,28 @@ def index_path(name: str) -> Path:
     return SHM_DIR / f"{PREFIX}{name}.json"
 
 
-def publish(name: str, tensors: dict[str, torch.Tensor]) -> int:
-    """Write tensors into one shared file (+ an index). Returns its size in bytes."""
-    index, offset = {}, 0
+def _parts(tensors: dict[str, torch.Tensor | PackedWeight]) -> dict[str, torch.Tensor]:
+    """Flat byte-carrying tensors: a PackedWeight becomes '<name>' (its blob) and '<name>#md'."""
+    out = {}
     for k, t in tensors.items():
+        if isinstance(t, PackedWeight):
+            out[k], out[k + "#md"] = t.blob, t.md
+        else:
+            out[k] = t
+    return out
+
+
+def publish(name: str, tensors: dict[str, torch.Tensor | PackedWeight]) -> int:
+    """Write tensors into one shared file (+ an index). Returns its size in bytes."""
+    parts = _parts(tensors)
+    index, offset = {}, 0
+    for k, t in parts.items():
         offset = -(-offset // ALIGN) * ALIGN
         index[k] = {"offset": offset, "shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
         offset += t.numel() * t.element_size()
+    for k, t in tensors.items():
+        if isinstance(t, PackedWeight):   # the logical weight the blob holds
+            index[k]["packed"] = {"shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
     size = max(offset, 1)
     fd = os.open(data_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
@@ -37,7 +57,7 @@ def publish(name: str, tensors: dict[str, torch.Tensor]) -> int:
     finally:
         os.close(fd)
     buf = torch.from_file(str(data_path(name)), shared=True, size=size, dtype=torch.uint8)
-    for k, t in tensors.items():
+    for k, t in parts.items():
         e = index[k]
         n = t.numel() * t.element_size()
         buf[e["offset"]:e["offset"] + n].copy_(t.contiguous().view(-1).view(torch.uint8))
@@ -45,8 +65,8 @@ def publish(name: str, tensors: dict[str, torch.Tensor]) -> int:
     return size
 
 
-def attach(name: str) -> dict[str, torch.Tensor]:
-    """Tensors viewing the shared file (read-only by convention)."""
+def attach(name: str) -> dict[str, torch.Tensor | PackedWeight]:
+    """Tensors (and packed weights) viewing the shared file (read-only by convention)."""
     meta = json.loads(index_path(name).read_text())
     buf = torch.from_file(str(data_path(name)), shared=True, size=meta["size"], dtype=torch.uint8)
     out = {}
@@ -56,6 +76,10 @@ def attach(name: str) -> dict[str, torch.Tensor]:
         for s in e["shape"]:
             n *= s
         out[k] = buf[e["offset"]:e["offset"] + n * dtype.itemsize].view(dtype).view(e["shape"])
+    for k, e in meta["tensors"].items():
+        if "packed" in e:
+            p = e["packed"]
+            out[k] = PackedWeight(out[k], out.pop(k + "#md"), tuple(p["shape"]), getattr(torch, p["dtype"]))
     return out
 
 

@@ -14,6 +14,8 @@ from baton.kernels import (
     AttentionBatch, LinearWeight, RotaryCache, add_rms_norm, linear, paged_attention, qk_norm_rope_, rms_norm,
     silu_and_mul,
 )
+from baton.kernels.linear import PackedWeight
+from baton.kernels.linear import pack as pack_weight
 
 from ..loader.safetensors_loader import take
 from .config import ModelConfig
@@ -63,12 +65,27 @@ def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
+LINEARS = ("qkv", "o", "gate_up", "down")
+
+
+def pack_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | PackedWeight]:
+    """prepare_weights' output with every GEMM weight oneDNN-packed (kernels.linear.pack), for a node
+    to publish: stages then run packed GEMMs on the shared copy. A tied lm_head gets its own packed
+    copy (the embedding stays plain for the lookup)."""
+    out: dict[str, torch.Tensor | PackedWeight] = dict(weights)
+    for i in range(cfg.num_layers):
+        for n in LINEARS:
+            out[f"layers.{i}.{n}.weight"] = pack_weight(weights[f"layers.{i}.{n}.weight"])
+    out["lm_head"] = pack_weight(weights.get("lm_head", weights["embed"]))
+    return out
+
+
 class DecoderLM:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor | PackedWeight], max_positions: int,
                  pack: bool = True) -> None:
-        """`weights` from prepare_weights (possibly views into a node's shared weight file).
-        pack=False keeps linears on those tensors (no private copy; F.linear instead of oneDNN's
-        pre-packed GEMV)."""
+        """`weights` from prepare_weights or pack_linears (possibly views into a node's shared weight
+        file). pack=True packs plain linear weights into a private oneDNN copy; pack=False keeps them
+        (F.linear). Already packed ones are used as they are either way."""
         self.cfg = cfg
         w = weights
 

@@ -14,12 +14,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from baton.kernels.linear import can_share_packed
+
 from ..engine.llm_engine import pool_spec, resolve_dtype
 from ..kv.node import KVManagerProcess
 from ..loader import weight_store
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
-from ..models.decoder import prepare_weights
+from ..models.decoder import pack_linears, prepare_weights
 from ..stages.cores import CoreShare
 from .repository import Profile, render
 from .tritonserver import TritonServer
@@ -65,15 +67,18 @@ class Node:
         # weights: loaded and fused once here, mapped by every stage process
         t = time.monotonic()
         self.weights_name = pool_name
-        size = weight_store.publish(pool_name, prepare_weights(cfg, load_state_dict(self.model_dir, dtype)))
+        weights = prepare_weights(cfg, load_state_dict(self.model_dir, dtype))
+        packed = bool(eng.get("pack_weights", True)) and can_share_packed(dtype)
+        size = weight_store.publish(pool_name, pack_linears(cfg, weights) if packed else weights)
+        del weights
         if not quiet:
-            print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory "
+            print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory{', oneDNN-packed' if packed else ''} "
                   f"({time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
         params = {"model_dir": str(Path(self.model_dir).resolve()), "dtype": str(dtype).split(".")[-1],
                   "max_model_len": eng.get("max_model_len", 2048), "max_tokens_limit": eng.get("max_tokens_limit", 2048),
                   "max_num_seqs": eng.get("max_num_seqs", 64), "threads": eng.get("threads", 0),
                   "kv_pool": pool_name, "kv_address": address, "weights": pool_name,
-                  "pack_weights": eng.get("pack_weights", "decode"), "run_dir": str(self.run_dir),
+                  "run_dir": str(self.run_dir),
                   "share_cores": _share_cores(eng.get("share_cores", 0))}
         if params["share_cores"]:
             CoreShare.create(self.run_dir / "cores")

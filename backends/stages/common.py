@@ -23,7 +23,6 @@ class StageParams:
     max_num_seqs: int = 64
     threads: int = 0
     weights: str = ""              # name of the node's shared weight file ("" = load the checkpoint)
-    pack_weights: str = "decode"   # stages that keep a private oneDNN-packed copy (faster GEMV)
     run_dir: str = "/tmp"          # the node's run directory (sockets, logs)
     share_cores: int = 0           # prefill and decode share this many threads by load (0 = `threads` each)
 
@@ -46,7 +45,7 @@ def node_engine(p: StageParams, stage: str) -> LLMEngine:
     weights = weight_store.attach(p.weights) if p.weights else None
     return LLMEngine(p.model_dir, dtype=p.dtype, block_size=pool.spec.block_size, max_model_len=p.max_model_len,
                      max_num_seqs=p.max_num_seqs, num_threads=p.threads or None, pool=pool, block_manager=bm,
-                     weights=weights, pack_weights=stage in p.pack_weights.split(","))
+                     weights=weights, pack_weights=weights is None)   # shared weights: no private copy
 
 
 def core_share(p: StageParams, stage: str) -> CoreShare | None:

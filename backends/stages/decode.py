@@ -73,12 +73,25 @@ class DecodeStage:
                 arrivals, self.inbox = self.inbox, []
             self.step_once(arrivals)
 
-    def step_once(self, arrivals: list[tuple[KVHandle, Sink]]) -> None:
+    def admit(self, arrivals: list[tuple[KVHandle, Sink]]) -> None:
+        """Adopt new sequences; each one's first token (sampled by prefill) goes to its sink now, so a
+        caller that flushes before the next step does not delay TTFT by a decode step."""
+        for handle, sink in arrivals:
+            try:
+                self._admit(handle, sink)
+            except Exception:                  # this request fails; its blocks go back, the rest go on
+                sink.error(f"decode could not adopt the request: {traceback.format_exc(limit=3)}")
+                live = next((sid for sid, lv in self.live.items() if lv.sink is sink), None)
+                if live is not None:
+                    self.engine.abort(self.live.pop(live).seq.request_id)
+                elif handle.block_table:
+                    self.engine.block_manager.release(handle.block_table)
+
+    def step_once(self, arrivals: list[tuple[KVHandle, Sink]] = ()) -> None:
         """Admit arrivals, drop cancelled requests, run one engine step and stream its outputs."""
         eng = self.engine
+        self.admit(list(arrivals))
         try:
-            for handle, sink in arrivals:
-                self._admit(handle, sink)
             self._drop_cancelled()
             if not self.live:
                 return
@@ -98,11 +111,14 @@ class DecodeStage:
             if finished:
                 eng.block_manager.flush()        # return blocks promptly
         except Exception:                          # keep serving: fail the live requests, not the loop
-            msg = traceback.format_exc(limit=3)
-            for live in list(self.live.values()):
-                eng.abort(live.seq.request_id)
-                live.sink.error(f"decode failed: {msg}")
-            self.live.clear()
+            self._fail_all()
+
+    def _fail_all(self) -> None:
+        msg = traceback.format_exc(limit=3)
+        for live in list(self.live.values()):
+            self.engine.abort(live.seq.request_id)
+            live.sink.error(f"decode failed: {msg}")
+        self.live.clear()
 
     def _admit(self, handle: KVHandle, sink: Sink) -> None:
         eng = self.engine

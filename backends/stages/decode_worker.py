@@ -47,6 +47,15 @@ def serve(params: StageParams, address: str) -> None:
     outbox: list = []
     cancelled: set[int] = set()
     sock.send(pickle.dumps([("ready",)]))
+
+    def flush() -> None:
+        if outbox:
+            for key, out, final in outbox:
+                if final is True or out == "error":
+                    cancelled.discard(key)
+            sock.send(pickle.dumps(outbox))
+            outbox.clear()
+
     while True:
         idle = not stage.live
         if idle:
@@ -68,15 +77,13 @@ def serve(params: StageParams, address: str) -> None:
             idle = False
         if not arrivals and not stage.live:
             continue
+        if arrivals:
+            stage.admit(arrivals)
+            flush()                      # first tokens out before the step, not after it
         if cores:
             cores.busy()
-        stage.step_once(arrivals)
-        if outbox:
-            for key, out, final in outbox:
-                if final is True or out == "error":
-                    cancelled.discard(key)
-            sock.send(pickle.dumps(outbox))
-            outbox.clear()
+        stage.step_once()
+        flush()
 
 
 class DecodeProxy:

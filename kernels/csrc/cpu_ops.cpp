@@ -290,7 +290,30 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 
 }  // namespace
 
+// Exported by libtorch_cpu (AOTInductor reloads constant packed weights with it); declared here
+// because its header is not shipped.
+namespace at::native {
+at::Tensor mkldnn_tensor_from_data_ptr(void* data_ptr, at::IntArrayRef dims, at::ScalarType dtype,
+                                       at::Device device, const uint8_t* opaque_metadata,
+                                       int64_t opaque_metadata_size);
+}
+
+namespace {
+
+// A oneDNN-packed weight over bytes someone else owns (a node's shared weight file): no copy.
+// The caller keeps `blob` alive as long as the result is used.
+at::Tensor mkldnn_from_blob(const at::Tensor& blob, at::IntArrayRef dims, at::ScalarType dtype,
+                            const at::Tensor& md) {
+  TORCH_CHECK(blob.is_contiguous() && md.is_contiguous() && md.scalar_type() == at::kByte,
+              "mkldnn_from_blob: contiguous blob and uint8 descriptor expected");
+  return at::native::mkldnn_tensor_from_data_ptr(blob.data_ptr(), dims, dtype, at::Device(at::kCPU),
+                                                 md.data_ptr<uint8_t>(), md.numel());
+}
+
+}  // namespace
+
 TORCH_LIBRARY(baton_cpu, m) {
+  m.def("mkldnn_from_blob", &mkldnn_from_blob);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("qk_norm_rope", &qk_norm_rope);
