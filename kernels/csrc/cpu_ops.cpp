@@ -8,6 +8,9 @@
 
 #include <cmath>
 #include <cstring>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace {
@@ -254,6 +257,178 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
   return out;
 }
 
+constexpr int64_t kPrefillTile = 16;   // query rows per work item
+constexpr int64_t kKeys = 16;          // keys per score micro-tile: one AVX-512 register of fp32
+
+// sc[v][0:16] = q_v . K[:, 0:16] for NV query vectors at once (kt: K transposed, [D][ldk]). The
+// accumulators stay in registers and the NV independent FMA chains hide the FMA latency.
+template <int NV>
+inline void qk_tile(const float* q, int64_t D, const float* kt, int64_t ldk, float* sc) {
+#ifdef __AVX512F__
+  static_assert(kKeys == 16, "one __m512 of scores");
+  __m512 s[NV];
+  for (int v = 0; v < NV; ++v) s[v] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 k = _mm512_loadu_ps(kt + d * ldk);
+    for (int v = 0; v < NV; ++v) s[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[v * D + d]), k, s[v]);
+  }
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(sc + v * ldk, s[v]);
+#else
+  for (int v = 0; v < NV; ++v)
+    for (int t = 0; t < kKeys; ++t) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < D; ++d) acc += q[v * D + d] * kt[d * ldk + t];
+      sc[v * ldk + t] = acc;
+    }
+#endif
+}
+
+// acc[0:D] = acc * corr + sum_t p[t] V[t]. With AVX-512, 64 columns at a time held in registers.
+inline void pv_rows(const float* p, int64_t n, const float* vf, int64_t D, float corr, float* acc) {
+  int64_t d0 = 0;
+#ifdef __AVX512F__
+  const __m512 c = _mm512_set1_ps(corr);
+  for (; d0 + 64 <= D; d0 += 64) {
+    __m512 a[4];
+    for (int j = 0; j < 4; ++j) a[j] = _mm512_mul_ps(_mm512_loadu_ps(acc + d0 + 16 * j), c);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m512 pt = _mm512_set1_ps(p[t]);
+      const float* vr = vf + t * D + d0;
+      for (int j = 0; j < 4; ++j) a[j] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 16 * j), a[j]);
+    }
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(acc + d0 + 16 * j, a[j]);
+  }
+#endif
+  if (d0 == D) return;
+  for (int64_t d = d0; d < D; ++d) acc[d] *= corr;
+  for (int64_t t = 0; t < n; ++t) axpy(p[t], vf + t * D + d0, acc + d0, D - d0);
+}
+
+// Online-softmax update of one query vector with `n` keys whose raw scores are in sc (overwritten
+// with probabilities); m, l: its running max and denominator.
+inline void softmax_pv(float* sc, int64_t n, const float* vf, int64_t D, float& m, float& l, float* acc) {
+  float mx = m;
+  for (int64_t t = 0; t < n; ++t) mx = sc[t] > mx ? sc[t] : mx;
+  const float corr = fast_exp(m - mx);   // ~0 on the first block (m = -inf clamps to -87)
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    sc[t] = fast_exp(sc[t] - mx);
+    sum += sc[t];
+  }
+  l = l * corr + sum;
+  m = mx;
+  pv_rows(sc, n, vf, D, corr, acc);
+}
+
+// Causal attention of prefill chunks after a cached prefix, all sequences in one call, K/V read
+// from the paged cache (the chunk's own K/V are stored there first). q: [T, H, D] rows of the flat
+// batch; sequence i owns rows q_starts[i] .. +q_lens[i] at positions prefix_lens[i] + j.
+//  1. every (block, kv head) the call reads is converted once to fp32: K transposed ([D][ldk],
+//     zero-padded to a multiple of 16 keys) and V ([ldk][D]);
+//  2. a work item is (sequence, kv head, tile of 16 query rows): its G*rows query vectors sweep
+//     the blocks once with an online softmax; scores are vectorized across a block's keys, the
+//     output across head_dim, so neither needs a horizontal sum.
+at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                                   const at::Tensor& block_tables, const at::Tensor& q_starts,
+                                   const at::Tensor& q_lens, const at::Tensor& prefix_lens, double scale) {
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_prefill_attention: q heads must be contiguous");
+  TORCH_CHECK(kc.stride(3) == 1 && vc.stride(3) == 1, "paged_prefill_attention: head_dim must be contiguous");
+  TORCH_CHECK(block_tables.is_contiguous() && q_starts.is_contiguous() && q_lens.is_contiguous() &&
+              prefix_lens.is_contiguous(), "paged_prefill_attention: metadata must be contiguous");
+  const int64_t H = q.size(1), D = q.size(2), qs = q.stride(0), S = q_starts.size(0);
+  const int64_t bs = kc.size(1), KV = kc.size(2), G = H / KV, maxb = block_tables.size(1);
+  const int64_t ldk = (bs + kKeys - 1) / kKeys * kKeys, blk = D * ldk;   // floats per converted block
+  const int64_t *bt = block_tables.data_ptr<int64_t>(), *qst = q_starts.data_ptr<int64_t>();
+  const int64_t *qln = q_lens.data_ptr<int64_t>(), *pre = prefix_lens.data_ptr<int64_t>();
+  const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2);
+  const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
+  auto out = at::empty({q.size(0), H, D}, q.options());
+  // blocks of each sequence in the conversion buffers, and the (sequence, tile) work list
+  std::vector<int64_t> first_blk(S + 1, 0), blk_seq, item_seq, item_row;
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t nblk = (pre[i] + qln[i] + bs - 1) / bs;
+    first_blk[i + 1] = first_blk[i] + nblk;
+    for (int64_t b = 0; b < nblk; ++b) blk_seq.push_back(i);
+    for (int64_t r = 0; r < qln[i]; r += kPrefillTile) {
+      item_seq.push_back(i);
+      item_row.push_back(r);
+    }
+  }
+  const int64_t nblk_all = first_blk[S];
+  std::vector<float> kt(nblk_all * KV * blk), vf(nblk_all * KV * blk);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_prefill_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = kc.data_ptr<scalar_t>();
+    const scalar_t* vp = vc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, nblk_all * KV, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(D);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t b = it / KV, h = it % KV, i = blk_seq[b], j = b - first_blk[i];
+        const int64_t nb = std::min(bs, pre[i] + qln[i] - j * bs), id = bt[i * maxb + j];
+        float* kto = kt.data() + it * blk;
+        float* vfo = vf.data() + it * blk;
+        for (int64_t t = 0; t < ldk; ++t) {      // padding keys: zeros (finite scores, never read)
+          if (t < nb) {
+            load_row(kp + id * ks0 + t * ks1 + h * ks2, row.data(), D);
+            load_row(vp + id * vs0 + t * vs1 + h * vs2, vfo + t * D, D);
+          } else {
+            std::fill(row.begin(), row.end(), 0.f);
+            std::fill(vfo + t * D, vfo + (t + 1) * D, 0.f);
+          }
+          for (int64_t d = 0; d < D; ++d) kto[d * ldk + t] = row[d];
+        }
+      }
+    });
+    const int64_t items = static_cast<int64_t>(item_seq.size()) * KV, nq_max = kPrefillTile * G;
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(nq_max * D), acc(nq_max * D), sc(nq_max * ldk), m(nq_max), l(nq_max);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t i = item_seq[it / KV], r0 = item_row[it / KV], h = it % KV, p = pre[i];
+        const int64_t rows = std::min(kPrefillTile, qln[i] - r0), nq = rows * G;
+        for (int64_t r = 0; r < rows; ++r)       // query vector (r, g) at index r * G + g
+          for (int64_t g = 0; g < G; ++g) {
+            float* qv = qf.data() + (r * G + g) * D;
+            load_row(qp + (qst[i] + r0 + r) * qs + (h * G + g) * D, qv, D);
+            for (int64_t d = 0; d < D; ++d) qv[d] *= static_cast<float>(scale);
+          }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        std::fill(m.begin(), m.end(), -INFINITY);
+        std::fill(l.begin(), l.end(), 0.f);
+        const int64_t n_keys = p + r0 + rows;    // the tile's last row sees keys [0, n_keys)
+        for (int64_t t0 = 0; t0 < n_keys; t0 += bs) {
+          const int64_t nb = std::min(bs, n_keys - t0);
+          const int64_t cb = (first_blk[i] + t0 / bs) * KV + h;
+          const float* ktb = kt.data() + cb * blk;
+          const float* vfb = vf.data() + cb * blk;
+          const int64_t first_row = std::max<int64_t>(0, t0 - p - r0);   // earlier rows see none of it
+          for (int64_t c0 = 0; c0 < nb; c0 += kKeys) {
+            int64_t u = first_row * G;
+            for (; u + 4 <= nq; u += 4) qk_tile<4>(qf.data() + u * D, D, ktb + c0, ldk, sc.data() + u * ldk + c0);
+            for (; u < nq; ++u) qk_tile<1>(qf.data() + u * D, D, ktb + c0, ldk, sc.data() + u * ldk + c0);
+          }
+          for (int64_t r = first_row; r < rows; ++r) {
+            const int64_t visible = std::min(nb, p + r0 + r + 1 - t0);   // causal: up to its own position
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t v = r * G + g;
+              softmax_pv(sc.data() + v * ldk, visible, vfb, D, m[v], l[v], acc.data() + v * D);
+            }
+          }
+        }
+        for (int64_t v = 0; v < nq; ++v) {
+          float* a = acc.data() + v * D;
+          const float inv = 1.f / l[v];
+          for (int64_t d = 0; d < D; ++d) a[d] *= inv;
+          const int64_t r = v / G, g = v % G;
+          store_row(a, op + ((qst[i] + r0 + r) * H + h * G + g) * D, D);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // One row of silu(gate) * up. silu(gate) is rounded to the storage type first, as F.silu(gate) * up does.
 template <typename T>
 void silu_mul_row(const T* g, const T* u, T* out, int64_t n, float* gb, float* ub, T* tmp) {
@@ -319,5 +494,6 @@ TORCH_LIBRARY(baton_cpu, m) {
   m.def("qk_norm_rope", &qk_norm_rope);
   m.def("store_kv", &store_kv);
   m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("paged_prefill_attention", &paged_prefill_attention);
   m.def("silu_and_mul", &silu_and_mul);
 }
