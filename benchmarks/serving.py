@@ -58,9 +58,9 @@ def arrivals(n: int, rate: float, seed: int) -> list[float]:
     return out
 
 
-def run_server(url: str, tok, prompts: list[list[int]], times: list[float], new: int) -> tuple[list[dict], float]:  # noqa: ANN001
-    """Text prompts (the server tokenizes); greedy, EOS ignored."""
-    client = BatonClient(url)
+def run_server(client: BatonClient, tok, prompts: list[list[int]], times: list[float], new: int) -> tuple[list[dict], float]:  # noqa: ANN001, E501
+    """Text prompts (the server tokenizes); greedy, EOS ignored. The client pools its connections,
+    as a long-lived client does."""
     recs: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
     t0 = time.perf_counter()
 
@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads per serving stage (0: the profile's)")
     ap.add_argument("--share-cores", default=None,
                     help="threads prefill and decode share by load: auto, N, or 0 for a fixed `threads` each")
+    ap.add_argument("--idle-runs", type=int, default=5)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows: list[dict] = []
@@ -130,29 +131,35 @@ def main() -> None:
         overrides["share_cores"] = a.share_cores
     node = Node(a.model, overrides=overrides).start(quiet=True)
     try:
+        client = BatonClient(node.grpc_url)
         engine = LLMEngine(a.model, max_model_len=1024, enable_prefix_caching=False, num_threads=2)
         vocab, tok = engine.config.vocab_size, engine.tokenizer
         idle = {}
-        for name, fn in (("triton", lambda p, t, n: run_server(node.grpc_url, tok, p, t, n)),
-                         ("engine", lambda p, t, n: run_engine(engine, p, t, n))):
+        paths = {"triton": lambda p, t, n: run_server(client, tok, p, t, n),
+                 "engine": lambda p, t, n: run_engine(engine, p, t, n)}
+        for fn in paths.values():
             fn(workload(2, a.prompt_len, vocab, 1), [0, 0], 8)                       # warm-up
-            # idle TTFT and batch-1 decode: one request at a time
-            ttfts, tpots = [], []
-            for k in range(3):
+        # idle TTFT and batch-1 decode: one request at a time, the two paths alternating so that
+        # drifts in the machine's speed hit both alike
+        samples: dict[str, tuple[list, list]] = {name: ([], []) for name in paths}
+        for k in range(a.idle_runs):
+            for name, fn in paths.items():
                 r, _ = fn(workload(1, a.prompt_len, vocab, 10 + k), [0.0], 128)
-                ttfts.append(r[0]["ttft"])
-                tpots.append((r[0]["times"][-1] - r[0]["times"][0]) / (len(r[0]["times"]) - 1))
+                samples[name][0].append(r[0]["ttft"])
+                samples[name][1].append((r[0]["times"][-1] - r[0]["times"][0]) / (len(r[0]["times"]) - 1))
+        for name, (ttfts, tpots) in samples.items():
             idle[name] = {"ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(tpots),
-                          "decode_tok_s": 1 / statistics.median(tpots)}
+                          "decode_tok_s": 1 / statistics.median(tpots),
+                          "ttft_ms_runs": [round(1000 * x, 1) for x in ttfts],
+                          "tpot_ms_runs": [round(1000 * x, 2) for x in tpots]}
             print(f"{name:7s} idle: TTFT {idle[name]['ttft_ms']:6.1f} ms  batch-1 TPOT {idle[name]['tpot_ms']:6.2f} ms "
-                  f"({idle[name]['decode_tok_s']:.1f} tok/s)", flush=True)
+                  f"({idle[name]['decode_tok_s']:.1f} tok/s)  TTFT runs {idle[name]['ttft_ms_runs']}", flush=True)
         mgr = RemoteBlockManager(node.manager.address, 1, 16)
         before = mgr.stats()
-        for rate in [float(r) for r in a.rates.split(",")]:
+        for rate in [float(r) for r in a.rates.split(",") if r]:
             prompts = workload(a.requests, a.prompt_len, vocab, int(rate * 100))
             times = arrivals(a.requests, rate, int(rate * 1000))
-            for name, fn in (("triton", lambda p, t, n: run_server(node.grpc_url, tok, p, t, n)),
-                             ("engine", lambda p, t, n: run_engine(engine, p, t, n))):
+            for name, fn in paths.items():
                 recs, wall = fn(prompts, times, a.new)
                 row = summarize(name, rate, recs, wall)
                 rows.append(row)
@@ -168,7 +175,8 @@ def main() -> None:
         gen_tokens = sum(r["tokens"] for r in rows if r["path"] == "triton")
         kv = {"calls_per_token": (after["calls"] - before["calls"]) / max(1, gen_tokens),
               "server_us_per_call": after["busy_us_per_call"], "rtt_us": rtt_us}
-        overhead = idle["triton"]["tpot_ms"] / idle["engine"]["tpot_ms"] - 1
+        # per pair of neighbouring runs, then the median: robust to the machine's drift
+        overhead = statistics.median(t / e for t, e in zip(samples["triton"][1], samples["engine"][1])) - 1
         print(f"Triton overhead per token at batch 1: {100 * overhead:+.1f}% of TPOT; KV manager: "
               f"{kv['calls_per_token']:.3f} calls/token, {kv['server_us_per_call']:.1f} us/call server, "
               f"{rtt_us:.0f} us round trip", flush=True)

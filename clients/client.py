@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -84,8 +85,26 @@ def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
 
 
 class BatonClient:
+    """Thread-safe. gRPC connections are pooled: a stream takes an idle one (or opens one) and gives
+    it back when it ends, so sequential requests skip the connection set-up (~10 ms here) and
+    concurrent ones each get their own. close() (or `with`) closes the pool."""
+
     def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", model: str = "llm") -> None:
         self.url, self.protocol, self.model = url, protocol, model
+        self._idle: list = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+    def __enter__(self) -> BatonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompt: str | None = None, **kw: object) -> Completion:
         return join(self.stream(prompt, **kw))
@@ -119,9 +138,16 @@ class BatonClient:
     def _stream_grpc(self, prompt, messages, stop, timeout, sampling) -> Iterator[Chunk]:  # noqa: ANN001
         import tritonclient.grpc as grpc
 
-        client = grpc.InferenceServerClient(self.url)
+        with self._lock:
+            client = self._idle.pop() if self._idle else None
+        if client is None:
+            client = grpc.InferenceServerClient(self.url)
         q: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: q.put((result, error)))
+        try:
+            client.start_stream(callback=lambda result, error: q.put((result, error)))
+        except Exception:
+            client.close()
+            raise
         finished = False
         try:
             client.async_stream_infer(self.model, self._grpc_inputs(grpc, prompt, messages, stop, sampling))
@@ -136,8 +162,13 @@ class BatonClient:
                     return
         finally:
             # closing early (break, exception) cancels the request on the server
-            client.stop_stream(cancel_requests=not finished)
-            client.close()
+            try:
+                client.stop_stream(cancel_requests=not finished)
+            except Exception:
+                client.close()
+                raise
+            with self._lock:
+                self._idle.append(client)
 
     # ---- HTTP (Triton generate_stream, server-sent events) ----------------------------------------
     def _stream_http(self, prompt, messages, stop, timeout, sampling) -> Iterator[Chunk]:  # noqa: ANN001

@@ -48,6 +48,9 @@ def test_streamed_greedy_equals_offline_engine(node, offline, protocol):
         assert "".join(c.text for c in chunks) == expect.text
         last = chunks[-1]
         assert last.finish_reason == "length" and last.completion_tokens == 16 and last.prompt_tokens > 0
+    if protocol == "grpc":
+        assert len(client._idle) == 1            # the three streams ran over one pooled connection
+    client.close()
 
 
 def test_sixteen_concurrent_streams(node, offline):
@@ -58,6 +61,8 @@ def test_sixteen_concurrent_streams(node, offline):
         got = list(pool.map(lambda p: client.generate(p, **(GREEDY | {"max_tokens": 12})), prompts))
     for p, g in zip(prompts, got):
         assert g.token_ids == expect[p] and g.finish_reason == "length"
+    assert 1 <= len(client._idle) <= 16          # concurrent streams each had a connection of their own
+    client.close()
     assert blocks_in_use(node.manager.address) == 0
 
 
