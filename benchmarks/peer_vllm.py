@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# Python puts this script's directory first on sys.path, where benchmarks/kernels.py would shadow
+# the `kernels` package vLLM imports.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -123,12 +123,15 @@ def main() -> None:
     ap.add_argument("--share-cores", default=None,
                     help="threads prefill and decode share by load: auto, N, or 0 for a fixed `threads` each")
     ap.add_argument("--idle-runs", type=int, default=5)
+    ap.add_argument("--core-policy", default=None, help="the profile's share_cores_policy (fair | prefill_first)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows: list[dict] = []
     overrides: dict = {"max_model_len": 1024} | ({"threads": a.threads} if a.threads else {})
     if a.share_cores is not None:
         overrides["share_cores"] = a.share_cores
+    if a.core_policy is not None:
+        overrides["share_cores_policy"] = a.core_policy
     node = Node(a.model, overrides=overrides).start(quiet=True)
     try:
         client = BatonClient(node.grpc_url)

@@ -207,3 +207,27 @@ def test_core_share_splits_only_while_both_work(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_core_share_prefill_first_holds_decode_until_prefill_is_done(tmp_path):
+    import threading
+
+    import torch
+
+    from baton.backends.stages.cores import CoreShare
+
+    before = torch.get_num_threads()
+    CoreShare.create(tmp_path / "cores")
+    prefill = CoreShare(tmp_path / "cores", "prefill", 2, "prefill_first")
+    decode = CoreShare(tmp_path / "cores", "decode", 2, "prefill_first")
+    try:
+        assert decode.busy() == 2
+        assert prefill.busy() == 2              # a prefill always gets every core
+        t0 = time.monotonic()
+        threading.Timer(0.2, prefill.idle).start()
+        assert decode.busy() == 2               # ... and the next decode step waits for it
+        assert time.monotonic() - t0 >= 0.19
+        with pytest.raises(ValueError, match="share_cores_policy"):
+            CoreShare(tmp_path / "cores", "decode", 2, "greedy")
+    finally:
+        torch.set_num_threads(before)

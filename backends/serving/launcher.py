@@ -79,7 +79,8 @@ class Node:
                   "max_num_seqs": eng.get("max_num_seqs", 64), "threads": eng.get("threads", 0),
                   "kv_pool": pool_name, "kv_address": address, "weights": pool_name,
                   "run_dir": str(self.run_dir),
-                  "share_cores": _share_cores(eng.get("share_cores", 0))}
+                  "share_cores": _share_cores(eng.get("share_cores", 0)),
+                  "share_cores_policy": eng.get("share_cores_policy", "fair")}
         if params["share_cores"]:
             CoreShare.create(self.run_dir / "cores")
         repo = render(prof, self.run_dir / "models", params)

@@ -25,6 +25,7 @@ class StageParams:
     weights: str = ""              # name of the node's shared weight file ("" = load the checkpoint)
     run_dir: str = "/tmp"          # the node's run directory (sockets, logs)
     share_cores: int = 0           # prefill and decode share this many threads by load (0 = `threads` each)
+    share_cores_policy: str = "fair"   # or "prefill_first" (stages/cores.py)
 
     @classmethod
     def from_model_config(cls, model_config: str | dict) -> StageParams:
@@ -49,4 +50,4 @@ def node_engine(p: StageParams, stage: str) -> LLMEngine:
 
 
 def core_share(p: StageParams, stage: str) -> CoreShare | None:
-    return CoreShare(f"{p.run_dir}/cores", stage, p.share_cores) if p.share_cores else None
+    return CoreShare(f"{p.run_dir}/cores", stage, p.share_cores, p.share_cores_policy) if p.share_cores else None
