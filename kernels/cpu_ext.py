@@ -5,6 +5,7 @@ If there is no compiler, or BATON_CPU_EXT=0, every op falls back to its torch pa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -19,7 +20,10 @@ _state: dict[str, bool] = {}
 
 def build_dir() -> Path:
     root = os.environ.get("BATON_EXT_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "baton"
-    d = Path(root) / f"torch{torch.__version__.split('+')[0]}-cpu_ops"
+    # one directory per checkout: two checkouts sharing one would rewrite build.ninja with their own
+    # source path in turn and rebuild (~13 s) every time the other one loaded it
+    tag = hashlib.sha1(str(_SRC.resolve()).encode()).hexdigest()[:8]
+    d = Path(root) / f"torch{torch.__version__.split('+')[0]}-cpu_ops-{tag}"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -24,7 +24,6 @@ from .common import StageParams, core_share, node_engine
 from .decode import DecodeStage
 from .handle import KVHandle
 
-
 # How often the relay asks Triton whether its live requests were cancelled. Each ask is an IPC round
 # trip per request; asking on every streamed token cost the server ~0.3 ms of CPU per token.
 CANCEL_POLL_S = 0.05
