@@ -1,5 +1,5 @@
 """Where idle TTFT goes through Triton (small, 128-token uncached prompts, max_tokens=1): a new gRPC
-channel per request (what benchmarks/serving.py and BatonClient.stream do), one persistent stream,
+channel per request (a new BatonClient each time; one client pools its connections), one persistent stream,
 and the prefill model called alone. Every prompt is used once, so none hits the prefix cache.
 
     python benchmarks/ttft_breakdown.py [--model .cache/checkpoints/small]
@@ -34,16 +34,17 @@ def main() -> None:
     prompts = [tok.decode(torch.randint(3, tok.vocab_size, (128,), generator=gen).tolist()) for _ in range(17)]
     node = Node(a.model, overrides={"max_model_len": 1024}).start(quiet=True)
     try:
-        client = BatonClient(node.grpc_url)
-        for p in prompts[:2]:                                   # warm-up
-            list(client.stream(p, max_tokens=2))
+        with BatonClient(node.grpc_url) as client:
+            for p in prompts[:2]:                               # warm-up
+                list(client.stream(p, max_tokens=2))
         fresh = []
         for p in prompts[2:7]:
-            t = time.perf_counter()
-            it = client.stream(p, max_tokens=1)
-            next(it)
-            fresh.append(time.perf_counter() - t)
-            list(it)
+            with BatonClient(node.grpc_url) as client:          # a new client: a new connection
+                t = time.perf_counter()
+                it = client.stream(p, max_tokens=1)
+                next(it)
+                fresh.append(time.perf_counter() - t)
+                list(it)
         print("new channel per request, TTFT ms:", ms(fresh))
 
         cl = grpc.InferenceServerClient(node.grpc_url)
