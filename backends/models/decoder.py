@@ -71,12 +71,16 @@ LINEARS = ("qkv", "o", "gate_up", "down")
 def pack_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | PackedWeight]:
     """prepare_weights' output with every GEMM weight oneDNN-packed (kernels.linear.pack), for a node
     to publish: stages then run packed GEMMs on the shared copy. A tied lm_head gets its own packed
-    copy (the embedding stays plain for the lookup)."""
-    out: dict[str, torch.Tensor | PackedWeight] = dict(weights)
+    copy (the embedding stays plain for the lookup). Consumes `weights`: each plain tensor is dropped
+    as soon as it is packed, so packing never holds two copies of the model."""
+    out: dict[str, torch.Tensor | PackedWeight] = {}
     for i in range(cfg.num_layers):
         for n in LINEARS:
-            out[f"layers.{i}.{n}.weight"] = pack_weight(weights[f"layers.{i}.{n}.weight"])
-    out["lm_head"] = pack_weight(weights.get("lm_head", weights["embed"]))
+            name = f"layers.{i}.{n}.weight"
+            out[name] = pack_weight(weights.pop(name))
+    out["lm_head"] = pack_weight(weights.pop("lm_head") if "lm_head" in weights else weights["embed"])
+    out.update(weights)
+    weights.clear()
     return out
 
 
