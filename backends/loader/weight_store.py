@@ -49,7 +49,7 @@ def publish(name: str, tensors: dict[str, torch.Tensor | PackedWeight]) -> int:
         offset += t.numel() * t.element_size()
     for k, t in tensors.items():
         if isinstance(t, PackedWeight):   # the logical weight the blob holds
-            index[k]["packed"] = {"shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
+            index[k]["packed"] = {"shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1], "layout": t.layout}
     size = max(offset, 1)
     fd = os.open(data_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
@@ -79,7 +79,8 @@ def attach(name: str) -> dict[str, torch.Tensor | PackedWeight]:
     for k, e in meta["tensors"].items():
         if "packed" in e:
             p = e["packed"]
-            out[k] = PackedWeight(out[k], out.pop(k + "#md"), tuple(p["shape"]), getattr(torch, p["dtype"]))
+            out[k] = PackedWeight(out[k], out.pop(k + "#md"), tuple(p["shape"]), getattr(torch, p["dtype"]),
+                                  p.get("layout", ""))
     return out
 
 

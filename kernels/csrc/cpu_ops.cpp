@@ -18,6 +18,11 @@ namespace {
 template <typename T>
 inline float f32(T v) { return static_cast<float>(v); }
 
+// Integer views of float / bf16 rows. may_alias: without it GCC may move the float reads and writes
+// around the integer ones (strict aliasing), e.g. drop a bias added to a row just before it is rounded.
+typedef uint32_t __attribute__((may_alias)) u32_alias;
+typedef uint16_t __attribute__((may_alias)) u16_alias;
+
 // Row -> fp32. The bf16 case is a plain 16-bit shift so the compiler vectorizes it
 // (c10::BFloat16's conversion goes through a union and stays scalar).
 template <typename T>
@@ -27,8 +32,8 @@ inline void load_row(const T* src, float* dst, int64_t n) {
 
 template <>
 inline void load_row<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  const u16_alias* s = reinterpret_cast<const u16_alias*>(src);
+  u32_alias* d = reinterpret_cast<u32_alias*>(dst);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
 }
@@ -53,8 +58,8 @@ inline void store_row(const float* src, T* dst, int64_t n) {
 
 template <>
 inline void store_row<at::BFloat16>(const float* src, at::BFloat16* dst, int64_t n) {
-  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  const u32_alias* s = reinterpret_cast<const u32_alias*>(src);
+  u16_alias* d = reinterpret_cast<u16_alias*>(dst);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t b = s[i];
@@ -539,6 +544,61 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, co
   return out;
 }
 
+// y[1, N] = x[1, K] @ W^T for a bf16 weight in oneDNN's packed layout for this CPU, read in place:
+// blocks of [N/64][K/32][16 k-pairs][64 n][2] (checked against oneDNN's own packing at load by
+// kernels/linear.py before this path is used). One streaming pass over the weight, two k per
+// VDPBF16PS: at batch 1 the GEMV is bound by memory bandwidth, which oneDNN's general GEMM leaves
+// partly unused on short matrices.
+constexpr int64_t kGemvNB = 64, kGemvKB = 32;
+
+bool gemv_packed_supported() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor gemv_packed_bf16(const at::Tensor& x, const at::Tensor& blob, int64_t N, int64_t K,
+                            const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.numel() == K,
+              "gemv_packed_bf16: x must be a contiguous bf16 [1, K]");
+  const int64_t nblocks = (N + kGemvNB - 1) / kGemvNB, kblocks = (K + kGemvKB - 1) / kGemvKB;
+  TORCH_CHECK(blob.numel() >= nblocks * kblocks * kGemvNB * kGemvKB * 2, "gemv_packed_bf16: blob too small");
+  auto out = at::empty({1, N}, x.options());
+#if defined(__AVX512BF16__)
+  // x padded to whole k-blocks (the padded weights are zeros, but x's pad must not be NaN)
+  std::vector<uint16_t> xp(kblocks * kGemvKB, 0);
+  std::memcpy(xp.data(), x.data_ptr(), K * 2);
+  const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(xp.data());
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(blob.data_ptr());
+  const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      const uint16_t* wb = w + nb * kblocks * kGemvKB * kGemvNB;
+      for (int64_t kp = 0; kp < kblocks * kGemvKB / 2; ++kp) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[kp]));
+        const uint16_t* r = wb + kp * kGemvNB * 2;
+        _mm_prefetch(reinterpret_cast<const char*>(r + 16 * kGemvNB * 2), _MM_HINT_T0);
+        for (int j = 0; j < 4; ++j)
+          acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(r + 32 * j), xv);
+      }
+      alignas(64) float y[kGemvNB];
+      for (int j = 0; j < 4; ++j) _mm512_store_ps(y + 16 * j, acc[j]);
+      const int64_t n0 = nb * kGemvNB, nn = std::min(kGemvNB, N - n0);
+      if (bp)
+        for (int64_t i = 0; i < nn; ++i) y[i] += static_cast<float>(bp[n0 + i]);
+      store_row(y, op + n0, nn);
+    }
+  });
+#else
+  TORCH_CHECK(false, "gemv_packed_bf16: built without AVX512-BF16");
+#endif
+  return out;
+}
+
 // One row of silu(gate) * up. silu(gate) is rounded to the storage type first, as F.silu(gate) * up does.
 template <typename T>
 void silu_mul_row(const T* g, const T* u, T* out, int64_t n, float* gb, float* ub, T* tmp) {
@@ -599,6 +659,8 @@ at::Tensor mkldnn_from_blob(const at::Tensor& blob, at::IntArrayRef dims, at::Sc
 
 TORCH_LIBRARY(baton_cpu, m) {
   m.def("mkldnn_from_blob", &mkldnn_from_blob);
+  m.def("gemv_packed_bf16", &gemv_packed_bf16);
+  m.def("gemv_packed_supported", &gemv_packed_supported);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("qk_norm_rope", &qk_norm_rope);
