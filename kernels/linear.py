@@ -5,8 +5,9 @@ A packed weight can also live outside torch's allocator: `PackedWeight` holds it
 oneDNN's serialized memory descriptor, so a node packs once into shared memory and every stage
 process wraps the same bytes (no private copies).
 
-Batch-1 rows of bf16 weights skip oneDNN: the C++ kernel `gemv_packed_bf16` streams the same packed
-bytes once with VDPBF16PS (measured ~27 vs ~21 GB/s over small's layer GEMVs). It reads oneDNN's
+Decode-sized batches (<= 12 rows) of bf16 weights skip oneDNN: the C++ kernel `gemv_packed_bf16`
+streams the same packed bytes once with VDPBF16PS (measured ~27 vs ~21 GB/s over small's layer
+GEMVs at one row). It reads oneDNN's
 blocked layout directly, so `pack` checks that layout on the weight's own values before the kernel
 may use it; any other layout keeps oneDNN for every batch size."""
 
@@ -22,6 +23,9 @@ from . import cpu_ext
 
 # oneDNN's bf16 weight blocking that gemv_packed_bf16 reads: [N/64][K/32][16 k-pairs][64 n][2 k].
 GEMV_LAYOUT = "n64k32p2"
+# Rows up to which the kernel beats oneDNN (small's layer shapes, 2 threads: 1.30x at 1 row, 1.15x at
+# 4-8, 1.26x at 12, even at 16).
+GEMV_MAX_ROWS = 12
 _NB, _KB = 64, 32
 
 
@@ -122,7 +126,7 @@ def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
-    if w.gemv and x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.is_contiguous():
+    if w.gemv and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_contiguous():
         return torch.ops.baton_cpu.gemv_packed_bf16(x, w._blob, w.out_features, w.in_features, w.bias)
     if w.packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, w.packed, w.bias, "none", [], "")

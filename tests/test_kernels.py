@@ -189,16 +189,17 @@ def test_packed_weight_bytes_wrap_back_exactly(impl, m):
     assert torch.equal(linear(x, wrapped), linear(x, LinearWeight(w, b)))
 
 
+@pytest.mark.parametrize("m", [1, 5, 12, 13])
 @pytest.mark.parametrize("n, k", [(96, 64), (100, 72), (1280, 768)])
-def test_batch1_gemv_reads_onednn_layout(impl, n, k):
-    """Batch-1 bf16 rows go through gemv_packed_bf16 over oneDNN's packed bytes (padded shapes too);
-    larger batches and the torch path keep oneDNN / F.linear."""
+def test_small_batch_gemv_reads_onednn_layout(impl, m, n, k):
+    """Up to 12 bf16 rows go through gemv_packed_bf16 over oneDNN's packed bytes (padded shapes and
+    partial row groups too); more rows and the torch path keep oneDNN / F.linear."""
     torch.manual_seed(2)
     w, b = (torch.randn(n, k) * 0.1).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16)
     lw = LinearWeight(w, b)
     if impl == "fused" and torch.ops.baton_cpu.gemv_packed_supported():
         assert lw.gemv and pack(w).layout == "n64k32p2"
-    x = torch.randn(1, k).to(torch.bfloat16)
+    x = torch.randn(m, k).to(torch.bfloat16)
     ref = x.float() @ w.float().t() + b.float()
     torch.testing.assert_close(linear(x, lw).float(), ref, atol=0.05, rtol=1e-2)
 

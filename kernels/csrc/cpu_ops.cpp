@@ -544,12 +544,13 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, co
   return out;
 }
 
-// y[1, N] = x[1, K] @ W^T for a bf16 weight in oneDNN's packed layout for this CPU, read in place:
-// blocks of [N/64][K/32][16 k-pairs][64 n][2] (checked against oneDNN's own packing at load by
-// kernels/linear.py before this path is used). One streaming pass over the weight, two k per
-// VDPBF16PS: at batch 1 the GEMV is bound by memory bandwidth, which oneDNN's general GEMM leaves
-// partly unused on short matrices.
-constexpr int64_t kGemvNB = 64, kGemvKB = 32;
+// y[M, N] = x[M, K] @ W^T (M small: decode batches) for a bf16 weight in oneDNN's packed layout
+// for this CPU, read in place: blocks of [N/64][K/32][16 k-pairs][64 n][2] (checked against the
+// weight's own values by kernels/linear.py before this path is used). Two k per VDPBF16PS; rows go
+// in groups of up to 4 (16 accumulators), so a 64-column slab streams from memory once and is
+// re-read from cache by the next group. At small M the GEMM is bound by memory bandwidth, which
+// oneDNN's general kernel leaves partly unused here (~21 vs ~27 GB/s over small's layer GEMVs).
+constexpr int64_t kGemvNB = 64, kGemvKB = 32, kGemvMaxRows = 16;
 
 bool gemv_packed_supported() {
 #if defined(__AVX512BF16__)
@@ -559,38 +560,66 @@ bool gemv_packed_supported() {
 #endif
 }
 
+#if defined(__AVX512BF16__)
+template <int R>
+inline void gemv_rows(const uint16_t* wb, int64_t kpairs, const u32_alias* xpairs, int64_t xstride, float* y) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < kpairs; ++kp) {
+    const uint16_t* p = wb + kp * kGemvNB * 2;
+    _mm_prefetch(reinterpret_cast<const char*>(p + 16 * kGemvNB * 2), _MM_HINT_T0);
+    __m512bh w[4];
+    for (int j = 0; j < 4; ++j) w[j] = (__m512bh)_mm512_loadu_si512(p + 32 * j);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * xstride + kp]));
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kGemvNB + 16 * j, acc[r][j]);
+}
+#endif
+
 at::Tensor gemv_packed_bf16(const at::Tensor& x, const at::Tensor& blob, int64_t N, int64_t K,
                             const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.numel() == K,
-              "gemv_packed_bf16: x must be a contiguous bf16 [1, K]");
-  const int64_t nblocks = (N + kGemvNB - 1) / kGemvNB, kblocks = (K + kGemvKB - 1) / kGemvKB;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K &&
+                  x.size(0) <= kGemvMaxRows,
+              "gemv_packed_bf16: x must be a contiguous bf16 [M <= 16, K]");
+  const int64_t M = x.size(0), nblocks = (N + kGemvNB - 1) / kGemvNB, kblocks = (K + kGemvKB - 1) / kGemvKB;
   TORCH_CHECK(blob.numel() >= nblocks * kblocks * kGemvNB * kGemvKB * 2, "gemv_packed_bf16: blob too small");
-  auto out = at::empty({1, N}, x.options());
+  auto out = at::empty({M, N}, x.options());
 #if defined(__AVX512BF16__)
-  // x padded to whole k-blocks (the padded weights are zeros, but x's pad must not be NaN)
-  std::vector<uint16_t> xp(kblocks * kGemvKB, 0);
-  std::memcpy(xp.data(), x.data_ptr(), K * 2);
+  // x rows padded to whole k-blocks (the padded weights are zeros, but x's pad must not be NaN)
+  const int64_t kp_all = kblocks * kGemvKB / 2;
+  std::vector<uint16_t> xp(M * kp_all * 2, 0);
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(xp.data() + m * kp_all * 2, static_cast<const uint16_t*>(x.data_ptr()) + m * K, K * 2);
   const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(xp.data());
   const uint16_t* w = reinterpret_cast<const uint16_t*>(blob.data_ptr());
   const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float y[4 * kGemvNB];
     for (int64_t nb = b0; nb < b1; ++nb) {
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       const uint16_t* wb = w + nb * kblocks * kGemvKB * kGemvNB;
-      for (int64_t kp = 0; kp < kblocks * kGemvKB / 2; ++kp) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[kp]));
-        const uint16_t* r = wb + kp * kGemvNB * 2;
-        _mm_prefetch(reinterpret_cast<const char*>(r + 16 * kGemvNB * 2), _MM_HINT_T0);
-        for (int j = 0; j < 4; ++j)
-          acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(r + 32 * j), xv);
-      }
-      alignas(64) float y[kGemvNB];
-      for (int j = 0; j < 4; ++j) _mm512_store_ps(y + 16 * j, acc[j]);
       const int64_t n0 = nb * kGemvNB, nn = std::min(kGemvNB, N - n0);
-      if (bp)
-        for (int64_t i = 0; i < nn; ++i) y[i] += static_cast<float>(bp[n0 + i]);
-      store_row(y, op + n0, nn);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        const u32_alias* xr = xpairs + m0 * kp_all;
+        switch (rows) {
+          case 4: gemv_rows<4>(wb, kp_all, xr, kp_all, y); break;
+          case 3: gemv_rows<3>(wb, kp_all, xr, kp_all, y); break;
+          case 2: gemv_rows<2>(wb, kp_all, xr, kp_all, y); break;
+          default: gemv_rows<1>(wb, kp_all, xr, kp_all, y);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* yr = y + r * kGemvNB;
+          if (bp)
+            for (int64_t i = 0; i < nn; ++i) yr[i] += static_cast<float>(bp[n0 + i]);
+          store_row(yr, op + (m0 + r) * N + n0, nn);
+        }
+      }
     }
   });
 #else
