@@ -231,3 +231,23 @@ def test_core_share_prefill_first_holds_decode_until_prefill_is_done(tmp_path):
             CoreShare(tmp_path / "cores", "decode", 2, "greedy")
     finally:
         torch.set_num_threads(before)
+
+
+def test_decode_fails_one_request_that_cannot_be_adopted_and_keeps_serving(node):
+    """A sink that breaks on its first token: that request gets an error and its blocks go back; the
+    next request is served normally."""
+    params, prefill, decode = node
+    sampling = json.dumps(SamplingParams(temperature=0, max_tokens=8, ignore_eos=True).__dict__)
+    handle = prefill.run([(np.asarray(prompts_of(512, [20], seed=41)[0]), sampling)])[0]
+
+    class Broken(ListSink):
+        def send(self, out, final):
+            raise RuntimeError("client went away")
+
+    sink = Broken()
+    decode.submit(handle, sink)
+    assert sink.done.wait(10) and "could not adopt" in sink.err
+    assert blocks_in_use(params.kv_address) == 0
+    ok = run(node, prompts_of(512, [12], seed=42)[0], dict(temperature=0, max_tokens=4, ignore_eos=True))
+    assert ok.outs[-1]["finish_reason"] == "length"
+    assert blocks_in_use(params.kv_address) == 0
