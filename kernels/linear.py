@@ -42,10 +42,26 @@ class PackedWeight:
     layout: str = ""
 
 
+_onednn_ok: dict[torch.dtype, bool] = {}
+
+
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs `dtype` weights on this CPU (fp16 needs AVX512-FP16 or AVX-NE-CONVERT;
+    asked once by packing a tiny weight)."""
+    if dtype not in (torch.bfloat16, torch.float16) or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype not in _onednn_ok:
+        try:
+            torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+            _onednn_ok[dtype] = True
+        except RuntimeError:
+            _onednn_ok[dtype] = False
+    return _onednn_ok[dtype]
+
+
 def can_share_packed(dtype: torch.dtype) -> bool:
     """Whether weights of `dtype` can be packed into bytes and wrapped again in another process."""
-    return (dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available()
-            and cpu_ext.available())
+    return onednn_packs(dtype) and cpu_ext.available()
 
 
 def _gemv_positions(n: torch.Tensor, k: torch.Tensor, K: int) -> torch.Tensor:
@@ -103,11 +119,11 @@ class LinearWeight:
             return
         self.weight = weight
         self.packed = None
-        if pack and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
+        if pack and weight.device.type == "cpu" and onednn_packs(weight.dtype):
             if can_share_packed(weight.dtype):          # our own bytes: the batch-1 kernel can read them
                 self._wrap(_pack_weight(weight))
                 self.weight = weight if keep_weight else None
-            elif torch.backends.mkldnn.is_available():
+            else:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
                 if not keep_weight:
                     self.weight = None

@@ -158,13 +158,14 @@ def test_qk_norm_rope_in_place_on_fused_qkv_view(dtype, with_norm):
     assert torch.equal(qkv[:, H + KV:], v_before)          # v untouched
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 8, 33])
 def test_linear_and_activation(dtype, m):
+    """fp16: packed where oneDNN supports it on this CPU, else F.linear (it must not fail)."""
     w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
     lw = LinearWeight(w, b)
     x = torch.randn(m, 64).to(dtype)
-    tol = 1e-5 if dtype == torch.float32 else 0.25   # bf16 output rounding at |y| ~ 8-30
+    tol = 1e-5 if dtype == torch.float32 else 0.25   # bf16/fp16 output rounding at |y| ~ 8-30
     torch.testing.assert_close(linear(x, lw).float(), linear_ref(x, lw).float(), atol=tol, rtol=2e-2)
     g = torch.randn(m, 128).to(dtype)
     torch.testing.assert_close(silu_and_mul(g), silu_and_mul_ref(g))
