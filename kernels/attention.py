@@ -178,11 +178,7 @@ def _prefill_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: PrefillMeta, scale: float) -> torch.Tensor:
     """flash-attn's paged varlen kernel when installed and the page size suits it (FA2 needs pages of
     a multiple of 256 tokens), else the Triton kernel."""
-    width = max(len(t) for t in meta.block_tables)
-    tables = torch.zeros(len(meta.block_tables), width, dtype=torch.int32)
-    for i, t in enumerate(meta.block_tables):
-        tables[i, : len(t)] = t
-    tables = tables.to(q.device)
+    tables = meta.padded_tables.to(device=q.device, dtype=torch.int32)
     q_lens = [e - s for s, e in zip(meta.q_starts, meta.q_ends)]
     if k_cache.shape[1] % 256 == 0:
         try:

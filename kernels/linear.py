@@ -8,7 +8,7 @@ process wraps the same bytes (no private copies).
 Decode-sized batches (<= 12 rows) of bf16 weights skip oneDNN: the C++ kernel `gemv_packed_bf16`
 streams the same packed bytes once with VDPBF16PS (measured ~27 vs ~21 GB/s over small's layer
 GEMVs at one row). It reads oneDNN's
-blocked layout directly, so `pack` checks that layout on the weight's own values before the kernel
+blocked layout directly, so `pack_weight` checks that layout on the weight's own values before the kernel
 may use it; any other layout keeps oneDNN for every batch size."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _follows_gemv_layout(weight: torch.Tensor, blob: torch.Tensor) -> bool:
     return bool(torch.equal(got, weight.view(torch.int16)[n, k]))
 
 
-def pack(weight: torch.Tensor) -> PackedWeight:
+def pack_weight(weight: torch.Tensor) -> PackedWeight:
     """Packs a CPU [out, in] bf16/fp16 weight and copies oneDNN's buffer into plain bytes."""
     weight = weight.contiguous()
     p = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -92,9 +92,6 @@ def pack(weight: torch.Tensor) -> PackedWeight:
     layout = GEMV_LAYOUT if _follows_gemv_layout(weight, blob) else ""
     return PackedWeight(blob, torch.ops.mkldnn._get_mkldnn_serialized_md(p), tuple(weight.shape), weight.dtype,
                         layout)
-
-
-_pack_weight = pack    # LinearWeight's `pack` argument shadows the function there
 
 
 def _gemv_supported() -> bool:
@@ -121,7 +118,7 @@ class LinearWeight:
         self.packed = None
         if pack and weight.device.type == "cpu" and onednn_packs(weight.dtype):
             if can_share_packed(weight.dtype):          # our own bytes: the batch-1 kernel can read them
-                self._wrap(_pack_weight(weight))
+                self._wrap(pack_weight(weight))
                 self.weight = weight if keep_weight else None
             else:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)

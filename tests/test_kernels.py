@@ -8,7 +8,7 @@ import torch
 from baton.kernels import attention, cpu_ext, kv_cache, norm, rotary
 from baton.kernels.activation import silu_and_mul, silu_and_mul_ref
 from baton.kernels.attention import DecodeMeta, PrefillMeta
-from baton.kernels.linear import LinearWeight, PackedWeight, can_share_packed, linear, linear_ref, pack
+from baton.kernels.linear import LinearWeight, PackedWeight, can_share_packed, linear, linear_ref, pack_weight
 
 
 @pytest.fixture(autouse=True, params=["fused", "torch"])
@@ -174,10 +174,10 @@ def test_linear_and_activation(dtype, m):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 @pytest.mark.parametrize("m", [1, 17])
 def test_packed_weight_bytes_wrap_back_exactly(impl, m):
-    """pack() copies oneDNN's blocked buffer out; wrapping those bytes (as a stage does with the node's
+    """pack_weight() copies oneDNN's blocked buffer out; wrapping those bytes (as a stage does with the node's
     shared file) must compute exactly what the private packed weight computes."""
     w, b = torch.randn(96, 64).to(torch.bfloat16), torch.randn(96).to(torch.bfloat16)
-    pw = pack(w)
+    pw = pack_weight(w)
     assert pw.blob.dtype == torch.uint8 and pw.shape == (96, 64)
     shared = pw.blob.clone()                                  # another owner of the same bytes
     if not can_share_packed(torch.bfloat16):                  # the torch path: a clear error, not a crash
@@ -199,7 +199,7 @@ def test_small_batch_gemv_reads_onednn_layout(impl, m, n, k):
     w, b = (torch.randn(n, k) * 0.1).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16)
     lw = LinearWeight(w, b)
     if impl == "fused" and torch.ops.baton_cpu.gemv_packed_supported():
-        assert lw.gemv and pack(w).layout == "n64k32p2"
+        assert lw.gemv and pack_weight(w).layout == "n64k32p2"
     x = torch.randn(m, k).to(torch.bfloat16)
     ref = x.float() @ w.float().t() + b.float()
     torch.testing.assert_close(linear(x, lw).float(), ref, atol=0.05, rtol=1e-2)

@@ -55,7 +55,7 @@ def node(qwen3_dir, tmp_path_factory):
     weight_store.publish(name, prepare_weights(cfg, load_state_dict(qwen3_dir, cfg.torch_dtype)))
     params = StageParams(model_dir=str(qwen3_dir), dtype="float32", max_model_len=256, kv_pool=name,
                          kv_address=addr, weights=name)
-    prefill, decode = PrefillStage(node_engine(params, "prefill")), DecodeStage(node_engine(params, "decode"))
+    prefill, decode = PrefillStage(node_engine(params)), DecodeStage(node_engine(params))
     yield params, prefill, decode
     decode.stop()
     mgr.stop()

@@ -14,8 +14,7 @@ from baton.kernels import (
     AttentionBatch, LinearWeight, RotaryCache, add_rms_norm, linear, paged_attention, qk_norm_rope_, rms_norm,
     silu_and_mul,
 )
-from baton.kernels.linear import PackedWeight
-from baton.kernels.linear import pack as pack_weight
+from baton.kernels.linear import PackedWeight, pack_weight
 
 from ..loader.safetensors_loader import take
 from .config import ModelConfig
@@ -69,7 +68,7 @@ LINEARS = ("qkv", "o", "gate_up", "down")
 
 
 def pack_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | PackedWeight]:
-    """prepare_weights' output with every GEMM weight oneDNN-packed (kernels.linear.pack), for a node
+    """prepare_weights' output with every GEMM weight oneDNN-packed (kernels.linear.pack_weight), for a node
     to publish: stages then run packed GEMMs on the shared copy. A tied lm_head gets its own packed
     copy (the embedding stays plain for the lookup). Consumes `weights`: each plain tensor is dropped
     as soon as it is packed, so packing never holds two copies of the model."""

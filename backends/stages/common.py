@@ -38,7 +38,7 @@ class StageParams:
         return cls(**kw)
 
 
-def node_engine(p: StageParams, stage: str) -> LLMEngine:
+def node_engine(p: StageParams) -> LLMEngine:
     """An engine on the node's shared pool (blocks allocated through the KV manager) and, when the
     node published them, its shared weights."""
     pool = KVPool.attach(p.kv_pool)

@@ -46,7 +46,7 @@ class _WorkerSink:
 def serve(params: StageParams, address: str) -> None:
     sock = zmq.Context.instance().socket(zmq.PAIR)
     sock.connect(address)
-    stage = DecodeStage(node_engine(params, "decode"), thread=False)
+    stage = DecodeStage(node_engine(params), thread=False)
     cores = core_share(params, "decode")
     parent = os.getppid()
     outbox: list = []

@@ -212,8 +212,6 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor kc, at::Tenso
   }
 }
 
-// One query token per sequence over its paged context. q: [B, Hq, D]; caches [NB, bs, kvh, D];
-// block_tables [B, max_blocks] int64; context_lens [B] int64. Parallel over (sequence, kv head).
 // Asks for the next block's rows while this one is computed: blocks are scattered through the
 // pool and each row is short, so the hardware prefetcher does not follow and every row missed to
 // DRAM in turn (measured: 2.5 GB/s at batch 32).
@@ -317,6 +315,8 @@ bool decode_item_avx512(const float* qf, int64_t G, int64_t D, int64_t n, const 
 #endif
 }
 
+// One query token per sequence over its paged context. q: [B, Hq, D]; caches [NB, bs, kvh, D];
+// block_tables [B, max_blocks] int64; context_lens [B] int64. Parallel over (sequence, kv head).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_decode_attention: q heads must be contiguous");

@@ -13,7 +13,7 @@ from baton.backends.stages.prefill import PrefillStage
 class TritonPythonModel:
     def initialize(self, args):
         params = StageParams.from_model_config(json.loads(args["model_config"]))
-        self.stage = PrefillStage(node_engine(params, "prefill"), core_share(params, "prefill"))
+        self.stage = PrefillStage(node_engine(params), core_share(params, "prefill"))
 
     def execute(self, requests):
         batch = [(pb_utils.get_input_tensor_by_name(r, "input_ids").as_numpy(),
