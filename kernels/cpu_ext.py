@@ -46,9 +46,11 @@ def _load() -> bool:
 
         _ninja_on_path()
         load(name="baton_cpu_ops", sources=[str(_SRC)], build_directory=str(build_dir()),
+             # -ffp-contract=off: multiply-adds fuse only where written, so the attention kernels'
+             # shared arithmetic stays bit-identical wherever it is inlined.
              # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The .so then
              # needs libgomp.so.1, which resolves to the copy torch already loaded (same SONAME).
-             extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"], extra_ldflags=["-fopenmp"],
+             extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
         return hasattr(torch.ops.baton_cpu, "paged_decode_attention")
     except Exception as e:  # no compiler / headers: the torch paths still work

@@ -1,15 +1,19 @@
-"""Linear layers. On CPU, bf16/fp16 weights are pre-packed once for oneDNN: measured here a
-GEMV runs 2x faster than F.linear (the 32000x768 lm_head reaches ~40 GB/s instead of ~18).
+"""Linear layers. On CPU, bf16/fp16 weights are pre-packed once in oneDNN's blocked layout: measured
+here a GEMV on packed weights runs 2x faster than F.linear (the 32000x768 lm_head reaches ~40 GB/s
+instead of ~18).
 
 A packed weight can also live outside torch's allocator: `PackedWeight` holds its bytes and
 oneDNN's serialized memory descriptor, so a node packs once into shared memory and every stage
 process wraps the same bytes (no private copies).
 
-Decode-sized batches (<= 12 rows) of bf16 weights skip oneDNN: the C++ kernel `gemv_packed_bf16`
-streams the same packed bytes once with VDPBF16PS (measured ~27 vs ~21 GB/s over small's layer
-GEMVs at one row). It reads oneDNN's
-blocked layout directly, so `pack_weight` checks that layout on the weight's own values before the kernel
-may use it; any other layout keeps oneDNN for every batch size."""
+bf16 matmuls of any batch size then run the C++ kernel `linear_packed_bf16` over those bytes, not
+oneDNN: each output element is one fixed accumulation chain over k, so a token's row is bit-identical
+whether it runs alone, in a decode batch of 30 or as the tail of a prompt after a cached prefix. (oneDNN
+splits K by shape; its rows drift by an ulp with the batch size, which flips greedy tokens of bf16
+models: prefix caching changed outputs.) It is also faster here: 1.9x oneDNN at 1 row, 1.2x at 12,
+even from 128 rows (small's layer shapes, 2 threads). The kernel reads oneDNN's blocked layout
+directly, so `pack_weight` checks that layout on the weight's own values first; any other layout
+(another CPU) keeps oneDNN for every batch size, and gives up that invariance."""
 
 from __future__ import annotations
 
@@ -21,11 +25,8 @@ import torch.nn.functional as F
 
 from . import cpu_ext
 
-# oneDNN's bf16 weight blocking that gemv_packed_bf16 reads: [N/64][K/32][16 k-pairs][64 n][2 k].
-GEMV_LAYOUT = "n64k32p2"
-# Rows up to which the kernel beats oneDNN (small's layer shapes, 2 threads: 1.30x at 1 row, 1.15x at
-# 4-8, 1.26x at 12, even at 16).
-GEMV_MAX_ROWS = 12
+# oneDNN's bf16 weight blocking that linear_packed_bf16 reads: [N/64][K/32][16 k-pairs][64 n][2 k].
+PACKED_LAYOUT = "n64k32p2"
 _NB, _KB = 64, 32
 
 
@@ -33,7 +34,7 @@ _NB, _KB = 64, 32
 class PackedWeight:
     """A [out, in] weight in oneDNN's blocked layout for this CPU. `blob` (uint8) may view a shared
     file; `md` is the serialized oneDNN memory descriptor (uint8) that says how to read it; `layout`
-    is GEMV_LAYOUT when the bytes were checked to follow it ("" otherwise)."""
+    is PACKED_LAYOUT when the bytes were checked to follow it ("" otherwise)."""
 
     blob: torch.Tensor
     md: torch.Tensor
@@ -64,22 +65,22 @@ def can_share_packed(dtype: torch.dtype) -> bool:
     return onednn_packs(dtype) and cpu_ext.available()
 
 
-def _gemv_positions(n: torch.Tensor, k: torch.Tensor, K: int) -> torch.Tensor:
-    """Element offsets of W[n, k] in the GEMV_LAYOUT blocking."""
+def _packed_positions(n: torch.Tensor, k: torch.Tensor, K: int) -> torch.Tensor:
+    """Element offsets of W[n, k] in the PACKED_LAYOUT blocking."""
     kblocks = -(-K // _KB)
     return ((n // _NB) * (kblocks * _KB * _NB) + (k // _KB) * (_KB * _NB) + ((k % _KB) // 2) * (_NB * 2)
             + (n % _NB) * 2 + (k % 2))
 
 
-def _follows_gemv_layout(weight: torch.Tensor, blob: torch.Tensor) -> bool:
-    """Samples W[n, k] (the four corners and 4096 random elements) at their GEMV_LAYOUT offsets."""
+def _follows_packed_layout(weight: torch.Tensor, blob: torch.Tensor) -> bool:
+    """Samples W[n, k] (the four corners and 4096 random elements) at their PACKED_LAYOUT offsets."""
     N, K = weight.shape
     if weight.dtype != torch.bfloat16 or blob.numel() < 2 * (-(-N // _NB)) * (-(-K // _KB)) * _NB * _KB:
         return False
     g = torch.Generator().manual_seed(0)
     n = torch.cat([torch.tensor([0, 0, N - 1, N - 1]), torch.randint(0, N, (4096,), generator=g)])
     k = torch.cat([torch.tensor([0, K - 1, 0, K - 1]), torch.randint(0, K, (4096,), generator=g)])
-    got = blob.view(torch.int16)[_gemv_positions(n, k, K)]
+    got = blob.view(torch.int16)[_packed_positions(n, k, K)]
     return bool(torch.equal(got, weight.view(torch.int16)[n, k]))
 
 
@@ -89,19 +90,19 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
     p = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     blob = torch.empty(torch.ops.mkldnn._nbytes(p), dtype=torch.uint8)
     ctypes.memmove(blob.data_ptr(), torch.ops.mkldnn.data_ptr(p), blob.numel())
-    layout = GEMV_LAYOUT if _follows_gemv_layout(weight, blob) else ""
+    layout = PACKED_LAYOUT if _follows_packed_layout(weight, blob) else ""
     return PackedWeight(blob, torch.ops.mkldnn._get_mkldnn_serialized_md(p), tuple(weight.shape), weight.dtype,
                         layout)
 
 
-def _gemv_supported() -> bool:
-    return cpu_ext.available() and torch.ops.baton_cpu.gemv_packed_supported()
+def _kernel_supported() -> bool:
+    return cpu_ext.available() and torch.ops.baton_cpu.packed_bf16_supported()
 
 
 class LinearWeight:
     """A [out, in] weight (+ optional bias) prepared for the fast path of its device/dtype."""
 
-    __slots__ = ("weight", "bias", "packed", "out_features", "in_features", "gemv", "_blob")
+    __slots__ = ("weight", "bias", "packed", "out_features", "in_features", "direct", "_blob")
 
     def __init__(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None, pack: bool = True,
                  keep_weight: bool = True) -> None:
@@ -109,7 +110,7 @@ class LinearWeight:
         A PackedWeight is wrapped as is (its blob must outlive this object; we keep a reference)."""
         self.bias = bias
         self._blob = None
-        self.gemv = False
+        self.direct = False
         self.out_features, self.in_features = weight.shape
         if isinstance(weight, PackedWeight):
             self._wrap(weight)
@@ -131,7 +132,7 @@ class LinearWeight:
                                "or it failed to build); publish plain weights instead")
         self.weight, self._blob = None, pw.blob
         self.packed = torch.ops.baton_cpu.mkldnn_from_blob(pw.blob, list(pw.shape), pw.dtype, pw.md)
-        self.gemv = pw.layout == GEMV_LAYOUT and _gemv_supported()
+        self.direct = pw.layout == PACKED_LAYOUT and _kernel_supported()
 
 
 def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
@@ -139,8 +140,8 @@ def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
-    if w.gemv and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and x.is_contiguous():
-        return torch.ops.baton_cpu.gemv_packed_bf16(x, w._blob, w.out_features, w.in_features, w.bias)
+    if w.direct and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
+        return torch.ops.baton_cpu.linear_packed_bf16(x, w._blob, w.out_features, w.in_features, w.bias)
     if w.packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, w.packed, w.bias, "none", [], "")
     return F.linear(x, w.weight, w.bias)

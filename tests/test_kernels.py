@@ -190,19 +190,55 @@ def test_packed_weight_bytes_wrap_back_exactly(impl, m):
     assert torch.equal(linear(x, wrapped), linear(x, LinearWeight(w, b)))
 
 
-@pytest.mark.parametrize("m", [1, 5, 12, 13])
+@pytest.mark.parametrize("m", [1, 5, 8, 12, 13, 40])
 @pytest.mark.parametrize("n, k", [(96, 64), (100, 72), (1280, 768)])
-def test_small_batch_gemv_reads_onednn_layout(impl, m, n, k):
-    """Up to 12 bf16 rows go through gemv_packed_bf16 over oneDNN's packed bytes (padded shapes and
-    partial row groups too); more rows and the torch path keep oneDNN / F.linear."""
+def test_packed_linear_reads_onednn_layout(impl, m, n, k):
+    """bf16 rows of any count go through linear_packed_bf16 over oneDNN's packed bytes (padded shapes
+    and partial row groups too); the torch path keeps F.linear."""
     torch.manual_seed(2)
     w, b = (torch.randn(n, k) * 0.1).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16)
     lw = LinearWeight(w, b)
-    if impl == "fused" and torch.ops.baton_cpu.gemv_packed_supported():
-        assert lw.gemv and pack_weight(w).layout == "n64k32p2"
+    if impl == "fused" and torch.ops.baton_cpu.packed_bf16_supported():
+        assert lw.direct and pack_weight(w).layout == "n64k32p2"
     x = torch.randn(m, k).to(torch.bfloat16)
     ref = x.float() @ w.float().t() + b.float()
     torch.testing.assert_close(linear(x, lw).float(), ref, atol=0.05, rtol=1e-2)
+
+
+def test_packed_linear_rows_do_not_depend_on_the_batch():
+    """A row's result is bit-identical whatever it is batched with: alone, in any slice, at any offset
+    (oneDNN's rows differ in the last bit with M; with prefix caching that flipped greedy tokens)."""
+    if not (cpu_ext.available() and torch.ops.baton_cpu.packed_bf16_supported()):
+        pytest.skip("needs the CPU extension on an AVX512-BF16 CPU")
+    torch.manual_seed(3)
+    lw = LinearWeight((torch.randn(1280, 768) * 0.05).to(torch.bfloat16), torch.randn(1280).to(torch.bfloat16))
+    assert lw.direct
+    x = torch.randn(150, 768).to(torch.bfloat16)
+    full = linear(x, lw)
+    for s, e in [(0, 1), (149, 150), (5, 12), (3, 16), (60, 150), (1, 131)]:
+        assert torch.equal(linear(x[s:e].contiguous(), lw), full[s:e]), (s, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group, d", [(1, 64), (3, 64), (4, 128), (8, 64)])
+def test_attention_rows_do_not_depend_on_the_kernel_or_chunk(impl, dtype, group, d):
+    """A query's output is bit-identical from the decode kernel, from prefill as one row of a whole
+    prompt, and from prefill as a row of a chunk after a cached prefix (head_dim a multiple of 16)."""
+    if impl == "torch":
+        pytest.skip("the torch paths make no bit-identity promise")
+    torch.manual_seed(1)
+    bs, kvh, L = 16, 2, 83
+    kc, vc = _cache(8, bs, kvh, d, dtype)
+    table = [6, 2, 7, 0, 5, 3]
+    q = torch.randn(L, kvh * group, d).to(dtype)
+    whole = attention.prefill_attention(q, None, None, kc, vc, PrefillMeta.build([0], [L], [0], [table], bs), 0.125)
+    for start in (1, 16, 40, 82):                 # a chunk after a cached prefix of `start` tokens
+        meta = PrefillMeta.build([0], [L - start], [start], [table], bs)
+        part = attention.prefill_attention(q[start:].contiguous(), None, None, kc, vc, meta, 0.125)
+        assert torch.equal(part, whole[start:]), start
+    for n in (1, 16, 17, 50, 83):                 # the last query of an n-token context, as decode
+        one = attention.decode_attention(q[n - 1:n].contiguous(), kc, vc, DecodeMeta.build([table], [n], bs), 0.125)
+        assert torch.equal(one[0], whole[n - 1]), n
 
 
 def test_decode_attention_reads_strided_q():

@@ -21,6 +21,9 @@ PRESETS: dict[str, dict] = {
                        inter=192, vocab=512, tie=False, init=0.1,
                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # small's layer shapes (and so its kernels' code paths) in 2 layers, at test speed
+    "mini-qwen3": dict(arch="Qwen3ForCausalLM", hidden=768, layers=2, heads=12, kv_heads=4, head_dim=64,
+                       inter=2048, vocab=512, tie=False, init=0.02),
     "small": dict(arch="Qwen3ForCausalLM", hidden=768, layers=12, heads=12, kv_heads=4, head_dim=64,
                   inter=2048, vocab=32000, tie=False, init=0.02),
     "medium": dict(arch="Qwen3ForCausalLM", hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128,

@@ -223,6 +223,68 @@ inline void prefetch_rows(const T* base, int64_t row_stride, int64_t rows, int64
 }
 
 #ifdef __AVX512F__
+// fast_exp on 16 lanes (the same steps, with explicit FMAs)
+inline __m512 fast_exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 r = _mm512_sub_ps(_mm512_add_ps(t, magic), magic);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, r), _mm512_set1_ps(0.6931471805599453f));
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+#endif
+
+// Online-softmax update of one query vector with the `n` raw scores of a block (overwritten with
+// probabilities); m, l: its running max and denominator. Returns the factor for the accumulator.
+// A fixed order (16-wide chunks, then a fixed tree): decode and prefill get the same numbers.
+inline float block_softmax(float* sc, int64_t n, float& m, float& l) {
+#ifdef __AVX512F__
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 vmx = ninf;
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - t)) - 1);
+    vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(ninf, k, sc + t));
+  }
+  const float mx = std::max(m, _mm512_reduce_max_ps(vmx));   // max is exact: any order
+  // ~0 on the first block (m = -inf clamps to -87)
+  const float corr = _mm512_cvtss_f32(fast_exp16(_mm512_set1_ps(m - mx)));
+  const __m512 vm = _mm512_set1_ps(mx);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __m512 p = _mm512_maskz_mov_ps(k, fast_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + t), vm)));
+    _mm512_mask_storeu_ps(sc + t, k, p);
+    acc = _mm512_add_ps(acc, p);
+  }
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+  const float sum = _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
+#else
+  float mx = m;
+  for (int64_t t = 0; t < n; ++t) mx = sc[t] > mx ? sc[t] : mx;
+  const float corr = fast_exp(m - mx);
+  float sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    sc[t] = fast_exp(sc[t] - mx);
+    sum += sc[t];
+  }
+#endif
+  l = __builtin_fmaf(l, corr, sum);
+  m = mx;
+  return corr;
+}
+
+#ifdef __AVX512F__
 // 16 elements of the storage type -> fp32
 template <typename T>
 inline __m512 load16(const T* p) {   // any other type (double): through a buffer
@@ -242,6 +304,26 @@ inline __m512 load16<at::Half>(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// ---- attention arithmetic shared by decode and prefill ----------------------------------------
+// A query's output must not depend on which kernel computes it: a token's K/V computed by decode
+// is later read as a cached prefix that prefill would otherwise recompute, and a one-token prefill
+// chunk runs as a decode row. So both kernels (AVX-512, head_dim a multiple of 16) do, per query:
+//   score_t = hsum16(16 lane sums; lane j: fma chain over d = j, j+16, ... from zero)
+//   per KV block, in order: block_softmax (online max/denominator update), then
+//   acc = acc * corr + sum_t p_t V_t (fma chain over the block's keys)
+//   out = acc * (1 / l)
+// with the score vectorized along d in decode and along keys in prefill. The extension is built
+// with -ffp-contract=off, so inlining cannot fuse a multiply-add differently at the two sites.
+
+// the reduction tree, for lanes j: (a_j + a_j+8), then (+ j+4), then (+ j+2), then lane 0 + lane 1
+inline float hsum16(__m512 a) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+  return _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
+}
+
 // scores[g * ld + t] = q_g . K_t for the `rows` keys of one block (D a multiple of 16, <= 256).
 // Each key row is converted once and used by the G query heads that share it.
 template <typename T>
@@ -253,24 +335,30 @@ inline void decode_scores(const float* qf, int64_t G, int64_t D, const T* kb, in
     for (int64_t c = 0; c < C; ++c) k[c] = load16(kb + t * ks1 + 16 * c);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
-      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-      for (int64_t c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], a);
-      scores[g * ld + t] = _mm512_reduce_add_ps(a);
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], a);
+      scores[g * ld + t] = hsum16(a);
     }
   }
 }
 
-// acc[g][d0 : d0 + 16W] += sum_t p[g][t] V_t[d0 : d0 + 16W] for NG heads over all n context keys,
-// the accumulators held in registers; V rows are read through the block table.
+// acc[g][d0 : d0 + 16W] = online-softmax weighted sum of V over all n context keys for NG heads:
+// per block, acc = acc * corr[g][block] + sum_t p[g][t] V_t. The accumulators stay in registers;
+// V rows are read through the block table.
 template <int NG, int W, typename T>
-inline void decode_pv(const float* p, int64_t ld, int64_t n, const T* vp, const int64_t* table, int64_t bs,
-                      int64_t vs0, int64_t vs1, int64_t voff, int64_t d0, float* acc, int64_t D) {
+inline void decode_pv(const float* p, int64_t ld, const float* corr, int64_t cld, int64_t n, const T* vp,
+                      const int64_t* table, int64_t bs, int64_t vs0, int64_t vs1, int64_t voff, int64_t d0,
+                      float* acc, int64_t D) {
   __m512 a[NG][W];
   for (int g = 0; g < NG; ++g)
     for (int c = 0; c < W; ++c) a[g][c] = _mm512_setzero_ps();
   for (int64_t t0 = 0; t0 < n; t0 += bs) {
     const T* vb = vp + table[t0 / bs] * vs0 + voff + d0;
     const int64_t rows = std::min(bs, n - t0);
+    for (int g = 0; g < NG; ++g) {
+      const __m512 cg = _mm512_set1_ps(corr[g * cld + t0 / bs]);
+      for (int c = 0; c < W; ++c) a[g][c] = _mm512_mul_ps(a[g][c], cg);
+    }
     for (int64_t t = 0; t < rows; ++t) {
       __m512 v[W];
       for (int c = 0; c < W; ++c) v[c] = load16(vb + t * vs1 + 16 * c);
@@ -285,30 +373,45 @@ inline void decode_pv(const float* p, int64_t ld, int64_t n, const T* vp, const 
 }
 
 template <int W, typename T>
-inline void decode_pv_cols(const float* p, int64_t ld, int64_t n, int64_t G, const T* vp, const int64_t* table,
-                           int64_t bs, int64_t vs0, int64_t vs1, int64_t voff, int64_t d0, float* acc, int64_t D) {
+inline void decode_pv_cols(const float* p, int64_t ld, const float* corr, int64_t cld, int64_t n, int64_t G,
+                           const T* vp, const int64_t* table, int64_t bs, int64_t vs0, int64_t vs1, int64_t voff,
+                           int64_t d0, float* acc, int64_t D) {
   int64_t g = 0;
-  for (; g + 4 <= G; g += 4) decode_pv<4, W>(p + g * ld, ld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D);
-  for (; g < G; ++g) decode_pv<1, W>(p + g * ld, ld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D);
+  for (; g + 4 <= G; g += 4)
+    decode_pv<4, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D);
+  for (; g < G; ++g)
+    decode_pv<1, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D);
 }
 #endif
 
 // One (sequence, kv head) of paged decode attention: scores for the G query heads over all n keys,
-// softmax, then the weighted sum of V. Returns false when the vector path does not apply.
+// the online softmax block by block (corr: G x blocks scratch), then the weighted sum of V; acc gets
+// the normalized output. Returns false when the vector path does not apply.
 template <typename T>
 bool decode_item_avx512(const float* qf, int64_t G, int64_t D, int64_t n, const T* kp, const T* vp,
                         const int64_t* table, int64_t bs, int64_t ks0, int64_t ks1, int64_t koff, int64_t vs0,
-                        int64_t vs1, int64_t voff, float* scores, float* acc) {
+                        int64_t vs1, int64_t voff, float* scores, float* corr, float* acc) {
 #ifdef __AVX512F__
-  if (D % 16 != 0 || D > 256) return false;
+  if (D % 16 != 0 || D > 256 || G > 256) return false;   // (k[32] below: D <= 256)
   for (int64_t t0 = 0; t0 < n; t0 += bs) {
     if (t0 + bs < n) prefetch_rows(kp + table[t0 / bs + 1] * ks0 + koff, ks1, bs, D);
     decode_scores(qf, G, D, kp + table[t0 / bs] * ks0 + koff, ks1, std::min(bs, n - t0), scores + t0, n);
   }
-  for (int64_t g = 0; g < G; ++g) softmax_row(scores + g * n, n);
+  const int64_t nblk = (n + bs - 1) / bs;
+  float inv[256];
+  for (int64_t g = 0; g < G; ++g) {
+    float m = -INFINITY, l = 0.f;
+    for (int64_t t0 = 0; t0 < n; t0 += bs)
+      corr[g * nblk + t0 / bs] = block_softmax(scores + g * n + t0, std::min(bs, n - t0), m, l);
+    inv[g] = 1.f / l;
+  }
   int64_t d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) decode_pv_cols<4>(scores, n, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D);
-  for (; d0 < D; d0 += 16) decode_pv_cols<1>(scores, n, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D);
+  for (; d0 + 64 <= D; d0 += 64)
+    decode_pv_cols<4>(scores, n, corr, nblk, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D);
+  for (; d0 < D; d0 += 16)
+    decode_pv_cols<1>(scores, n, corr, nblk, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv[g];
   return true;
 #else
   return false;
@@ -335,14 +438,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
     const scalar_t* vp = vc.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(G * D), acc(G * D), row(D), scores;
+      std::vector<float> qf(G * D), acc(G * D), row(D), scores, corr;
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / KV, h = idx % KV, n = lens[b];
-        scores.assign(G * n, 0.f);
+        scores.resize(G * n);
+        corr.resize(G * ((n + bs - 1) / bs));
         for (int64_t g = 0; g < G; ++g)
           for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f32(qp[b * qs + (h * G + g) * D + d]) * (float)scale;
         if (decode_item_avx512(qf.data(), G, D, n, kp, vp, bt + b * maxb, bs, ks0, ks1, h * ks2, vs0, vs1,
-                               h * vs2, scores.data(), acc.data())) {
+                               h * vs2, scores.data(), corr.data(), acc.data())) {
           for (int64_t g = 0; g < G; ++g) store_row(acc.data() + g * D, op + (b * H + h * G + g) * D, D);
           continue;
         }
@@ -375,19 +479,33 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
 constexpr int64_t kPrefillTile = 16;   // query rows per work item
 constexpr int64_t kKeys = 16;          // keys per score micro-tile: one AVX-512 register of fp32
 
-// sc[v][0:16] = q_v . K[:, 0:16] for NV query vectors at once (kt: K transposed, [D][ldk]). The
-// accumulators stay in registers and the NV independent FMA chains hide the FMA latency.
+// sc[0:16] = q . K[:, 0:16] for one query vector (kt: K transposed, [D][ldk]) in the shared
+// arithmetic: 16 lane accumulators, each vectorized along the 16 keys, summed in hsum16's tree.
 template <int NV>
 inline void qk_tile(const float* q, int64_t D, const float* kt, int64_t ldk, float* sc) {
 #ifdef __AVX512F__
   static_assert(kKeys == 16, "one __m512 of scores");
-  __m512 s[NV];
-  for (int v = 0; v < NV; ++v) s[v] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m512 k = _mm512_loadu_ps(kt + d * ldk);
-    for (int v = 0; v < NV; ++v) s[v] = _mm512_fmadd_ps(_mm512_set1_ps(q[v * D + d]), k, s[v]);
+  constexpr int L = 16;
+  __m512 P[NV][L];
+  for (int v = 0; v < NV; ++v)
+    for (int j = 0; j < L; ++j) P[v][j] = _mm512_setzero_ps();
+  int64_t d0 = 0;
+  for (; d0 + L <= D; d0 += L) {
+#pragma GCC unroll 16
+    for (int j = 0; j < L; ++j) {
+      const __m512 k = _mm512_loadu_ps(kt + (d0 + j) * ldk);
+      for (int v = 0; v < NV; ++v) P[v][j] = _mm512_fmadd_ps(_mm512_set1_ps(q[v * D + d0 + j]), k, P[v][j]);
+    }
   }
-  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(sc + v * ldk, s[v]);
+  for (int j = 0; d0 + j < D; ++j) {
+    const __m512 k = _mm512_loadu_ps(kt + (d0 + j) * ldk);
+    for (int v = 0; v < NV; ++v) P[v][j] = _mm512_fmadd_ps(_mm512_set1_ps(q[v * D + d0 + j]), k, P[v][j]);
+  }
+  for (int v = 0; v < NV; ++v) {
+    for (int w = L / 2; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) P[v][j] = _mm512_add_ps(P[v][j], P[v][j + w]);
+    _mm512_storeu_ps(sc + v * ldk, P[v][0]);
+  }
 #else
   for (int v = 0; v < NV; ++v)
     for (int t = 0; t < kKeys; ++t) {
@@ -419,20 +537,8 @@ inline void pv_rows(const float* p, int64_t n, const float* vf, int64_t D, float
   for (int64_t t = 0; t < n; ++t) axpy(p[t], vf + t * D + d0, acc + d0, D - d0);
 }
 
-// Online-softmax update of one query vector with `n` keys whose raw scores are in sc (overwritten
-// with probabilities); m, l: its running max and denominator.
 inline void softmax_pv(float* sc, int64_t n, const float* vf, int64_t D, float& m, float& l, float* acc) {
-  float mx = m;
-  for (int64_t t = 0; t < n; ++t) mx = sc[t] > mx ? sc[t] : mx;
-  const float corr = fast_exp(m - mx);   // ~0 on the first block (m = -inf clamps to -87)
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < n; ++t) {
-    sc[t] = fast_exp(sc[t] - mx);
-    sum += sc[t];
-  }
-  l = l * corr + sum;
-  m = mx;
+  const float corr = block_softmax(sc, n, m, l);
   pv_rows(sc, n, vf, D, corr, acc);
 }
 
@@ -520,7 +626,6 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, co
           const int64_t first_row = std::max<int64_t>(0, t0 - p - r0);   // earlier rows see none of it
           for (int64_t c0 = 0; c0 < nb; c0 += kKeys) {
             int64_t u = first_row * G;
-            for (; u + 4 <= nq; u += 4) qk_tile<4>(qf.data() + u * D, D, ktb + c0, ldk, sc.data() + u * ldk + c0);
             for (; u < nq; ++u) qk_tile<1>(qf.data() + u * D, D, ktb + c0, ldk, sc.data() + u * ldk + c0);
           }
           for (int64_t r = first_row; r < rows; ++r) {
@@ -544,15 +649,21 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, co
   return out;
 }
 
-// y[M, N] = x[M, K] @ W^T (M small: decode batches) for a bf16 weight in oneDNN's packed layout
-// for this CPU, read in place: blocks of [N/64][K/32][16 k-pairs][64 n][2] (checked against the
-// weight's own values by kernels/linear.py before this path is used). Two k per VDPBF16PS; rows go
-// in groups of up to 4 (16 accumulators), so a 64-column slab streams from memory once and is
-// re-read from cache by the next group. At small M the GEMM is bound by memory bandwidth, which
-// oneDNN's general kernel leaves partly unused here (~21 vs ~27 GB/s over small's layer GEMVs).
-constexpr int64_t kGemvNB = 64, kGemvKB = 32, kGemvMaxRows = 16;
+// y[M, N] = x[M, K] @ W^T for a bf16 weight in oneDNN's packed layout for this CPU, read in place:
+// blocks of [N/64][K/32][16 k-pairs][64 n][2] (checked against the weight's own values by
+// kernels/linear.py before this path is used). Two k per VDPBF16PS into fp32 accumulators.
+//
+// Every output element is ONE accumulator chain over k = 0, 2, 4, ... from zero, whatever M is and
+// wherever the row sits in the batch. That makes a token's result independent of what it is batched
+// with: a prompt's tail computed after a cached prefix, a chunked prefill and a decode batch of any
+// size give bit-identical rows (oneDNN picks its K-splitting by shape, so its rows drift by an ulp
+// with M, enough to flip a greedy token of a bf16 model). Rows go in groups of up to 6 (24
+// accumulators); a 64-column weight slab streams from memory once per tile of rows and is re-read
+// from L2 by the next group. At decode sizes the kernel is bound by memory bandwidth, which oneDNN's
+// kernel leaves partly unused here (~21 vs ~27 GB/s over small's layer GEMVs).
+constexpr int64_t kPackNB = 64, kPackKB = 32, kMaxGroup = 6;
 
-bool gemv_packed_supported() {
+bool packed_bf16_supported() {
 #if defined(__AVX512BF16__)
   return true;
 #else
@@ -562,13 +673,13 @@ bool gemv_packed_supported() {
 
 #if defined(__AVX512BF16__)
 template <int R>
-inline void gemv_rows(const uint16_t* wb, int64_t kpairs, const u32_alias* xpairs, int64_t xstride, float* y) {
+inline void packed_rows(const uint16_t* wb, int64_t kpairs, const u32_alias* xpairs, int64_t xstride, float* y) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < kpairs; ++kp) {
-    const uint16_t* p = wb + kp * kGemvNB * 2;
-    _mm_prefetch(reinterpret_cast<const char*>(p + 16 * kGemvNB * 2), _MM_HINT_T0);
+    const uint16_t* p = wb + kp * kPackNB * 2;
+    _mm_prefetch(reinterpret_cast<const char*>(p + 16 * kPackNB * 2), _MM_HINT_T0);
     __m512bh w[4];
     for (int j = 0; j < 4; ++j) w[j] = (__m512bh)_mm512_loadu_si512(p + 32 * j);
     for (int r = 0; r < R; ++r) {
@@ -577,53 +688,67 @@ inline void gemv_rows(const uint16_t* wb, int64_t kpairs, const u32_alias* xpair
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kGemvNB + 16 * j, acc[r][j]);
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kPackNB + 16 * j, acc[r][j]);
 }
 #endif
 
-at::Tensor gemv_packed_bf16(const at::Tensor& x, const at::Tensor& blob, int64_t N, int64_t K,
-                            const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K &&
-                  x.size(0) <= kGemvMaxRows,
-              "gemv_packed_bf16: x must be a contiguous bf16 [M <= 16, K]");
-  const int64_t M = x.size(0), nblocks = (N + kGemvNB - 1) / kGemvNB, kblocks = (K + kGemvKB - 1) / kGemvKB;
-  TORCH_CHECK(blob.numel() >= nblocks * kblocks * kGemvNB * kGemvKB * 2, "gemv_packed_bf16: blob too small");
+at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& blob, int64_t N, int64_t K,
+                              const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
+              "linear_packed_bf16: x must be a contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), nblocks = (N + kPackNB - 1) / kPackNB, kblocks = (K + kPackKB - 1) / kPackKB;
+  TORCH_CHECK(blob.numel() >= nblocks * kblocks * kPackNB * kPackKB * 2, "linear_packed_bf16: blob too small");
   auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
 #if defined(__AVX512BF16__)
-  // x rows padded to whole k-blocks (the padded weights are zeros, but x's pad must not be NaN)
-  const int64_t kp_all = kblocks * kGemvKB / 2;
-  std::vector<uint16_t> xp(M * kp_all * 2, 0);
-  for (int64_t m = 0; m < M; ++m)
-    std::memcpy(xp.data() + m * kp_all * 2, static_cast<const uint16_t*>(x.data_ptr()) + m * K, K * 2);
-  const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(xp.data());
+  // k-pairs per row, padded to whole k-blocks: the weight's pad is zeros, x's pad must not be NaN
+  const int64_t kp_all = kblocks * kPackKB / 2;
+  std::vector<uint16_t> xp;
+  const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(x.data_ptr());
+  if (kp_all * 2 != K) {
+    xp.assign(M * kp_all * 2, 0);
+    for (int64_t m = 0; m < M; ++m)
+      std::memcpy(xp.data() + m * kp_all * 2, static_cast<const uint16_t*>(x.data_ptr()) + m * K, K * 2);
+    xpairs = reinterpret_cast<const u32_alias*>(xp.data());
+  }
   const uint16_t* w = reinterpret_cast<const uint16_t*>(blob.data_ptr());
   const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  // rows per tile: the tile's x (tile * K * 2 bytes) stays in L2 while the slabs stream past it
+  const int64_t tile = std::max<int64_t>(kMaxGroup, (256 * 1024 / (kp_all * 4)) / kMaxGroup * kMaxGroup);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float y[4 * kGemvNB];
-    for (int64_t nb = b0; nb < b1; ++nb) {
-      const uint16_t* wb = w + nb * kblocks * kGemvKB * kGemvNB;
-      const int64_t n0 = nb * kGemvNB, nn = std::min(kGemvNB, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t rows = std::min<int64_t>(4, M - m0);
-        const u32_alias* xr = xpairs + m0 * kp_all;
-        switch (rows) {
-          case 4: gemv_rows<4>(wb, kp_all, xr, kp_all, y); break;
-          case 3: gemv_rows<3>(wb, kp_all, xr, kp_all, y); break;
-          case 2: gemv_rows<2>(wb, kp_all, xr, kp_all, y); break;
-          default: gemv_rows<1>(wb, kp_all, xr, kp_all, y);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* yr = y + r * kGemvNB;
-          if (bp)
-            for (int64_t i = 0; i < nn; ++i) yr[i] += static_cast<float>(bp[n0 + i]);
-          store_row(yr, op + (m0 + r) * N + n0, nn);
+    alignas(64) float y[kMaxGroup * kPackNB];
+    for (int64_t t0 = 0; t0 < M; t0 += tile) {
+      const int64_t t1 = std::min(M, t0 + tile);
+      for (int64_t nb = b0; nb < b1; ++nb) {
+        const uint16_t* wb = w + nb * kblocks * kPackKB * kPackNB;
+        const int64_t n0 = nb * kPackNB, nn = std::min(kPackNB, N - n0);
+        for (int64_t m0 = t0; m0 < t1;) {
+          // near-equal groups of <= 6 rows (8 rows: 4 + 4, not 6 + 2)
+          const int64_t left = t1 - m0, groups = (left + kMaxGroup - 1) / kMaxGroup;
+          const int64_t rows = (left + groups - 1) / groups;
+          const u32_alias* xr = xpairs + m0 * kp_all;
+          switch (rows) {
+            case 6: packed_rows<6>(wb, kp_all, xr, kp_all, y); break;
+            case 5: packed_rows<5>(wb, kp_all, xr, kp_all, y); break;
+            case 4: packed_rows<4>(wb, kp_all, xr, kp_all, y); break;
+            case 3: packed_rows<3>(wb, kp_all, xr, kp_all, y); break;
+            case 2: packed_rows<2>(wb, kp_all, xr, kp_all, y); break;
+            default: packed_rows<1>(wb, kp_all, xr, kp_all, y);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            float* yr = y + r * kPackNB;
+            if (bp)
+              for (int64_t i = 0; i < nn; ++i) yr[i] += static_cast<float>(bp[n0 + i]);
+            store_row(yr, op + (m0 + r) * N + n0, nn);
+          }
+          m0 += rows;
         }
       }
     }
   });
 #else
-  TORCH_CHECK(false, "gemv_packed_bf16: built without AVX512-BF16");
+  TORCH_CHECK(false, "linear_packed_bf16: built without AVX512-BF16");
 #endif
   return out;
 }
@@ -688,8 +813,8 @@ at::Tensor mkldnn_from_blob(const at::Tensor& blob, at::IntArrayRef dims, at::Sc
 
 TORCH_LIBRARY(baton_cpu, m) {
   m.def("mkldnn_from_blob", &mkldnn_from_blob);
-  m.def("gemv_packed_bf16", &gemv_packed_bf16);
-  m.def("gemv_packed_supported", &gemv_packed_supported);
+  m.def("linear_packed_bf16", &linear_packed_bf16);
+  m.def("packed_bf16_supported", &packed_bf16_supported);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("qk_norm_rope", &qk_norm_rope);
