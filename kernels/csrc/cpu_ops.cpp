@@ -479,41 +479,46 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
 constexpr int64_t kPrefillTile = 16;   // query rows per work item
 constexpr int64_t kKeys = 16;          // keys per score micro-tile: one AVX-512 register of fp32
 
-// sc[0:16] = q . K[:, 0:16] for one query vector (kt: K transposed, [D][ldk]) in the shared
-// arithmetic: 16 lane accumulators, each vectorized along the 16 keys, summed in hsum16's tree.
+// sc[v][0:16] = q_v . K_t for NV query vectors and 16 keys (kr: fp32 K rows, [16][D]), in the shared
+// arithmetic: per (vector, key) the 16-lane fma chain along d that decode runs, then hsum16's tree
+// done across keys at once (the adds pair the same lanes as hsum16; the shuffles only move them).
+// Each K row is loaded once for the NV vectors. D must be a multiple of 16.
 template <int NV>
-inline void qk_tile(const float* q, int64_t D, const float* kt, int64_t ldk, float* sc) {
+inline void qk_rows16(const float* q, int64_t D, const float* kr, float* sc, int64_t ldsc) {
 #ifdef __AVX512F__
   static_assert(kKeys == 16, "one __m512 of scores");
-  constexpr int L = 16;
-  __m512 P[NV][L];
-  for (int v = 0; v < NV; ++v)
-    for (int j = 0; j < L; ++j) P[v][j] = _mm512_setzero_ps();
-  int64_t d0 = 0;
-  for (; d0 + L <= D; d0 += L) {
-#pragma GCC unroll 16
-    for (int j = 0; j < L; ++j) {
-      const __m512 k = _mm512_loadu_ps(kt + (d0 + j) * ldk);
-      for (int v = 0; v < NV; ++v) P[v][j] = _mm512_fmadd_ps(_mm512_set1_ps(q[v * D + d0 + j]), k, P[v][j]);
+  __m512 y[NV][4];                                   // per 4 keys: their lanes j + (j+8), + (j+4)
+  for (int g4 = 0; g4 < 4; ++g4) {
+    __m512 a[NV][4];
+    for (int v = 0; v < NV; ++v)
+      for (int i = 0; i < 4; ++i) a[v][i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16)
+      for (int i = 0; i < 4; ++i) {
+        const __m512 k = _mm512_loadu_ps(kr + (4 * g4 + i) * D + c);
+        for (int v = 0; v < NV; ++v) a[v][i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + v * D + c), k, a[v][i]);
+      }
+    for (int v = 0; v < NV; ++v) {
+      const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a[v][0], a[v][1], 0x44),
+                                      _mm512_shuffle_f32x4(a[v][0], a[v][1], 0xEE));
+      const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(a[v][2], a[v][3], 0x44),
+                                      _mm512_shuffle_f32x4(a[v][2], a[v][3], 0xEE));
+      y[v][g4] = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
     }
   }
-  for (int j = 0; d0 + j < D; ++j) {
-    const __m512 k = _mm512_loadu_ps(kt + (d0 + j) * ldk);
-    for (int v = 0; v < NV; ++v) P[v][j] = _mm512_fmadd_ps(_mm512_set1_ps(q[v * D + d0 + j]), k, P[v][j]);
-  }
+  // lanes come out as keys 0,4,8,12 | 1,5,9,13 | ...: a 4x4 transpose puts them back in order
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   for (int v = 0; v < NV; ++v) {
-    for (int w = L / 2; w >= 1; w /= 2)
-      for (int j = 0; j < w; ++j) P[v][j] = _mm512_add_ps(P[v][j], P[v][j + w]);
-    _mm512_storeu_ps(sc + v * ldk, P[v][0]);
+    const __m512 z1 = _mm512_add_ps(_mm512_shuffle_ps(y[v][0], y[v][1], 0x44), _mm512_shuffle_ps(y[v][0], y[v][1], 0xEE));
+    const __m512 z2 = _mm512_add_ps(_mm512_shuffle_ps(y[v][2], y[v][3], 0x44), _mm512_shuffle_ps(y[v][2], y[v][3], 0xEE));
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(z1, z2, 0x88), _mm512_shuffle_ps(z1, z2, 0xDD));
+    _mm512_storeu_ps(sc + v * ldsc, _mm512_permutexvar_ps(order, s));
   }
-#else
-  for (int v = 0; v < NV; ++v)
-    for (int t = 0; t < kKeys; ++t) {
-      float acc = 0.f;
-      for (int64_t d = 0; d < D; ++d) acc += q[v * D + d] * kt[d * ldk + t];
-      sc[v * ldk + t] = acc;
-    }
 #endif
+}
+
+// The same scores for any D, without the shared arithmetic (used when D % 16 != 0 or without AVX-512).
+inline void qk_rows_scalar(const float* q, int64_t D, const float* kr, float* sc) {
+  for (int t = 0; t < kKeys; ++t) sc[t] = dot(q, kr + t * D, D);
 }
 
 // acc[0:D] = acc * corr + sum_t p[t] V[t]. With AVX-512, 64 columns at a time held in registers.
@@ -545,11 +550,11 @@ inline void softmax_pv(float* sc, int64_t n, const float* vf, int64_t D, float& 
 // Causal attention of prefill chunks after a cached prefix, all sequences in one call, K/V read
 // from the paged cache (the chunk's own K/V are stored there first). q: [T, H, D] rows of the flat
 // batch; sequence i owns rows q_starts[i] .. +q_lens[i] at positions prefix_lens[i] + j.
-//  1. every (block, kv head) the call reads is converted once to fp32: K transposed ([D][ldk],
-//     zero-padded to a multiple of 16 keys) and V ([ldk][D]);
+//  1. every (block, kv head) the call reads is converted once to fp32 rows, K and V ([ldk][D],
+//     zero-padded to a multiple of 16 keys);
 //  2. a work item is (sequence, kv head, tile of 16 query rows): its G*rows query vectors sweep
-//     the blocks once with an online softmax; scores are vectorized across a block's keys, the
-//     output across head_dim, so neither needs a horizontal sum.
+//     the blocks once with an online softmax, in the arithmetic decode shares (qk_rows16,
+//     block_softmax, pv_rows).
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                                    const at::Tensor& block_tables, const at::Tensor& q_starts,
                                    const at::Tensor& q_lens, const at::Tensor& prefix_lens, double scale) {
@@ -577,32 +582,35 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, co
     }
   }
   const int64_t nblk_all = first_blk[S];
-  std::vector<float> kt(nblk_all * KV * blk), vf(nblk_all * KV * blk);
+  std::vector<float> kf(nblk_all * KV * blk), vf(nblk_all * KV * blk);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_prefill_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = kc.data_ptr<scalar_t>();
     const scalar_t* vp = vc.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, nblk_all * KV, 4, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(D);
       for (int64_t it = begin; it < end; ++it) {
         const int64_t b = it / KV, h = it % KV, i = blk_seq[b], j = b - first_blk[i];
         const int64_t nb = std::min(bs, pre[i] + qln[i] - j * bs), id = bt[i * maxb + j];
-        float* kto = kt.data() + it * blk;
+        float* kfo = kf.data() + it * blk;
         float* vfo = vf.data() + it * blk;
         for (int64_t t = 0; t < ldk; ++t) {      // padding keys: zeros (finite scores, never read)
           if (t < nb) {
-            load_row(kp + id * ks0 + t * ks1 + h * ks2, row.data(), D);
+            load_row(kp + id * ks0 + t * ks1 + h * ks2, kfo + t * D, D);
             load_row(vp + id * vs0 + t * vs1 + h * vs2, vfo + t * D, D);
           } else {
-            std::fill(row.begin(), row.end(), 0.f);
+            std::fill(kfo + t * D, kfo + (t + 1) * D, 0.f);
             std::fill(vfo + t * D, vfo + (t + 1) * D, 0.f);
           }
-          for (int64_t d = 0; d < D; ++d) kto[d * ldk + t] = row[d];
         }
       }
     });
     const int64_t items = static_cast<int64_t>(item_seq.size()) * KV, nq_max = kPrefillTile * G;
+#ifdef __AVX512F__
+    const bool vec = D % 16 == 0;
+#else
+    const bool vec = false;
+#endif
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(nq_max * D), acc(nq_max * D), sc(nq_max * ldk), m(nq_max), l(nq_max);
       for (int64_t it = begin; it < end; ++it) {
@@ -621,12 +629,18 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, co
         for (int64_t t0 = 0; t0 < n_keys; t0 += bs) {
           const int64_t nb = std::min(bs, n_keys - t0);
           const int64_t cb = (first_blk[i] + t0 / bs) * KV + h;
-          const float* ktb = kt.data() + cb * blk;
+          const float* kfb = kf.data() + cb * blk;
           const float* vfb = vf.data() + cb * blk;
           const int64_t first_row = std::max<int64_t>(0, t0 - p - r0);   // earlier rows see none of it
           for (int64_t c0 = 0; c0 < nb; c0 += kKeys) {
+            const float* kr = kfb + c0 * D;
             int64_t u = first_row * G;
-            for (; u < nq; ++u) qk_tile<1>(qf.data() + u * D, D, ktb + c0, ldk, sc.data() + u * ldk + c0);
+            if (vec) {
+              for (; u + 4 <= nq; u += 4) qk_rows16<4>(qf.data() + u * D, D, kr, sc.data() + u * ldk + c0, ldk);
+              for (; u < nq; ++u) qk_rows16<1>(qf.data() + u * D, D, kr, sc.data() + u * ldk + c0, ldk);
+            } else {
+              for (; u < nq; ++u) qk_rows_scalar(qf.data() + u * D, D, kr, sc.data() + u * ldk + c0);
+            }
           }
           for (int64_t r = first_row; r < rows; ++r) {
             const int64_t visible = std::min(nb, p + r0 + r + 1 - t0);   // causal: up to its own position
