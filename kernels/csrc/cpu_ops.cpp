@@ -223,6 +223,15 @@ inline void prefetch_rows(const T* base, int64_t row_stride, int64_t rows, int64
 }
 
 #ifdef __AVX512F__
+// the reduction tree, for lanes j: (a_j + a_j+8), then (+ j+4), then (+ j+2), then lane 0 + lane 1
+inline float hsum16(__m512 a) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 w = _mm_add_ps(u, _mm_movehl_ps(u, u));
+  return _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
+}
+
 // fast_exp on 16 lanes (the same steps, with explicit FMAs)
 inline __m512 fast_exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
@@ -264,11 +273,7 @@ inline float block_softmax(float* sc, int64_t n, float& m, float& l) {
     _mm512_mask_storeu_ps(sc + t, k, p);
     acc = _mm512_add_ps(acc, p);
   }
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
-  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  const __m128 w = _mm_add_ps(u, _mm_movehl_ps(u, u));
-  const float sum = _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
+  const float sum = hsum16(acc);
 #else
   float mx = m;
   for (int64_t t = 0; t < n; ++t) mx = sc[t] > mx ? sc[t] : mx;
@@ -315,14 +320,6 @@ inline __m512 load16<at::Half>(const at::Half* p) {
 // with the score vectorized along d in decode and along keys in prefill. The extension is built
 // with -ffp-contract=off, so inlining cannot fuse a multiply-add differently at the two sites.
 
-// the reduction tree, for lanes j: (a_j + a_j+8), then (+ j+4), then (+ j+2), then lane 0 + lane 1
-inline float hsum16(__m512 a) {
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-  const __m128 u = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  const __m128 w = _mm_add_ps(u, _mm_movehl_ps(u, u));
-  return _mm_cvtss_f32(_mm_add_ss(w, _mm_movehdup_ps(w)));
-}
 
 // scores[g * ld + t] = q_g . K_t for the `rows` keys of one block (D a multiple of 16, <= 256).
 // Each key row is converted once and used by the G query heads that share it.
