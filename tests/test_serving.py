@@ -166,3 +166,45 @@ def test_asyncio_client_streams_the_same_tokens(node, offline):
     chunks = asyncio.run(go())
     assert [t for c in chunks for t in c.token_ids] == offline(PROMPTS[4]).token_ids
     assert chunks[-1].finish_reason == "length"
+
+
+def _metrics(node) -> dict[str, float]:
+    """baton_* samples from the metrics port, keyed by name (labels dropped: one model per family)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("baton_"):
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def test_metrics_count_what_was_served(node):
+    """Decode reports steps, their time and generated tokens; prefill prompt and cached tokens. The
+    counters move by exactly what the requests report (decode flushes its deltas when it goes idle)."""
+    import time
+
+    client = BatonClient(node.grpc_url)
+    before = _metrics(node)
+    long = "def parse(path):\n    with open(path) as f:\n        for line in f:\n            " * 2
+    done = [client.generate(p, **GREEDY) for p in (long + "yield", PROMPTS[1], long + "pass")]  # 3rd: cache hit
+    want = {"baton_generation_tokens_total": sum(c.completion_tokens for c in done),
+            "baton_prompt_tokens_total": sum(c.prompt_tokens for c in done),
+            "baton_cached_prompt_tokens_total": sum(c.cached_tokens for c in done),
+            "baton_prefill_requests_total": 3}
+    deadline = time.monotonic() + 10
+    while True:
+        after = _metrics(node)
+        got = {k: after.get(k, 0) - before.get(k, 0) for k in want}
+        if got == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert got == want
+    assert want["baton_cached_prompt_tokens_total"] > 0
+    steps = after["baton_decode_steps_total"] - before.get("baton_decode_steps_total", 0)
+    assert 15 <= steps <= 3 * 15                     # 15 decode steps per request, fewer when batched
+    assert after["baton_decode_step_seconds_total"] > before.get("baton_decode_step_seconds_total", 0)
+    assert after["baton_decode_running_requests"] == 0
+    client.close()

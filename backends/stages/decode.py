@@ -43,6 +43,7 @@ class DecodeStage:
         self.stopping = False
         self.steps = 0
         self.step_s = 0.0
+        self.tokens = 0                    # generated tokens streamed out (first tokens included)
         self.thread = None
         if thread:
             self.thread = threading.Thread(target=self._loop, name="baton-decode", daemon=True)
@@ -104,6 +105,7 @@ class DecodeStage:
                 live = self.live.get(o.seq.seq_id)
                 if live is None:
                     continue
+                self.tokens += len(o.new_token_ids)
                 live.sink.send(self._output(o.seq, o.new_token_ids, o.text), o.finished)
                 if o.finished:
                     finished = True
@@ -125,6 +127,7 @@ class DecodeStage:
         seq = handle.to_sequence(eng.block_size, uuid.uuid4().hex)
         seq.detok = Detokenizer(eng.tokenizer, seq.token_ids[: seq.num_prompt_tokens], seq.params.stop)
         first = seq.output_token_ids
+        self.tokens += len(first)
         seq.detok.add(first)
         done = handle.finish_reason or ("stop" if seq.detok.stopped else "")
         if done:                                       # prefill already finished it (or a stop string did)
@@ -155,4 +158,13 @@ class DecodeStage:
         }
 
     def stats(self) -> dict:
-        return {"steps": self.steps, "ms_per_step": 1e3 * self.step_s / max(1, self.steps), "live": len(self.live)}
+        return {"steps": self.steps, "ms_per_step": 1e3 * self.step_s / max(1, self.steps), "live": len(self.live),
+                "tokens": self.tokens}
+
+    def metrics(self, last: dict) -> dict[str, float]:
+        """Counter deltas since the totals in `last` (updated in place) and the running gauge."""
+        now = {"baton_decode_steps_total": self.steps, "baton_decode_step_seconds_total": self.step_s,
+               "baton_generation_tokens_total": self.tokens}
+        out = {k: v - last.get(k, 0) for k, v in now.items()}
+        last.update(now)
+        return out | {"baton_decode_running_requests": len(self.live)}

@@ -4,6 +4,7 @@ PAIR socket:
 
   stub -> worker: ("add", key, handle arrays) | ("cancel", key) | ("stop",)
   worker -> stub: [(key, out, final) | (key, "error", message)]   one message per engine step
+                  {"stats": metric deltas}                        ~once a second, and on going idle
 
     python -m baton.backends.stages.decode_worker --address ipc://... --params JSON
 """
@@ -27,6 +28,8 @@ from .handle import KVHandle
 # How often the relay asks Triton whether its live requests were cancelled. Each ask is an IPC round
 # trip per request; asking on every streamed token cost the server ~0.3 ms of CPU per token.
 CANCEL_POLL_S = 0.05
+# How often the worker sends its metric deltas while busy (each becomes IPC calls in the stub).
+STATS_EVERY_S = 1.0
 
 
 class _WorkerSink:
@@ -52,6 +55,13 @@ def serve(params: StageParams, address: str) -> None:
     outbox: list = []
     cancelled: set[int] = set()
     sock.send(pickle.dumps([("ready",)]))
+    sent: dict = {}
+    next_stats = time.monotonic() + STATS_EVERY_S
+
+    def send_stats() -> None:
+        nonlocal next_stats
+        next_stats = time.monotonic() + STATS_EVERY_S
+        sock.send(pickle.dumps({"stats": stage.metrics(sent)}))
 
     def flush() -> None:
         if outbox:
@@ -64,6 +74,9 @@ def serve(params: StageParams, address: str) -> None:
     while True:
         idle = not stage.live
         if idle:
+            if stage.steps != sent.get("baton_decode_steps_total", 0) or stage.tokens != sent.get(
+                    "baton_generation_tokens_total", 0):
+                send_stats()                                 # the last deltas, before sleeping
             if cores:
                 cores.idle()
             stage.engine.block_manager.flush(idle=True)      # idle: hold no blocks
@@ -89,6 +102,8 @@ def serve(params: StageParams, address: str) -> None:
             cores.busy()
         stage.step_once()
         flush()
+        if time.monotonic() >= next_stats:
+            send_stats()
 
 
 class DecodeProxy:
@@ -96,8 +111,10 @@ class DecodeProxy:
     The relay thread owns the worker socket (ZeroMQ sockets are not thread-safe); submit() queues
     and wakes it through an inproc socket."""
 
-    def __init__(self, address: str, spawn: Callable[[], object]) -> None:
+    def __init__(self, address: str, spawn: Callable[[], object],
+                 on_stats: Callable[[dict], None] | None = None) -> None:
         ctx = zmq.Context.instance()
+        self.on_stats = on_stats
         self.sock = ctx.socket(zmq.PAIR)
         self.sock.bind(address)
         self.proc = spawn()
@@ -140,7 +157,12 @@ class DecodeProxy:
                     if msg[0] == "stop":
                         return
             if self.sock in events:
-                for key, out, final in pickle.loads(self.sock.recv()):
+                msg = pickle.loads(self.sock.recv())
+                if isinstance(msg, dict):
+                    if self.on_stats is not None:
+                        self.on_stats(msg["stats"])
+                    msg = []
+                for key, out, final in msg:
                     sink = self.sinks.get(key)
                     if sink is None:
                         continue

@@ -5,6 +5,7 @@ sequence over as a KVHandle. Its blocks stay allocated: decode owns them from he
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import numpy as np
@@ -14,14 +15,28 @@ from ..engine.llm_engine import LLMEngine
 from ..engine.sampling_params import SamplingParams
 from .cores import CoreShare
 from .handle import KVHandle
+from .metrics import Deltas
 
 
 class PrefillStage:
     def __init__(self, engine: LLMEngine, cores: CoreShare | None = None) -> None:
         self.engine = engine
         self.cores = cores
+        self.metrics = Deltas()
 
     def run(self, batch: list[tuple[np.ndarray, str]]) -> list[KVHandle | Exception]:
+        t0 = time.perf_counter()
+        out = self._run(batch)
+        m = self.metrics
+        m.add("baton_prefill_seconds_total", time.perf_counter() - t0)
+        for h in out:
+            if isinstance(h, KVHandle):
+                m.add("baton_prefill_requests_total", 1)
+                m.add("baton_prompt_tokens_total", h.num_prompt_tokens)
+                m.add("baton_cached_prompt_tokens_total", max(h.num_cached_tokens, 0))
+        return out
+
+    def _run(self, batch: list[tuple[np.ndarray, str]]) -> list[KVHandle | Exception]:
         eng = self.engine
         seqs: list = []
         for ids, sampling in batch:

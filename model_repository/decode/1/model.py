@@ -12,6 +12,7 @@ from baton.backends.serving.tensors import HANDLE
 from baton.backends.stages.common import StageParams
 from baton.backends.stages.decode_worker import DecodeProxy
 from baton.backends.stages.handle import KVHandle
+from baton.backends.stages.metrics import DECODE, TritonMetrics
 
 
 class TritonSink:
@@ -47,7 +48,8 @@ class TritonPythonModel:
         address = f"ipc://{params.run_dir}/decode-{args['model_instance_name']}.sock"
         cmd = [shutil.which("python3") or "python3", "-m", "baton.backends.stages.decode_worker",
                "--address", address, "--params", json.dumps(params.__dict__)]
-        self.stage = DecodeProxy(address, lambda: subprocess.Popen(cmd))
+        self.metrics = TritonMetrics(pb_utils, DECODE, {"model": args["model_name"], "version": args["model_version"]})
+        self.stage = DecodeProxy(address, lambda: subprocess.Popen(cmd), self.metrics.update)
 
     def execute(self, requests):
         for r in requests:
@@ -58,3 +60,4 @@ class TritonPythonModel:
     def finalize(self):
         self.stage.stop()
         self.stage.proc.wait(10)
+        self.metrics.close()

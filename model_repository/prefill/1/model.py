@@ -7,6 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from baton.backends.engine.errors import InvalidRequestError
 from baton.backends.stages.common import StageParams, core_share, node_engine
+from baton.backends.stages.metrics import PREFILL, TritonMetrics
 from baton.backends.stages.prefill import PrefillStage
 
 
@@ -14,6 +15,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = StageParams.from_model_config(json.loads(args["model_config"]))
         self.stage = PrefillStage(node_engine(params), core_share(params, "prefill"))
+        self.metrics = TritonMetrics(pb_utils, PREFILL, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
         batch = [(pb_utils.get_input_tensor_by_name(r, "input_ids").as_numpy(),
@@ -26,4 +28,8 @@ class TritonPythonModel:
                 out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(res), code)))
             else:
                 out.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in res.to_arrays().items()]))
+        self.metrics.update(self.stage.metrics.take())
         return out
+
+    def finalize(self):
+        self.metrics.close()
