@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -160,7 +161,10 @@ class DecodeProxy:
                 msg = pickle.loads(self.sock.recv())
                 if isinstance(msg, dict):
                     if self.on_stats is not None:
-                        self.on_stats(msg["stats"])
+                        try:
+                            self.on_stats(msg["stats"])
+                        except Exception as e:       # metrics must never stop the token relay
+                            print(f"baton decode: metrics update failed: {e}", file=sys.stderr, flush=True)
                     msg = []
                 for key, out, final in msg:
                     sink = self.sinks.get(key)
