@@ -10,8 +10,8 @@ bf16 matmuls of any batch size then run the C++ kernel `linear_packed_bf16` over
 oneDNN: each output element is one fixed accumulation chain over k, so a token's row is bit-identical
 whether it runs alone, in a decode batch of 30 or as the tail of a prompt after a cached prefix. (oneDNN
 splits K by shape; its rows drift by an ulp with the batch size, which flips greedy tokens of bf16
-models: prefix caching changed outputs.) It is also faster here: 1.9x oneDNN at 1 row, 1.2x at 12,
-even from 128 rows (small's layer shapes, 2 threads). The kernel reads oneDNN's blocked layout
+models: prefix caching changed outputs.) It is also faster here: 1.9x oneDNN at 1 row, 1.3x at 12,
+0.95-1.04x from 128 to 512 rows (small's layer shapes, 2 threads; benchmarks/cpu_kernels.py). The kernel reads oneDNN's blocked layout
 directly, so `pack_weight` checks that layout on the weight's own values first; any other layout
 (another CPU) keeps oneDNN for every batch size, and gives up that invariance."""
 
