@@ -20,7 +20,7 @@ from ..backends.serving.tensors import SCALARS
 
 _NP = {"TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32, "TYPE_BOOL": np.bool_}
 _TRITON = {"TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP32": "FP32", "TYPE_BOOL": "BOOL"}
-_FROM_TRITON = {"INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
+_FROM_TRITON = {_TRITON[k]: v for k, v in _NP.items()}
 _GRPC_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 SCALAR_TYPES = dict(SCALARS)
 

@@ -320,7 +320,6 @@ inline __m512 load16<at::Half>(const at::Half* p) {
 // with the score vectorized along d in decode and along keys in prefill. The extension is built
 // with -ffp-contract=off, so inlining cannot fuse a multiply-add differently at the two sites.
 
-
 // scores[g * ld + t] = q_g . K_t for the `rows` keys of one block (D a multiple of 16, <= 256).
 // Each key row is converted once and used by the G query heads that share it.
 template <typename T>
@@ -389,7 +388,7 @@ bool decode_item_avx512(const float* qf, int64_t G, int64_t D, int64_t n, const 
                         const int64_t* table, int64_t bs, int64_t ks0, int64_t ks1, int64_t koff, int64_t vs0,
                         int64_t vs1, int64_t voff, float* scores, float* corr, float* acc) {
 #ifdef __AVX512F__
-  if (D % 16 != 0 || D > 256 || G > 256) return false;   // (k[32] below: D <= 256)
+  if (D % 16 != 0 || D > 256 || G > 256) return false;   // decode_scores' k[16]; inv[256]
   for (int64_t t0 = 0; t0 < n; t0 += bs) {
     if (t0 + bs < n) prefetch_rows(kp + table[t0 / bs + 1] * ks0 + koff, ks1, bs, D);
     decode_scores(qf, G, D, kp + table[t0 / bs] * ks0 + koff, ks1, std::min(bs, n - t0), scores + t0, n);
