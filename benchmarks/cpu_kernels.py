@@ -2,7 +2,10 @@
 with alternating repeats (the box's speed drifts by tens of percent within minutes).
 
 - bf16 linear: `linear_packed_bf16` against oneDNN's matmul on the same packed weight, over small's
-  four layer shapes (qkv 1280x768, o 768x768, gate|up 4096x768, down 768x2048), by row count;
+  four layer shapes (qkv 1280x768, o 768x768, gate|up 4096x768, down 768x2048), by row count. One
+  layer's weights (12.6 MB) stay in the L3 cache between repeats;
+- the decode case, where they do not: all of small's GEMM weights (12 layers + lm_head, 200 MB) in
+  turn at 1 and 8 rows, as a decode step reads them from DRAM, reported as GB/s of weights read;
 - paged attention (small's heads: 12 q / 4 kv, head_dim 64, bf16): the decode and prefill kernels
   against torch SDPA on the same K/V gathered into contiguous tensors (the gather is not timed).
 
@@ -66,6 +69,31 @@ def linear_rows() -> list[dict]:
     return rows
 
 
+def model_gemv_rows() -> list[dict]:
+    torch.manual_seed(0)
+    shapes = SHAPES * 12 + [(32000, 768)]
+    lws = [(n, k, LinearWeight((torch.randn(n, k) * 0.05).bfloat16())) for n, k in shapes]
+    nbytes = 2 * sum(n * k for n, k in shapes)
+    rows = []
+    for m in (1, 8):
+        x = {k: torch.randn(m, k).bfloat16() for k in (768, 2048)}
+
+        def ours(x: dict = x) -> None:
+            for n, k, lw in lws:
+                torch.ops.baton_cpu.linear_packed_bf16(x[k], lw._blob, n, k, None)
+
+        def onednn(x: dict = x) -> None:
+            for _, k, lw in lws:
+                torch.ops.mkldnn._linear_pointwise(x[k], lw.packed, None, "none", [], "")
+
+        a, b = paired(ours, onednn, 5)
+        rows.append({"rows": m, "weight_mb": nbytes / 1e6, "baton_ms": 1e3 * a, "onednn_ms": 1e3 * b,
+                     "baton_gbs": nbytes / a / 1e9, "onednn_gbs": nbytes / b / 1e9, "speedup": b / a})
+        print(f"model GEMVs M={m}: baton {1e3 * a:6.2f} ms ({nbytes / a / 1e9:4.1f} GB/s)  oneDNN {1e3 * b:6.2f} ms "
+              f"({nbytes / b / 1e9:4.1f} GB/s)  x{b / a:.2f}", flush=True)
+    return rows
+
+
 def attention_rows() -> list[dict]:
     torch.manual_seed(0)
     hq, hkv, d, bs, scale = 12, 4, 64, 16, 0.125
@@ -110,7 +138,8 @@ def main() -> None:
         raise SystemExit("the C++ CPU extension is not available (BATON_CPU_EXT=0 or no compiler)")
     torch.set_num_threads(a.threads)
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": a.threads,
-              "linear": linear_rows(), "attention": attention_rows()}
+              "linear": linear_rows(),
+              "model_gemv": model_gemv_rows(), "attention": attention_rows()}
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=2)
