@@ -1,7 +1,9 @@
 """Serving benchmark: Poisson arrivals through the `llm` ensemble over gRPC streaming, and the same
-workload on the in-process engine, so Triton's cost per token is a measured ratio.
+workload on the in-process engine, so Triton's cost per token is a measured ratio. Each deployment
+profile in --profiles gets its own server, all up at once, and the paths take turns.
 
     python benchmarks/serving.py --model .cache/checkpoints/small [--rates 0.5,1,2] [--requests 24]
+                                 [--profiles single_node,single_node_direct]
 
 Reports TTFT, TPOT (per request: (last - first token) / (n - 1)), ITL (every gap between streamed
 responses) at P50/P95/P99, output throughput, the idle-server TTFT of one 128-token prompt, batch-1
@@ -59,7 +61,7 @@ def arrivals(n: int, rate: float, seed: int) -> list[float]:
 
 
 def run_server(client: BatonClient, tok, prompts: list[list[int]], times: list[float], new: int) -> tuple[list[dict], float]:  # noqa: ANN001, E501
-    """Text prompts (the server tokenizes); greedy, EOS ignored. The client pools its connections,
+    """Text prompts (the server tokenizes); greedy, EOS ignored. The client keeps one channel open,
     as a long-lived client does."""
     recs: list[dict] = [None] * len(prompts)  # type: ignore[list-item]
     t0 = time.perf_counter()
@@ -124,6 +126,7 @@ def main() -> None:
                     help="threads prefill and decode share by load: auto, N, or 0 for a fixed `threads` each")
     ap.add_argument("--idle-runs", type=int, default=5)
     ap.add_argument("--core-policy", default=None, help="the profile's share_cores_policy (fair | prefill_first)")
+    ap.add_argument("--profiles", default="single_node,single_node_direct")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows: list[dict] = []
@@ -132,14 +135,17 @@ def main() -> None:
         overrides["share_cores"] = a.share_cores
     if a.core_policy is not None:
         overrides["share_cores_policy"] = a.core_policy
-    node = Node(a.model, overrides=overrides).start(quiet=True)
+    profiles = [p for p in a.profiles.split(",") if p]
+    nodes: dict[str, Node] = {}
     try:
-        client = BatonClient(node.grpc_url)
+        for prof in profiles:
+            nodes[prof] = Node(a.model, profile=prof, overrides=overrides).start(quiet=True)
         engine = LLMEngine(a.model, max_model_len=1024, enable_prefix_caching=False, num_threads=2)
         vocab, tok = engine.config.vocab_size, engine.tokenizer
         idle = {}
-        paths = {"triton": lambda p, t, n: run_server(client, tok, p, t, n),
-                 "engine": lambda p, t, n: run_engine(engine, p, t, n)}
+        clients = {prof: BatonClient(node.grpc_url) for prof, node in nodes.items()}
+        paths = {prof: lambda p, t, n, c=c: run_server(c, tok, p, t, n) for prof, c in clients.items()}
+        paths["engine"] = lambda p, t, n: run_engine(engine, p, t, n)
         for fn in paths.values():
             fn(workload(2, a.prompt_len, vocab, 1), [0, 0], 8)                       # warm-up
         # idle TTFT and batch-1 decode: one request at a time, the two paths alternating so that
@@ -155,9 +161,9 @@ def main() -> None:
                           "decode_tok_s": 1 / statistics.median(tpots),
                           "ttft_ms_runs": [round(1000 * x, 1) for x in ttfts],
                           "tpot_ms_runs": [round(1000 * x, 2) for x in tpots]}
-            print(f"{name:7s} idle: TTFT {idle[name]['ttft_ms']:6.1f} ms  batch-1 TPOT {idle[name]['tpot_ms']:6.2f} ms "
+            print(f"{name:18s} idle: TTFT {idle[name]['ttft_ms']:6.1f} ms  batch-1 TPOT {idle[name]['tpot_ms']:6.2f} ms "
                   f"({idle[name]['decode_tok_s']:.1f} tok/s)  TTFT runs {idle[name]['ttft_ms_runs']}", flush=True)
-        mgr = RemoteBlockManager(node.manager.address, 1, 16)
+        mgr = RemoteBlockManager(nodes[profiles[0]].manager.address, 1, 16)
         before = mgr.stats()
         for rate in [float(r) for r in a.rates.split(",") if r]:
             prompts = workload(a.requests, a.prompt_len, vocab, int(rate * 100))
@@ -166,7 +172,7 @@ def main() -> None:
                 recs, wall = fn(prompts, times, a.new)
                 row = summarize(name, rate, recs, wall)
                 rows.append(row)
-                print(f"{name:7s} rate {rate:4.1f}/s: TTFT p50/p95/p99 {row['ttft_ms_p50']:6.1f}/{row['ttft_ms_p95']:6.1f}/"
+                print(f"{name:18s} rate {rate:4.1f}/s: TTFT p50/p95/p99 {row['ttft_ms_p50']:6.1f}/{row['ttft_ms_p95']:6.1f}/"
                       f"{row['ttft_ms_p99']:6.1f} ms  TPOT p50 {row['tpot_ms_p50']:6.2f} ms  ITL p50/p99 "
                       f"{row['itl_ms_p50']:6.2f}/{row['itl_ms_p99']:6.2f} ms  {row['throughput_tok_s']:6.1f} tok/s",
                       flush=True)
@@ -175,17 +181,20 @@ def main() -> None:
         for _ in range(200):
             mgr.stats()
         rtt_us = (time.perf_counter() - t) / 200 * 1e6
-        gen_tokens = sum(r["tokens"] for r in rows if r["path"] == "triton")
+        gen_tokens = sum(r["tokens"] for r in rows if r["path"] == profiles[0])
         kv = {"calls_per_token": (after["calls"] - before["calls"]) / max(1, gen_tokens),
               "server_us_per_call": after["busy_us_per_call"], "rtt_us": rtt_us}
         # per pair of neighbouring runs, then the median: robust to the machine's drift
-        overhead = statistics.median(t / e for t, e in zip(samples["triton"][1], samples["engine"][1])) - 1
-        print(f"Triton overhead per token at batch 1: {100 * overhead:+.1f}% of TPOT; KV manager: "
-              f"{kv['calls_per_token']:.3f} calls/token, {kv['server_us_per_call']:.1f} us/call server, "
-              f"{rtt_us:.0f} us round trip", flush=True)
+        overhead = {prof: statistics.median(t / e for t, e in zip(samples[prof][1], samples["engine"][1])) - 1
+                    for prof in profiles}
+        for prof, o in overhead.items():
+            print(f"Triton overhead per token at batch 1, {prof}: {100 * o:+.1f}% of TPOT", flush=True)
+        print(f"KV manager ({profiles[0]}): {kv['calls_per_token']:.3f} calls/token, "
+              f"{kv['server_us_per_call']:.1f} us/call server, {rtt_us:.0f} us round trip", flush=True)
         engine.close()
     finally:
-        node.stop()
+        for node in nodes.values():
+            node.stop()
     if a.out:
         Path(a.out).write_text(json.dumps({"idle": idle, "rows": rows, "kv_manager": kv,
                                            "triton_overhead_batch1": overhead, "model": a.model,

@@ -151,7 +151,38 @@ def _cmdline(p):
         return ""
 
 
+def test_direct_profile_serves_the_same_stream_without_postprocess(qwen3_dir, offline):
+    """single_node_direct: the ensemble maps decode's tensors to the user outputs, no postprocess
+    model. Same tokens, text, usage and stop handling as the four-stage chain; cancellation frees blocks."""
+    import tritonclient.http as http
 
+    n = Node(str(qwen3_dir), profile="single_node_direct",
+             overrides={"dtype": "float32", "max_model_len": 256, "kv_cache_memory_mb": 4})
+    n.start(timeout=180, quiet=True)
+    try:
+        models = {m["name"] for m in http.InferenceServerClient(n.http_url).get_model_repository_index()}
+        assert models == {"preprocess", "prefill", "decode", "llm"}
+        for url, protocol in ((n.grpc_url, "grpc"), (n.http_url, "http")):
+            client = BatonClient(url, protocol)
+            chunks = list(client.stream(PROMPTS[0], **GREEDY))
+            expect = offline(PROMPTS[0])
+            assert [t for c in chunks for t in c.token_ids] == expect.token_ids
+            assert "".join(c.text for c in chunks) == expect.text and len(chunks) == len(expect.token_ids)
+            assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 16
+            assert chunks[-1].prompt_tokens == chunks[0].prompt_tokens > 0
+            stop = expect.text[len(expect.text) // 2:][:3]
+            got = client.generate(PROMPTS[0], **(GREEDY | {"stop": [stop]}))
+            assert got.finish_reason == "stop" and stop not in got.text
+            client.close()
+        client = BatonClient(n.grpc_url)
+        stream = client.stream("def long_function():", temperature=0.0, max_tokens=180, ignore_eos=True)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+        assert blocks_in_use(n.manager.address) == 0
+    finally:
+        n.stop()
 
 
 def test_asyncio_client_streams_the_same_tokens(node, offline):

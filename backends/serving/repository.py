@@ -10,6 +10,7 @@ from pathlib import Path
 import jinja2
 import tomllib
 
+from ..stages.postprocess import RENAME
 from . import tensors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +34,10 @@ class Profile:
             known = sorted(p.stem for p in PROFILES.glob("*.toml"))
             raise FileNotFoundError(f"no deployment profile {name_or_path!r}; known: {known}")
         d = tomllib.loads(path.read_text())
+        if "extends" in d:            # a variant: the base profile with these keys replaced or merged
+            base = cls.load(d["extends"])
+            return cls(path.stem, d.get("models", base.models), base.instances | d.get("instances", {}),
+                       base.engine | d.get("engine", {}))
         return cls(path.stem, d["models"], d.get("instances", {}), d.get("engine", {}))
 
 
@@ -49,6 +54,7 @@ def render(profile: Profile, out: Path, stage_params: dict[str, object]) -> Path
         "handle_tensors": tensors.pbtxt(tensors.HANDLE), "stream_tensors": tensors.pbtxt(tensors.STREAM),
         "user_tensors": tensors.pbtxt(tensors.USER), "handle_names": [n for n, _, _ in tensors.HANDLE],
         "stream_names": [n for n, _, _ in tensors.STREAM], "user_names": [n for n, _, _ in tensors.USER],
+        "postprocess": "postprocess" in profile.models, "stream_to_user": RENAME,
     }
     if out.exists():
         shutil.rmtree(out)
