@@ -1,5 +1,5 @@
 """Where idle TTFT goes through Triton (small, 128-token uncached prompts, max_tokens=1): a new gRPC
-channel per request (a new BatonClient each time; one client pools its connections), one persistent stream,
+channel per request (a new BatonClient each time; one client keeps one channel), one persistent stream,
 and the prefill model called alone. Every prompt is used once, so none hits the prefix cache.
 
     python benchmarks/ttft_breakdown.py [--model .cache/checkpoints/small]

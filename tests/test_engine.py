@@ -272,3 +272,27 @@ def test_bf16_outputs_do_not_depend_on_caching_chunking_or_batch(checkpoint):
                 "batched with others": run([others[0], prompt, others[1]], enable_prefix_caching=False)[1]}
     for name, out in variants.items():
         assert (out.token_ids, out.logprobs) == (ref.token_ids, ref.logprobs), name
+
+
+@pytest.mark.parametrize("preset", ["mini-qwen3", "tiny-qwen2", "tiny-llama"])
+def test_fused_decode_step_equals_op_by_op(checkpoint, preset):
+    """decode_forward_bf16 runs a pure-decode step's whole stack in one C++ call; it must give the same
+    tokens and logprobs, bit for bit, as the op-by-op forward (Qwen2's biases, Llama's untied head
+    and GQA included)."""
+    from baton.kernels import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip("the fused step is part of the C++ extension")
+    llm = LLM(checkpoint(preset), max_model_len=256, enable_prefix_caching=False)
+    try:
+        model = llm.engine.model
+        if model._fused is None:
+            pytest.skip("this CPU's oneDNN layout is not the one linear_packed_bf16 reads")
+        prompts = prompts_of(512, [9, 33, 70], seed=7)
+        sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
+        fused = llm.generate(prompts, sp)
+        model._fused = None
+        op_by_op = llm.generate(prompts, sp)
+    finally:
+        llm.close()
+    assert [(o.token_ids, o.logprobs) for o in fused] == [(o.token_ids, o.logprobs) for o in op_by_op]

@@ -107,6 +107,19 @@ class DecoderLM:
         self.lm_head = LinearWeight(w.get("lm_head", self.embed), pack=pack, keep_weight=False)
         self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype, str(self.embed.device))
         self.scale = cfg.head_dim ** -0.5
+        self._fused = self._fused_decode_args()
+
+    def _fused_decode_args(self) -> tuple[list, list] | None:
+        """Per-layer tensors for the C++ decode step (decode_forward_bf16), when every GEMM runs the
+        bf16 kernel on packed bytes; None otherwise (the step then runs op by op)."""
+        lins = [lw for L in self.layers for lw in (L.qkv, L.o, L.gate_up, L.down)]
+        if not all(lw.direct for lw in lins) or self.embed.dtype != torch.bfloat16:
+            return None
+        w, opt = [], []
+        for L in self.layers:
+            w += [L.input_norm, L.qkv._blob, L.o._blob, L.post_norm, L.gate_up._blob, L.down._blob]
+            opt += [L.qkv.bias, L.qk_norm, L.o.bias, L.gate_up.bias, L.down.bias]
+        return w, opt
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
@@ -115,6 +128,13 @@ class DecoderLM:
         cfg = self.cfg
         T, H, KV, D, eps = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         h = F.embedding(input_ids, self.embed)
+        if self._fused is not None and batch.prefill is None and batch.decode is not None:
+            # all decodes: the same kernels in one C++ call (bit-identical, no per-op Python)
+            d = batch.decode
+            return torch.ops.baton_cpu.decode_forward_bf16(
+                h, positions, self._fused[0], self._fused[1], [t for kv in kv_layers for t in kv], d.block_tables,
+                d.context_lens, batch.slot_blocks, batch.slot_offsets, self.rope.cos, self.rope.sin_signed, self.norm,
+                H, KV, D, cfg.intermediate_size, eps, self.scale)
         residual = h
         x = rms_norm(h, self.layers[0].input_norm, eps)
         for i, L in enumerate(self.layers):

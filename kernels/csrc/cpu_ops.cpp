@@ -801,6 +801,40 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+// A whole decode step of the decoder stack in one call, for batches of single-token decodes with
+// bf16 weights the linear kernel reads in place: the same kernels in the same order as
+// DecoderLM.forward, so the result is bit-identical to it, without ~100 Python-level op calls per
+// step. h: the embedded tokens [T, hidden] (consumed). Per layer, `w` holds input_norm, qkv, o,
+// post_norm, gate_up, down (packed blobs) and `opt` holds qkv bias, qk_norm, o bias, gate_up bias,
+// down bias (each may be None); `kv` holds each layer's K and V cache.
+at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::TensorList w,
+                               const c10::List<c10::optional<at::Tensor>>& opt, at::TensorList kv,
+                               const at::Tensor& block_tables, const at::Tensor& context_lens,
+                               const at::Tensor& slot_blocks, const at::Tensor& slot_offsets,
+                               const at::Tensor& cos, const at::Tensor& sin_signed, const at::Tensor& final_norm,
+                               int64_t H, int64_t KV, int64_t D, int64_t inter, double eps, double scale) {
+  const int64_t layers = kv.size() / 2, T = h.size(0), hidden = h.size(1), nqkv = (H + 2 * KV) * D;
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == 6 * layers && static_cast<int64_t>(opt.size()) == 5 * layers,
+              "decode_forward_bf16: 6 weights and 5 optional tensors per layer expected");
+  auto bias = [&](int64_t i) { return opt.get(i); };
+  at::Tensor residual = h, x = rms_norm(h, w[0], eps);
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* L = w.data() + 6 * l;
+    const int64_t o5 = 5 * l;
+    if (l) x = add_rms_norm(h, residual, L[0], eps);
+    at::Tensor qkv = linear_packed_bf16(x, L[1], nqkv, hidden, bias(o5)).view({T, H + 2 * KV, D});
+    qk_norm_rope(qkv.narrow(1, 0, H + KV), bias(o5 + 1), cos, sin_signed, positions, eps);
+    const at::Tensor &kc = kv[2 * l], &vc = kv[2 * l + 1];
+    store_kv(qkv.narrow(1, H, KV), qkv.narrow(1, H + KV, KV), kc, vc, slot_blocks, slot_offsets);
+    at::Tensor o = paged_decode_attention(qkv.narrow(1, 0, H), kc, vc, block_tables, context_lens, scale);
+    h = linear_packed_bf16(o.view({T, H * D}), L[2], hidden, H * D, bias(o5 + 2));
+    x = add_rms_norm(h, residual, L[3], eps);
+    h = linear_packed_bf16(silu_and_mul(linear_packed_bf16(x, L[4], 2 * inter, hidden, bias(o5 + 3))), L[5], hidden,
+                           inter, bias(o5 + 4));
+  }
+  return add_rms_norm(h, residual, final_norm, eps);
+}
+
 }  // namespace
 
 // Exported by libtorch_cpu (AOTInductor reloads constant packed weights with it); declared here
@@ -836,4 +870,5 @@ TORCH_LIBRARY(baton_cpu, m) {
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("paged_prefill_attention", &paged_prefill_attention);
   m.def("silu_and_mul", &silu_and_mul);
+  m.def("decode_forward_bf16", &decode_forward_bf16);
 }
