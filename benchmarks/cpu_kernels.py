@@ -44,23 +44,28 @@ def paired(a: Callable[[], object], b: Callable[[], object], reps: int, rounds: 
     return statistics.median(ta), statistics.median(tb)
 
 
+def gemv_chains(lws: list[tuple[int, int, LinearWeight]], m: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Two closures running every weight in turn on m rows: Baton's kernel, then oneDNN's."""
+    x = {k: torch.randn(m, k).bfloat16() for k in {k for _, k, _ in lws}}
+
+    def ours() -> None:
+        for n, k, lw in lws:
+            torch.ops.baton_cpu.linear_packed_bf16(x[k], lw._blob, n, k, None)
+
+    def onednn() -> None:
+        for _, k, lw in lws:
+            torch.ops.mkldnn._linear_pointwise(x[k], lw.packed, None, "none", [], "")
+
+    return ours, onednn
+
+
 def linear_rows() -> list[dict]:
     torch.manual_seed(0)
     lws = [(n, k, LinearWeight((torch.randn(n, k) * 0.05).bfloat16())) for n, k in SHAPES]
     assert all(lw.direct for _, _, lw in lws), "linear_packed_bf16 cannot read this CPU's oneDNN layout"
     rows = []
     for m in (1, 4, 8, 12, 16, 32, 64, 128, 256, 512):
-        x = {k: torch.randn(m, k).bfloat16() for k in (768, 2048)}
-
-        def ours(x: dict = x) -> None:
-            for n, k, lw in lws:
-                torch.ops.baton_cpu.linear_packed_bf16(x[k], lw._blob, n, k, None)
-
-        def onednn(x: dict = x) -> None:
-            for _, k, lw in lws:
-                torch.ops.mkldnn._linear_pointwise(x[k], lw.packed, None, "none", [], "")
-
-        a, b = paired(ours, onednn, max(3, 1000 // m))
+        a, b = paired(*gemv_chains(lws, m), max(3, 1000 // m))
         flop = 2 * m * sum(n * k for n, k in SHAPES)
         rows.append({"rows": m, "baton_ms": 1e3 * a, "onednn_ms": 1e3 * b, "baton_gflops": flop / a / 1e9,
                      "onednn_gflops": flop / b / 1e9, "speedup": b / a})
@@ -76,17 +81,7 @@ def model_gemv_rows() -> list[dict]:
     nbytes = 2 * sum(n * k for n, k in shapes)
     rows = []
     for m in (1, 8):
-        x = {k: torch.randn(m, k).bfloat16() for k in (768, 2048)}
-
-        def ours(x: dict = x) -> None:
-            for n, k, lw in lws:
-                torch.ops.baton_cpu.linear_packed_bf16(x[k], lw._blob, n, k, None)
-
-        def onednn(x: dict = x) -> None:
-            for _, k, lw in lws:
-                torch.ops.mkldnn._linear_pointwise(x[k], lw.packed, None, "none", [], "")
-
-        a, b = paired(ours, onednn, 5)
+        a, b = paired(*gemv_chains(lws, m), 5)
         rows.append({"rows": m, "weight_mb": nbytes / 1e6, "baton_ms": 1e3 * a, "onednn_ms": 1e3 * b,
                      "baton_gbs": nbytes / a / 1e9, "onednn_gbs": nbytes / b / 1e9, "speedup": b / a})
         print(f"model GEMVs M={m}: baton {1e3 * a:6.2f} ms ({nbytes / a / 1e9:4.1f} GB/s)  oneDNN {1e3 * b:6.2f} ms "
