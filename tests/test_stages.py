@@ -233,6 +233,46 @@ def test_core_share_prefill_first_holds_decode_until_prefill_is_done(tmp_path):
         torch.set_num_threads(before)
 
 
+def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(tmp_path):
+    import threading
+
+    import torch
+
+    from baton.backends.stages.cores import CoreShare
+
+    before = torch.get_num_threads()
+    CoreShare.create(tmp_path / "cores")
+    prefill = CoreShare(tmp_path / "cores", "prefill", 2, "prefill_first")
+    decode = CoreShare(tmp_path / "cores", "decode", 2, "prefill_first")
+    events: list[str] = []
+
+    def decode_steps() -> None:
+        for _ in range(2):
+            decode.busy()                   # waits while a prefill chunk runs
+            events.append("decode step")
+            time.sleep(0.05)
+            decode.stepped()
+
+    try:
+        prefill.busy()
+        events.append("chunk 1")
+        t = threading.Thread(target=decode_steps)
+        t.start()
+        time.sleep(0.1)                     # decode is waiting for chunk 1
+        assert events == ["chunk 1"]
+        prefill.busy()                      # chunk 2: first lets exactly one decode step through
+        events.append("chunk 2")
+        time.sleep(0.1)
+        prefill.idle()
+        t.join(5)
+        assert events == ["chunk 1", "decode step", "chunk 2", "decode step"]
+        prefill.busy()                      # no decode waiting: no yield
+        assert prefill.busy() == 2
+    finally:
+        prefill.idle()
+        torch.set_num_threads(before)
+
+
 def test_decode_fails_one_request_that_cannot_be_adopted_and_keeps_serving(node):
     """A sink that breaks on its first token: that request gets an error and its blocks go back; the
     next request is served normally."""

@@ -80,7 +80,8 @@ class Node:
                   "kv_pool": pool_name, "kv_address": address, "weights": pool_name,
                   "run_dir": str(self.run_dir),
                   "share_cores": _share_cores(eng.get("share_cores", 0)),
-                  "share_cores_policy": eng.get("share_cores_policy", "fair")}
+                  "share_cores_policy": eng.get("share_cores_policy", "fair"),
+                  "prefill_chunk_tokens": eng.get("prefill_chunk_tokens", 0)}
         if params["share_cores"]:
             CoreShare.create(self.run_dir / "cores")
         repo = render(prof, self.run_dir / "models", params)

@@ -26,6 +26,7 @@ class StageParams:
     run_dir: str = "/tmp"          # the node's run directory (sockets, logs)
     share_cores: int = 0           # prefill and decode share this many threads by load (0 = `threads` each)
     share_cores_policy: str = "fair"   # or "prefill_first" (stages/cores.py)
+    prefill_chunk_tokens: int = 0      # the prefill engine's token budget per step (0 = the engine's default)
 
     @classmethod
     def from_model_config(cls, model_config: str | dict) -> StageParams:
@@ -38,14 +39,16 @@ class StageParams:
         return cls(**kw)
 
 
-def node_engine(p: StageParams) -> LLMEngine:
+def node_engine(p: StageParams, stage: str = "decode") -> LLMEngine:
     """An engine on the node's shared pool (blocks allocated through the KV manager) and, when the
-    node published them, its shared weights."""
+    node published them, its shared weights. The prefill stage's steps are capped at
+    `prefill_chunk_tokens` (a long prompt runs in chunks, between which decode can step)."""
     pool = KVPool.attach(p.kv_pool)
     bm = RemoteBlockManager(p.kv_address, pool.spec.num_blocks, pool.spec.block_size)
     weights = weight_store.attach(p.weights) if p.weights else None
     return LLMEngine(p.model_dir, dtype=p.dtype, block_size=pool.spec.block_size, max_model_len=p.max_model_len,
                      max_num_seqs=p.max_num_seqs, num_threads=p.threads or None, pool=pool, block_manager=bm,
+                     max_num_batched_tokens=(p.prefill_chunk_tokens or None) if stage == "prefill" else None,
                      weights=weights, pack_weights=weights is None)   # shared weights: no private copy
 
 

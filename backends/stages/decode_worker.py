@@ -102,6 +102,8 @@ def serve(params: StageParams, address: str) -> None:
         if cores:
             cores.busy()
         stage.step_once()
+        if cores:
+            cores.stepped()
         flush()
         if time.monotonic() >= next_stats:
             send_stats()

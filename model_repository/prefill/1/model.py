@@ -14,7 +14,7 @@ from baton.backends.stages.prefill import PrefillStage
 class TritonPythonModel:
     def initialize(self, args):
         params = StageParams.from_model_config(json.loads(args["model_config"]))
-        self.stage = PrefillStage(node_engine(params), core_share(params, "prefill"))
+        self.stage = PrefillStage(node_engine(params, "prefill"), core_share(params, "prefill"))
         self.metrics = TritonMetrics(pb_utils, PREFILL, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
