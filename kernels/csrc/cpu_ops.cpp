@@ -670,7 +670,8 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, co
 // with M, enough to flip a greedy token of a bf16 model). Rows go in groups of up to 6 (24
 // accumulators); a 64-column weight slab streams from memory once per tile of rows and is re-read
 // from L2 by the next group. At decode sizes the kernel is bound by memory bandwidth, which oneDNN's
-// kernel leaves partly unused here (~21 vs ~27 GB/s over small's layer GEMVs).
+// kernel leaves partly unused here (small's 200 MB of GEMM weights at 1 row: 31.4 vs 19.9 GB/s,
+// benchmarks/cpu_kernels.py).
 constexpr int64_t kPackNB = 64, kPackKB = 32, kMaxGroup = 6;
 // Software prefetch into L2, 16 KiB ahead of the stream. Decode reads the whole model from DRAM each
 // step; on this Zen 4 host this lifts a 200 MB GEMV chain from ~20 to ~30 GB/s (an L1 prefetch 4 KiB
