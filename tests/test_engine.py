@@ -275,10 +275,12 @@ def test_bf16_outputs_do_not_depend_on_caching_chunking_or_batch(checkpoint):
 
 
 @pytest.mark.parametrize("preset", ["mini-qwen3", "tiny-qwen2", "tiny-llama"])
-def test_fused_decode_step_equals_op_by_op(checkpoint, preset):
+def test_fused_decode_step_equals_op_by_op(checkpoint, preset, monkeypatch):
     """decode_forward_bf16 runs a pure-decode step's whole stack in one C++ call; it must give the same
     tokens and logprobs, bit for bit, as the op-by-op forward (Qwen2's biases, Llama's untied head
     and GQA included)."""
+    import torch
+
     from baton.kernels import cpu_ext
 
     if not cpu_ext.available():
@@ -290,9 +292,14 @@ def test_fused_decode_step_equals_op_by_op(checkpoint, preset):
             pytest.skip("this CPU's oneDNN layout is not the one linear_packed_bf16 reads")
         prompts = prompts_of(512, [9, 33, 70], seed=7)
         sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
+        ops, calls = torch.ops.baton_cpu, []
+        fused_op = ops.decode_forward_bf16
+        monkeypatch.setattr(ops, "decode_forward_bf16", lambda *a: calls.append(1) or fused_op(*a))
         fused = llm.generate(prompts, sp)
-        model._fused = None
+        assert len(calls) >= 23                   # every decode step of the batch went through it
+        model._fused, n = None, len(calls)
         op_by_op = llm.generate(prompts, sp)
+        assert len(calls) == n                    # and this time none did
     finally:
         llm.close()
     assert [(o.token_ids, o.logprobs) for o in fused] == [(o.token_ids, o.logprobs) for o in op_by_op]

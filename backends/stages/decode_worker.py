@@ -25,6 +25,7 @@ import zmq
 from .common import StageParams, core_share, node_engine
 from .decode import DecodeStage
 from .handle import KVHandle
+from .metrics import DECODE
 
 # How often the relay asks Triton whether its live requests were cancelled. Each ask is an IPC round
 # trip per request; asking on every streamed token cost the server ~0.3 ms of CPU per token.
@@ -59,10 +60,13 @@ def serve(params: StageParams, address: str) -> None:
     sent: dict = {}
     next_stats = time.monotonic() + STATS_EVERY_S
 
-    def send_stats() -> None:
+    def send_stats(only_if_counted: bool = False) -> None:
         nonlocal next_stats
         next_stats = time.monotonic() + STATS_EVERY_S
-        sock.send(pickle.dumps({"stats": stage.metrics(sent)}))
+        deltas = stage.metrics(sent)
+        if only_if_counted and not any(v for k, v in deltas.items() if DECODE[k][0] == "counter"):
+            return
+        sock.send(pickle.dumps({"stats": deltas}))
 
     def flush() -> None:
         if outbox:
@@ -75,9 +79,7 @@ def serve(params: StageParams, address: str) -> None:
     while True:
         idle = not stage.live
         if idle:
-            if stage.steps != sent.get("baton_decode_steps_total", 0) or stage.tokens != sent.get(
-                    "baton_generation_tokens_total", 0):
-                send_stats()                                 # the last deltas, before sleeping
+            send_stats(only_if_counted=True)                 # the last deltas, before sleeping
             if cores:
                 cores.idle()
             stage.engine.block_manager.flush(idle=True)      # idle: hold no blocks

@@ -26,16 +26,13 @@ PREFILL = {
 
 
 class Deltas:
-    """Counter increments since the last take(), plus gauges' latest values."""
+    """Counter increments since the last take()."""
 
     def __init__(self) -> None:
         self._values: dict[str, float] = defaultdict(float)
 
     def add(self, name: str, value: float) -> None:
         self._values[name] += value
-
-    def set(self, name: str, value: float) -> None:
-        self._values[name] = value
 
     def take(self) -> dict[str, float]:
         out, self._values = dict(self._values), defaultdict(float)

@@ -817,21 +817,21 @@ at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::Te
   const int64_t layers = kv.size() / 2, T = h.size(0), hidden = h.size(1), nqkv = (H + 2 * KV) * D;
   TORCH_CHECK(static_cast<int64_t>(w.size()) == 6 * layers && static_cast<int64_t>(opt.size()) == 5 * layers,
               "decode_forward_bf16: 6 weights and 5 optional tensors per layer expected");
-  auto bias = [&](int64_t i) { return opt.get(i); };
+  auto opt_at = [&](int64_t i) { return opt.get(i); };   // a bias or the qk norm; may be None
   at::Tensor residual = h, x = rms_norm(h, w[0], eps);
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* L = w.data() + 6 * l;
     const int64_t o5 = 5 * l;
     if (l) x = add_rms_norm(h, residual, L[0], eps);
-    at::Tensor qkv = linear_packed_bf16(x, L[1], nqkv, hidden, bias(o5)).view({T, H + 2 * KV, D});
-    qk_norm_rope(qkv.narrow(1, 0, H + KV), bias(o5 + 1), cos, sin_signed, positions, eps);
+    at::Tensor qkv = linear_packed_bf16(x, L[1], nqkv, hidden, opt_at(o5)).view({T, H + 2 * KV, D});
+    qk_norm_rope(qkv.narrow(1, 0, H + KV), opt_at(o5 + 1), cos, sin_signed, positions, eps);
     const at::Tensor &kc = kv[2 * l], &vc = kv[2 * l + 1];
     store_kv(qkv.narrow(1, H, KV), qkv.narrow(1, H + KV, KV), kc, vc, slot_blocks, slot_offsets);
     at::Tensor o = paged_decode_attention(qkv.narrow(1, 0, H), kc, vc, block_tables, context_lens, scale);
-    h = linear_packed_bf16(o.view({T, H * D}), L[2], hidden, H * D, bias(o5 + 2));
+    h = linear_packed_bf16(o.view({T, H * D}), L[2], hidden, H * D, opt_at(o5 + 2));
     x = add_rms_norm(h, residual, L[3], eps);
-    h = linear_packed_bf16(silu_and_mul(linear_packed_bf16(x, L[4], 2 * inter, hidden, bias(o5 + 3))), L[5], hidden,
-                           inter, bias(o5 + 4));
+    h = linear_packed_bf16(silu_and_mul(linear_packed_bf16(x, L[4], 2 * inter, hidden, opt_at(o5 + 3))), L[5], hidden,
+                           inter, opt_at(o5 + 4));
   }
   return add_rms_norm(h, residual, final_norm, eps);
 }
