@@ -1,13 +1,15 @@
 """Serving benchmark: Poisson arrivals through the `llm` ensemble over gRPC streaming, and the same
 workload on the in-process engine, so Triton's cost per token is a measured ratio. Each deployment
-profile in --profiles gets its own server, all up at once, and the paths take turns.
+profile in --profiles gets its own server (optionally with its own overrides, `profile:key=value`),
+all up at once, and the paths take turns.
 
     python benchmarks/serving.py --model .cache/checkpoints/small [--rates 0.5,1,2] [--requests 24]
                                  [--profiles single_node,single_node_direct]
 
-Reports TTFT, TPOT (per request: (last - first token) / (n - 1)), ITL (every gap between streamed
-responses) at P50/P95/P99, output throughput, the idle-server TTFT of one 128-token prompt, batch-1
-decode tok/s, and the KV manager's cost (calls per generated token, server time per call, RTT).
+Reports TTFT, TPOT (per request: (last - first response) / the tokens after the first response),
+ITL (every gap between streamed responses) at P50/P95/P99, output throughput, the idle-server TTFT
+of one 128-token prompt, batch-1 decode tok/s, and the KV manager's cost (calls per generated
+token, server time per call, RTT).
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+def tpot_s(r: dict) -> float | None:
+    """(last - first response) / the tokens after the first response: a response may carry several."""
+    later = r["n"] - r["counts"][0]
+    return (r["times"][-1] - r["times"][0]) / later if later > 0 else None
+
+
 def summarize(name: str, rate: float, recs: list[dict], wall: float) -> dict:
     ttft = [r["ttft"] for r in recs]
-    tpot = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in recs if len(r["times"]) > 1]
+    tpot = [t for t in map(tpot_s, recs) if t is not None]
     itl = [b - a for r in recs for a, b in zip(r["times"], r["times"][1:])]
     tokens = sum(r["n"] for r in recs)
     row = {"path": name, "rate": rate, "requests": len(recs), "tokens": tokens, "throughput_tok_s": tokens / wall}
@@ -60,6 +68,16 @@ def arrivals(n: int, rate: float, seed: int) -> list[float]:
     return out
 
 
+def server_spec(spec: str) -> tuple[str, dict]:
+    """"single_node" or "single_node:key=value:key=value": a profile and that server's own overrides."""
+    name, *pairs = spec.split(":")
+    own = {}
+    for kv in pairs:
+        k, v = kv.split("=", 1)
+        own[k] = int(v) if v.lstrip("-").isdigit() else v
+    return name, own
+
+
 def run_server(client: BatonClient, tok, prompts: list[list[int]], times: list[float], new: int) -> tuple[list[dict], float]:  # noqa: ANN001, E501
     """Text prompts (the server tokenizes); greedy, EOS ignored. The client keeps one channel open,
     as a long-lived client does."""
@@ -71,13 +89,13 @@ def run_server(client: BatonClient, tok, prompts: list[list[int]], times: list[f
         if delay > 0:
             time.sleep(delay)
         start = time.perf_counter()
-        stamps, n = [], 0
+        stamps, counts = [], []
         for c in client.stream(tok.decode(prompts[i], skip_special_tokens=False), max_tokens=new,
                                temperature=0.0, ignore_eos=True):
             if c.token_ids:
                 stamps.append(time.perf_counter())
-                n += len(c.token_ids)
-        recs[i] = {"ttft": stamps[0] - start, "times": stamps, "n": n}
+                counts.append(len(c.token_ids))
+        recs[i] = {"ttft": stamps[0] - start, "times": stamps, "counts": counts, "n": sum(counts)}
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -101,13 +119,14 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], times: list[float], 
             i = pending.pop(0)
             s = engine.add_request(tok.encode(tok.decode(prompts[i], skip_special_tokens=False)), sp)
             seqs[s.seq_id] = i
-            recs[i] = {"start": time.perf_counter(), "times": [], "n": 0}
+            recs[i] = {"start": time.perf_counter(), "times": [], "counts": [], "n": 0}
         if not engine.has_unfinished():
             time.sleep(max(0.0, times[pending[0]] - (time.perf_counter() - t0)))
             continue
         for o in engine.step():
             r = recs[seqs[o.seq.seq_id]]
             r["times"].append(time.perf_counter())
+            r["counts"].append(len(o.new_token_ids))
             r["n"] += len(o.new_token_ids)
     for r in recs.values():
         r["ttft"] = r["times"][0] - r.pop("start")
@@ -126,7 +145,8 @@ def main() -> None:
                     help="threads prefill and decode share by load: auto, N, or 0 for a fixed `threads` each")
     ap.add_argument("--idle-runs", type=int, default=5)
     ap.add_argument("--core-policy", default=None, help="the profile's share_cores_policy (fair | prefill_first)")
-    ap.add_argument("--profiles", default="single_node,single_node_direct")
+    ap.add_argument("--profiles", default="single_node,single_node_direct",
+                    help="servers to run, each a profile with optional overrides: single_node:key=value:...")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows: list[dict] = []
@@ -139,7 +159,8 @@ def main() -> None:
     nodes: dict[str, Node] = {}
     try:
         for prof in profiles:
-            nodes[prof] = Node(a.model, profile=prof, overrides=overrides).start(quiet=True)
+            name, own = server_spec(prof)
+            nodes[prof] = Node(a.model, profile=name, overrides=overrides | own).start(quiet=True)
         engine = LLMEngine(a.model, max_model_len=1024, enable_prefix_caching=False, num_threads=2)
         vocab, tok = engine.config.vocab_size, engine.tokenizer
         idle = {}
@@ -155,7 +176,7 @@ def main() -> None:
             for name, fn in paths.items():
                 r, _ = fn(workload(1, a.prompt_len, vocab, 10 + k), [0.0], 128)
                 samples[name][0].append(r[0]["ttft"])
-                samples[name][1].append((r[0]["times"][-1] - r[0]["times"][0]) / (len(r[0]["times"]) - 1))
+                samples[name][1].append(tpot_s(r[0]))
         for name, (ttfts, tpots) in samples.items():
             idle[name] = {"ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(tpots),
                           "decode_tok_s": 1 / statistics.median(tpots),

@@ -140,6 +140,69 @@ def test_prefill_decode_match_offline_engine(node, qwen3_dir):
     assert [t for o in sink.outs for t in o["token_ids"]] == expect_seeded
 
 
+def test_decode_coalesces_tokens_when_more_requests_live_than_responses_per_step(node, qwen3_dir):
+    """4 live requests, 2 responses a step: each request hears every 2nd step, staggered; the first
+    token (prefill's) and the last go at once, and the tokens and text are the ones streamed singly."""
+    params, prefill, decode = node
+    prompts = prompts_of(512, [6, 20, 33, 47], seed=24)
+    greedy = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)
+    offline = LLM(qwen3_dir, dtype="float32", num_blocks=64)
+    try:
+        expect = offline.generate(prompts, greedy)
+    finally:
+        offline.close()
+    sampling = json.dumps(greedy.__dict__)
+    handles = prefill.run([(np.asarray(p), sampling) for p in prompts])
+    sinks = [ListSink() for _ in prompts]
+    decode.responses_per_step = 2
+    try:
+        with decode.cv:                        # one inbox: all four live from the same step
+            for h, sink in zip(handles, sinks):
+                decode.submit(h, sink)
+        assert all(s.done.wait(30) for s in sinks)
+    finally:
+        decode.responses_per_step = 0
+    steps_heard = set()
+    for sink, e in zip(sinks, expect):
+        sizes = [len(o["token_ids"]) for o in sink.outs]
+        assert [t for o in sink.outs for t in o["token_ids"]] == e.token_ids
+        assert "".join(o["text"] for o in sink.outs) == e.text
+        assert sizes[0] == 1 and sink.outs[-1]["finish_reason"] == "length"
+        assert sizes[1] in (1, 2) and all(n == 2 for n in sizes[2:-1]), sizes     # every 2nd step
+        assert sink.outs[-1]["completion_tokens"] == 11
+        steps_heard.add(sizes[1])
+    assert steps_heard == {1, 2}                  # staggered: half the requests heard after one step
+    assert blocks_in_use(params.kv_address) == 0
+
+
+def test_coalesced_tokens_are_never_held_long(node, monkeypatch):
+    """Slow steps (a prefill in between) must not hold tokens for many of them: past MAX_HOLD_S a
+    held output goes out; release_held() sends them all at once."""
+    from baton.backends.stages import decode as decode_mod
+
+    params, prefill, decode = node
+    sampling = json.dumps(SamplingParams(temperature=0, max_tokens=8, ignore_eos=True).__dict__)
+    stage = DecodeStage(node_engine(params), thread=False, responses_per_step=1)
+    sinks = [ListSink() for _ in range(3)]
+    handles = prefill.run([(np.asarray(p), sampling) for p in prompts_of(512, [9, 12, 15], seed=25)])
+    stage.step_once(list(zip(handles, sinks)))         # every 3rd step each: two of three hold
+    held = [lv for lv in stage.live.values() if lv.held is not None]
+    assert len(held) == 2
+    monkeypatch.setattr(decode_mod, "MAX_HOLD_S", 0.0)
+    stage.step_once()                                   # held past the limit: those two hear now
+    assert [len(s.outs) for s in sinks] == [2, 2, 2] and sum(lv.held is not None for lv in stage.live.values()) == 1
+    monkeypatch.setattr(decode_mod, "MAX_HOLD_S", 60.0)
+    stage.step_once()
+    assert any(lv.held is not None for lv in stage.live.values())
+    stage.release_held()
+    assert all(lv.held is None for lv in stage.live.values())
+    while stage.live:
+        stage.step_once()
+    assert [sum(len(o["token_ids"]) for o in s.outs) for s in sinks] == [8, 8, 8]
+    stage.engine.block_manager.flush(idle=True)          # what the worker does on going idle
+    assert blocks_in_use(params.kv_address) == 0
+
+
 def test_shared_prefix_hits_cache_across_stages_and_blocks_return(node):
     params, prefill, decode = node
     shared = prompts_of(512, [50], seed=22)[0]
@@ -221,8 +284,9 @@ def test_core_share_prefill_first_holds_decode_until_prefill_is_done(tmp_path):
     prefill = CoreShare(tmp_path / "cores", "prefill", 2, "prefill_first")
     decode = CoreShare(tmp_path / "cores", "decode", 2, "prefill_first")
     try:
-        assert decode.busy() == 2
+        assert decode.busy() == 2 and not decode.holds_decode()
         assert prefill.busy() == 2              # a prefill always gets every core
+        assert decode.holds_decode() and not prefill.holds_decode()
         t0 = time.monotonic()
         threading.Timer(0.2, prefill.idle).start()
         assert decode.busy() == 2               # ... and the next decode step waits for it

@@ -81,7 +81,8 @@ class Node:
                   "run_dir": str(self.run_dir),
                   "share_cores": _share_cores(eng.get("share_cores", 0)),
                   "share_cores_policy": eng.get("share_cores_policy", "fair"),
-                  "prefill_chunk_tokens": eng.get("prefill_chunk_tokens", 0)}
+                  "prefill_chunk_tokens": eng.get("prefill_chunk_tokens", 0),
+                  "stream_responses_per_step": eng.get("stream_responses_per_step", 0)}
         if params["share_cores"]:
             CoreShare.create(self.run_dir / "cores")
         repo = render(prof, self.run_dir / "models", params)

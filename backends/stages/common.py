@@ -27,6 +27,7 @@ class StageParams:
     share_cores: int = 0           # prefill and decode share this many threads by load (0 = `threads` each)
     share_cores_policy: str = "fair"   # or "prefill_first" (stages/cores.py)
     prefill_chunk_tokens: int = 0      # the prefill engine's token budget per step (0 = the engine's default)
+    stream_responses_per_step: int = 0   # decode coalesces tokens above this many responses a step (0 = never)
 
     @classmethod
     def from_model_config(cls, model_config: str | dict) -> StageParams:

@@ -74,6 +74,10 @@ class CoreShare:
             self.threads = n
         return n
 
+    def holds_decode(self) -> bool:
+        """Whether decode's busy() would now wait for a working prefill."""
+        return self.policy == "prefill_first" and self.me == SLOTS["decode"] and self.flags[self.other] == BUSY
+
     def stepped(self) -> None:
         """Decode calls this after each step (a prefill that let it in goes on)."""
         self.flags[STEPS] += 1

@@ -51,7 +51,7 @@ class _WorkerSink:
 def serve(params: StageParams, address: str) -> None:
     sock = zmq.Context.instance().socket(zmq.PAIR)
     sock.connect(address)
-    stage = DecodeStage(node_engine(params), thread=False)
+    stage = DecodeStage(node_engine(params), thread=False, responses_per_step=params.stream_responses_per_step)
     cores = core_share(params, "decode")
     parent = os.getppid()
     outbox: list = []
@@ -102,6 +102,9 @@ def serve(params: StageParams, address: str) -> None:
             stage.admit(arrivals)
             flush()                      # first tokens out before the step, not after it
         if cores:
+            if cores.holds_decode():     # a prefill runs first: coalesced tokens go out before the wait
+                stage.release_held()
+                flush()
             cores.busy()
         stage.step_once()
         if cores:
