@@ -4,7 +4,7 @@ profile in --profiles gets its own server (optionally with its own overrides, `p
 all up at once, and the paths take turns.
 
     python benchmarks/serving.py --model .cache/checkpoints/small [--rates 0.5,1,2] [--requests 24]
-                                 [--profiles single_node,single_node_direct]
+                                 [--profiles single_node,single_node_direct] [--rounds 1]
 
 Reports TTFT, TPOT (per request: (last - first response) / the tokens after the first response),
 ITL (every gap between streamed responses) at P50/P95/P99, output throughput, the idle-server TTFT
@@ -136,7 +136,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], times: list[float], 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=".cache/checkpoints/small")
-    ap.add_argument("--rates", default="0.5,1,2")
+    ap.add_argument("--rates", default="0.5,1,2", help="requests/s; 0: all --requests arrive at once")
+    ap.add_argument("--rounds", type=int, default=1, help="runs per rate (new prompts and arrivals each)")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
@@ -177,7 +178,7 @@ def main() -> None:
                 r, _ = fn(workload(1, a.prompt_len, vocab, 10 + k), [0.0], 128)
                 samples[name][0].append(r[0]["ttft"])
                 samples[name][1].append(tpot_s(r[0]))
-        for name, (ttfts, tpots) in samples.items():
+        for name, (ttfts, tpots) in samples.items() if a.idle_runs else ():
             idle[name] = {"ttft_ms": 1000 * statistics.median(ttfts), "tpot_ms": 1000 * statistics.median(tpots),
                           "decode_tok_s": 1 / statistics.median(tpots),
                           "ttft_ms_runs": [round(1000 * x, 1) for x in ttfts],
@@ -186,12 +187,12 @@ def main() -> None:
                   f"({idle[name]['decode_tok_s']:.1f} tok/s)  TTFT runs {idle[name]['ttft_ms_runs']}", flush=True)
         mgr = RemoteBlockManager(nodes[profiles[0]].manager.address, 1, 16)
         before = mgr.stats()
-        for rate in [float(r) for r in a.rates.split(",") if r]:
-            prompts = workload(a.requests, a.prompt_len, vocab, int(rate * 100))
-            times = arrivals(a.requests, rate, int(rate * 1000))
+        for rate, rnd in [(float(r), k) for r in a.rates.split(",") if r for k in range(a.rounds)]:
+            prompts = workload(a.requests, a.prompt_len, vocab, int(rate * 100) + rnd)
+            times = arrivals(a.requests, rate, int(rate * 1000) + rnd)
             for name, fn in paths.items():
                 recs, wall = fn(prompts, times, a.new)
-                row = summarize(name, rate, recs, wall)
+                row = summarize(name, rate, recs, wall) | {"round": rnd}
                 rows.append(row)
                 print(f"{name:18s} rate {rate:4.1f}/s: TTFT p50/p95/p99 {row['ttft_ms_p50']:6.1f}/{row['ttft_ms_p95']:6.1f}/"
                       f"{row['ttft_ms_p99']:6.1f} ms  TPOT p50 {row['tpot_ms_p50']:6.2f} ms  ITL p50/p99 "
@@ -207,7 +208,7 @@ def main() -> None:
               "server_us_per_call": after["busy_us_per_call"], "rtt_us": rtt_us}
         # per pair of neighbouring runs, then the median: robust to the machine's drift
         overhead = {prof: statistics.median(t / e for t, e in zip(samples[prof][1], samples["engine"][1])) - 1
-                    for prof in profiles}
+                    for prof in profiles if a.idle_runs}
         for prof, o in overhead.items():
             print(f"Triton overhead per token at batch 1, {prof}: {100 * o:+.1f}% of TPOT", flush=True)
         print(f"KV manager ({profiles[0]}): {kv['calls_per_token']:.3f} calls/token, "
