@@ -297,6 +297,35 @@ def test_core_share_prefill_first_holds_decode_until_prefill_is_done(tmp_path):
         torch.set_num_threads(before)
 
 
+def test_core_share_prefill_first_waits_for_the_decode_step_in_flight(tmp_path):
+    """A prefill arriving mid-step starts when that step ends, not beside it (2 + 2 threads on 2
+    cores); with no step in flight it starts at once."""
+    import threading
+
+    import torch
+
+    from baton.backends.stages.cores import CoreShare
+
+    before = torch.get_num_threads()
+    CoreShare.create(tmp_path / "cores")
+    prefill = CoreShare(tmp_path / "cores", "prefill", 2, "prefill_first")
+    decode = CoreShare(tmp_path / "cores", "decode", 2, "prefill_first")
+    try:
+        decode.busy()                           # a decode step starts
+        threading.Timer(0.2, decode.stepped).start()
+        t0 = time.monotonic()
+        prefill.busy()
+        assert time.monotonic() - t0 >= 0.19
+        prefill.idle()
+        decode.busy()
+        decode.stepped()                        # between steps
+        t0 = time.monotonic()
+        prefill.busy()
+        assert time.monotonic() - t0 < 0.1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(tmp_path):
     import threading
 

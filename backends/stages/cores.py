@@ -4,7 +4,7 @@ them while the other is idle and half while both work.
 Fixed splits lose either way on a small box (measured on 2 cores with `small`): one thread each
 makes an idle server's TTFT and batch-1 decode ~1.3-2x slower than in-process, two threads each
 oversubscribes the cores under load (TTFT p50 1.28 s vs 0.25 s at 2 req/s). Each stage marks itself
-busy in a 16-byte shared file before every engine step and picks its thread count from the other's
+busy in a small shared file before every engine step and picks its thread count from the other's
 mark, so at most one step runs oversubscribed when load changes.
 
 policy "prefill_first" instead gives a working prefill every core and holds decode steps while it
@@ -13,8 +13,12 @@ do in an engine that runs prefills and decodes in one loop. Between two chunks o
 prefill engine's token budget, `prefill_chunk_tokens`) a waiting decode gets one step, so a long
 prompt stalls the streams for one chunk at a time, not for the whole prompt.
 
-The file holds four int32: prefill busy (or yielding one step), decode busy, decode waiting, decode
-steps done.
+Under "prefill_first" a prefill that arrives while a decode step runs waits for that step to end
+(at most MAX_YIELD_S) rather than run beside it: 2 + 2 OpenMP threads on 2 cores, each team
+spinning at its barriers for threads the other has preempted.
+
+The file holds five int32: prefill busy (or yielding one step), decode busy, decode waiting, decode
+steps done, decode mid-step.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ SLOTS = {"prefill": 0, "decode": 1}
 POLICIES = ("fair", "prefill_first")
 MAX_HOLD_S = 5.0        # a decode step waits for a prefill at most this long (a stuck flag must not hang it)
 MAX_YIELD_S = 1.0       # a prefill waits for the decode step it let in at most this long
-WAITING, STEPS = 2, 3   # flag slots
+WAITING, STEPS, STEPPING = 2, 3, 4   # flag slots
 BUSY, YIELD = 1, 2      # a prefill's own flag: working, or letting one decode step in
 
 
@@ -38,7 +42,7 @@ class CoreShare:
     def __init__(self, path: str | Path, stage: str, cores: int, policy: str = "fair") -> None:
         if policy not in POLICIES:
             raise ValueError(f"share_cores_policy must be one of {POLICIES}, not {policy!r}")
-        self.flags = np.memmap(str(path), dtype=np.int32, mode="r+", shape=(4,))
+        self.flags = np.memmap(str(path), dtype=np.int32, mode="r+", shape=(5,))
         self.me, self.other = SLOTS[stage], 1 - SLOTS[stage]
         self.cores = cores
         self.policy = policy
@@ -46,7 +50,7 @@ class CoreShare:
 
     @staticmethod
     def create(path: str | Path) -> None:
-        Path(path).write_bytes(bytes(16))
+        Path(path).write_bytes(bytes(20))
 
     def busy(self) -> int:
         """Call before each engine step; returns the thread count it runs with."""
@@ -54,7 +58,13 @@ class CoreShare:
             if self.me == SLOTS["decode"]:
                 self.flags[self.me] = 1
                 self.flags[WAITING] = 1
-                self._wait(lambda: self.flags[self.other] != BUSY, MAX_HOLD_S)
+                deadline = time.monotonic() + MAX_HOLD_S
+                while True:     # mark the step, then look: a prefill that sets BUSY after the mark waits
+                    self.flags[STEPPING] = 1
+                    if self.flags[self.other] != BUSY or time.monotonic() > deadline:
+                        break
+                    self.flags[STEPPING] = 0
+                    self._wait(lambda: self.flags[self.other] != BUSY, deadline - time.monotonic())
                 if self.flags[self.other] == YIELD:      # a prefill between chunks lets in this step only
                     self.flags[self.other] = BUSY
                 self.flags[WAITING] = 0
@@ -64,6 +74,8 @@ class CoreShare:
                     self.flags[self.me] = YIELD
                     self._wait(lambda: self.flags[STEPS] != steps or not self.flags[self.other], MAX_YIELD_S)
                 self.flags[self.me] = BUSY
+                # a decode step in flight ends first
+                self._wait(lambda: not self.flags[STEPPING] or not self.flags[self.other], MAX_YIELD_S)
             n = self.cores
         else:
             self.flags[self.me] = 1
@@ -79,11 +91,14 @@ class CoreShare:
         return self.policy == "prefill_first" and self.me == SLOTS["decode"] and self.flags[self.other] == BUSY
 
     def stepped(self) -> None:
-        """Decode calls this after each step (a prefill that let it in goes on)."""
+        """Decode calls this after each step (a prefill that let it in, or waits for it, goes on)."""
+        self.flags[STEPPING] = 0
         self.flags[STEPS] += 1
 
     def idle(self) -> None:
         self.flags[self.me] = 0
+        if self.me == SLOTS["decode"]:
+            self.flags[STEPPING] = 0
 
     @staticmethod
     def _wait(done: Callable[[], bool], timeout: float) -> None:
