@@ -4,13 +4,14 @@ execute() only hands a request's KVHandle and response sink to `submit` and retu
 adopts new sequences, drops cancelled ones (their blocks go back to the KV manager), steps the
 engine and streams each sequence's new tokens and text through its sink.
 
-Every streamed response costs the server CPU whatever it carries (~0.8 ms here across the Python
+Every streamed response costs the host CPU whatever it carries (~0.6-0.8 ms here across the Python
 backend, tritonserver and a gRPC client), and on a small host that CPU comes out of the decode step.
 So with more live requests than `responses_per_step`, a request's tokens are sent every
 ceil(live / responses_per_step) steps, the requests staggered so that each step sends about that
 many responses; its first and last tokens always go at once, and no token is held longer than
-MAX_HOLD_S (steps slow down while prefills interleave with them; the worker also releases them
-before it waits for a prefill). The tokens are the same either way. 0 streams every token of every request as its own response."""
+MAX_HOLD_S (steps slow down while prefills interleave with them; the worker also releases held
+tokens before it waits for a prefill). The tokens are the same either way. 0 streams every token
+of every request as its own response."""
 
 from __future__ import annotations
 
