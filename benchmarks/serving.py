@@ -3,7 +3,7 @@ workload on the in-process engine, so Triton's cost per token is a measured rati
 profile in --profiles gets its own server (optionally with its own overrides, `profile:key=value`),
 all up at once, and the paths take turns.
 
-    python benchmarks/serving.py --model .cache/checkpoints/small [--rates 0.5,1,2] [--requests 24]
+    python benchmarks/serving.py --model .cache/checkpoints/small [--rates 0.5,1,2,4] [--requests 24]
                                  [--profiles single_node,single_node_direct] [--rounds 1]
 
 Reports TTFT, TPOT (per request: (last - first response) / the tokens after the first response),
@@ -136,7 +136,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], times: list[float], 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=".cache/checkpoints/small")
-    ap.add_argument("--rates", default="0.5,1,2", help="requests/s; 0: all --requests arrive at once")
+    ap.add_argument("--rates", default="0.5,1,2,4", help="requests/s; 0: all --requests arrive at once")
     ap.add_argument("--rounds", type=int, default=1, help="runs per rate (new prompts and arrivals each)")
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--prompt-len", type=int, default=128)
