@@ -196,9 +196,15 @@ def test_coalesced_tokens_are_never_held_long(node, monkeypatch):
     assert any(lv.held is not None for lv in stage.live.values())
     stage.release_held()
     assert all(lv.held is None for lv in stage.live.values())
+    stage.step_once()
+    held = next(i for i, lv in enumerate(stage.live.values()) if lv.held is not None)
+    sinks[held].cancel = True                           # cancelled while holding: those tokens still go
+    stage.step_once()
+    assert sinks[held].outs[-1]["finish_reason"] == "abort" and sinks[held].outs[-1]["token_ids"]
     while stage.live:
         stage.step_once()
-    assert [sum(len(o["token_ids"]) for o in s.outs) for s in sinks] == [8, 8, 8]
+    got = [sum(len(o["token_ids"]) for o in s.outs) for s in sinks]
+    assert got[held] < 8 and [n for i, n in enumerate(got) if i != held] == [8, 8]
     stage.engine.block_manager.flush(idle=True)          # what the worker does on going idle
     assert blocks_in_use(params.kv_address) == 0
 
