@@ -9,7 +9,7 @@ class TritonPythonModel:
     def execute(self, requests):
         out = []
         for r in requests:
-            out.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor(dst, pb_utils.get_input_tensor_by_name(r, src).as_numpy())
-                for src, dst in RENAME.items()]))
+            got = {t.name(): t for t in r.inputs()}    # one pass (get_input_tensor_by_name rescans per name)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor(dst, got[src].as_numpy())
+                                                   for src, dst in RENAME.items()]))
         return out
