@@ -278,9 +278,10 @@ def test_core_share_splits_only_while_both_work(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_core_share_prefill_first_holds_decode_until_prefill_is_done(tmp_path):
-    import threading
-
+@pytest.fixture
+def prefill_first(tmp_path):
+    """(prefill, decode) CoreShares of one node under "prefill_first", 2 cores; torch's thread count
+    is restored afterwards."""
     import torch
 
     from baton.backends.stages.cores import CoreShare
@@ -288,61 +289,45 @@ def test_core_share_prefill_first_holds_decode_until_prefill_is_done(tmp_path):
     before = torch.get_num_threads()
     CoreShare.create(tmp_path / "cores")
     prefill = CoreShare(tmp_path / "cores", "prefill", 2, "prefill_first")
-    decode = CoreShare(tmp_path / "cores", "decode", 2, "prefill_first")
-    try:
-        assert decode.busy() == 2 and not decode.holds_decode()
-        assert prefill.busy() == 2              # a prefill always gets every core
-        assert decode.holds_decode() and not prefill.holds_decode()
-        t0 = time.monotonic()
-        threading.Timer(0.2, prefill.idle).start()
-        assert decode.busy() == 2               # ... and the next decode step waits for it
-        assert time.monotonic() - t0 >= 0.19
-        with pytest.raises(ValueError, match="share_cores_policy"):
-            CoreShare(tmp_path / "cores", "decode", 2, "greedy")
-    finally:
-        torch.set_num_threads(before)
+    yield prefill, CoreShare(tmp_path / "cores", "decode", 2, "prefill_first")
+    prefill.idle()
+    torch.set_num_threads(before)
 
 
-def test_core_share_prefill_first_waits_for_the_decode_step_in_flight(tmp_path):
+def test_core_share_prefill_first_holds_decode_until_prefill_is_done(prefill_first, tmp_path):
+    from baton.backends.stages.cores import CoreShare
+
+    prefill, decode = prefill_first
+    assert decode.busy() == 2 and not decode.holds_decode()
+    assert prefill.busy() == 2              # a prefill always gets every core
+    assert decode.holds_decode() and not prefill.holds_decode()
+    t0 = time.monotonic()
+    threading.Timer(0.2, prefill.idle).start()
+    assert decode.busy() == 2               # ... and the next decode step waits for it
+    assert time.monotonic() - t0 >= 0.19
+    with pytest.raises(ValueError, match="share_cores_policy"):
+        CoreShare(tmp_path / "cores", "decode", 2, "greedy")
+
+
+def test_core_share_prefill_first_waits_for_the_decode_step_in_flight(prefill_first):
     """A prefill arriving mid-step starts when that step ends, not beside it (2 + 2 threads on 2
     cores); with no step in flight it starts at once."""
-    import threading
-
-    import torch
-
-    from baton.backends.stages.cores import CoreShare
-
-    before = torch.get_num_threads()
-    CoreShare.create(tmp_path / "cores")
-    prefill = CoreShare(tmp_path / "cores", "prefill", 2, "prefill_first")
-    decode = CoreShare(tmp_path / "cores", "decode", 2, "prefill_first")
-    try:
-        decode.busy()                           # a decode step starts
-        threading.Timer(0.2, decode.stepped).start()
-        t0 = time.monotonic()
-        prefill.busy()
-        assert time.monotonic() - t0 >= 0.19
-        prefill.idle()
-        decode.busy()
-        decode.stepped()                        # between steps
-        t0 = time.monotonic()
-        prefill.busy()
-        assert time.monotonic() - t0 < 0.1
-    finally:
-        torch.set_num_threads(before)
+    prefill, decode = prefill_first
+    decode.busy()                           # a decode step starts
+    threading.Timer(0.2, decode.stepped).start()
+    t0 = time.monotonic()
+    prefill.busy()
+    assert time.monotonic() - t0 >= 0.19
+    prefill.idle()
+    decode.busy()
+    decode.stepped()                        # between steps
+    t0 = time.monotonic()
+    prefill.busy()
+    assert time.monotonic() - t0 < 0.1
 
 
-def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(tmp_path):
-    import threading
-
-    import torch
-
-    from baton.backends.stages.cores import CoreShare
-
-    before = torch.get_num_threads()
-    CoreShare.create(tmp_path / "cores")
-    prefill = CoreShare(tmp_path / "cores", "prefill", 2, "prefill_first")
-    decode = CoreShare(tmp_path / "cores", "decode", 2, "prefill_first")
+def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(prefill_first):
+    prefill, decode = prefill_first
     events: list[str] = []
 
     def decode_steps() -> None:
@@ -352,24 +337,20 @@ def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(tmp_pat
             time.sleep(0.05)
             decode.stepped()
 
-    try:
-        prefill.busy()
-        events.append("chunk 1")
-        t = threading.Thread(target=decode_steps)
-        t.start()
-        time.sleep(0.1)                     # decode is waiting for chunk 1
-        assert events == ["chunk 1"]
-        prefill.busy()                      # chunk 2: first lets exactly one decode step through
-        events.append("chunk 2")
-        time.sleep(0.1)
-        prefill.idle()
-        t.join(5)
-        assert events == ["chunk 1", "decode step", "chunk 2", "decode step"]
-        prefill.busy()                      # no decode waiting: no yield
-        assert prefill.busy() == 2
-    finally:
-        prefill.idle()
-        torch.set_num_threads(before)
+    prefill.busy()
+    events.append("chunk 1")
+    t = threading.Thread(target=decode_steps)
+    t.start()
+    time.sleep(0.1)                         # decode is waiting for chunk 1
+    assert events == ["chunk 1"]
+    prefill.busy()                          # chunk 2: first lets exactly one decode step through
+    events.append("chunk 2")
+    time.sleep(0.1)
+    prefill.idle()
+    t.join(5)
+    assert events == ["chunk 1", "decode step", "chunk 2", "decode step"]
+    prefill.busy()                          # no decode waiting: no yield
+    assert prefill.busy() == 2
 
 
 def test_decode_fails_one_request_that_cannot_be_adopted_and_keeps_serving(node):
