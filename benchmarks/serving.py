@@ -119,7 +119,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], times: list[float], 
             i = pending.pop(0)
             s = engine.add_request(tok.encode(tok.decode(prompts[i], skip_special_tokens=False)), sp)
             seqs[s.seq_id] = i
-            recs[i] = {"start": time.perf_counter(), "times": [], "counts": [], "n": 0}
+            recs[i] = {"start": time.perf_counter(), "times": [], "counts": []}
         if not engine.has_unfinished():
             time.sleep(max(0.0, times[pending[0]] - (time.perf_counter() - t0)))
             continue
@@ -127,9 +127,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], times: list[float], 
             r = recs[seqs[o.seq.seq_id]]
             r["times"].append(time.perf_counter())
             r["counts"].append(len(o.new_token_ids))
-            r["n"] += len(o.new_token_ids)
     for r in recs.values():
-        r["ttft"] = r["times"][0] - r.pop("start")
+        r["ttft"], r["n"] = r["times"][0] - r.pop("start"), sum(r["counts"])
     return [recs[i] for i in range(len(prompts))], time.perf_counter() - t0
 
 
