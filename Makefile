@@ -9,10 +9,11 @@ BENCH_MODEL ?= .cache/checkpoints/small
 
 .PHONY: venv test lint serve smoke bench checkpoint models clean
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ./clients
 	$(PY) -m pip install -q -e ".[test]"
 	# tritonserver 2.51 + Python backend from this wheel; its Python deps are not needed
 	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
@@ -20,11 +21,13 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 venv: $(VENV)/.installed
 
+# ruff, and pyright for one thing: that every import resolves statically (baton.*, baton_client)
 lint: venv
 	$(PY) -m ruff check .
+	$(VENV)/bin/pyright
 
 test: venv lint
-	$(PY) -m pytest
+	$(VENV)/bin/pytest
 
 # The default model is committed (models/, trained by `make models`); random-init checkpoints of
 # larger shapes for benchmarks are made on demand.

@@ -7,8 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-# The embedded default model (models/, trained by `baton train-tiny`), next to the package sources.
-DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "models" / "baton-tiny")
+from .paths import default_model
+
+# The embedded default model (models/, trained by `baton train-tiny`), package data of baton.
+DEFAULT_MODEL = str(default_model())
 
 
 def _generate(argv: list[str]) -> None:
@@ -106,7 +108,7 @@ def _serve(argv: list[str]) -> None:
 
 
 def _sample(node, prompt: str, max_tokens: int, check: bool, model: str) -> bool:  # noqa: ANN001
-    from baton.clients import BatonClient
+    from baton_client import BatonClient
 
     print(f"[baton] sample completion (gRPC stream):\n{prompt}", end="", flush=True)
     ids: list[int] = []
@@ -132,7 +134,7 @@ def _sample(node, prompt: str, max_tokens: int, check: bool, model: str) -> bool
 
 
 def _client(argv: list[str]) -> None:
-    from baton.clients import BatonClient, BatonError
+    from baton_client import BatonClient, BatonError
 
     ap = argparse.ArgumentParser(prog="baton client", description="Send a prompt to a Baton server.")
     ap.add_argument("prompt")
@@ -167,8 +169,8 @@ def _client(argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "make-checkpoint": lambda argv: __import__("baton.backends.tools.make_checkpoint", fromlist=["main"]).main(argv),
-    "train-tiny": lambda argv: __import__("baton.backends.train.tiny", fromlist=["main"]).main(argv),
+    "make-checkpoint": lambda argv: __import__("baton.tools.make_checkpoint", fromlist=["main"]).main(argv),
+    "train-tiny": lambda argv: __import__("baton.tools.train.tiny", fromlist=["main"]).main(argv),
     "generate": _generate,
     "serve": _serve,
     "client": _client,

@@ -27,7 +27,7 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def main() -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM, SamplingParams  # pyright: ignore[reportMissingImports] (a peer, in its own venv)
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=".cache/checkpoints/small")

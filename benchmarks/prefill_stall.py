@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from baton.backends.serving.launcher import Node
-from baton.clients import BatonClient
+from baton_client import BatonClient
 
 POLICIES = {"fair": {"share_cores_policy": "fair"},
             "prefill_first, 256-token chunks": {"share_cores_policy": "prefill_first", "prefill_chunk_tokens": 256},

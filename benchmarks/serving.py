@@ -27,7 +27,7 @@ import torch
 
 from baton.backends.kv.manager import RemoteBlockManager
 from baton.backends.serving.launcher import Node
-from baton.clients import BatonClient
+from baton_client import BatonClient
 
 
 def pct(xs: list[float], p: float) -> float:

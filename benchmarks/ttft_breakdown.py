@@ -18,7 +18,7 @@ import tritonclient.grpc as grpc
 from transformers import AutoTokenizer
 
 from baton.backends.serving.launcher import Node
-from baton.clients import BatonClient
+from baton_client import BatonClient
 
 
 def ms(xs: list[float]) -> list[int]:

@@ -2,6 +2,10 @@
 the tensor's device; the public function dispatches. GPU (Triton-language) kernels plug in here
 behind the same signatures, so the engine never calls an implementation directly."""
 
+if __name__ != "baton.kernels":   # one name per module: `import kernels` from the repository root would load a second copy
+    raise ImportError(f"import this package as baton.kernels, not {__name__}")
+
+
 from .activation import silu_and_mul
 from .attention import (
     AttentionBatch,

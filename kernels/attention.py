@@ -182,7 +182,7 @@ def _prefill_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     q_lens = [e - s for s, e in zip(meta.q_starts, meta.q_ends)]
     if k_cache.shape[1] % 256 == 0:
         try:
-            from flash_attn import flash_attn_varlen_func
+            from flash_attn import flash_attn_varlen_func  # pyright: ignore[reportMissingImports] (optional, GPU)
         except ImportError:
             flash_attn_varlen_func = None
         if flash_attn_varlen_func is not None:

@@ -19,7 +19,7 @@ torch.set_num_threads(2)
 
 def _checkpoint(preset: str, **kw) -> Path:
     """Build once per machine (deterministic), reuse afterwards."""
-    from baton.backends.tools.make_checkpoint import make_checkpoint
+    from baton.tools.make_checkpoint import make_checkpoint
 
     tag = "-".join([preset] + [f"{k}={v}" for k, v in sorted(kw.items())])
     out = CACHE / tag

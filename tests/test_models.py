@@ -53,8 +53,8 @@ def test_shapes_as_asked(report):
 def test_heldout_slice_perplexity_reproduces(report, tokenizer, name, key):
     from transformers import AutoModelForCausalLM
 
-    from baton.backends.train.evaluate import perplexity
-    from baton.backends.train.tiny import heldout_slice_windows
+    from baton.tools.train.evaluate import perplexity
+    from baton.tools.train.tiny import heldout_slice_windows
 
     s = report["metrics"]["slice"]
     windows = heldout_slice_windows(tokenizer, (MODELS / "heldout-slice.txt").read_text(encoding="utf-8"),
@@ -98,8 +98,8 @@ def test_draft_and_heads_predict_the_target(tokenizer):
     from transformers import AutoModelForCausalLM
 
     from baton.backends.spec.heads import EagleHead, MedusaHeads
-    from baton.backends.train.evaluate import family_metrics
-    from baton.backends.train.tiny import heldout_slice_windows
+    from baton.tools.train.evaluate import family_metrics
+    from baton.tools.train.tiny import heldout_slice_windows
 
     windows = heldout_slice_windows(tokenizer, (MODELS / "heldout-slice.txt").read_text(encoding="utf-8"), 512, 4)
     m = family_metrics(AutoModelForCausalLM.from_pretrained(str(TARGET), dtype=torch.float32).eval(),

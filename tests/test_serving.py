@@ -11,7 +11,7 @@ from conftest import blocks_in_use
 from baton import LLM, SamplingParams
 from baton.backends.kv.pool import KVPool
 from baton.backends.serving.launcher import Node
-from baton.clients import BatonClient, BatonError
+from baton_client import BatonClient, BatonError
 
 pytestmark = pytest.mark.slow
 
@@ -188,7 +188,7 @@ def test_direct_profile_serves_the_same_stream_without_postprocess(qwen3_dir, of
 def test_asyncio_client_streams_the_same_tokens(node, offline):
     import asyncio
 
-    from baton.clients import AsyncBatonClient
+    from baton_client import AsyncBatonClient
 
     async def go():
         async with AsyncBatonClient(node.grpc_url) as client:

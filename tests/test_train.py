@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from baton.backends.train import corpus
+from baton.tools.train import corpus
 
 
 def test_split_is_by_file_and_stable():
@@ -38,7 +38,7 @@ def test_windows():
 
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
-    from baton.backends.train.tiny import RECIPES, train_tiny
+    from baton.tools.train.tiny import RECIPES, train_tiny
 
     out = tmp_path_factory.mktemp("tiny")
     return out, train_tiny(out, RECIPES["ci"], threads=2)

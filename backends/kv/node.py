@@ -20,7 +20,7 @@ class KVManagerProcess:
 
     def start(self, timeout: float = 30) -> None:
         spec = ",".join(f"{k}={v}" for k, v in asdict(self.spec).items())
-        cmd = [sys.executable, "-m", "baton.backends.kv.manager", "--pool", self.pool_name,
+        cmd = [sys.executable, "-P", "-m", "baton.backends.kv.manager", "--pool", self.pool_name,
                "--address", self.address, "--spec", spec] + ([] if self.prefix_caching else ["--no-prefix-caching"])
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115

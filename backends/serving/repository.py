@@ -10,12 +10,10 @@ from pathlib import Path
 import jinja2
 import tomllib
 
+from .. import paths
 from ..stages.postprocess import RENAME
 from . import tensors
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = ROOT / "model_repository"
-PROFILES = ROOT / "ensemble_configs"
 
 
 @dataclass
@@ -29,9 +27,9 @@ class Profile:
     def load(cls, name_or_path: str) -> Profile:
         path = Path(name_or_path)
         if not path.is_file():
-            path = PROFILES / f"{name_or_path}.toml"
+            path = paths.profiles() / f"{name_or_path}.toml"
         if not path.is_file():
-            known = sorted(p.stem for p in PROFILES.glob("*.toml"))
+            known = sorted(p.stem for p in paths.profiles().glob("*.toml"))
             raise FileNotFoundError(f"no deployment profile {name_or_path!r}; known: {known}")
         d = tomllib.loads(path.read_text())
         if "extends" in d:            # a variant: the base profile with these keys replaced or merged
@@ -47,7 +45,7 @@ def _params(values: dict[str, object]) -> str:
 
 def render(profile: Profile, out: Path, stage_params: dict[str, object]) -> Path:
     """Write <out>/<model>/config.pbtxt and copy each model.py. Returns `out`."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(paths.templates())), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     ctx = {
         "scalars": tensors.SCALARS, "instances": profile.instances, "params": _params(stage_params),
@@ -62,7 +60,7 @@ def render(profile: Profile, out: Path, stage_params: dict[str, object]) -> Path
         (out / model / "1").mkdir(parents=True)
         cfg = env.get_template(f"{model}/config.pbtxt.j2").render(**ctx)
         (out / model / "config.pbtxt").write_text(cfg)
-        src = TEMPLATES / model / "1" / "model.py"
+        src = paths.templates() / model / "1" / "model.py"
         if src.is_file():
             shutil.copy2(src, out / model / "1" / "model.py")
     return out

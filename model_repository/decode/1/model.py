@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.serving.tensors import HANDLE
 from baton.backends.stages.common import StageParams
@@ -46,7 +46,7 @@ class TritonPythonModel:
         # The loop runs on the main thread of a worker process (see decode_worker); this stub relays.
         params = StageParams.from_model_config(json.loads(args["model_config"]))
         address = f"ipc://{params.run_dir}/decode-{args['model_instance_name']}.sock"
-        cmd = [shutil.which("python3") or "python3", "-m", "baton.backends.stages.decode_worker",
+        cmd = [shutil.which("python3") or "python3", "-P", "-m", "baton.backends.stages.decode_worker",
                "--address", address, "--params", json.dumps(params.__dict__)]
         self.metrics = TritonMetrics(pb_utils, DECODE, {"model": args["model_name"], "version": args["model_version"]})
         self.stage = DecodeProxy(address, lambda: subprocess.Popen(cmd), self.metrics.update)

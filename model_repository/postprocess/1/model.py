@@ -1,6 +1,6 @@
 """postprocess: shapes each streamed decode response into the user-facing outputs."""
 
-import triton_python_backend_utils as pb_utils
+import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.stages.postprocess import RENAME
 

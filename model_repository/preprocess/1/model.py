@@ -3,7 +3,7 @@
 import json
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.engine.errors import InvalidRequestError
 from baton.backends.serving.tensors import SCALARS

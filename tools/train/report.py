@@ -44,7 +44,7 @@ def write_readme(out: Path, r: dict) -> None:
     lines = [
         "# baton-tiny",
         "",
-        "A small model family trained by `baton train-tiny` (backends/train/) on the Python "
+        "A small model family trained by `baton train-tiny` (tools/train/) on the Python "
         f"{c['python']} standard library sources (" + ("with" if rec.get("include_tests") else "without")
         + " its test suites): the text every machine has. Rebuild with "
         "`make models` (deterministic for a given machine and thread count).",

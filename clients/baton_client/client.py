@@ -1,6 +1,6 @@
 """Baton client: stream completions from the `llm` ensemble over gRPC or HTTP (SSE), sync or asyncio.
 
-    from baton.clients import BatonClient
+    from baton_client import BatonClient
     for chunk in BatonClient("127.0.0.1:8001").stream("def fibonacci(n):", max_tokens=32):
         print(chunk.text, end="", flush=True)
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backends.serving.tensors import SCALARS
+from .schema import SCALARS
 
 _NP = {"TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP32": np.float32, "TYPE_BOOL": np.bool_}
 _TRITON = {"TYPE_INT32": "INT32", "TYPE_INT64": "INT64", "TYPE_FP32": "FP32", "TYPE_BOOL": "BOOL"}

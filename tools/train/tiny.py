@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from baton.backends.spec.heads import EagleHead, MedusaHeads
-from baton.backends.tools.make_checkpoint import hf_config
+from baton.tools.make_checkpoint import hf_config
 
 from . import corpus
 from .evaluate import family_metrics, greedy_samples, perplexity
