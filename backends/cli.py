@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from .paths import default_model
 
@@ -14,7 +13,7 @@ DEFAULT_MODEL = str(default_model())
 
 
 def _generate(argv: list[str]) -> None:
-    from baton import LLMEngine, SamplingParams
+    from baton import EngineConfig, LLMEngine, SamplingParams
 
     ap = argparse.ArgumentParser(prog="baton generate", description="Run the engine in-process on a prompt.")
     ap.add_argument("prompt", nargs="?", default=None)
@@ -28,7 +27,7 @@ def _generate(argv: list[str]) -> None:
     ap.add_argument("--interactive", action="store_true", help="then keep reading prompts from stdin")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
-    engine = LLMEngine(a.model, dtype=a.dtype)
+    engine = LLMEngine(EngineConfig(model=a.model, dtype=a.dtype))
     print(f"[baton] loaded {a.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
 
@@ -122,7 +121,7 @@ def _sample(node, prompt: str, max_tokens: int, check: bool, model: str) -> bool
         return True
     from baton import LLM, SamplingParams
 
-    llm = LLM(model, max_model_len=1024, kv_cache_memory=64 << 20)
+    llm = LLM(model, max_model_len=1024, kv_cache_memory_mb=64)
     try:
         expect = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens))[0].token_ids
     finally:
@@ -178,6 +177,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .runtime import configure_process
+
+    configure_process()              # before any command loads torch
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print("usage: baton {" + ",".join(COMMANDS) + "} ...", file=sys.stderr)

@@ -21,6 +21,10 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+from baton.backends.runtime import configure_process  # isort: skip
+
+configure_process()  # before torch loads: OpenMP workers spin as in serving
+
 import torch
 import torch.nn.functional as F
 

@@ -13,8 +13,13 @@ import statistics
 import time
 from pathlib import Path
 
-from baton import LLMEngine, SamplingParams  # first: sets OpenMP spin before torch loads  # isort: skip
+from baton.backends.runtime import configure_process  # isort: skip
+
+configure_process()  # before torch loads: OpenMP workers spin as in serving
+
 import torch
+
+from baton import EngineConfig, LLMEngine, SamplingParams
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -63,7 +68,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    engine = LLMEngine(a.model, dtype="bfloat16", enable_prefix_caching=False, num_threads=a.threads)
+    engine = LLMEngine(EngineConfig(model=a.model, dtype="bfloat16", enable_prefix_caching=False, threads=a.threads))
     vocab = engine.config.vocab_size
     results: dict[str, dict] = {"baton": {}, "transformers": {}}
     hf = None

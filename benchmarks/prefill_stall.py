@@ -14,6 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+from baton.backends.runtime import configure_process  # isort: skip
+
+configure_process()  # before torch loads: OpenMP workers spin as in serving
+
 from baton.backends.serving.launcher import Node
 from baton_client import BatonClient
 

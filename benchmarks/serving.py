@@ -22,9 +22,13 @@ import threading
 import time
 from pathlib import Path
 
-from baton import LLMEngine, SamplingParams  # isort: skip
+from baton.backends.runtime import configure_process  # isort: skip
+
+configure_process()  # before torch loads: OpenMP workers spin as in serving
+
 import torch
 
+from baton import EngineConfig, LLMEngine, SamplingParams
 from baton.backends.kv.manager import RemoteBlockManager
 from baton.backends.serving.launcher import Node
 from baton_client import BatonClient
@@ -161,7 +165,8 @@ def main() -> None:
         for prof in profiles:
             name, own = server_spec(prof)
             nodes[prof] = Node(a.model, profile=name, overrides=overrides | own).start(quiet=True)
-        engine = LLMEngine(a.model, max_model_len=1024, enable_prefix_caching=False, num_threads=2)
+        torch.set_num_threads(2)
+        engine = LLMEngine(EngineConfig(model=a.model, max_model_len=1024, enable_prefix_caching=False, threads=2))
         vocab, tok = engine.config.vocab_size, engine.tokenizer
         idle = {}
         clients = {prof: BatonClient(node.grpc_url) for prof, node in nodes.items()}

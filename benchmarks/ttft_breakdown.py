@@ -12,6 +12,10 @@ import json
 import queue
 import time
 
+from baton.backends.runtime import configure_process  # isort: skip
+
+configure_process()  # before torch loads: OpenMP workers spin as in serving
+
 import numpy as np
 import torch
 import tritonclient.grpc as grpc

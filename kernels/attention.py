@@ -3,7 +3,8 @@
 decode_attention:  one query token per sequence, context read from its blocks.
 prefill_attention: a chunk of query tokens per sequence, causal, after a (possibly cached) prefix.
 
-Metadata is built once per engine step (not per layer) by `DecodeMeta.build` / `PrefillMeta.build`.
+Metadata is built once per engine step (not per layer) by the device's AttentionBackend
+(kernels/attention_backend.py); the layers only read it.
 On CPU both run as fused C++ kernels (csrc/cpu_ops.cpp) reading K/V straight from the blocks. The
 torch fallbacks: decode gathers blocks with one index_select and runs fp32 bmm + softmax (~10x
 faster than SDPA for one query token here), prefill runs SDPA per sequence.
@@ -11,7 +12,7 @@ faster than SDPA for one query token here), prefill runs SDPA per sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ class DecodeMeta:
     block_size: int
     num_blocks: int               # blocks gathered per sequence (covers the longest context)
     flat_blocks: torch.Tensor     # [B * num_blocks] block ids to gather
+    _mask: torch.Tensor | None = None
+    _mask_built: bool = False
 
     @classmethod
     def build(cls, block_tables: list[list[int]], context_lens: list[int], block_size: int) -> DecodeMeta:
@@ -36,13 +39,15 @@ class DecodeMeta:
 
     def padding_mask(self) -> torch.Tensor | None:
         """[B, 1, 1, num_blocks*block_size] additive fp32 (None if nothing is padded). Only the torch
-        path needs it, so it is built there, not every step."""
-        span = self.num_blocks * self.block_size
-        lens = self.context_lens.cpu()
-        if bool((lens == span).all()):
-            return None
-        pad = torch.arange(span).unsqueeze(0) >= lens.unsqueeze(1)
-        return torch.zeros(len(lens), 1, 1, span).masked_fill_(pad.view(-1, 1, 1, span), float("-inf"))
+        path needs it: built by its first layer, then reused by the others."""
+        if not self._mask_built:
+            span = self.num_blocks * self.block_size
+            lens = self.context_lens.cpu()
+            if not bool((lens == span).all()):
+                pad = torch.arange(span).unsqueeze(0) >= lens.unsqueeze(1)
+                self._mask = torch.zeros(len(lens), 1, 1, span).masked_fill_(pad.view(-1, 1, 1, span), float("-inf"))
+            self._mask_built = True
+        return self._mask
 
 
 @dataclass
@@ -55,6 +60,9 @@ class PrefillMeta:
     block_tables: list[torch.Tensor]  # int64 block ids covering prefix + chunk
     padded_tables: torch.Tensor       # [S, max blocks] int64, padded with 0 (the fused CPU kernel's form)
     lens: torch.Tensor                # [3, S] int64: q_starts, q_lens, prefix_lens
+    device_tables: torch.Tensor | None = None   # CUDA: padded_tables as int32 on the device
+    cu_q: torch.Tensor | None = None            # CUDA: cumulative query / key lengths (int32, [S + 1])
+    cu_k: torch.Tensor | None = None
 
     @classmethod
     def build(cls, q_starts: list[int], q_lens: list[int], prefix_lens: list[int],
@@ -178,7 +186,9 @@ def _prefill_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   meta: PrefillMeta, scale: float) -> torch.Tensor:
     """flash-attn's paged varlen kernel when installed and the page size suits it (FA2 needs pages of
     a multiple of 256 tokens), else the Triton kernel."""
-    tables = meta.padded_tables.to(device=q.device, dtype=torch.int32)
+    if meta.device_tables is None:          # built per step by the CUDA backend; this is a direct call
+        meta = cuda_prefill_meta(meta, q.device)
+    tables = meta.device_tables
     q_lens = [e - s for s, e in zip(meta.q_starts, meta.q_ends)]
     if k_cache.shape[1] % 256 == 0:
         try:
@@ -187,12 +197,23 @@ def _prefill_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             flash_attn_varlen_func = None
         if flash_attn_varlen_func is not None:
             k_lens = [p + n for p, n in zip(meta.prefix_lens, q_lens)]
-            cu = lambda xs: torch.tensor([0] + list(torch.tensor(xs).cumsum(0)), dtype=torch.int32, device=q.device)  # noqa: E731
-            return flash_attn_varlen_func(q, k_cache, v_cache, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
+            return flash_attn_varlen_func(q, k_cache, v_cache, meta.cu_q, meta.cu_k, max(q_lens), max(k_lens),
                                           softmax_scale=scale, causal=True, block_table=tables)
     from .gpu.prefill_attention import prefill_attention as triton_prefill
 
     return triton_prefill(q, k_cache, v_cache, tables, meta.q_starts, q_lens, meta.prefix_lens, scale)
+
+
+def cuda_prefill_meta(meta: PrefillMeta, device: torch.device) -> PrefillMeta:
+    """`meta` with the CUDA kernels' forms (int32 tables and cumulative lengths on the device)."""
+    q_lens = [e - s for s, e in zip(meta.q_starts, meta.q_ends)]
+    k_lens = [p + n for p, n in zip(meta.prefix_lens, q_lens)]
+
+    def cu(xs: list[int]) -> torch.Tensor:
+        return torch.tensor([0] + torch.tensor(xs).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+    return replace(meta, device_tables=meta.padded_tables.to(device=device, dtype=torch.int32),
+                   cu_q=cu(q_lens), cu_k=cu(k_lens))
 
 
 @dataclass

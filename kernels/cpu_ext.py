@@ -5,10 +5,12 @@ If there is no compiler, or BATON_CPU_EXT=0, every op falls back to its torch pa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,28 +46,34 @@ def _load() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        _ninja_on_path()
-        load(name="baton_cpu_ops", sources=[str(_SRC)], build_directory=str(build_dir()),
-             # -ffp-contract=off: multiply-adds fuse only where written, so the attention kernels'
-             # shared arithmetic stays bit-identical wherever it is inlined.
-             # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The .so then
-             # needs libgomp.so.1, which resolves to the copy torch already loaded (same SONAME).
-             extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        with _ninja_first_on_path():
+            load(name="baton_cpu_ops", sources=[str(_SRC)], build_directory=str(build_dir()),
+                 # -ffp-contract=off: multiply-adds fuse only where written, so the attention kernels'
+                 # shared arithmetic stays bit-identical wherever it is inlined.
+                 # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The .so then
+                 # needs libgomp.so.1, which resolves to the copy torch already loaded (same SONAME).
+                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG", "-ffp-contract=off"],
+                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         return hasattr(torch.ops.baton_cpu, "paged_decode_attention")
     except Exception as e:  # no compiler / headers: the torch paths still work
         warnings.warn(f"baton: fused CPU kernels unavailable, using torch paths ({e})", stacklevel=2)
         return False
 
 
-def _ninja_on_path() -> None:
-    """torch's builder runs `ninja` from PATH. Put the pip-installed one first whenever it exists:
-    ninja 1.13 and 1.11 hash build commands differently, so processes that found different ninjas
-    (a stub with the venv's bin/ on PATH, a plain `.venv/bin/python`) rebuilt the library in turn,
-    ~13 s each time."""
+@contextlib.contextmanager
+def _ninja_first_on_path() -> Iterator[None]:
+    """torch's builder runs `ninja` from PATH. Put the pip-installed one first while it builds (and
+    restore PATH after): ninja 1.13 and 1.11 hash build commands differently, so processes that found
+    different ninjas (a stub with the venv's bin/ on PATH, a plain `.venv/bin/python`) rebuilt the
+    library in turn, ~13 s each time."""
     try:
         import ninja
     except ImportError:
+        yield
         return
-    if not os.environ.get("PATH", "").startswith(ninja.BIN_DIR + os.pathsep):
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old

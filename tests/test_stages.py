@@ -1,7 +1,6 @@
 """The serving stages without Triton: preprocess -> prefill -> decode on a real KV manager process
 and a shared pool, against the offline engine."""
 
-import json
 import threading
 import time
 import uuid
@@ -10,14 +9,16 @@ import numpy as np
 import pytest
 from conftest import blocks_in_use, prompts_of
 
-from baton import LLM, InvalidRequestError, SamplingParams
+from baton import LLM, EngineConfig, InvalidRequestError, SamplingParams
 from baton.backends.engine.llm_engine import pool_spec
 from baton.backends.kv.node import KVManagerProcess
 from baton.backends.models.config import ModelConfig
+from baton.backends.serving.config import NodeConfig, ServingConfig
 from baton.backends.serving.tensors import HANDLE
-from baton.backends.stages.common import StageParams, node_engine
+from baton.backends.stages.common import node_engine
 from baton.backends.stages.decode import DecodeStage
-from baton.backends.stages.handle import KVHandle
+from baton.backends.stages.decode_worker import DecodeProxy, worker_command
+from baton.backends.stages.messages import KVHandle, PrefillRequest
 from baton.backends.stages.prefill import PrefillStage
 from baton.backends.stages.preprocess import Preprocessor
 
@@ -27,8 +28,8 @@ class ListSink:
         self.outs, self.done, self.err = [], threading.Event(), None
         self.cancel = False
 
-    def send(self, out, final):
-        self.outs.append(out)
+    def send(self, delta, final):
+        self.outs.append(delta)
         if final:
             self.done.set()
 
@@ -42,35 +43,54 @@ class ListSink:
 
 @pytest.fixture(scope="module")
 def node(qwen3_dir, tmp_path_factory):
-    cfg = ModelConfig.from_dir(qwen3_dir)
-    spec = pool_spec(cfg, cfg.torch_dtype, 16, 64, 0)
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    addr = f"ipc://{tmp_path_factory.mktemp('kv')}/kv.sock"
-    mgr = KVManagerProcess(name, spec, addr, tmp_path_factory.mktemp("log") / "kv.log")
-    mgr.start()
+    """A node without Triton: a KV manager process, shared weights, a prefill engine in this process
+    and the production decode loop in its worker process behind a DecodeProxy (as the decode model runs it)."""
+    import subprocess
+
     from baton.backends.loader import weight_store
     from baton.backends.loader.safetensors_loader import load_state_dict
     from baton.backends.models.decoder import prepare_weights
 
+    cfg = ModelConfig.from_dir(qwen3_dir)
+    spec = pool_spec(cfg, cfg.torch_dtype, 16, 64, 0)
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    run_dir = tmp_path_factory.mktemp("node")
+    addr = f"ipc://{run_dir}/kv.sock"
+    mgr = KVManagerProcess(name, spec, addr, run_dir / "kv.log")
+    mgr.start()
     weight_store.publish(name, prepare_weights(cfg, load_state_dict(qwen3_dir, cfg.torch_dtype)))
-    params = StageParams(model_dir=str(qwen3_dir), dtype="float32", max_model_len=256, kv_pool=name,
-                         kv_address=addr, weights=name)
-    prefill, decode = PrefillStage(node_engine(params)), DecodeStage(node_engine(params))
-    yield params, prefill, decode
+    node = NodeConfig(EngineConfig(model=str(qwen3_dir), dtype="float32", max_model_len=256),
+                      ServingConfig(share_cores=0, stream_responses_per_step=0), name, addr, name, str(run_dir))
+    node.save(run_dir / "node.json")
+    prefill = PrefillStage(node_engine(node, "prefill"))
+    address = f"ipc://{run_dir}/decode.sock"
+    decode = DecodeProxy(address, lambda: subprocess.Popen(worker_command(address, str(run_dir / "node.json"))))
+    yield node, prefill, decode
     decode.stop()
+    decode.proc.wait(10)
     mgr.stop()
     weight_store.unlink(name)
+
+
+def prefilled(prefill, prompts, **sampling):
+    reqs = [PrefillRequest(uuid.uuid4().hex, p, SamplingParams(**sampling)) for p in prompts]
+    handles = prefill.run(reqs)
+    assert all(isinstance(h, KVHandle) for h in handles), handles
+    return handles
+
+
+def tokens(sink):
+    return [t for o in sink.outs for t in o.token_ids]
 
 
 def test_stages_map_the_nodes_one_weight_copy(node):
     from baton.backends.loader import weight_store
 
-    params, prefill, decode = node
+    params, prefill, _ = node
     shared = str(weight_store.data_path(params.weights))
-    for eng in (prefill.engine, decode.engine):
+    for eng in (prefill.engine, node_engine(params, "decode")):
         assert eng.model.embed.untyped_storage().filename == shared
-    # plain (here fp32) weights: both stages run their linears on the mapped tensors, no private copy
-    for eng in (prefill.engine, decode.engine):
+        # plain (here fp32) weights: the stages run their linears on the mapped tensors, no private copy
         assert eng.model.layers[0].qkv.weight.untyped_storage().filename == shared
 
 
@@ -81,18 +101,20 @@ def test_packed_store_is_shared_and_exact(qwen3_dir):
 
     from baton.backends.loader import weight_store
     from baton.backends.loader.safetensors_loader import load_state_dict
-    from baton.backends.models.decoder import pack_linears, prepare_weights
-    from baton.kernels.linear import can_share_packed
+    from baton.backends.models.decoder import prepare_weights, process_linears
+    from baton.kernels.linear import can_share_packed, select_linear_method
 
     if not can_share_packed(torch.bfloat16):
         pytest.skip("needs oneDNN bf16 and the CPU extension")
     cfg = ModelConfig.from_dir(qwen3_dir)
     name = f"test-{uuid.uuid4().hex[:8]}"
-    weight_store.publish(name, pack_linears(cfg, prepare_weights(cfg, load_state_dict(qwen3_dir, torch.bfloat16))))
+    method = select_linear_method(torch.bfloat16, "cpu")
+    weight_store.publish(name, process_linears(cfg, prepare_weights(cfg, load_state_dict(qwen3_dir, torch.bfloat16)),
+                                               method))
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     prompts = prompts_of(512, [9, 40], seed=31)
     try:
-        shared = LLM(qwen3_dir, dtype="bfloat16", num_blocks=32, weights=weight_store.attach(name), pack_weights=False)
+        shared = LLM(qwen3_dir, dtype="bfloat16", num_blocks=32, weights=weight_store.attach(name))
         private = LLM(qwen3_dir, dtype="bfloat16", num_blocks=32)
         try:
             model = shared.engine.model
@@ -109,15 +131,16 @@ def test_packed_store_is_shared_and_exact(qwen3_dir):
 
 
 def run(node, ids, params):
+    """One request through prefill (this process) and the decode worker, via Triton's tensor forms."""
     _, prefill, decode = node
-    handle = prefill.run([(np.asarray(ids), json.dumps(SamplingParams(**params).__dict__))])[0]
-    assert isinstance(handle, KVHandle), handle
+    handle = prefilled(prefill, [ids], **params)[0]
     arrays = handle.to_arrays()
     assert list(arrays) == [n for n, _, _ in HANDLE]             # what the decode config declares
     handle = KVHandle.from_arrays(arrays)                        # through Triton's tensor form
     sink = ListSink()
     decode.submit(handle, sink)
-    assert sink.done.wait(30)
+    assert sink.done.wait(60)
+    assert len({o.request_id for o in sink.outs}) == 1 and sink.outs[0].request_id == handle.request_id
     return sink
 
 
@@ -133,43 +156,37 @@ def test_prefill_decode_match_offline_engine(node, qwen3_dir):
         offline.close()
     for p, e in zip(prompts, expect):
         sink = run(node, p, greedy)
-        got = [t for o in sink.outs for t in o["token_ids"]]
-        assert got == e and sink.outs[-1]["finish_reason"] == "length"
+        assert tokens(sink) == e and sink.outs[-1].finish_reason == "length"
     # a seeded request continues the same random stream across the prefill -> decode handoff
     sink = run(node, prompts[1], seeded)
-    assert [t for o in sink.outs for t in o["token_ids"]] == expect_seeded
+    assert tokens(sink) == expect_seeded
 
 
 def test_decode_coalesces_tokens_when_more_requests_live_than_responses_per_step(node, qwen3_dir):
     """4 live requests, 2 responses a step: each request hears every 2nd step, staggered; the first
     token (prefill's) and the last go at once, and the tokens and text are the ones streamed singly."""
-    params, prefill, decode = node
+    params, prefill, _ = node
     prompts = prompts_of(512, [6, 20, 33, 47], seed=24)
-    greedy = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)
+    greedy = dict(temperature=0, max_tokens=11, ignore_eos=True)
     offline = LLM(qwen3_dir, dtype="float32", num_blocks=64)
     try:
-        expect = offline.generate(prompts, greedy)
+        expect = offline.generate(prompts, SamplingParams(**greedy))
     finally:
         offline.close()
-    sampling = json.dumps(greedy.__dict__)
-    handles = prefill.run([(np.asarray(p), sampling) for p in prompts])
+    stage = DecodeStage(node_engine(params, "decode"), responses_per_step=2)
     sinks = [ListSink() for _ in prompts]
-    decode.responses_per_step = 2
-    try:
-        with decode.cv:                        # one inbox: all four live from the same step
-            for h, sink in zip(handles, sinks):
-                decode.submit(h, sink)
-        assert all(s.done.wait(30) for s in sinks)
-    finally:
-        decode.responses_per_step = 0
+    stage.step_once(list(zip(prefilled(prefill, prompts, **greedy), sinks)))   # all four live from one step
+    while stage.live:
+        stage.step_once()
+    stage.engine.block_manager.flush(idle=True)
     steps_heard = set()
     for sink, e in zip(sinks, expect):
-        sizes = [len(o["token_ids"]) for o in sink.outs]
-        assert [t for o in sink.outs for t in o["token_ids"]] == e.token_ids
-        assert "".join(o["text"] for o in sink.outs) == e.text
-        assert sizes[0] == 1 and sink.outs[-1]["finish_reason"] == "length"
+        sizes = [len(o.token_ids) for o in sink.outs]
+        assert tokens(sink) == e.token_ids
+        assert "".join(o.text for o in sink.outs) == e.text
+        assert sizes[0] == 1 and sink.outs[-1].finish_reason == "length"
         assert sizes[1] in (1, 2) and all(n == 2 for n in sizes[2:-1]), sizes     # every 2nd step
-        assert sink.outs[-1]["completion_tokens"] == 11
+        assert sink.outs[-1].completion_tokens == 11
         steps_heard.add(sizes[1])
     assert steps_heard == {1, 2}                  # staggered: half the requests heard after one step
     assert blocks_in_use(params.kv_address) == 0
@@ -180,11 +197,10 @@ def test_coalesced_tokens_are_never_held_long(node, monkeypatch):
     held output goes out; release_held() sends them all at once."""
     from baton.backends.stages import decode as decode_mod
 
-    params, prefill, decode = node
-    sampling = json.dumps(SamplingParams(temperature=0, max_tokens=8, ignore_eos=True).__dict__)
-    stage = DecodeStage(node_engine(params), thread=False, responses_per_step=1)
+    params, prefill, _ = node
+    stage = DecodeStage(node_engine(params, "decode"), responses_per_step=1)
     sinks = [ListSink() for _ in range(3)]
-    handles = prefill.run([(np.asarray(p), sampling) for p in prompts_of(512, [9, 12, 15], seed=25)])
+    handles = prefilled(prefill, prompts_of(512, [9, 12, 15], seed=25), temperature=0, max_tokens=8, ignore_eos=True)
     stage.step_once(list(zip(handles, sinks)))         # every 3rd step each: two of three hold
     held = [lv for lv in stage.live.values() if lv.held is not None]
     assert len(held) == 2
@@ -200,10 +216,10 @@ def test_coalesced_tokens_are_never_held_long(node, monkeypatch):
     held = next(i for i, lv in enumerate(stage.live.values()) if lv.held is not None)
     sinks[held].cancel = True                           # cancelled while holding: those tokens still go
     stage.step_once()
-    assert sinks[held].outs[-1]["finish_reason"] == "abort" and sinks[held].outs[-1]["token_ids"]
+    assert sinks[held].outs[-1].finish_reason == "abort" and sinks[held].outs[-1].token_ids
     while stage.live:
         stage.step_once()
-    got = [sum(len(o["token_ids"]) for o in s.outs) for s in sinks]
+    got = [len(tokens(s)) for s in sinks]
     assert got[held] < 8 and [n for i, n in enumerate(got) if i != held] == [8, 8]
     stage.engine.block_manager.flush(idle=True)          # what the worker does on going idle
     assert blocks_in_use(params.kv_address) == 0
@@ -214,31 +230,36 @@ def test_shared_prefix_hits_cache_across_stages_and_blocks_return(node):
     shared = prompts_of(512, [50], seed=22)[0]
     a = run(node, shared + [7, 8], dict(temperature=0, max_tokens=4, ignore_eos=True))
     b = run(node, shared + [9], dict(temperature=0, max_tokens=4, ignore_eos=True))
-    assert a.outs[-1]["cached_tokens"] == 0 and b.outs[-1]["cached_tokens"] == 48
+    assert a.outs[-1].cached_tokens == 0 and b.outs[-1].cached_tokens == 48
     assert blocks_in_use(params.kv_address) == 0
 
 
 def test_cancel_mid_stream_frees_blocks(node):
+    """Cancelled after its 3rd response (the sink flags it as it receives that one): the worker aborts
+    it well before max_tokens and its blocks go back."""
     params, prefill, decode = node
-    sampling = json.dumps(SamplingParams(temperature=0, max_tokens=200, ignore_eos=True).__dict__)
-    handle = prefill.run([(np.asarray(prompts_of(512, [30], seed=23)[0]), sampling)])[0]
-    sink = ListSink()
+
+    class CancelAfterThree(ListSink):
+        def send(self, delta, final):
+            super().send(delta, final)
+            self.cancel = len(self.outs) >= 3
+
+    handle = prefilled(prefill, prompts_of(512, [30], seed=23), temperature=0, max_tokens=220, ignore_eos=True)[0]
+    sink = CancelAfterThree()
     decode.submit(handle, sink)
-    while len(sink.outs) < 3:
-        time.sleep(0.001)
-    sink.cancel = True
-    assert sink.done.wait(10)
-    assert sink.outs[-1]["finish_reason"] == "abort" and len(sink.outs) < 100
+    assert sink.done.wait(60)
+    assert sink.outs[-1].finish_reason == "abort" and len(tokens(sink)) < 220
     assert blocks_in_use(params.kv_address) == 0
 
 
 def test_preprocess_validates_and_tokenizes(qwen3_dir):
     pre = Preprocessor(str(qwen3_dir), max_model_len=64, max_tokens_limit=100)
-    ids, sampling = pre({"text_input": np.array([b"def f(x):"], dtype=object), "max_tokens": np.array([5], np.int32)})
-    assert ids.dtype == np.int64 and len(ids) > 0 and '"max_tokens": 5' in sampling
+    req = pre({"text_input": np.array([b"def f(x):"], dtype=object), "max_tokens": np.array([5], np.int32)})
+    assert req.prompt_token_ids and req.sampling.max_tokens == 5 and len(req.request_id) == 32
+    again = PrefillRequest.from_arrays(req.to_arrays())        # through Triton's tensor form
+    assert again == req
     msgs = np.array([b'[{"role": "user", "content": "hi"}]'], dtype=object)
-    ids2, _ = pre({"messages": msgs})
-    assert len(ids2) > 3
+    assert len(pre({"messages": msgs}).prompt_token_ids) > 3
     bad = [
         ({}, "text_input"),
         ({"text_input": np.array([b"\xff\xfe"], dtype=object)}, "text_input"),
@@ -309,21 +330,24 @@ def test_core_share_prefill_first_holds_decode_until_prefill_is_done(prefill_fir
         CoreShare(tmp_path / "cores", "decode", 2, "greedy")
 
 
-def test_core_share_prefill_first_waits_for_the_decode_step_in_flight(prefill_first):
+def test_core_share_prefill_first_waits_for_the_decode_step_in_flight(prefill_first, monkeypatch):
     """A prefill arriving mid-step starts when that step ends, not beside it (2 + 2 threads on 2
-    cores); with no step in flight it starts at once."""
+    cores); with no step in flight it starts at once (a wrong wait would last MAX_YIELD_S = 30 s)."""
+    from baton.backends.stages import cores
+
+    monkeypatch.setattr(cores, "MAX_YIELD_S", 30.0)
     prefill, decode = prefill_first
     decode.busy()                           # a decode step starts
     threading.Timer(0.2, decode.stepped).start()
     t0 = time.monotonic()
     prefill.busy()
-    assert time.monotonic() - t0 >= 0.19
+    assert 0.19 <= time.monotonic() - t0 < 10
     prefill.idle()
     decode.busy()
     decode.stepped()                        # between steps
     t0 = time.monotonic()
     prefill.busy()
-    assert time.monotonic() - t0 < 0.1
+    assert time.monotonic() - t0 < 10
 
 
 def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(prefill_first):
@@ -337,12 +361,16 @@ def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(prefill
             time.sleep(0.05)
             decode.stepped()
 
+    from baton.backends.stages.cores import WAITING
+
     prefill.busy()
     events.append("chunk 1")
     t = threading.Thread(target=decode_steps)
     t.start()
-    time.sleep(0.1)                         # decode is waiting for chunk 1
-    assert events == ["chunk 1"]
+    deadline = time.monotonic() + 10
+    while not decode.flags[WAITING] and time.monotonic() < deadline:   # decode is waiting for chunk 1
+        time.sleep(0.001)
+    assert decode.flags[WAITING] and events == ["chunk 1"]
     prefill.busy()                          # chunk 2: first lets exactly one decode step through
     events.append("chunk 2")
     time.sleep(0.1)
@@ -356,18 +384,22 @@ def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(prefill
 def test_decode_fails_one_request_that_cannot_be_adopted_and_keeps_serving(node):
     """A sink that breaks on its first token: that request gets an error and its blocks go back; the
     next request is served normally."""
-    params, prefill, decode = node
-    sampling = json.dumps(SamplingParams(temperature=0, max_tokens=8, ignore_eos=True).__dict__)
-    handle = prefill.run([(np.asarray(prompts_of(512, [20], seed=41)[0]), sampling)])[0]
+    params, prefill, _ = node
+    stage = DecodeStage(node_engine(params, "decode"))
+    greedy = dict(temperature=0, max_tokens=8, ignore_eos=True)
 
     class Broken(ListSink):
-        def send(self, out, final):
+        def send(self, delta, final):
             raise RuntimeError("client went away")
 
-    sink = Broken()
-    decode.submit(handle, sink)
-    assert sink.done.wait(10) and "could not adopt" in sink.err
+    broken, ok = Broken(), ListSink()
+    stage.step_once([(prefilled(prefill, prompts_of(512, [20], seed=41), **greedy)[0], broken)])
+    assert broken.done.is_set() and "could not adopt" in broken.err and not stage.live
+    stage.engine.block_manager.flush(idle=True)
     assert blocks_in_use(params.kv_address) == 0
-    ok = run(node, prompts_of(512, [12], seed=42)[0], dict(temperature=0, max_tokens=4, ignore_eos=True))
-    assert ok.outs[-1]["finish_reason"] == "length"
+    stage.step_once([(prefilled(prefill, prompts_of(512, [12], seed=42), **greedy)[0], ok)])
+    while stage.live:
+        stage.step_once()
+    assert ok.outs[-1].finish_reason == "length" and len(tokens(ok)) == 8
+    stage.engine.block_manager.flush(idle=True)
     assert blocks_in_use(params.kv_address) == 0

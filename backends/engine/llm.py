@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .config import EngineConfig, from_table
 from .llm_engine import LLMEngine
 from .sampling_params import SamplingParams
 
@@ -22,8 +25,14 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | Path, **engine_args: Any) -> None:
-        self.engine = LLMEngine(model, **engine_args)
+    def __init__(self, model: str | Path, *, weights: dict[str, torch.Tensor] | None = None,
+                 **engine_args: Any) -> None:
+        """engine_args: EngineConfig fields (an unknown one is an error naming it). `weights`: a
+        node's shared prepared tensors (loader.weight_store.attach) instead of loading the checkpoint."""
+        config = from_table(EngineConfig, {"model": str(model)} | engine_args, "LLM()")
+        if config.threads:                    # the offline API is an entry point: it sets what it needs
+            torch.set_num_threads(config.threads)
+        self.engine = LLMEngine(config, weights=weights)
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:

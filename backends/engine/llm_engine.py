@@ -9,18 +9,22 @@ from pathlib import Path
 
 import torch
 
+from baton.kernels.linear import select_linear_method
+
 from ..kv.block_manager import BlockManager
+from ..kv.connector import HANDOFF, KVConnector
 from ..kv.pool import KVPool, PoolSpec
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, prepare_weights
+from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .errors import InvalidRequestError
 from .model_runner import ModelRunner
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -36,78 +40,76 @@ class StepOutput:
 
 
 class LLMEngine:
-    def __init__(
-        self,
-        model: str | Path,
-        dtype: str | torch.dtype = "auto",
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        kv_cache_memory: int = 1 << 30,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int | None = None,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        kv_pool_name: str | None = None,
-        num_threads: int | None = None,
-        seed: int = 0,
-        pool: KVPool | None = None,
-        block_manager: BlockManager | None = None,
-        weights: dict[str, torch.Tensor] | None = None,
-        pack_weights: bool = True,
-        device: str = "cpu",
-    ) -> None:
+    def __init__(self, config: EngineConfig, *, pool: KVPool | None = None,
+                 block_manager: BlockManager | None = None, weights: dict[str, torch.Tensor] | None = None,
+                 connector: KVConnector | None = None) -> None:
         """`pool` / `block_manager` let a serving stage run on a node's shared pool (attached by name)
         and its KV manager (over a local channel) instead of private ones; `weights` are the node's
-        shared prepared tensors (loader.weight_store) instead of a private load of the checkpoint."""
-        self.model_dir = Path(model)
-        self.config = cfg = ModelConfig.from_dir(model)
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.dtype = resolve_dtype(dtype, cfg.torch_dtype)
-        self.max_model_len = max_model_len or min(cfg.max_position_embeddings, 8192)
+        shared prepared tensors (loader.weight_store) instead of a private load of the checkpoint;
+        `connector` brings KV in from, and hands it on to, other engines (kv.connector)."""
+        self.engine_config = config
+        if not config.model:
+            raise InvalidRequestError("model", "no checkpoint directory given")
+        self.model_dir = Path(config.model)
+        self.config = cfg = ModelConfig.from_dir(config.model)
+        self.dtype = resolve_dtype(config.dtype, cfg.torch_dtype)
+        self.max_model_len = config.resolved_max_model_len(cfg.max_position_embeddings)
         if self.max_model_len > cfg.max_position_embeddings:
             raise InvalidRequestError("max_model_len", f"{self.max_model_len} exceeds the model's "
                                       f"max_position_embeddings={cfg.max_position_embeddings}")
-        self.block_size = block_size
-        self.device = torch.device(device)
+        self.block_size = config.block_size
+        self.device = torch.device(config.device)
         if weights is None:
-            weights = prepare_weights(cfg, load_state_dict(model, self.dtype))
+            weights = prepare_weights(cfg, load_state_dict(config.model, self.dtype))
         if self.device.type != "cpu":
             weights = {k: v.to(self.device) for k, v in weights.items()}
-        self.model = DecoderLM(cfg, weights, self.max_model_len, pack=pack_weights)
-        self.tokenizer = Tokenizer.from_dir(model)
+        method = select_linear_method(self.dtype, self.device, config.pack_weights)
+        self.model = DecoderLM(cfg, weights, self.max_model_len, method)
+        self.tokenizer = Tokenizer.from_dir(config.model)
 
         if pool is None:
-            spec = pool_spec(cfg, self.dtype, block_size, num_blocks, kv_cache_memory)
-            name = kv_pool_name or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            spec = pool_spec(cfg, self.dtype, config.block_size, config.num_blocks, config.kv_cache_memory_mb << 20)
+            name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
             pool = KVPool.create(name, spec) if self.device.type == "cpu" else \
                 KVPool.create_on_device(name, spec, str(self.device))
         self.pool = pool
-        self.block_manager = block_manager or BlockManager(pool.spec.num_blocks, block_size, enable_prefix_caching)
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, self.max_model_len)
-        if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
+        self.block_manager = block_manager or BlockManager(pool.spec.num_blocks, self.block_size,
+                                                           config.enable_prefix_caching)
+        budget = config.resolved_token_budget(self.max_model_len)
+        if not config.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidRequestError("max_num_batched_tokens", "must be >= max_model_len without chunked prefill")
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill)
+        self.connector = connector or KVConnector()
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill,
+                                   self.connector)
         self.runner = ModelRunner(self.model, self.pool)
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(config.seed)
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None,
-                    stream_text: bool = False) -> Sequence:
+                    stream_text: bool = False, prefill_only: bool = False) -> Sequence:
+        """prefill_only: the sequence ends after its first token with finish reason HANDOFF, its K/V
+        handed on through the KV connector (the prefill stage)."""
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
-        if request_id is not None and request_id in self.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         seq = Sequence(ids, params, self.block_size, request_id, (cache_salt,) if cache_salt else ())
+        seq.prefill_only = prefill_only
+        return self.add_sequence(seq, stream_text)
+
+    def add_sequence(self, seq: Sequence, stream_text: bool = False) -> Sequence:
+        """Queue a sequence built elsewhere, e.g. decode's from a KVHandle (its prompt was checked
+        where it entered)."""
+        if seq.request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{seq.request_id!r} is already running")
+        params = seq.params
         if (stream_text or params.stop) and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer.json in the model directory")
         if stream_text or params.stop:
-            seq.detok = Detokenizer(self.tokenizer, ids, params.stop)
+            seq.detok = Detokenizer(self.tokenizer, seq.token_ids[: seq.num_prompt_tokens], params.stop)
+            if seq.num_output_tokens:          # tokens sampled before it came here (decode: prefill's first)
+                seq.detok.add(seq.output_token_ids)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -135,19 +137,6 @@ class LLMEngine:
                 "prompt", f"{len(ids)} tokens need more KV blocks than the pool has ({self.block_manager.num_blocks})")
         return ids
 
-    def detach(self, seq: Sequence) -> Sequence:
-        """Hand a running sequence to another stage: it leaves this scheduler WITHOUT releasing its
-        blocks; its block table is the handle the next stage adopts."""
-        self.scheduler.running.remove(seq)
-        self.requests.pop(seq.request_id, None)
-        return seq
-
-    def adopt(self, seq: Sequence) -> None:
-        """Continue a sequence prefilled elsewhere on this node's pool (its blocks are already ours)."""
-        seq.status = Status.RUNNING
-        self.requests[seq.request_id] = seq
-        self.scheduler.running.append(seq)
-
     def abort(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
@@ -170,9 +159,11 @@ class LLMEngine:
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             full = seq.num_computed_tokens // self.block_size
-            for b in range(seq.num_published_blocks, full):
-                bm.cache_block(seq.block_table[b], seq.block_hashes[b])
-            seq.num_published_blocks = full
+            if full > seq.num_published_blocks:      # only full, computed blocks are published (and saved)
+                for b in range(seq.num_published_blocks, full):
+                    bm.cache_block(seq.block_table[b], seq.block_hashes[b])
+                self.connector.save(seq, seq.block_table[seq.num_published_blocks:full])
+                seq.num_published_blocks = full
         if logits is None:
             return out
         tokens, logprobs = self.sampler(logits, seqs)
@@ -199,7 +190,7 @@ class LLMEngine:
             return "stop"
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
-        return None
+        return HANDOFF if seq.prefill_only else None
 
     def close(self) -> None:
         if getattr(self, "pool", None) is not None:
@@ -210,10 +201,11 @@ class LLMEngine:
         self.close()
 
 
-def pool_spec(cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int | None,
+def pool_spec(cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
               kv_cache_memory: int) -> PoolSpec:
+    """num_blocks, or (when 0) as many blocks as kv_cache_memory bytes hold."""
     spec = PoolSpec(0, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, str(dtype).split(".")[-1])
-    if num_blocks is None:
+    if not num_blocks:
         num_blocks = kv_cache_memory // spec.block_bytes
     if num_blocks < 1:
         raise InvalidRequestError("num_blocks", f"KV pool needs at least one block, got {num_blocks}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
@@ -54,6 +55,17 @@ class SamplingParams:
             raise InvalidRequestError("stop", f"must be non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> SamplingParams:
+        """Parameters validated where the request entered (preprocess) and carried between stages:
+        rebuilt without checking them again."""
+        params = object.__new__(cls)
+        params.__dict__.update(json.loads(text))
+        return params
 
     @property
     def greedy(self) -> bool:

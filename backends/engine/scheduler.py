@@ -11,13 +11,15 @@ from __future__ import annotations
 from collections import deque
 
 from ..kv.block_manager import BlockManager
+from ..kv.connector import KVConnector
 from .sequence import Sequence, Status
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True, connector: KVConnector | None = None) -> None:
         self.bm = block_manager
+        self.connector = connector or KVConnector()
         self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -44,6 +46,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.loading:
+                if not self.connector.wait(seq):     # its K/V is still on the way: skip it this step
+                    i += 1
+                    continue
+                seq.loading = False
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._blocks_needed(seq, n)
             while need > self.bm.num_free and self.running[-1] is not seq:
@@ -64,8 +71,13 @@ class Scheduler:
         # Admitting new work right after a preemption would only thrash.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self._match_prefix(seq)
+            if not seq.block_table and not self._match(seq):
+                break
+            if seq.loading:                  # admitted; stepped once its K/V is in place
+                self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+                continue
             n = seq.num_tokens - seq.num_computed_tokens
             if n > budget and not self.chunked:
                 break
@@ -85,6 +97,28 @@ class Scheduler:
         """Sequences ended by the scheduler itself since the last call."""
         out, self._finished = self._finished, []
         return out
+
+    def _match(self, seq: Sequence) -> bool:
+        """A new (or preempted) sequence's computed prefix: from the connector, else the prefix cache.
+        False when the blocks to load external K/V into are not free yet."""
+        m = self.connector.matched_external_tokens(seq)
+        if m is None:
+            self._match_prefix(seq)
+            return True
+        if m.blocks is not None:                 # already in this pool (in-node hand-off): adopt
+            seq.block_table = list(m.blocks)
+            self.connector.on_allocated(seq)
+        else:                                    # allocate now; the connector's worker side fills them
+            need = -(-m.num_tokens // self.block_size)
+            if need > self.bm.num_free:
+                return False
+            seq.block_table = self.bm.allocate(need)
+            seq.loading = True
+            self.connector.on_allocated(seq)
+            self.connector.start_load([seq])
+        seq.num_computed_tokens = m.num_tokens
+        seq.num_published_blocks = m.num_tokens // self.block_size   # published where they were computed
+        return True
 
     def _match_prefix(self, seq: Sequence) -> None:
         # Leave at least one token to compute: its logits give the next token.
@@ -106,12 +140,19 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Release a sequence's blocks and drop it from the queues (finished or aborted)."""
+        """Drop a sequence from the queues (finished or aborted) and release its blocks, unless the
+        KV connector keeps them (handed on)."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
-        self.bm.release(seq.block_table)
+        if not seq.block_table:              # ended before admission: blocks the connector already
+            m = self.connector.matched_external_tokens(seq)     # holds for it are its own, freed below
+            if m is not None and m.blocks:
+                seq.block_table = list(m.blocks)
+                self.connector.on_allocated(seq)
+        if not self.connector.on_finished(seq, reason):
+            self.bm.release(seq.block_table)
         seq.block_table = []
         seq.status = Status.FINISHED
         seq.finish_reason = reason

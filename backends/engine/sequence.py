@@ -39,6 +39,10 @@ class Sequence:
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.detok = None                 # Detokenizer when text is streamed or stop strings are set
+        self.prefill_only = False         # ends after its first token, K/V handed on (kv.connector.HANDOFF)
+        self.kv_transfer = None           # KV to adopt through the KV connector (decode: prefill's KVHandle)
+        self.kv_handle = None             # the KVHandle a producer connector made when this sequence ended
+        self.loading = False              # external K/V being loaded into its blocks: not stepped until in place
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

@@ -14,7 +14,7 @@ from baton.kernels import (
     AttentionBatch, LinearWeight, RotaryCache, add_rms_norm, linear, paged_attention, qk_norm_rope_, rms_norm,
     silu_and_mul,
 )
-from baton.kernels.linear import PackedWeight, pack_weight
+from baton.kernels.linear import LinearMethod, PackedWeight
 
 from ..loader.safetensors_loader import take
 from .config import ModelConfig
@@ -67,17 +67,24 @@ def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[st
 LINEARS = ("qkv", "o", "gate_up", "down")
 
 
-def pack_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | PackedWeight]:
-    """prepare_weights' output with every GEMM weight oneDNN-packed (kernels.linear.pack_weight), for a node
-    to publish: stages then run packed GEMMs on the shared copy. A tied lm_head gets its own packed
-    copy (the embedding stays plain for the lookup). Consumes `weights`: each plain tensor is dropped
-    as soon as it is packed, so packing never holds two copies of the model."""
+def process_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                    method: LinearMethod) -> dict[str, torch.Tensor | PackedWeight]:
+    """prepare_weights' output with every GEMM weight in the form `method` stores it (oneDNN-packed
+    bytes, later quantized ones), for a node to publish: stages then run on the shared copy. A tied
+    lm_head gets its own processed copy unless the method keeps weights as they are (the embedding
+    stays plain for the lookup). Consumes `weights`: each input tensor is dropped as soon as it is
+    processed, so this never holds two copies of the model."""
     out: dict[str, torch.Tensor | PackedWeight] = {}
     for i in range(cfg.num_layers):
         for n in LINEARS:
             name = f"layers.{i}.{n}.weight"
-            out[name] = pack_weight(weights.pop(name))
-    out["lm_head"] = pack_weight(weights.pop("lm_head") if "lm_head" in weights else weights["embed"])
+            out[name] = method.process(weights.pop(name))
+    if "lm_head" in weights:
+        out["lm_head"] = method.process(weights.pop("lm_head"))
+    else:
+        head = method.process(weights["embed"])
+        if head is not weights["embed"]:
+            out["lm_head"] = head
     out.update(weights)
     weights.clear()
     return out
@@ -85,15 +92,15 @@ def pack_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str
 
 class DecoderLM:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor | PackedWeight], max_positions: int,
-                 pack: bool = True) -> None:
-        """`weights` from prepare_weights or pack_linears (possibly views into a node's shared weight
-        file). pack=True packs plain linear weights into a private oneDNN copy; pack=False keeps them
-        (F.linear). Already packed ones are used as they are either way."""
+                 method: LinearMethod) -> None:
+        """`weights` from prepare_weights or process_linears (possibly views into a node's shared
+        weight file); `method` wraps each linear weight (and processes plain ones it is given)."""
         self.cfg = cfg
+        self.method = method
         w = weights
 
         def lin(name: str) -> LinearWeight:
-            return LinearWeight(w[name + ".weight"], w.get(name + ".bias"), pack=pack, keep_weight=False)
+            return method.create(w[name + ".weight"], w.get(name + ".bias"))
 
         self.layers = [
             LayerWeights(input_norm=w[f"layers.{i}.input_norm"], qkv=lin(f"layers.{i}.qkv"),
@@ -104,30 +111,37 @@ class DecoderLM:
         ]
         self.embed = w["embed"]
         self.norm = w["norm"]
-        self.lm_head = LinearWeight(w.get("lm_head", self.embed), pack=pack, keep_weight=False)
+        self.lm_head = method.create(w.get("lm_head", self.embed))
         self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype, str(self.embed.device))
         self.scale = cfg.head_dim ** -0.5
         self._fused = self._fused_decode_args()
 
     def _fused_decode_args(self) -> tuple[list, list] | None:
-        """Per-layer tensors for the C++ decode step (decode_forward_bf16), when every GEMM runs the
-        bf16 kernel on packed bytes; None otherwise (the step then runs op by op)."""
-        lins = [lw for L in self.layers for lw in (L.qkv, L.o, L.gate_up, L.down)]
-        if not all(lw.direct for lw in lins) or self.embed.dtype != torch.bfloat16:
+        """Per-layer tensors for the C++ decode step (decode_forward_bf16): the fast path the weight
+        method offers when every GEMM runs its bf16 kernel on packed bytes; None otherwise (the step
+        then runs op by op)."""
+        if self.embed.dtype != torch.bfloat16:
             return None
         w, opt = [], []
         for L in self.layers:
-            w += [L.input_norm, L.qkv._blob, L.o._blob, L.post_norm, L.gate_up._blob, L.down._blob]
+            blobs = [self.method.fused_decode_blob(lw) for lw in (L.qkv, L.o, L.gate_up, L.down)]
+            if any(b is None for b in blobs):
+                return None
+            w += [L.input_norm, blobs[0], blobs[1], L.post_norm, blobs[2], blobs[3]]
             opt += [L.qkv.bias, L.qk_norm, L.o.bias, L.gate_up.bias, L.down.bias]
         return w, opt
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """input_ids/positions: [T] -> final-normed hidden states [T, hidden]."""
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, batch: AttentionBatch,
+                kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [T], or their embeddings [T, hidden] (inputs_embeds: e.g. with visual features
+        spliced in), at explicit positions [T] -> final-normed hidden states [T, hidden]."""
         cfg = self.cfg
-        T, H, KV, D, eps = input_ids.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        h = F.embedding(input_ids, self.embed)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        h = F.embedding(input_ids, self.embed) if inputs_embeds is None else inputs_embeds.to(self.embed.dtype)
+        T, H, KV, D, eps = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         if self._fused is not None and batch.prefill is None and batch.decode is not None:
             # all decodes: the same kernels in one C++ call (bit-identical, no per-op Python)
             d = batch.decode
@@ -151,5 +165,9 @@ class DecoderLM:
         return x
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of the given rows of `hidden` (every row when None): a sequence's last row to
+        sample from, or k+1 rows of one sequence to verify k draft tokens."""
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
         return linear(hidden, self.lm_head).float()

@@ -11,24 +11,26 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from baton.kernels.linear import can_share_packed
+from baton.kernels.linear import select_linear_method
 
 from ..engine.llm_engine import pool_spec, resolve_dtype
 from ..kv.node import KVManagerProcess
 from ..loader import weight_store
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
-from ..models.decoder import pack_linears, prepare_weights
+from ..models.decoder import prepare_weights, process_linears
+from ..runtime import process_env
 from ..stages.cores import CoreShare
-from .repository import Profile, render
+from .config import NodeConfig, Profile
+from .repository import render
 from .tritonserver import TritonServer
 
 
 def _share_cores(value: int | str) -> int:
-    """"auto" = the CPUs this process may run on."""
+    """"auto": the CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if value == "auto" else int(value)
 
 
@@ -53,45 +55,42 @@ class Node:
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
-        eng = prof.engine | self.overrides
+        model_dir = str(Path(self.model_dir).resolve())
+        engine, serving = prof.configs(model_dir, self.overrides)
         self.run_dir = Path(self.run_dir or Path(os.environ.get("BATON_RUN_DIR", "/tmp")) / f"baton-{self.node_id}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = ModelConfig.from_dir(self.model_dir)
-        dtype = resolve_dtype(eng.get("dtype", "auto"), cfg.torch_dtype)
-        spec = pool_spec(cfg, dtype, int(eng.get("block_size", 16)), eng.get("num_blocks"),
-                         int(eng.get("kv_cache_memory_mb", 512)) << 20)
+        cfg = ModelConfig.from_dir(model_dir)
+        dtype = resolve_dtype(engine.dtype, cfg.torch_dtype)
+        # resolved once here, so every stage sees the same numbers
+        engine = engine.replace(dtype=str(dtype).split(".")[-1],
+                                max_model_len=engine.resolved_max_model_len(cfg.max_position_embeddings))
+        serving = replace(serving, share_cores=_share_cores(serving.share_cores))
+        spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20)
         pool_name = f"node-{self.node_id}"
         address = f"ipc://{self.run_dir}/kv.sock"
-        self.manager = KVManagerProcess(pool_name, spec, address, self.run_dir / "kv-manager.log")
+        self.manager = KVManagerProcess(pool_name, spec, address, self.run_dir / "kv-manager.log",
+                                        engine.enable_prefix_caching)
         self.manager.start()
-        # weights: loaded and fused once here, mapped by every stage process
+        # weights: loaded, fused and processed by the linear method once here, mapped by every stage
         t = time.monotonic()
         self.weights_name = pool_name
-        weights = prepare_weights(cfg, load_state_dict(self.model_dir, dtype))
-        packed = bool(eng.get("pack_weights", True)) and can_share_packed(dtype)
-        size = weight_store.publish(pool_name, pack_linears(cfg, weights) if packed else weights)
-        del weights
+        method = select_linear_method(dtype, engine.device, engine.pack_weights)
+        size = weight_store.publish(pool_name, process_linears(cfg, prepare_weights(cfg, load_state_dict(model_dir, dtype)),
+                                                               method))
         if not quiet:
-            print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory{', oneDNN-packed' if packed else ''} "
-                  f"({time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
-        params = {"model_dir": str(Path(self.model_dir).resolve()), "dtype": str(dtype).split(".")[-1],
-                  "max_model_len": eng.get("max_model_len", 2048), "max_tokens_limit": eng.get("max_tokens_limit", 2048),
-                  "max_num_seqs": eng.get("max_num_seqs", 64), "threads": eng.get("threads", 0),
-                  "kv_pool": pool_name, "kv_address": address, "weights": pool_name,
-                  "run_dir": str(self.run_dir),
-                  "share_cores": _share_cores(eng.get("share_cores", 0)),
-                  "share_cores_policy": eng.get("share_cores_policy", "fair"),
-                  "prefill_chunk_tokens": eng.get("prefill_chunk_tokens", 0),
-                  "stream_responses_per_step": eng.get("stream_responses_per_step", 0)}
-        if params["share_cores"]:
+            print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory ({method.name}, "
+                  f"{time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
+        node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir))
+        node.save(self.run_dir / "node.json")
+        if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")
-        repo = render(prof, self.run_dir / "models", params)
+        repo = render(prof, self.run_dir / "models", self.run_dir / "node.json")
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
         self.server = TritonServer(repo, self.run_dir, self.http_port, self.grpc_port, self.metrics_port,
                                    f"baton-{self.node_id}-", self.run_dir / "tritonserver.log")
-        self.server.start()
+        self.server.start(extra_env=process_env())   # stage processes inherit it
         t0 = time.monotonic()
         spinner = "|/-\\"
         tick = [0]

@@ -4,51 +4,29 @@ run directory, like TensorRT-LLM's fill_template."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
-import tomllib
 
 from .. import paths
 from ..stages.postprocess import RENAME
 from . import tensors
-
-
-
-@dataclass
-class Profile:
-    name: str
-    models: list[str]
-    instances: dict[str, int]
-    engine: dict
-
-    @classmethod
-    def load(cls, name_or_path: str) -> Profile:
-        path = Path(name_or_path)
-        if not path.is_file():
-            path = paths.profiles() / f"{name_or_path}.toml"
-        if not path.is_file():
-            known = sorted(p.stem for p in paths.profiles().glob("*.toml"))
-            raise FileNotFoundError(f"no deployment profile {name_or_path!r}; known: {known}")
-        d = tomllib.loads(path.read_text())
-        if "extends" in d:            # a variant: the base profile with these keys replaced or merged
-            base = cls.load(d["extends"])
-            return cls(path.stem, d.get("models", base.models), base.instances | d.get("instances", {}),
-                       base.engine | d.get("engine", {}))
-        return cls(path.stem, d["models"], d.get("instances", {}), d.get("engine", {}))
+from .config import Profile
 
 
 def _params(values: dict[str, object]) -> str:
     return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
 
 
-def render(profile: Profile, out: Path, stage_params: dict[str, object]) -> Path:
-    """Write <out>/<model>/config.pbtxt and copy each model.py. Returns `out`."""
+def render(profile: Profile, out: Path, node_config: Path) -> Path:
+    """Write <out>/<model>/config.pbtxt (each naming the node's config file) and copy each model.py.
+    Returns `out`."""
+    instances = {m: profile.instances.get(m, 1) for m in profile.models}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(paths.templates())), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     ctx = {
-        "scalars": tensors.SCALARS, "instances": profile.instances, "params": _params(stage_params),
+        "scalars": tensors.SCALARS, "instances": instances, "params": _params({"node_config": str(node_config)}),
+        "request_tensors": tensors.pbtxt(tensors.PREFILL_REQUEST), "request_names": [n for n, _, _ in tensors.PREFILL_REQUEST],
         "handle_tensors": tensors.pbtxt(tensors.HANDLE), "stream_tensors": tensors.pbtxt(tensors.STREAM),
         "user_tensors": tensors.pbtxt(tensors.USER), "handle_names": [n for n, _, _ in tensors.HANDLE],
         "stream_names": [n for n, _, _ in tensors.STREAM], "user_names": [n for n, _, _ in tensors.USER],

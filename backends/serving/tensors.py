@@ -5,18 +5,22 @@ from __future__ import annotations
 
 from baton_client.schema import SCALARS, USER
 
-__all__ = ["HANDLE", "SCALARS", "STREAM", "USER", "pbtxt"]
+__all__ = ["HANDLE", "PREFILL_REQUEST", "SCALARS", "STREAM", "USER", "pbtxt"]
 
-# prefill -> decode: the KV handle (backends/stages/handle.py)
-HANDLE = [("token_ids", "TYPE_INT64", -1), ("num_prompt_tokens", "TYPE_INT32", 1),
+# preprocess -> prefill: stages.messages.PrefillRequest
+PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING", 1), ("sampling", "TYPE_STRING", 1)]
+
+# prefill -> decode: stages.messages.KVHandle
+HANDLE = [("request_id", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("num_prompt_tokens", "TYPE_INT32", 1),
           ("num_computed_tokens", "TYPE_INT32", 1), ("block_table", "TYPE_INT64", -1),
           ("num_cached_tokens", "TYPE_INT32", 1), ("finish_reason", "TYPE_STRING", 1),
           ("sampling", "TYPE_STRING", 1), ("gen_state", "TYPE_UINT8", -1), ("logprobs", "TYPE_FP32", -1)]
 
-# decode -> postprocess, one per streamed response
+# decode -> postprocess, one per streamed response: stages.messages.TokenDelta
 STREAM = [("d_token_ids", "TYPE_INT64", -1), ("d_text", "TYPE_STRING", 1), ("d_finish_reason", "TYPE_STRING", 1),
           ("d_prompt_tokens", "TYPE_INT32", 1), ("d_completion_tokens", "TYPE_INT32", 1),
-          ("d_cached_tokens", "TYPE_INT32", 1), ("d_logprobs", "TYPE_FP32", -1)]
+          ("d_cached_tokens", "TYPE_INT32", 1), ("d_logprobs", "TYPE_FP32", -1),
+          ("d_request_id", "TYPE_STRING", 1)]
 
 
 def pbtxt(specs: list[tuple[str, str, int]]) -> str:

@@ -1,30 +1,33 @@
-"""The decode loop in its own process, driven from that process's MAIN thread (OpenMP regions
-entered from other threads measured ~30% slower here), talking to the Triton model over a ZeroMQ
-PAIR socket:
+"""The decode loop (the only one: the Triton model and the tests both run it) in its own process,
+driven from that process's MAIN thread (OpenMP regions entered from other threads measured ~30%
+slower here), talking to the decode model's stub over a ZeroMQ PAIR socket with the typed messages
+of stages.messages:
 
-  stub -> worker: ("add", key, handle arrays) | ("cancel", key) | ("stop",)
-  worker -> stub: [(key, out, final) | (key, "error", message)]   one message per engine step
-                  {"stats": metric deltas}                        ~once a second, and on going idle
+  stub -> worker: AddRequest(key, handle) | Cancel(key) | Stop()
+  worker -> stub: Ready() once, then Deltas([(key, delta, final), ...]) | Failed(key, message), one
+                  batch per engine step; Stats(metric deltas) ~once a second and on going idle
 
-    python -m baton.backends.stages.decode_worker --address ipc://... --params JSON
+    python -P -m baton.backends.stages.decode_worker --address ipc://... --node-config RUN_DIR/node.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
+import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import zmq
 
-from .common import StageParams, core_share, node_engine
+from ..serving.config import NodeConfig
+from .common import core_share, node_engine
 from .decode import DecodeStage
-from .handle import KVHandle
+from .messages import AddRequest, Cancel, Deltas, Failed, KVHandle, Ready, Stats, Stop, TokenDelta
 from .metrics import DECODE
 
 # How often the relay asks Triton whether its live requests were cancelled. Each ask is an IPC round
@@ -38,25 +41,25 @@ class _WorkerSink:
     def __init__(self, key: int, outbox: list, cancelled: set) -> None:
         self.key, self.outbox, self._cancelled = key, outbox, cancelled
 
-    def send(self, out: dict, final: bool) -> None:
-        self.outbox.append((self.key, out, final))
+    def send(self, delta: TokenDelta, final: bool) -> None:
+        self.outbox.append((self.key, delta, final))
 
     def error(self, message: str) -> None:
-        self.outbox.append((self.key, "error", message))
+        self.outbox.append(Failed(self.key, message))
 
     def cancelled(self) -> bool:
         return self.key in self._cancelled
 
 
-def serve(params: StageParams, address: str) -> None:
+def serve(node: NodeConfig, address: str) -> None:
     sock = zmq.Context.instance().socket(zmq.PAIR)
     sock.connect(address)
-    stage = DecodeStage(node_engine(params), thread=False, responses_per_step=params.stream_responses_per_step)
-    cores = core_share(params, "decode")
+    stage = DecodeStage(node_engine(node, "decode"), responses_per_step=node.serving.stream_responses_per_step)
+    cores = core_share(node, "decode")
     parent = os.getppid()
     outbox: list = []
     cancelled: set[int] = set()
-    sock.send(pickle.dumps([("ready",)]))
+    sock.send(pickle.dumps(Ready()))
     sent: dict = {}
     next_stats = time.monotonic() + STATS_EVERY_S
 
@@ -66,15 +69,23 @@ def serve(params: StageParams, address: str) -> None:
         deltas = stage.metrics(sent)
         if only_if_counted and not any(v for k, v in deltas.items() if DECODE[k][0] == "counter"):
             return
-        sock.send(pickle.dumps({"stats": deltas}))
+        sock.send(pickle.dumps(Stats(deltas)))
 
     def flush() -> None:
-        if outbox:
-            for key, out, final in outbox:
-                if final is True or out == "error":
-                    cancelled.discard(key)
-            sock.send(pickle.dumps(outbox))
-            outbox.clear()
+        if not outbox:
+            return
+        deltas = []
+        for item in outbox:
+            if isinstance(item, Failed):
+                cancelled.discard(item.key)
+                sock.send(pickle.dumps(item))
+            else:
+                deltas.append(item)
+                if item[2]:
+                    cancelled.discard(item[0])
+        if deltas:
+            sock.send(pickle.dumps(Deltas(deltas)))
+        outbox.clear()
 
     while True:
         idle = not stage.live
@@ -89,11 +100,11 @@ def serve(params: StageParams, address: str) -> None:
         # block while idle; otherwise just drain what has arrived
         while sock.poll(500 if idle and not arrivals else 0):
             msg = pickle.loads(sock.recv())
-            if msg[0] == "add":
-                arrivals.append((KVHandle.from_arrays(msg[2]), _WorkerSink(msg[1], outbox, cancelled)))
-            elif msg[0] == "cancel":
-                cancelled.add(msg[1])
-            elif msg[0] == "stop":
+            if isinstance(msg, AddRequest):
+                arrivals.append((msg.handle, _WorkerSink(msg.key, outbox, cancelled)))
+            elif isinstance(msg, Cancel):
+                cancelled.add(msg.key)
+            elif isinstance(msg, Stop):
                 return
             idle = False
         if not arrivals and not stage.live:
@@ -127,7 +138,8 @@ class DecodeProxy:
         self.sock.bind(address)
         self.proc = spawn()
         msg = pickle.loads(self.sock.recv())           # wait for the worker's engine to load
-        assert msg[0][0] == "ready", msg
+        if not isinstance(msg, Ready):
+            raise RuntimeError(f"decode worker: expected Ready, got {msg!r}")
         wake = f"inproc://baton-decode-{id(self)}"
         self.wake_pull = ctx.socket(zmq.PULL)
         self.wake_pull.bind(wake)
@@ -145,7 +157,7 @@ class DecodeProxy:
             key = self.next_key
             self.next_key += 1
             self.sinks[key] = sink
-            self.queue.append(("add", key, handle.to_arrays()))
+            self.queue.append(AddRequest(key, handle))
         self.wake_push.send(b"")
 
     def _relay(self) -> None:
@@ -162,26 +174,26 @@ class DecodeProxy:
                     out, self.queue = self.queue, []
                 for msg in out:
                     self.sock.send(pickle.dumps(msg))
-                    if msg[0] == "stop":
+                    if isinstance(msg, Stop):
                         return
             if self.sock in events:
                 msg = pickle.loads(self.sock.recv())
-                if isinstance(msg, dict):
+                if isinstance(msg, Stats):
                     if self.on_stats is not None:
                         try:
-                            self.on_stats(msg["stats"])
+                            self.on_stats(msg.values)
                         except Exception as e:       # metrics must never stop the token relay
                             print(f"baton decode: metrics update failed: {e}", file=sys.stderr, flush=True)
-                    msg = []
-                for key, out, final in msg:
-                    sink = self.sinks.get(key)
-                    if sink is None:
-                        continue
-                    if out == "error":
-                        sink.error(final)
-                        self.sinks.pop(key, None)
-                    else:
-                        sink.send(out, final)
+                elif isinstance(msg, Failed):
+                    sink = self.sinks.pop(msg.key, None)
+                    if sink is not None:
+                        sink.error(msg.message)
+                else:
+                    for key, delta, final in msg.items:
+                        sink = self.sinks.get(key)
+                        if sink is None:
+                            continue
+                        sink.send(delta, final)
                         if final:
                             self.sinks.pop(key, None)
             now = time.monotonic()
@@ -191,21 +203,30 @@ class DecodeProxy:
             for key, sink in list(self.sinks.items()):   # is_cancelled() is a round trip to the server
                 if not getattr(sink, "cancel_sent", False) and sink.cancelled():
                     sink.cancel_sent = True
-                    self.sock.send(pickle.dumps(("cancel", key)))
+                    self.sock.send(pickle.dumps(Cancel(key)))
 
     def stop(self) -> None:
         with self.lock:
-            self.queue.append(("stop",))
+            self.queue.append(Stop())
         self.wake_push.send(b"")
         self.thread.join(5)
+
+
+def worker_command(address: str, node_config: str) -> list[str]:
+    """The worker's command line; -P keeps the working directory off sys.path (a checkout's top-level
+    folders must not become importable under other names). Inside a Triton stub sys.executable is the
+    stub binary, so the venv's python3 (first on the stub's PATH) runs it there."""
+    python = sys.executable if Path(sys.executable).name.startswith("python") else (shutil.which("python3") or "python3")
+    return [python, "-P", "-m", "baton.backends.stages.decode_worker", "--address", address,
+            "--node-config", node_config]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="baton decode-worker")
     ap.add_argument("--address", required=True)
-    ap.add_argument("--params", required=True, help="StageParams as JSON")
+    ap.add_argument("--node-config", required=True, help="the node's node.json")
     a = ap.parse_args()
-    serve(StageParams(**json.loads(a.params)), a.address)
+    serve(NodeConfig.load(a.node_config), a.address)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""preprocess: text or chat messages -> token ids; sampling parameters validated here, so a bad
-request is refused before it touches the KV pool."""
+"""preprocess: text or chat messages -> token ids; sampling parameters validated here, once (later
+stages carry them), so a bad request is refused before it touches the KV pool. Assigns the request
+id every later message and response carries."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from ..engine.errors import InvalidRequestError
 from ..engine.sampling_params import SamplingParams
 from ..engine.tokenizer import Tokenizer
 from ..serving import tensors
+from .messages import PrefillRequest
 
 # optional scalar inputs (serving.tensors.SCALARS) -> (SamplingParams field, python type)
 _KIND = {"TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
@@ -30,8 +33,8 @@ class Preprocessor:
         self.max_tokens_limit = max_tokens_limit
         self.chat_template = _chat_template(Path(model_dir))
 
-    def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
-        """-> (input_ids int64 [n], sampling parameters as JSON)."""
+    def __call__(self, inputs: dict[str, np.ndarray], request_id: str = "") -> PrefillRequest:
+        """Triton inputs -> the message prefill takes (request_id: a fresh one when empty)."""
         ids = self._prompt_ids(inputs)
         kw: dict[str, Any] = {}
         for name, (field, kind) in SCALARS.items():
@@ -47,7 +50,7 @@ class Preprocessor:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError("text_input", f"prompt of {len(ids)} tokens leaves no room to generate "
                                       f"within max_model_len={self.max_model_len}")
-        return np.asarray(ids, dtype=np.int64), json.dumps(params.__dict__)
+        return PrefillRequest(request_id or uuid.uuid4().hex, ids, params)
 
     def _prompt_ids(self, inputs: dict[str, np.ndarray]) -> list[int]:
         if "messages" in inputs:

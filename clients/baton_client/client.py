@@ -46,6 +46,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    request_id: str = ""      # the server's id for this request (in its logs too)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def join(chunks: Iterator[Chunk]) -> Completion:
     if last is None:
         raise BatonError("empty stream")
     return Completion("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                      last.cached_tokens)
+                      last.cached_tokens, last.request_id)
 
 
 def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
@@ -82,7 +83,7 @@ def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
     ids = get("token_ids")
     lp = get("logprobs")
     return Chunk(s("text_output"), ids.astype(np.int64).tolist() if ids is not None else [], s("finish_reason"),
-                 i("prompt_tokens"), i("completion_tokens"), i("cached_tokens"),
+                 i("prompt_tokens"), i("completion_tokens"), i("cached_tokens"), s("request_id"),
                  lp.astype(np.float32).tolist() if lp is not None else [])
 
 

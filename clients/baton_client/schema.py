@@ -18,4 +18,5 @@ USER: list[tuple[str, str, int]] = [
     ("text_output", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("finish_reason", "TYPE_STRING", 1),
     ("prompt_tokens", "TYPE_INT32", 1), ("completion_tokens", "TYPE_INT32", 1),
     ("cached_tokens", "TYPE_INT32", 1), ("logprobs", "TYPE_FP32", -1),
+    ("request_id", "TYPE_STRING", 1),    # assigned by the server; in its logs too
 ]

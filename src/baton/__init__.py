@@ -18,7 +18,7 @@ if TYPE_CHECKING:
         SamplingParams,
     )
 
-__all__ = ["LLM", "EngineConfig", "InvalidRequestError", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "ConfigError", "EngineConfig", "InvalidRequestError", "LLMEngine", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
 
 

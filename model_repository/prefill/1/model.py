@@ -1,26 +1,26 @@
 """prefill: thin adapter over baton.backends.stages.prefill.PrefillStage (requests of one execute
 are prefilled together)."""
 
-import json
-
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.engine.errors import InvalidRequestError
-from baton.backends.stages.common import StageParams, core_share, node_engine
+from baton.backends.serving.config import NodeConfig
+from baton.backends.serving.tensors import PREFILL_REQUEST
+from baton.backends.stages.common import core_share, node_engine
+from baton.backends.stages.messages import PrefillRequest
 from baton.backends.stages.metrics import PREFILL, TritonMetrics
 from baton.backends.stages.prefill import PrefillStage
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = StageParams.from_model_config(json.loads(args["model_config"]))
-        self.stage = PrefillStage(node_engine(params, "prefill"), core_share(params, "prefill"))
+        node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
+        self.stage = PrefillStage(node_engine(node, "prefill"), core_share(node, "prefill"))
         self.metrics = TritonMetrics(pb_utils, PREFILL, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
-        batch = [(pb_utils.get_input_tensor_by_name(r, "input_ids").as_numpy(),
-                  pb_utils.get_input_tensor_by_name(r, "sampling").as_numpy().reshape(-1)[0].decode())
-                 for r in requests]
+        batch = [PrefillRequest.from_arrays({n: pb_utils.get_input_tensor_by_name(r, n).as_numpy()
+                                             for n, _, _ in PREFILL_REQUEST}) for r in requests]
         out = []
         for res in self.stage.run(batch):
             if isinstance(res, Exception):

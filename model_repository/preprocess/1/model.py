@@ -1,13 +1,10 @@
 """preprocess: thin adapter over baton.backends.stages.preprocess.Preprocessor."""
 
-import json
-
-import numpy as np
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.engine.errors import InvalidRequestError
+from baton.backends.serving.config import NodeConfig
 from baton.backends.serving.tensors import SCALARS
-from baton.backends.stages.common import StageParams
 from baton.backends.stages.preprocess import Preprocessor
 
 NAMES = ["text_input", "messages", "stop"] + [n for n, _ in SCALARS]
@@ -15,8 +12,8 @@ NAMES = ["text_input", "messages", "stop"] + [n for n, _ in SCALARS]
 
 class TritonPythonModel:
     def initialize(self, args):
-        p = StageParams.from_model_config(json.loads(args["model_config"]))
-        self.pre = Preprocessor(p.model_dir, p.max_model_len, p.max_tokens_limit)
+        node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
+        self.pre = Preprocessor(node.engine.model, node.engine.max_model_len, node.max_tokens_limit)
 
     def execute(self, requests):
         out = []
@@ -27,13 +24,11 @@ class TritonPythonModel:
                 if t is not None:
                     inputs[name] = t.as_numpy()
             try:
-                ids, sampling = self.pre(inputs)
+                msg = self.pre(inputs)
             except InvalidRequestError as e:
                 out.append(pb_utils.InferenceResponse(error=_invalid(str(e))))
                 continue
-            out.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("input_ids", ids),
-                pb_utils.Tensor("sampling", np.array([sampling.encode()], dtype=object))]))
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in msg.to_arrays().items()]))
         return out
 
 

@@ -1,0 +1,144 @@
+"""A node's configuration: the deployment profile (ensemble_configs/*.toml), the serving knobs beside
+the engine's, and NodeConfig, the one file every stage process of a node reads.
+
+A profile file holds `description`, `models` (the Triton models to load), optionally `extends` (a
+base profile whose tables it merges into), and three tables: [instances] (model -> instance count),
+[engine] (EngineConfig fields) and [serving] (ServingConfig fields). An unknown key or a wrong type is
+an error naming the key and the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+from .. import paths
+from ..engine.config import ConfigError, EngineConfig, check_types, from_table
+
+POLICIES = ("fair", "prefill_first")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    max_tokens_limit: int = 0            # the largest max_tokens a request may ask for; 0: max_model_len
+    # prefill and decode are separate processes on the same cores: each takes all `share_cores` while
+    # the other idles and they split them while both work ("auto": the CPUs this process may use;
+    # 0: a fixed EngineConfig.threads each). stages/cores.py says why.
+    share_cores: int | Literal["auto"] = "auto"
+    # "prefill_first": a working prefill gets every core and decode steps wait, one prefill chunk at a
+    # time; "fair": half each while both work.
+    share_cores_policy: Literal["fair", "prefill_first"] = "prefill_first"
+    prefill_chunk_tokens: int = 256      # the prefill engine's tokens per step; 0: the engine's budget
+    # with more live requests than this, decode sends each request's tokens every ceil(live / N) steps
+    # (held 0.1 s at most); 0 sends every token as its own response
+    stream_responses_per_step: int = 4
+
+    def __post_init__(self) -> None:
+        check_types(self, "ServingConfig")
+        for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What every stage process of a node reads, from <run_dir>/node.json (the launcher writes it;
+    each model's config.pbtxt names the file)."""
+
+    engine: EngineConfig                 # model as an absolute path, dtype resolved
+    serving: ServingConfig               # share_cores resolved to a count
+    kv_pool: str                         # the node's pool in /dev/shm
+    kv_address: str                      # the KV manager's socket
+    weights: str = ""                    # the node's shared weight file ("": each stage loads the checkpoint)
+    run_dir: str = "/tmp"
+
+    @property
+    def max_tokens_limit(self) -> int:
+        return self.serving.max_tokens_limit or self.engine.max_model_len
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+
+    @staticmethod
+    def path_in(model_config: str) -> str:
+        """The node.json a rendered config.pbtxt names (its `node_config` parameter); Triton passes
+        a model its config as JSON."""
+        return json.loads(model_config)["parameters"]["node_config"]["string_value"]
+
+    @classmethod
+    def load(cls, path: str | Path) -> NodeConfig:
+        d = json.loads(Path(path).read_text())
+        where = str(path)
+        return cls(engine=from_table(EngineConfig, d.pop("engine"), where),
+                   serving=from_table(ServingConfig, d.pop("serving"), where), **d)
+
+
+ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
+SERVING_KEYS = {f.name for f in dataclasses.fields(ServingConfig)}
+
+
+@dataclass
+class Profile:
+    name: str
+    path: Path
+    models: list[str]
+    description: str = ""
+    instances: dict[str, int] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    serving: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, name_or_path: str) -> Profile:
+        path = Path(name_or_path)
+        if not path.is_file():
+            path = paths.profiles() / f"{name_or_path}.toml"
+        if not path.is_file():
+            known = sorted(p.stem for p in paths.profiles().glob("*.toml"))
+            raise ConfigError(f"no deployment profile {name_or_path!r}; known: {known}")
+        try:
+            d = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        unknown = sorted(set(d) - {"description", "models", "extends", "instances", "engine", "serving"})
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r} in {path}; known: description, models, extends, "
+                              "instances, engine, serving")
+        for key, kind in (("instances", dict), ("engine", dict), ("serving", dict), ("models", list),
+                          ("description", str), ("extends", str)):
+            if key in d and not isinstance(d[key], kind):
+                raise ConfigError(f"{key}: expected a {'table' if kind is dict else kind.__name__} in {path}")
+        base = cls.load(d["extends"]) if "extends" in d else None
+        if base is None and "models" not in d:
+            raise ConfigError(f"models: required in {path} (the Triton models this profile loads)")
+        models = d.get("models", base.models if base else [])
+        prof = cls(path.stem, path, models, d.get("description", base.description if base else ""),
+                   {m: n for m, n in (base.instances if base else {}).items() if m in models} | d.get("instances", {}),
+                   (base.engine if base else {}) | d.get("engine", {}),
+                   (base.serving if base else {}) | d.get("serving", {}))
+        prof.validate()
+        return prof
+
+    def validate(self) -> None:
+        where = str(self.path)
+        for m, n in self.instances.items():
+            if m not in self.models:
+                raise ConfigError(f"instances.{m}: not a model of this profile {self.models} in {where}")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ConfigError(f"instances.{m}: expected an integer >= 1, got {n!r} in {where}")
+        from_table(EngineConfig, self.engine, where)          # types and names, checked now
+        from_table(ServingConfig, self.serving, where)
+
+    def configs(self, model: str, overrides: dict[str, Any] | None = None) -> tuple[EngineConfig, ServingConfig]:
+        """The profile's configs for `model`, with flat `overrides` (each key an EngineConfig or a
+        ServingConfig field) on top."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - ENGINE_KEYS - SERVING_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown key {unknown[0]!r} in overrides; known: {sorted(ENGINE_KEYS | SERVING_KEYS)}")
+        eng = self.engine | {k: v for k, v in overrides.items() if k in ENGINE_KEYS} | {"model": model}
+        srv = self.serving | {k: v for k, v in overrides.items() if k in SERVING_KEYS}
+        return from_table(EngineConfig, eng, str(self.path)), from_table(ServingConfig, srv, str(self.path))

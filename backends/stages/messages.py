@@ -1,0 +1,179 @@
+"""One typed message per hop between the stages, each carrying the request id that preprocess
+assigns (it is in every response the client gets, and in stage logs):
+
+  preprocess -> prefill      PrefillRequest   prompt token ids + sampling parameters (validated once, at preprocess)
+  prefill    -> decode       KVHandle         the baton: token ids, KV block table, counts, RNG state
+  decode     -> client       TokenDelta       new token ids, text delta, finish reason, usage
+  decode stub <-> worker     AddRequest, Cancel, Stop / Ready, Deltas, Failed, Stats   (decode_worker)
+
+Between Triton models a message travels as the tensors named in serving.tensors (to_arrays /
+from_arrays); between the decode stub and its worker process, pickled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..engine.sampling_params import SamplingParams
+from ..engine.sequence import Sequence
+
+
+def _text(x: np.ndarray) -> str:
+    v = x.reshape(-1)[0]
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _string(s: str) -> np.ndarray:
+    return np.asarray([s.encode()], dtype=object)
+
+
+@dataclass
+class PrefillRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"input_ids": np.asarray(self.prompt_token_ids, dtype=np.int64),
+                "request_id": _string(self.request_id), "sampling": _string(self.sampling.to_json())}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> PrefillRequest:
+        return cls(_text(a["request_id"]), a["input_ids"].astype(np.int64).tolist(),
+                   SamplingParams.from_json(_text(a["sampling"])))
+
+
+@dataclass
+class KVHandle:
+    request_id: str
+    token_ids: list[int]          # prompt + the first sampled token
+    num_prompt_tokens: int
+    num_computed_tokens: int      # tokens whose K/V are in the blocks
+    block_table: list[int]        # blocks of the node's pool, owned by this request from now on
+    num_cached_tokens: int
+    finish_reason: str            # "" unless prefill already finished it (max_tokens=1, EOS, stop)
+    sampling: SamplingParams
+    gen_state: bytes = b""        # torch.Generator state of a seeded request
+    logprobs: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_sequence(cls, seq: Sequence, finish_reason: str, block_table: list[int]) -> KVHandle:
+        return cls(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.num_computed_tokens,
+                   list(block_table), max(seq.num_cached_tokens, 0), finish_reason, seq.params,
+                   bytes(seq.generator.get_state().numpy()) if seq.generator is not None else b"",
+                   list(seq.logprobs))
+
+    def to_sequence(self, block_size: int) -> Sequence:
+        """The sequence decode continues: prompt, first token, RNG state; its blocks come through the
+        KV connector (seq.kv_transfer) when the scheduler admits it."""
+        seq = Sequence(self.token_ids[: self.num_prompt_tokens], self.sampling, block_size, self.request_id)
+        for t in self.token_ids[self.num_prompt_tokens:]:
+            seq.append(t)
+        seq.num_cached_tokens = self.num_cached_tokens
+        seq.logprobs = list(self.logprobs)
+        if self.gen_state:
+            seq.generator = torch.Generator()
+            seq.generator.set_state(torch.frombuffer(bytearray(self.gen_state), dtype=torch.uint8))
+        seq.kv_transfer = self
+        return seq
+
+    # ---- Triton tensors (serving.tensors.HANDLE) ------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "request_id": _string(self.request_id),
+            "token_ids": np.asarray(self.token_ids, dtype=np.int64),
+            "num_prompt_tokens": np.asarray([self.num_prompt_tokens], dtype=np.int32),
+            "num_computed_tokens": np.asarray([self.num_computed_tokens], dtype=np.int32),
+            "block_table": np.asarray(self.block_table, dtype=np.int64),
+            "num_cached_tokens": np.asarray([self.num_cached_tokens], dtype=np.int32),
+            "finish_reason": _string(self.finish_reason),
+            "sampling": _string(self.sampling.to_json()),
+            "gen_state": np.frombuffer(self.gen_state, dtype=np.uint8).copy() if self.gen_state else np.zeros(0, np.uint8),
+            "logprobs": np.asarray(self.logprobs, dtype=np.float32),
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> KVHandle:
+        return cls(_text(a["request_id"]), a["token_ids"].astype(np.int64).tolist(),
+                   int(a["num_prompt_tokens"].reshape(-1)[0]), int(a["num_computed_tokens"].reshape(-1)[0]),
+                   a["block_table"].astype(np.int64).tolist(), int(a["num_cached_tokens"].reshape(-1)[0]),
+                   _text(a["finish_reason"]), SamplingParams.from_json(_text(a["sampling"])),
+                   a["gen_state"].astype(np.uint8).tobytes(), a["logprobs"].astype(np.float32).tolist())
+
+
+@dataclass
+class TokenDelta:
+    """One streamed response: what is new since the last one, and the usage so far."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str            # "" until the last response
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+
+    def merged_after(self, held: TokenDelta | None) -> TokenDelta:
+        """This delta appended to one held back before it (usage and finish reason are the newest)."""
+        if held is None:
+            return self
+        return TokenDelta(self.request_id, held.token_ids + self.token_ids, held.text + self.text,
+                          self.finish_reason, self.prompt_tokens, self.completion_tokens, self.cached_tokens,
+                          held.logprobs + self.logprobs)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """serving.tensors.STREAM, in its order."""
+        return {
+            "d_token_ids": np.asarray(self.token_ids, dtype=np.int64),
+            "d_text": _string(self.text),
+            "d_finish_reason": _string(self.finish_reason),
+            "d_prompt_tokens": np.asarray([self.prompt_tokens], dtype=np.int32),
+            "d_completion_tokens": np.asarray([self.completion_tokens], dtype=np.int32),
+            "d_cached_tokens": np.asarray([self.cached_tokens], dtype=np.int32),
+            "d_logprobs": np.asarray(self.logprobs, dtype=np.float32),
+            "d_request_id": _string(self.request_id),
+        }
+
+
+# ---- decode stub <-> decode worker (pickled over a ZeroMQ pair; `key` names a request in the stub) --
+
+@dataclass
+class AddRequest:
+    key: int
+    handle: KVHandle
+
+
+@dataclass
+class Cancel:
+    key: int
+
+
+@dataclass
+class Stop:
+    pass
+
+
+@dataclass
+class Ready:
+    pass
+
+
+@dataclass
+class Deltas:
+    """Everything one engine step produced: (key, delta, final) per request that heard."""
+
+    items: list[tuple[int, TokenDelta, bool]]
+
+
+@dataclass
+class Failed:
+    key: int
+    message: str
+
+
+@dataclass
+class Stats:
+    values: dict[str, float]
