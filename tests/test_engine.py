@@ -70,14 +70,28 @@ def test_seeded_requests_independent_of_batch(llm):
     assert alone == batched
 
 
-def test_top_k_1_is_greedy_and_penalty_changes_output(llm):
+def test_top_k_1_is_greedy(llm):
     p = prompts_of(512, [25], seed=7)[0]
     greedy = llm.generate(p, GREEDY)[0].token_ids
     topk1 = llm.generate(p, SamplingParams(temperature=1.0, top_k=1, seed=3, max_tokens=12, ignore_eos=True))
     assert topk1[0].token_ids == greedy
-    pen = llm.generate(p, SamplingParams(temperature=0, repetition_penalty=5.0, max_tokens=12, ignore_eos=True))
-    # a strong repetition penalty never repeats a token greedily chosen from a random model twice in a row
-    assert pen[0].token_ids != greedy or len(set(greedy)) == len(greedy)
+
+
+def test_repetition_penalty_matches_transformers(llm, qwen3_dir):
+    """Greedy with repetition_penalty is token-exact with transformers' (prompt + output tokens). The
+    prompt repeats tokens, and its plain greedy output repeats too, so the penalty must change it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = prompts_of(512, [6], seed=7)[0] * 4
+    greedy = llm.generate(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
+    pen = llm.generate(p, SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=24, ignore_eos=True))[0]
+    hf = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                          repetition_penalty=1.3, max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
+    assert pen.token_ids == out[0, len(p):].tolist()
+    assert pen.token_ids != greedy
 
 
 def test_stop_tokens_max_tokens_and_logprobs(llm):

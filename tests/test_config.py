@@ -1,0 +1,82 @@
+"""EngineConfig, ServingConfig and deployment profiles: one default per knob, and an unknown key or a
+wrong type is an error that names the key (and the file it came from)."""
+
+import dataclasses
+
+import pytest
+
+from baton import LLM, ConfigError, EngineConfig
+from baton.backends import paths
+from baton.backends.serving.config import NodeConfig, Profile, ServingConfig
+
+
+def test_engine_config_checks_types_and_ranges():
+    with pytest.raises(ConfigError, match="block_size: expected int, got '16'"):
+        EngineConfig(block_size="16")
+    with pytest.raises(ConfigError, match="enable_prefix_caching: expected bool, got 1"):
+        EngineConfig(enable_prefix_caching=1)
+    with pytest.raises(ConfigError, match="max_num_seqs: must be >= 1"):
+        EngineConfig(max_num_seqs=0)
+    with pytest.raises(ConfigError, match="share_cores_policy: expected 'fair' or 'prefill_first'"):
+        ServingConfig(share_cores_policy="greedy")
+    assert ServingConfig(share_cores="auto").share_cores == "auto" and ServingConfig(share_cores=2).share_cores == 2
+    with pytest.raises(ConfigError, match="share_cores"):
+        ServingConfig(share_cores="all")
+
+
+def test_llm_refuses_unknown_engine_args(qwen3_dir):
+    with pytest.raises(ConfigError, match="unknown key 'kv_cache_memory' in LLM()"):
+        LLM(qwen3_dir, kv_cache_memory=1 << 20)
+    with pytest.raises(ConfigError, match="max_model_len: expected int"):
+        LLM(qwen3_dir, max_model_len="256")
+
+
+def test_shipped_profiles_load_and_extends_merges():
+    names = sorted(p.stem for p in paths.profiles().glob("*.toml"))
+    assert {"single_node", "single_node_direct"} <= set(names)
+    for name in names:
+        eng, srv = Profile.load(name).configs("/some/model")
+        assert eng.model == "/some/model" and isinstance(srv, ServingConfig)
+    direct = Profile.load("single_node_direct")
+    assert "postprocess" not in direct.models and "postprocess" not in direct.instances
+    assert direct.engine == Profile.load("single_node").engine
+
+
+def _profile(tmp_path, text):
+    f = tmp_path / "p.toml"
+    f.write_text('models = ["preprocess", "prefill", "decode", "llm"]\n' + text)
+    return str(f)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[engine]\nmax_model_length = 10\n", "unknown key 'max_model_length'"),
+    ("[engine]\nmax_model_len = \"2048\"\n", "max_model_len: expected int, got '2048'"),
+    ("[serving]\nshare_cores_policy = \"greedy\"\n", "share_cores_policy: expected"),
+    ("[serving]\nthreads = 2\n", "unknown key 'threads'"),                # an [engine] key in [serving]
+    ("[instances]\ndecode = \"2\"\n", "instances.decode: expected an integer"),
+    ("[instances]\npostprocess = 1\n", "instances.postprocess: not a model"),
+    ("engines = 1\n", "unknown key 'engines'"),
+    ("engine = 3\n", "engine: expected a table"),
+])
+def test_profile_errors_name_the_key_and_the_file(tmp_path, text, message):
+    path = _profile(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        Profile.load(path)
+    assert message in str(e.value) and path in str(e.value), str(e.value)
+
+
+def test_overrides_go_to_their_table_and_unknown_ones_are_refused(tmp_path):
+    prof = Profile.load(_profile(tmp_path, "[engine]\nmax_model_len = 512\n"))
+    eng, srv = prof.configs("/m", {"max_model_len": 128, "stream_responses_per_step": 0})
+    assert (eng.max_model_len, srv.stream_responses_per_step) == (128, 0)
+    with pytest.raises(ConfigError, match="unknown key 'max_model_length'"):
+        prof.configs("/m", {"max_model_length": 1})
+
+
+def test_node_config_round_trips(tmp_path):
+    node = NodeConfig(EngineConfig(model="/m", dtype="bfloat16", max_model_len=512), ServingConfig(share_cores=2),
+                      "pool", "ipc:///x", "w", str(tmp_path))
+    node.save(tmp_path / "node.json")
+    assert NodeConfig.load(tmp_path / "node.json") == node
+    assert node.max_tokens_limit == 512
+    assert dataclasses.replace(node, serving=ServingConfig(max_tokens_limit=7)).max_tokens_limit == 7
