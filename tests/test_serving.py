@@ -244,3 +244,41 @@ def test_metrics_count_what_was_served(node):
     assert after["baton_decode_step_seconds_total"] > before.get("baton_decode_step_seconds_total", 0)
     assert after["baton_decode_running_requests"] == 0
     client.close()
+
+
+def test_request_id_is_the_same_in_every_response_and_unique(node):
+    client = BatonClient(node.grpc_url)
+    a = list(client.stream(PROMPTS[0], **GREEDY))
+    b = client.generate(PROMPTS[0], **GREEDY)
+    ids = {c.request_id for c in a}
+    assert len(ids) == 1 and len(a[0].request_id) == 32 and b.request_id not in ids
+    client.close()
+
+
+def test_client_installs_and_streams_without_torch(node, offline, tmp_path):
+    """`pip install ./clients` in a fresh venv (no torch, no baton server code) streams from the server."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    r = subprocess.run([py, "-m", "pip", "install", "-q", str(root / "clients")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    script = ("import importlib.util, json, sys\n"
+              "from baton_client import BatonClient\n"
+              f"g = BatonClient({node.grpc_url!r}).generate({PROMPTS[1]!r}, temperature=0.0, max_tokens=16, ignore_eos=True)\n"
+              f"h = BatonClient({node.http_url!r}, 'http').generate({PROMPTS[1]!r}, temperature=0.0, max_tokens=16,"
+              " ignore_eos=True)\n"
+              "print(json.dumps({'grpc': g.token_ids, 'http': h.token_ids, 'text': g.text,"
+              " 'torch': importlib.util.find_spec('torch') is not None,"
+              " 'baton': importlib.util.find_spec('baton') is not None}))\n")
+    r = subprocess.run([py, "-P", "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout)
+    expect = offline(PROMPTS[1])
+    assert got == {"grpc": expect.token_ids, "http": expect.token_ids, "text": expect.text, "torch": False,
+                   "baton": False}
