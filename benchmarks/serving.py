@@ -156,7 +156,7 @@ def main() -> None:
     rows: list[dict] = []
     overrides: dict = {"max_model_len": 1024} | ({"threads": a.threads} if a.threads else {})
     if a.share_cores is not None:
-        overrides["share_cores"] = a.share_cores
+        overrides["share_cores"] = int(a.share_cores) if a.share_cores.isdigit() else a.share_cores
     if a.core_policy is not None:
         overrides["share_cores_policy"] = a.core_policy
     profiles = [p for p in a.profiles.split(",") if p]

@@ -4,7 +4,7 @@ slower here), talking to the decode model's stub over a ZeroMQ PAIR socket with 
 of stages.messages:
 
   stub -> worker: AddRequest(key, handle) | Cancel(key) | Stop()
-  worker -> stub: Ready() once, then Deltas([(key, delta, final), ...]) | Failed(key, message), one
+  worker -> stub: Ready() once, then StepDeltas([(key, delta, final), ...]) | Failed(key, message), one
                   batch per engine step; Stats(metric deltas) ~once a second and on going idle
 
     python -P -m baton.backends.stages.decode_worker --address ipc://... --node-config RUN_DIR/node.json
@@ -27,7 +27,7 @@ import zmq
 from ..serving.config import NodeConfig
 from .common import core_share, node_engine
 from .decode import DecodeStage
-from .messages import AddRequest, Cancel, Deltas, Failed, KVHandle, Ready, Stats, Stop, TokenDelta
+from .messages import AddRequest, Cancel, Failed, KVHandle, Ready, Stats, StepDeltas, Stop, TokenDelta
 from .metrics import DECODE
 
 # How often the relay asks Triton whether its live requests were cancelled. Each ask is an IPC round
@@ -84,7 +84,7 @@ def serve(node: NodeConfig, address: str) -> None:
                 if item[2]:
                     cancelled.discard(item[0])
         if deltas:
-            sock.send(pickle.dumps(Deltas(deltas)))
+            sock.send(pickle.dumps(StepDeltas(deltas)))
         outbox.clear()
 
     while True:
@@ -188,12 +188,20 @@ class DecodeProxy:
                     sink = self.sinks.pop(msg.key, None)
                     if sink is not None:
                         sink.error(msg.message)
-                else:
+                elif isinstance(msg, StepDeltas):
                     for key, delta, final in msg.items:
                         sink = self.sinks.get(key)
                         if sink is None:
                             continue
-                        sink.send(delta, final)
+                        try:
+                            sink.send(delta, final)
+                        except Exception as e:       # one broken response stream must not stop the relay
+                            print(f"baton decode: request {delta.request_id}: sending failed ({e!r}); cancelling",
+                                  file=sys.stderr, flush=True)
+                            self.sinks.pop(key, None)
+                            if not final:
+                                self.sock.send(pickle.dumps(Cancel(key)))
+                            continue
                         if final:
                             self.sinks.pop(key, None)
             now = time.monotonic()

@@ -4,7 +4,7 @@ assigns (it is in every response the client gets, and in stage logs):
   preprocess -> prefill      PrefillRequest   prompt token ids + sampling parameters (validated once, at preprocess)
   prefill    -> decode       KVHandle         the baton: token ids, KV block table, counts, RNG state
   decode     -> client       TokenDelta       new token ids, text delta, finish reason, usage
-  decode stub <-> worker     AddRequest, Cancel, Stop / Ready, Deltas, Failed, Stats   (decode_worker)
+  decode stub <-> worker     AddRequest, Cancel, Stop / Ready, StepDeltas, Failed, Stats   (decode_worker)
 
 Between Triton models a message travels as the tensors named in serving.tensors (to_arrays /
 from_arrays); between the decode stub and its worker process, pickled."""
@@ -162,7 +162,7 @@ class Ready:
 
 
 @dataclass
-class Deltas:
+class StepDeltas:
     """Everything one engine step produced: (key, delta, final) per request that heard."""
 
     items: list[tuple[int, TokenDelta, bool]]

@@ -87,6 +87,12 @@ def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
                  lp.astype(np.float32).tolist() if lp is not None else [])
 
 
+def _response_chunk(resp) -> Chunk:  # noqa: ANN001 - a ModelStreamInferResponse
+    if resp.error_message:
+        raise BatonError(resp.error_message)
+    return _chunk(_grpc_getter(resp))
+
+
 def _bytes_tensor(items: list[bytes]) -> bytes:
     """Triton's wire form of a BYTES tensor: each element as a 4-byte little-endian length + bytes."""
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
@@ -183,9 +189,7 @@ class BatonClient:
         finished = False
         try:
             for resp in call:
-                if resp.error_message:
-                    raise BatonError(resp.error_message)
-                c = _chunk(_grpc_getter(resp))
+                c = _response_chunk(resp)
                 yield c
                 if c.finish_reason:
                     finished = True
@@ -274,9 +278,7 @@ class AsyncBatonClient:
         finished = False
         try:
             async for resp in call:
-                if resp.error_message:
-                    raise BatonError(resp.error_message)
-                c = _chunk(_grpc_getter(resp))
+                c = _response_chunk(resp)
                 yield c
                 if c.finish_reason:
                     finished = True
