@@ -22,7 +22,7 @@ def _generate(argv: list[str]) -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default=EngineConfig.dtype)
     ap.add_argument("--stream", action="store_true", help="print text as it is generated")
     ap.add_argument("--interactive", action="store_true", help="then keep reading prompts from stdin")
     a = ap.parse_args(argv)

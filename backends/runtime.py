@@ -3,6 +3,7 @@ in Baton changes them at import: a library must not retune its host's OpenMP or 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -21,7 +22,10 @@ def process_env() -> dict[str, str]:
 
 def configure_process(threads: int = 0) -> None:
     """Call first in an entry point. libgomp reads GOMP_SPINCOUNT when torch loads it, so that part
-    only takes effect before torch is imported; `threads` > 0 sets torch's intra-op threads."""
+    only takes effect before torch is imported; `threads` > 0 sets torch's intra-op threads. Stage
+    logs (per-request lines at INFO, keyed by request id) go to stderr at BATON_LOG_LEVEL (WARNING)."""
+    logging.basicConfig(level=os.environ.get("BATON_LOG_LEVEL", "WARNING").upper(),
+                        format="[baton %(name)s] %(message)s")
     if "torch" not in sys.modules:
         os.environ.update(process_env())
     if threads > 0:

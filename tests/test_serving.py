@@ -22,9 +22,15 @@ PROMPTS = ["def fibonacci(n):", "class LRUCache:", "import os\nimport sys\n", "x
 
 @pytest.fixture(scope="module")
 def node(qwen3_dir):
+    import os
+
     n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 256, "max_tokens_limit": 200,
                                         "kv_cache_memory_mb": 4})
-    n.start(timeout=180, quiet=True)
+    os.environ["BATON_LOG_LEVEL"] = "INFO"          # the stage processes log each request by id
+    try:
+        n.start(timeout=180, quiet=True)
+    finally:
+        del os.environ["BATON_LOG_LEVEL"]
     yield n
     n.stop()
 
@@ -253,6 +259,9 @@ def test_request_id_is_the_same_in_every_response_and_unique(node):
     ids = {c.request_id for c in a}
     assert len(ids) == 1 and len(a[0].request_id) == 32 and b.request_id not in ids
     client.close()
+    log = (node.run_dir / "tritonserver.log").read_text(errors="replace")     # the stages' stderr
+    for rid in (a[0].request_id, b.request_id):
+        assert f"request {rid} prefilled" in log and f"request {rid} finished: length, 16 tokens" in log
 
 
 def test_client_installs_and_streams_without_torch(node, offline, tmp_path):

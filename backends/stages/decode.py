@@ -15,8 +15,8 @@ of every request as its own response."""
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -33,6 +33,8 @@ class Sink(Protocol):
     def error(self, message: str) -> None: ...
     def cancelled(self) -> bool: ...
 
+
+log = logging.getLogger("decode")
 
 # The longest a coalesced token waits for its response: a human reading a stream sees no gaps below
 # ~0.1 s, and a step-count rule alone held tokens 1-2.5 s when prefills slowed the steps down.
@@ -103,6 +105,8 @@ class DecodeStage:
                 if o.finished:
                     finished = True
                     del self.live[o.seq.seq_id]
+                    log.info("request %s finished: %s, %d tokens", o.seq.request_id, o.seq.finish_reason,
+                             o.seq.num_output_tokens)
             if finished:
                 eng.block_manager.flush()        # return blocks promptly
         except Exception:                          # keep serving: fail the live requests, not the loop
@@ -170,4 +174,4 @@ def _delta(seq: Sequence, new_ids: list[int], text: str) -> TokenDelta:
 
 
 def _log(request_id: str, what: str) -> None:
-    print(f"[baton decode] request {request_id} {what}", file=sys.stderr, flush=True)
+    log.warning("request %s %s", request_id, what)

@@ -4,7 +4,7 @@ sequence on as a KVHandle (the KV connector keeps its blocks: decode owns them f
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 from ..engine.errors import InvalidRequestError
@@ -13,6 +13,8 @@ from ..engine.sequence import Sequence
 from .cores import CoreShare
 from .messages import KVHandle, PrefillRequest
 from .metrics import Deltas
+
+log = logging.getLogger("prefill")
 
 
 class PrefillStage:
@@ -26,11 +28,15 @@ class PrefillStage:
         out = self._run(batch)
         m = self.metrics
         m.add("baton_prefill_seconds_total", time.perf_counter() - t0)
-        for h in out:
-            if isinstance(h, KVHandle):
-                m.add("baton_prefill_requests_total", 1)
-                m.add("baton_prompt_tokens_total", h.num_prompt_tokens)
-                m.add("baton_cached_prompt_tokens_total", max(h.num_cached_tokens, 0))
+        for req, h in zip(batch, out):
+            if not isinstance(h, KVHandle):
+                log.info("request %s refused: %s", req.request_id, h)
+                continue
+            log.info("request %s prefilled: %d prompt tokens, %d cached", h.request_id, h.num_prompt_tokens,
+                     h.num_cached_tokens)
+            m.add("baton_prefill_requests_total", 1)
+            m.add("baton_prompt_tokens_total", h.num_prompt_tokens)
+            m.add("baton_cached_prompt_tokens_total", max(h.num_cached_tokens, 0))
         return out
 
     def _run(self, batch: list[PrefillRequest]) -> list[KVHandle | Exception]:
@@ -51,7 +57,7 @@ class PrefillStage:
                     if out.finished:
                         pending.discard(out.seq.request_id)
         except Exception as e:                       # e.g. the pool cannot hold these prompts
-            print(f"[baton prefill] requests {sorted(pending)} failed: {e!r}", file=sys.stderr, flush=True)
+            log.warning("requests %s failed: %r", sorted(pending), e)
             for rid in pending:
                 eng.abort(rid)
             seqs = [e if (isinstance(s, Sequence) and s.request_id in pending) else s for s in seqs]

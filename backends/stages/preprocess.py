@@ -42,7 +42,6 @@ class Preprocessor:
                 kw[field] = _scalar(name, inputs[name], kind)
         if "stop" in inputs:
             kw["stop"] = [_utf8("stop", s) for s in inputs["stop"].reshape(-1)]
-        kw.setdefault("max_tokens", 16)
         params = SamplingParams(**kw)          # raises InvalidRequestError naming the field
         if params.max_tokens > self.max_tokens_limit:
             raise InvalidRequestError("max_tokens", f"{params.max_tokens} is above this server's limit "
