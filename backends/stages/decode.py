@@ -152,6 +152,7 @@ class DecodeStage:
             if live.sink.cancelled():
                 self.engine.abort(live.seq.request_id)        # releases its blocks
                 del self.live[sid]
+                log.info("request %s cancelled after %d tokens", live.seq.request_id, live.seq.num_output_tokens)
                 live.sink.send(_delta(live.seq, [], "").merged_after(live.held), True)
 
     def stats(self) -> dict:
