@@ -87,6 +87,7 @@ def _serve(argv: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     node = Node(a.model, a.profile, a.http_port, a.grpc_port, a.metrics_port)
+    exit_code = 0
     try:
         node.start(a.timeout)
         if a.prompt or a.smoke:
@@ -94,8 +95,11 @@ def _serve(argv: list[str]) -> None:
             if a.smoke:
                 raise SystemExit(0 if ok else 1)
         print("[baton] serving; Ctrl-C to stop", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
+        while (failure := node.failure()) is None:
+            time.sleep(0.5)
+        print(f"[baton] {failure}; stopping the node (its log: {node.run_dir}/tritonserver.log)",
+              file=sys.stderr, flush=True)
+        exit_code = 1
     except KeyboardInterrupt:
         pass
     finally:
@@ -104,6 +108,7 @@ def _serve(argv: list[str]) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("[baton] stopping", file=sys.stderr, flush=True)
         node.stop()
+    raise SystemExit(exit_code)
 
 
 def _sample(node, prompt: str, max_tokens: int, check: bool, model: str) -> bool:  # noqa: ANN001

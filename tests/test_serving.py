@@ -309,3 +309,90 @@ def test_client_installs_and_streams_without_torch(node, offline, tmp_path):
     expect = offline(PROMPTS[1])
     assert got == {"grpc": expect.token_ids, "http": expect.token_ids, "text": expect.text, "torch": False,
                    "baton": False}
+
+
+def _pid_of(node, needle):
+    from baton.backends.serving.supervisor import _group_members
+
+    return next(pid for pid, name in _group_members(node.server.proc.pid).items() if needle in name)
+
+
+def test_killed_decode_worker_fails_its_streams_at_once_and_the_node_reports_it(qwen3_dir):
+    """kill -9 the decode worker mid-stream: the stream ends within a second with an UNAVAILABLE error
+    that names the worker, a new request is refused at once (no hang), and the supervisor names the
+    dead process. Stopping the node then leaves no process and no shared memory behind."""
+    import os
+    import signal
+    import time
+
+    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 2048, "kv_cache_memory_mb": 16})
+    n.start(timeout=180, quiet=True)
+    try:
+        assert n.failure() is None
+        client = BatonClient(n.grpc_url)
+        stream = client.stream("def long_function():", temperature=0.0, max_tokens=1900, ignore_eos=True)
+        next(stream)
+        os.kill(_pid_of(n, "decode worker"), signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(BatonError, match=r"decode worker \(pid \d+\) exited with code -9"):
+            for _ in stream:
+                pass
+        assert time.monotonic() - t0 < 2.0
+        t0 = time.monotonic()
+        # refused at once (Triton 2.51's generate_stream answers 400 whatever the model's error code)
+        with pytest.raises(BatonError, match=r"HTTP \d+.*decode worker \(pid \d+\) exited"):
+            BatonClient(n.http_url, "http").generate("another", max_tokens=3)
+        assert time.monotonic() - t0 < 5.0
+        assert "decode worker" in (n.failure() or "")
+        client.close()
+    finally:
+        n.stop()
+    assert not list(Path("/dev/shm").glob(f"*{n.node_id}*"))
+
+
+def test_baton_serve_exits_non_zero_naming_a_dead_stage(qwen3_dir, tmp_path):
+    """The supervisor in `baton serve`: a killed prefill stub stops the node with exit code 1 and a
+    line naming it, instead of a server that answers "ready" and fails every request."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from baton.backends.serving.launcher import free_port
+
+    env = dict(os.environ, BATON_RUN_DIR=str(tmp_path))
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--model", str(qwen3_dir),
+                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving; Ctrl-C to stop" in line:
+                break
+        else:
+            pytest.fail("".join(lines))
+        run_dir = next(tmp_path.glob("baton-*"))
+        stubs = [pid for d in Path("/proc").iterdir() if d.name.isdigit()
+                 for pid in [int(d.name)] if "triton_python_backend_stub" in _cmdline(pid)
+                 and f"{run_dir}/models/prefill/1/model.py" in _cmdline(pid)]
+        assert stubs, "no prefill stub found"
+        os.kill(stubs[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        rest = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 1, rest
+        assert "stage stub of model 'prefill'" in rest and "died" in rest, rest
+        assert time.monotonic() - t0 < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -33,8 +33,9 @@ class ListSink:
         if final:
             self.done.set()
 
-    def error(self, message):
+    def error(self, message, unavailable=False):
         self.err = message
+        self.unavailable = unavailable
         self.done.set()
 
     def cancelled(self):

@@ -21,6 +21,13 @@ import zmq
 from .block_manager import BlockManager, OutOfBlocks
 from .pool import KVPool, PoolSpec
 
+# How long a stage waits for the KV manager (it answers in ~40 us; only a dead one takes longer).
+TIMEOUT_S = 5.0
+
+
+class KVManagerUnavailable(RuntimeError):
+    """The node's KV manager did not answer: a server fault, not the client's."""
+
 
 class KVManagerServer:
     def __init__(self, bm: BlockManager, address: str) -> None:
@@ -73,8 +80,17 @@ class KVManagerServer:
 class RemoteBlockManager:
     """BlockManager's interface over the manager socket (what the scheduler and stages call)."""
 
-    def __init__(self, address: str, num_blocks: int, block_size: int, reserve: int = 8) -> None:
+    def __init__(self, address: str, num_blocks: int, block_size: int, reserve: int = 8,
+                 timeout_s: float = TIMEOUT_S) -> None:
         self.sock = zmq.Context.instance().socket(zmq.REQ)
+        # a dead manager must fail a call, not hang the stage: bounded waits, and a REQ socket that may
+        # send again after an unanswered request
+        self.sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        self.sock.setsockopt(zmq.REQ_RELAXED, 1)
+        self.sock.setsockopt(zmq.REQ_CORRELATE, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.address = address
         self.sock.connect(address)
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -86,8 +102,11 @@ class RemoteBlockManager:
     def _call(self, ops: list[tuple]) -> list:
         ops = self.pending + ops
         self.pending = []
-        self.sock.send(pickle.dumps(ops))
-        status, result, free = pickle.loads(self.sock.recv())
+        try:
+            self.sock.send(pickle.dumps(ops))
+            status, result, free = pickle.loads(self.sock.recv())
+        except zmq.Again:
+            raise KVManagerUnavailable(f"the KV manager at {self.address} did not answer") from None
         self.remote_free = free
         if status != "ok":
             raise RuntimeError(f"KV manager: {result}")

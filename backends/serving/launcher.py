@@ -26,6 +26,7 @@ from ..runtime import process_env
 from ..stages.cores import CoreShare
 from .config import NodeConfig, Profile
 from .repository import render
+from .supervisor import Supervisor
 from .tritonserver import TritonServer
 
 
@@ -52,6 +53,7 @@ class Node:
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     server: TritonServer | None = None
     manager: KVManagerProcess | None = None
+    supervisor: Supervisor | None = None
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
@@ -106,11 +108,17 @@ class Node:
         except Exception:
             self.stop()
             raise
+        self.supervisor = Supervisor(self.server.proc, self.manager.proc)
+        self.supervisor.snapshot()
         if not quiet:
             print(f"\r[baton] ready in {time.monotonic() - t0:.1f}s: gRPC 127.0.0.1:{self.grpc_port}  "
                   f"HTTP http://127.0.0.1:{self.http_port}  metrics http://127.0.0.1:{self.metrics_port}/metrics",
                   file=sys.stderr, flush=True)
         return self
+
+    def failure(self) -> str | None:
+        """Which of the node's processes died since it became ready (None: all alive)."""
+        return self.supervisor.failure() if self.supervisor is not None else None
 
     @property
     def grpc_url(self) -> str:

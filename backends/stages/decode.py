@@ -30,7 +30,8 @@ from .messages import KVHandle, TokenDelta
 
 class Sink(Protocol):
     def send(self, delta: TokenDelta, final: bool) -> None: ...
-    def error(self, message: str) -> None: ...
+    def error(self, message: str, unavailable: bool = False) -> None:
+        """End the request with a server-side error (unavailable: the stage itself is gone)."""
     def cancelled(self) -> bool: ...
 
 

@@ -44,7 +44,7 @@ class _WorkerSink:
     def send(self, delta: TokenDelta, final: bool) -> None:
         self.outbox.append((self.key, delta, final))
 
-    def error(self, message: str) -> None:
+    def error(self, message: str, unavailable: bool = False) -> None:
         self.outbox.append(Failed(self.key, message))
 
     def cancelled(self) -> bool:
@@ -137,9 +137,14 @@ class DecodeProxy:
         self.sock = ctx.socket(zmq.PAIR)
         self.sock.bind(address)
         self.proc = spawn()
-        msg = pickle.loads(self.sock.recv())           # wait for the worker's engine to load
+        while not self.sock.poll(500):                  # wait for the worker's engine to load
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the decode worker exited with code {self.proc.returncode} while loading "
+                                   "(its traceback is in the server log above)")
+        msg = pickle.loads(self.sock.recv())
         if not isinstance(msg, Ready):
             raise RuntimeError(f"decode worker: expected Ready, got {msg!r}")
+        self.dead: str | None = None                    # why the worker is gone, once it is
         wake = f"inproc://baton-decode-{id(self)}"
         self.wake_pull = ctx.socket(zmq.PULL)
         self.wake_pull.bind(wake)
@@ -154,6 +159,9 @@ class DecodeProxy:
 
     def submit(self, handle: KVHandle, sink: object) -> None:
         with self.lock:
+            if self.dead:
+                sink.error(self.dead, unavailable=True)
+                return
             key = self.next_key
             self.next_key += 1
             self.sinks[key] = sink
@@ -167,6 +175,9 @@ class DecodeProxy:
         next_check = 0.0
         while True:
             events = dict(poller.poll(int(CANCEL_POLL_S * 1000)))
+            if self.proc.poll() is not None:
+                self._worker_died()
+                return
             if self.wake_pull in events:
                 while self.wake_pull.poll(0):
                     self.wake_pull.recv()
@@ -213,8 +224,24 @@ class DecodeProxy:
                     sink.cancel_sent = True
                     self.sock.send(pickle.dumps(Cancel(key)))
 
+    def _worker_died(self) -> None:
+        """Every request it held ends now with an error that says so; later ones are refused at once
+        (the launcher's supervision stops the node)."""
+        with self.lock:
+            self.dead = (f"decode worker (pid {self.proc.pid}) exited with code {self.proc.returncode}; "
+                         "this node cannot decode")
+            sinks, self.sinks, self.queue = list(self.sinks.values()), {}, []
+        print(f"baton decode: {self.dead}; failing {len(sinks)} live requests", file=sys.stderr, flush=True)
+        for sink in sinks:
+            try:
+                sink.error(self.dead, unavailable=True)
+            except Exception as e:           # a broken response stream must not stop the others' errors
+                print(f"baton decode: could not report it on a stream: {e!r}", file=sys.stderr, flush=True)
+
     def stop(self) -> None:
         with self.lock:
+            if self.dead:
+                return
             self.queue.append(Stop())
         self.wake_push.send(b"")
         self.thread.join(5)

@@ -23,8 +23,9 @@ class TritonSink:
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         self.sender.send(pb_utils.InferenceResponse(tensors), flags=flags)
 
-    def error(self, message):
-        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+    def error(self, message, unavailable=False):
+        code = pb_utils.TritonError.UNAVAILABLE if unavailable else pb_utils.TritonError.INTERNAL
+        self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)),
                          flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def cancelled(self):
@@ -48,5 +49,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.stage.stop()
-        self.stage.proc.wait(10)
+        try:
+            self.stage.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.stage.proc.kill()
         self.metrics.close()
