@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import sys
+from pathlib import Path
 
 # OpenMP workers spin ~1.5 ms between parallel regions: a decode step is hundreds of short ops, and
 # re-waking sleeping workers cost ~15% of step time here. Not much longer: 1,000,000 spins (~28 ms)
@@ -32,3 +35,52 @@ def configure_process(threads: int = 0) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn for a child process: the kernel sends it SIGTERM when its parent dies, so a killed
+    `baton serve` (or stage stub) does not leave its servers and workers running."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# Every name Baton creates in /dev/shm and in the temp folder carries the creating process's PID:
+# baton-kv-<pid>-<id>, baton-weights-<pid>-<id>, baton-<pid>-<id>[-...] (run dirs, Triton's regions).
+_OWNED = re.compile(r"^baton-(?:kv-|weights-)?(\d+)-[0-9a-f]")
+
+
+def owned_name(tag: str) -> str:
+    """A fresh '<pid>-<hex>' id for names that remove_leftovers() can attribute to this process."""
+    return f"{os.getpid()}-{tag}"
+
+
+def remove_leftovers(*dirs: Path) -> list[Path]:
+    """Remove Baton files and run directories whose creating process is dead (a run that was killed
+    before it could clean up). Returns what was removed."""
+    removed = []
+    for d in dirs:
+        for p in d.glob("baton-*"):
+            m = _OWNED.match(p.name)
+            if not m or _pid_alive(int(m.group(1))):
+                continue
+            try:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # someone else's live process
+        return True
+    return True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,10 +12,11 @@ from baton.kernels.linear import select_linear_method
 
 from ..kv.block_manager import BlockManager
 from ..kv.connector import HANDOFF, KVConnector
-from ..kv.pool import KVPool, PoolSpec
+from ..kv.pool import SHM_DIR, KVPool, PoolSpec
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, prepare_weights
+from ..runtime import owned_name, remove_leftovers
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .errors import InvalidRequestError
@@ -69,7 +69,8 @@ class LLMEngine:
 
         if pool is None:
             spec = pool_spec(cfg, self.dtype, config.block_size, config.num_blocks, config.kv_cache_memory_mb << 20)
-            name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            remove_leftovers(SHM_DIR)           # pools of engines whose process was killed
+            name = owned_name(uuid.uuid4().hex[:8])
             pool = KVPool.create(name, spec) if self.device.type == "cpu" else \
                 KVPool.create_on_device(name, spec, str(self.device))
         self.pool = pool

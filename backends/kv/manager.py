@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import zmq
 
+from ..runtime import die_with_parent
 from .block_manager import BlockManager, OutOfBlocks
 from .pool import KVPool, PoolSpec
 
@@ -168,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spec", required=True, help="PoolSpec as key=value,... ")
     ap.add_argument("--no-prefix-caching", action="store_true")
     a = ap.parse_args(argv)
+    parent = os.getppid()
+    die_with_parent()
+    if os.getppid() != parent:           # the launcher died before we asked to follow it
+        return
     fields = dict(kv.split("=") for kv in a.spec.split(","))
     spec = PoolSpec(**{k: (v if k == "dtype" else int(v)) for k, v in fields.items()})
     pool = KVPool.create(a.pool, spec)

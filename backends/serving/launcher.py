@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import time
@@ -18,11 +19,12 @@ from baton.kernels.linear import select_linear_method
 
 from ..engine.llm_engine import pool_spec, resolve_dtype
 from ..kv.node import KVManagerProcess
+from ..kv.pool import SHM_DIR
 from ..loader import weight_store
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import prepare_weights, process_linears
-from ..runtime import process_env
+from ..runtime import owned_name, process_env, remove_leftovers
 from ..stages.cores import CoreShare
 from .config import NodeConfig, Profile
 from .repository import render
@@ -33,6 +35,15 @@ from .tritonserver import TritonServer
 def _share_cores(value: int | str) -> int:
     """"auto": the CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if value == "auto" else int(value)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
@@ -50,16 +61,23 @@ class Node:
     metrics_port: int = 0
     run_dir: Path | None = None
     overrides: dict = field(default_factory=dict)
-    node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    node_id: str = field(default_factory=lambda: owned_name(uuid.uuid4().hex[:8]))   # <pid>-<hex>
     server: TritonServer | None = None
     manager: KVManagerProcess | None = None
     supervisor: Supervisor | None = None
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
+        tmp = Path(os.environ.get("BATON_RUN_DIR", "/tmp"))
+        for p in remove_leftovers(SHM_DIR, tmp):         # of runs killed before they could clean up
+            print(f"[baton] removed {p} (its process is gone)", file=sys.stderr, flush=True)
+        for port, what in ((self.http_port, "HTTP"), (self.grpc_port, "gRPC"), (self.metrics_port, "metrics")):
+            if port and not port_free(port):
+                raise RuntimeError(f"{what} port {port} is in use (another server, maybe an earlier baton serve?); "
+                                   "pick another, or 0 for a free one")
         model_dir = str(Path(self.model_dir).resolve())
         engine, serving = prof.configs(model_dir, self.overrides)
-        self.run_dir = Path(self.run_dir or Path(os.environ.get("BATON_RUN_DIR", "/tmp")) / f"baton-{self.node_id}")
+        self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg = ModelConfig.from_dir(model_dir)
         dtype = resolve_dtype(engine.dtype, cfg.torch_dtype)
@@ -68,7 +86,7 @@ class Node:
                                 max_model_len=engine.resolved_max_model_len(cfg.max_position_embeddings))
         serving = replace(serving, share_cores=_share_cores(serving.share_cores))
         spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20)
-        pool_name = f"node-{self.node_id}"
+        pool_name = self.node_id
         address = f"ipc://{self.run_dir}/kv.sock"
         self.manager = KVManagerProcess(pool_name, spec, address, self.run_dir / "kv-manager.log",
                                         engine.enable_prefix_caching)
@@ -129,7 +147,9 @@ class Node:
         return f"127.0.0.1:{self.http_port}"
 
     def stop(self) -> None:
-        """Each step runs even if an earlier one fails."""
+        """Each step runs even if an earlier one fails. The run directory goes too, unless the node
+        failed (a dead process, a failed start): its logs are what tells why."""
+        keep = self.supervisor is None or self.failure() is not None
         try:
             if self.server is not None:
                 self.server.stop()
@@ -140,6 +160,8 @@ class Node:
             finally:
                 if getattr(self, "weights_name", None):
                     weight_store.unlink(self.weights_name)
+                if not keep and self.run_dir is not None:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> Node:
         return self.start()

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime import die_with_parent
+
 
 class TritonError(RuntimeError):
     pass
@@ -95,7 +97,9 @@ class TritonServer:
         env = install.env() | (extra_env or {})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # its own session (stop() signals the whole group), and it dies with us if we are killed
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=die_with_parent)
 
     def ready(self) -> bool:
         try:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import zmq
 
+from ..runtime import die_with_parent
 from ..serving.config import NodeConfig
 from .common import core_share, node_engine
 from .decode import DecodeStage
@@ -261,6 +262,10 @@ def main() -> None:
     ap.add_argument("--address", required=True)
     ap.add_argument("--node-config", required=True, help="the node's node.json")
     a = ap.parse_args()
+    parent = os.getppid()
+    die_with_parent()                    # the stub killed: so are we
+    if os.getppid() != parent:
+        return
     serve(NodeConfig.load(a.node_config), a.address)
 
 

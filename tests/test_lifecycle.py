@@ -1,0 +1,115 @@
+"""Process lifecycle: nothing outlives a killed launcher, leftovers of killed runs are removed by the
+next start (found by the PID in their names), taken ports are refused."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from baton import LLM
+from baton.backends.kv.pool import SHM_DIR
+from baton.backends.runtime import remove_leftovers
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_leftovers_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    dead, live = _dead_pid(), os.getpid()
+    names = [f"baton-kv-{dead}-ab12", f"baton-weights-{dead}-ab12.json", f"baton-{dead}-ab12-region",
+             f"baton-kv-{live}-cd34", "baton-kv-test-ef56", "unrelated"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / f"baton-{dead}-ab12").mkdir()
+    (tmp_path / f"baton-{dead}-ab12" / "tritonserver.log").write_text("log")
+    removed = {p.name for p in remove_leftovers(tmp_path)}
+    assert removed == {f"baton-kv-{dead}-ab12", f"baton-weights-{dead}-ab12.json", f"baton-{dead}-ab12-region",
+                       f"baton-{dead}-ab12"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"baton-kv-{live}-cd34", "baton-kv-test-ef56",
+                                                                  "unrelated"])
+
+
+def test_a_killed_offline_engines_pool_is_removed_by_the_next_engine(qwen3_dir):
+    code = ("import os, signal\nfrom baton import LLM\n"
+            f"llm = LLM({str(qwen3_dir)!r}, dtype='float32', num_blocks=8)\n"
+            "print(llm.engine.pool.name, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    left = SHM_DIR / f"baton-kv-{r.stdout.strip()}"
+    assert left.exists()                                  # the kill left it behind
+    llm = LLM(qwen3_dir, dtype="float32", num_blocks=8)
+    try:
+        assert not left.exists()
+    finally:
+        llm.close()
+
+
+def _cmdlines_with(text):
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            out.append(cmd)
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_baton_serve_takes_its_processes_and_the_next_start_its_files(qwen3_dir, tmp_path, monkeypatch):
+    """kill -9 `baton serve`: tritonserver, the stage stubs, the decode worker and the KV manager follow
+    it (they die with their parent); its /dev/shm files and run dir stay, and the next start removes them."""
+    from baton.backends.serving.launcher import Node, free_port
+
+    env = dict(os.environ, BATON_RUN_DIR=str(tmp_path))
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--model", str(qwen3_dir),
+                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "serving; Ctrl-C to stop" in line:
+                break
+        run_dir = next(tmp_path.glob("baton-*"))
+        assert len(_cmdlines_with(str(run_dir))) >= 5       # tritonserver, 4 stubs, the worker, the manager
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while _cmdlines_with(str(run_dir)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _cmdlines_with(str(run_dir)) == []
+        node_id = run_dir.name.removeprefix("baton-")
+        left = list(SHM_DIR.glob(f"*{node_id}*"))
+        assert left and run_dir.exists()
+        monkeypatch.setenv("BATON_RUN_DIR", str(tmp_path))
+        n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 256, "kv_cache_memory_mb": 4})
+        n.start(timeout=180, quiet=True)
+        try:
+            assert not any(p.exists() for p in left) and not run_dir.exists()
+        finally:
+            n.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_taken_port_is_refused_before_anything_starts(qwen3_dir):
+    from baton.backends.serving.launcher import Node
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        n = Node(str(qwen3_dir), grpc_port=port)
+        with pytest.raises(RuntimeError, match=f"gRPC port {port} is in use"):
+            n.start(timeout=60, quiet=True)
+    assert n.manager is None and n.server is None
