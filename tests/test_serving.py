@@ -348,6 +348,10 @@ def test_killed_decode_worker_fails_its_streams_at_once_and_the_node_reports_it(
     finally:
         n.stop()
     assert not list(Path("/dev/shm").glob(f"*{n.node_id}*"))
+    assert (n.run_dir / "tritonserver.log").is_file()      # a failed node keeps its logs ...
+    import shutil
+
+    shutil.rmtree(n.run_dir)                                # ... which this test does not need
 
 
 def test_baton_serve_exits_non_zero_naming_a_dead_stage(qwen3_dir, tmp_path):
