@@ -152,6 +152,10 @@ def test_text_prompt_round_trip(llm):
     (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(max_tokens="3"), "max_tokens"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    (dict(temperature=float("nan")), "temperature"),         # NaN passes every range check
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(presence_penalty=float("nan")), "presence_penalty"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from .errors import InvalidRequestError
@@ -30,6 +31,8 @@ class SamplingParams:
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))
             if isinstance(v, bool) or not ok:
                 raise InvalidRequestError(name, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+            if not math.isfinite(v):             # NaN compares false with every bound
+                raise InvalidRequestError(name, f"must be finite, got {v!r}")
             return v
 
         if num("max_tokens", True) < 1:
