@@ -3,6 +3,7 @@ run directory, like TensorRT-LLM's fill_template."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -34,11 +35,23 @@ def render(profile: Profile, out: Path, node_config: Path) -> Path:
     }
     if out.exists():
         shutil.rmtree(out)
-    for model in profile.models:
-        (out / model / "1").mkdir(parents=True)
-        cfg = env.get_template(f"{model}/config.pbtxt.j2").render(**ctx)
-        (out / model / "config.pbtxt").write_text(cfg)
-        src = paths.templates() / model / "1" / "model.py"
+    served: dict[str, str] = {}
+    for template in profile.models:
+        cfg = env.get_template(f"{template}/config.pbtxt.j2").render(**ctx)
+        name = served_name(cfg)          # a template may serve under another name (llm_front -> llm)
+        if name in served:
+            raise ValueError(f"profile {profile.name}: {template!r} and {served[name]!r} both serve {name!r}")
+        served[name] = template
+        (out / name / "1").mkdir(parents=True)
+        (out / name / "config.pbtxt").write_text(cfg)
+        src = paths.templates() / template / "1" / "model.py"
         if src.is_file():
-            shutil.copy2(src, out / model / "1" / "model.py")
+            shutil.copy2(src, out / name / "1" / "model.py")
     return out
+
+
+def served_name(config_pbtxt: str) -> str:
+    m = re.search(r'^name:\s*"([^"]+)"', config_pbtxt, re.M)
+    if m is None:
+        raise ValueError("a model template must start with name: \"...\"")
+    return m.group(1)

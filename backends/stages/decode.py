@@ -58,6 +58,7 @@ class DecodeStage:
         self.steps = 0
         self.step_s = 0.0
         self.tokens = 0                    # generated tokens streamed out (first tokens included)
+        self.to_cancel: set[str] = set()   # request ids cancelled by the front (stages/cancel.py)
 
     def admit(self, arrivals: list[tuple[KVHandle, Sink]]) -> None:
         """Adopt new sequences; each one's first token (sampled by prefill) goes to its sink now, so a
@@ -148,9 +149,14 @@ class DecodeStage:
         self.live[seq.seq_id] = _Live(seq, sink)
         sink.send(_delta(seq, first, seq.detok.delta()), False)
 
+    def cancel(self, request_ids: list[str]) -> None:
+        """Drop these requests at the next step (their sinks get a final `abort` response)."""
+        self.to_cancel.update(request_ids)
+
     def _drop_cancelled(self) -> None:
         for sid, live in list(self.live.items()):
-            if live.sink.cancelled():
+            if live.sink.cancelled() or live.seq.request_id in self.to_cancel:
+                self.to_cancel.discard(live.seq.request_id)
                 self.engine.abort(live.seq.request_id)        # releases its blocks
                 del self.live[sid]
                 log.info("request %s cancelled after %d tokens", live.seq.request_id, live.seq.num_output_tokens)

@@ -26,6 +26,7 @@ import zmq
 
 from ..runtime import die_with_parent
 from ..serving.config import NodeConfig
+from .cancel import CancelInbox
 from .common import core_share, node_engine
 from .decode import DecodeStage
 from .messages import AddRequest, Cancel, Failed, KVHandle, Ready, Stats, StepDeltas, Stop, TokenDelta
@@ -52,9 +53,10 @@ class _WorkerSink:
         return self.key in self._cancelled
 
 
-def serve(node: NodeConfig, address: str) -> None:
+def serve(node: NodeConfig, address: str, cancel_address: str | None = None) -> None:
     sock = zmq.Context.instance().socket(zmq.PAIR)
     sock.connect(address)
+    inbox = CancelInbox(cancel_address) if cancel_address else None
     stage = DecodeStage(node_engine(node, "decode"), responses_per_step=node.serving.stream_responses_per_step)
     cores = core_share(node, "decode")
     parent = os.getppid()
@@ -110,6 +112,8 @@ def serve(node: NodeConfig, address: str) -> None:
             idle = False
         if not arrivals and not stage.live:
             continue
+        if inbox is not None:
+            stage.cancel(inbox.take())
         if arrivals:
             stage.admit(arrivals)
             flush()                      # first tokens out before the step, not after it
@@ -248,25 +252,26 @@ class DecodeProxy:
         self.thread.join(5)
 
 
-def worker_command(address: str, node_config: str) -> list[str]:
+def worker_command(address: str, node_config: str, cancel_address: str = "") -> list[str]:
     """The worker's command line; -P keeps the working directory off sys.path (a checkout's top-level
     folders must not become importable under other names). Inside a Triton stub sys.executable is the
     stub binary, so the venv's python3 (first on the stub's PATH) runs it there."""
     python = sys.executable if Path(sys.executable).name.startswith("python") else (shutil.which("python3") or "python3")
     return [python, "-P", "-m", "baton.backends.stages.decode_worker", "--address", address,
-            "--node-config", node_config]
+            "--node-config", node_config] + (["--cancel-address", cancel_address] if cancel_address else [])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="baton decode-worker")
     ap.add_argument("--address", required=True)
     ap.add_argument("--node-config", required=True, help="the node's node.json")
+    ap.add_argument("--cancel-address", default=None, help="where the front sends request ids to drop")
     a = ap.parse_args()
     parent = os.getppid()
     die_with_parent()                    # the stub killed: so are we
     if os.getppid() != parent:
         return
-    serve(NodeConfig.load(a.node_config), a.address)
+    serve(NodeConfig.load(a.node_config), a.address, a.cancel_address)
 
 
 if __name__ == "__main__":

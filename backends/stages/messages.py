@@ -138,6 +138,14 @@ class TokenDelta:
         }
 
 
+# A stream that fails ends with a delta whose finish reason says so and whose text is the message.
+ERROR_REASONS = ("error", "unavailable")      # a server fault; the stage itself is gone
+
+
+def error_delta(request_id: str, message: str, unavailable: bool = False) -> TokenDelta:
+    return TokenDelta(request_id, [], message, ERROR_REASONS[1] if unavailable else ERROR_REASONS[0], 0, 0, 0)
+
+
 # ---- decode stub <-> decode worker (pickled over a ZeroMQ pair; `key` names a request in the stub) --
 
 @dataclass

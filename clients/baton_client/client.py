@@ -87,10 +87,20 @@ def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
                  lp.astype(np.float32).tolist() if lp is not None else [])
 
 
+# finish reasons of a stream that failed on the server (its text is the message)
+ERROR_REASONS = ("error", "unavailable")
+
+
 def _response_chunk(resp) -> Chunk:  # noqa: ANN001 - a ModelStreamInferResponse
     if resp.error_message:
         raise BatonError(resp.error_message)
-    return _chunk(_grpc_getter(resp))
+    return _failed(_chunk(_grpc_getter(resp)))
+
+
+def _failed(c: Chunk) -> Chunk:
+    if c.finish_reason in ERROR_REASONS:
+        raise BatonError(f"{c.finish_reason}: {c.text}")
+    return c
 
 
 def _bytes_tensor(items: list[bytes]) -> bytes:
@@ -224,7 +234,7 @@ class BatonClient:
                 d = json.loads(line[5:])
                 if "error" in d:
                     raise BatonError(d["error"])
-                c = _chunk(_sse_getter(d))
+                c = _failed(_chunk(_sse_getter(d)))
                 yield c
                 if c.finish_reason:
                     return

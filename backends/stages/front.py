@@ -1,0 +1,82 @@
+"""The `llm` front (profile single_node): a decoupled Python model that runs the relay itself through
+BLS calls (preprocess -> prefill -> decode, streaming decode's responses back under the user-facing
+names) instead of an ensemble. It exists for cancellation: as the top-level request it sees the
+client's cancellation (`is_cancelled()`), which Triton 2.51's ensemble never passes to a decode step
+already running, and it tells the node's decode workers to drop the request (stages/cancel.py).
+
+Each request is served on a thread of this stub (a BLS decoupled call blocks while it streams). The
+Triton calls are passed in as `Calls`, so the relay logic here runs without a server in tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .cancel import CancelSender
+from .messages import ERROR_REASONS
+from .postprocess import RENAME
+
+# How often a streaming request asks Triton whether it was cancelled (each ask is an IPC round trip).
+CANCEL_POLL_S = 0.05
+
+
+@dataclass
+class Calls:
+    """The Triton operations the front needs (model.py binds them to pb_utils)."""
+
+    preprocess: Callable[[Any], Any]              # the request's inputs -> response (raises FrontError)
+    prefill: Callable[[Any], Any]                 # preprocess outputs -> response
+    decode: Callable[[Any], Iterator[Any]]        # prefill outputs -> streamed responses
+    outputs: Callable[[Any], dict[str, Any]]      # a response -> {name: numpy array}
+    send: Callable[[dict[str, Any] | None, bool], None]   # (renamed outputs or None, final)
+    cancelled: Callable[[], bool]
+
+
+class FrontError(Exception):
+    """A stage answered with an error; `code` is its Triton error code (kept for the client) or an
+    in-band reason from decode ("error", "unavailable")."""
+
+    def __init__(self, message: str, code: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def relay(inputs: Any, calls: Calls, cancel: CancelSender) -> str:
+    """Serve one request; returns how it ended ("finished", "cancelled"). Stage errors propagate as
+    FrontError (model.py turns them into the request's final error response); decode reports its own
+    in band, as a last delta with finish reason "error" or "unavailable" (messages.ERROR_REASONS)."""
+    handle = calls.prefill(calls.preprocess(inputs))
+    request_id, ended, failed = "", False, None
+    next_check = time.monotonic() + CANCEL_POLL_S
+    cancelled = False
+    for resp in calls.decode(handle):             # read to its end, so the BLS call completes
+        out = calls.outputs(resp)
+        if not out or ended:                      # an empty closing response
+            continue
+        request_id = request_id or _text(out.get("d_request_id"))
+        reason = _text(out.get("d_finish_reason"))
+        ended = bool(reason)
+        if reason in ERROR_REASONS:
+            failed = FrontError(_text(out.get("d_text")), reason)
+            continue
+        if not cancelled and time.monotonic() >= next_check:
+            next_check = time.monotonic() + CANCEL_POLL_S
+            if calls.cancelled():
+                cancelled = True
+                cancel.send(request_id)           # decode drops it at its next step, freeing its blocks
+        if not cancelled:
+            calls.send({RENAME[k]: v for k, v in out.items() if k in RENAME}, ended)
+    if failed is not None and not cancelled:
+        raise failed
+    if not ended and not cancelled:
+        raise FrontError(f"decode ended request {request_id or '?'} without a final response", "error")
+    return "cancelled" if cancelled else "finished"
+
+
+def _text(arr: Any) -> str:
+    if arr is None:
+        return ""
+    v = arr.reshape(-1)[0]
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,90 @@
+"""llm (profile single_node): the decoupled front that relays preprocess -> prefill -> decode through
+BLS calls and sees the client's cancellation (baton.backends.stages.front says why)."""
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
+
+from baton.backends.serving.config import NodeConfig
+from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
+from baton.backends.stages.cancel import CancelSender
+from baton.backends.stages.front import Calls, FrontError, relay
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _checked(resp):
+    if resp.has_error():
+        err = resp.error()
+        raise FrontError(err.message(), err.code())
+    return resp
+
+
+def _call(model, tensors, outputs):
+    req = pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=[n for n, _, _ in outputs])
+    return _checked(req.exec()).output_tensors()
+
+
+def _stream(model, tensors, outputs):
+    req = pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=[n for n, _, _ in outputs])
+    for resp in req.exec(decoupled=True):
+        yield _checked(resp)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
+        self.cancel = CancelSender(node.run_dir)
+        # one thread per request in flight: a streaming BLS call blocks its thread
+        self.pool = ThreadPoolExecutor(max_workers=4 * node.engine.max_num_seqs + 8, thread_name_prefix="baton-front")
+
+    def execute(self, requests):
+        for r in requests:
+            self.pool.submit(self._serve, r)
+        return None
+
+    def _serve(self, r):
+        sender = r.get_response_sender()
+
+        def send(outputs, final):
+            tensors = [pb_utils.Tensor(n, a) for n, a in outputs.items()] if outputs else []
+            sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
+
+        calls = Calls(preprocess=lambda t: _call("preprocess", t, PREFILL_REQUEST),
+                      prefill=lambda t: _call("prefill", t, HANDLE),
+                      decode=lambda t: _stream("decode", t, STREAM),
+                      outputs=lambda resp: {t.name(): t.as_numpy() for t in resp.output_tensors()},
+                      send=send, cancelled=r.is_cancelled)
+        try:
+            if relay(r.inputs(), calls, self.cancel) == "cancelled":
+                _close(sender)
+        except FrontError as e:
+            _fail(sender, str(e), _code(e.code))
+        except Exception as e:                # a fault here is the server's, not the client's
+            _fail(sender, f"llm front: {e!r}", pb_utils.TritonError.INTERNAL)
+
+    def finalize(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _code(code):
+    """A stage's Triton error code, or decode's in-band reason as one (pb_utils.TritonError exists
+    only once the stub runs, not at import)."""
+    if code == "unavailable":
+        return pb_utils.TritonError.UNAVAILABLE
+    return pb_utils.TritonError.INTERNAL if code == "error" or code is None else code
+
+
+def _fail(sender, message, code):
+    try:
+        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+    except Exception as e:                    # the client is gone
+        print(f"baton llm front: could not send the error {message!r}: {e!r}", file=sys.stderr, flush=True)
+
+
+def _close(sender):
+    try:
+        sender.send(flags=FINAL)
+    except Exception:                         # already closed by the backend on cancellation
+        pass
