@@ -38,7 +38,7 @@ def test_shipped_profiles_load_and_extends_merges():
         eng, srv = Profile.load(name).configs("/some/model")
         assert eng.model == "/some/model" and isinstance(srv, ServingConfig)
     direct = Profile.load("single_node_direct")
-    assert "postprocess" not in direct.models and "postprocess" not in direct.instances
+    assert "llm_front" not in direct.models and "llm_front" not in direct.instances
     assert direct.engine == Profile.load("single_node").engine
 
 

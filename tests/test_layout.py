@@ -74,3 +74,6 @@ def test_wheel_carries_code_templates_profiles_and_the_default_model(tmp_path):
               "baton/models/baton-tiny/tokenizer.json", "baton/tools/make_checkpoint.py"]:
         assert f in names, f
     assert not any(n.startswith(("backends/", "kernels/", "tests/")) for n in names)
+    import shutil
+
+    shutil.rmtree(ROOT / "build", ignore_errors=True)       # pip's in-tree build folder

@@ -1,5 +1,5 @@
-"""End to end through a real tritonserver: the `llm` ensemble (preprocess -> prefill -> decode ->
-postprocess) on a KV manager process and a shared pool."""
+"""End to end through a real tritonserver: `llm` (the BLS front over preprocess -> prefill -> decode,
+or the ensemble of single_node_direct) on a KV manager process and a shared pool."""
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -214,7 +214,7 @@ def _cmdline(p):
         return ""
 
 
-def test_direct_profile_serves_the_same_stream_without_postprocess(qwen3_dir, offline):
+def test_direct_profile_serves_the_same_stream_through_an_ensemble(qwen3_dir, offline):
     """single_node_direct: `llm` as an ensemble that maps decode's tensors to the user outputs. Same
     tokens, text, usage and stop handling as the front; a cancelled stream is not stopped there."""
     import os

@@ -1,6 +1,6 @@
-"""postprocess: decode already produces text deltas (it must detokenize to honour stop strings, which
-end generation), so this stage maps decode's stream tensors to the user-facing names. It is the
-place for response shaping that needs no generation state."""
+"""Response shaping: decode already produces text deltas (it must detokenize to honour stop strings,
+which end generation), so what is left is mapping decode's stream tensors to the user-facing names.
+The llm front (stages/front.py) and the llm ensemble (model_repository/llm) both use this map."""
 
 from ..serving.tensors import STREAM, USER
 
