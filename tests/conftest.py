@@ -61,3 +61,25 @@ def blocks_in_use(kv_address: str, timeout: float = 5.0) -> int:
         if used == 0 or time.monotonic() > deadline:
             return used
         time.sleep(0.05)
+
+
+def baton_serve(model_dir, run_root):
+    """`baton serve` in a subprocess (free ports, run dirs under run_root), returned once it says it is
+    serving: (process, its run dir). The caller kills it."""
+    import subprocess
+    import sys
+
+    from baton.backends.serving.launcher import free_port
+
+    env = dict(os.environ, BATON_RUN_DIR=str(run_root))
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--model", str(model_dir),
+                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "serving; Ctrl-C to stop" in line:
+            return proc, next(Path(run_root).glob("baton-*"))
+    proc.kill()
+    raise RuntimeError("baton serve did not start:\n" + "".join(lines))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import baton_serve
 
 from baton import LLM
 from baton.backends.kv.pool import SHM_DIR
@@ -68,18 +69,10 @@ def _cmdlines_with(text):
 def test_a_killed_baton_serve_takes_its_processes_and_the_next_start_its_files(qwen3_dir, tmp_path, monkeypatch):
     """kill -9 `baton serve`: tritonserver, the stage stubs, the decode worker and the KV manager follow
     it (they die with their parent); its /dev/shm files and run dir stay, and the next start removes them."""
-    from baton.backends.serving.launcher import Node, free_port
+    from baton.backends.serving.launcher import Node
 
-    env = dict(os.environ, BATON_RUN_DIR=str(tmp_path))
-    ports = [str(free_port()) for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--model", str(qwen3_dir),
-                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc, run_dir = baton_serve(qwen3_dir, tmp_path)
     try:
-        for line in proc.stderr:
-            if "serving; Ctrl-C to stop" in line:
-                break
-        run_dir = next(tmp_path.glob("baton-*"))
         assert len(_cmdlines_with(str(run_dir))) >= 5       # tritonserver, 4 stubs, the worker, the manager
         proc.kill()
         proc.wait()

@@ -399,26 +399,12 @@ def test_baton_serve_exits_non_zero_naming_a_dead_stage(qwen3_dir, tmp_path):
     line naming it, instead of a server that answers "ready" and fails every request."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    from baton.backends.serving.launcher import free_port
+    from conftest import baton_serve
 
-    env = dict(os.environ, BATON_RUN_DIR=str(tmp_path))
-    ports = [str(free_port()) for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--model", str(qwen3_dir),
-                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc, run_dir = baton_serve(qwen3_dir, tmp_path)
     try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "serving; Ctrl-C to stop" in line:
-                break
-        else:
-            pytest.fail("".join(lines))
-        run_dir = next(tmp_path.glob("baton-*"))
         stubs = [pid for d in Path("/proc").iterdir() if d.name.isdigit()
                  for pid in [int(d.name)] if "triton_python_backend_stub" in _cmdline(pid)
                  and f"{run_dir}/models/prefill/1/model.py" in _cmdline(pid)]
