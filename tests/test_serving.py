@@ -229,7 +229,9 @@ def test_direct_profile_serves_the_same_stream_through_an_ensemble(qwen3_dir, of
     finally:
         del os.environ["BATON_LOG_LEVEL"]
     try:
-        models = {m["name"] for m in http.InferenceServerClient(n.http_url).get_model_repository_index()}
+        index = http.InferenceServerClient(n.http_url).get_model_repository_index(
+            headers={"baton-admin-key": n.admin_key})
+        models = {m["name"] for m in index}
         assert models == {"preprocess", "prefill", "decode", "llm"}
         for url, protocol in ((n.grpc_url, "grpc"), (n.http_url, "http")):
             client = BatonClient(url, protocol)
@@ -426,3 +428,29 @@ def _cmdline(pid):
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_admin_apis_need_the_nodes_key(node):
+    """Registering shared memory (which could map the node's weight file), the repository and config
+    APIs answer only with the key from <run_dir>/admin.key; health, metadata and inference stay open."""
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from baton.backends.loader import weight_store
+
+    key = (node.run_dir / "admin.key").read_text()
+    assert key == node.admin_key and len(key) == 32
+    assert oct((node.run_dir / "admin.key").stat().st_mode & 0o777) == "0o600"
+    weights = weight_store.data_path(node.node_id).name
+    h, g = http.InferenceServerClient(node.http_url), grpc.InferenceServerClient(node.grpc_url)
+    for call in (lambda **kw: h.register_system_shared_memory("w", "/" + weights, 64, **kw),
+                 lambda **kw: g.register_system_shared_memory("w", "/" + weights, 64, **kw),
+                 lambda **kw: h.get_model_repository_index(**kw),
+                 lambda **kw: h.unload_model("decode", **kw),
+                 lambda **kw: g.get_model_config("decode", **kw)):
+        with pytest.raises(InferenceServerException, match="is restricted, expecting header .*baton-admin-key"):
+            call()
+    assert h.is_server_ready() and h.is_model_ready("llm") and h.get_model_metadata("llm")["name"] == "llm"
+    assert {m["name"] for m in h.get_model_repository_index(headers={"baton-admin-key": key})} >= {"llm", "decode"}
+    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3).completion_tokens == 3

@@ -36,6 +36,10 @@ class ServingConfig:
     # with more live requests than this, decode sends each request's tokens every ceil(live / N) steps
     # (held 0.1 s at most); 0 sends every token as its own response
     stream_responses_per_step: int = 4
+    # Triton's administrative APIs (shared memory, model repository, configs, statistics, trace,
+    # logging) answer only requests carrying the header `baton-admin-key: <run_dir>/admin.key`;
+    # true leaves them open to every client
+    open_admin_apis: bool = False
 
     def __post_init__(self) -> None:
         check_types(self, "ServingConfig")

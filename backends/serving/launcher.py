@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -65,6 +66,7 @@ class Node:
     server: TritonServer | None = None
     manager: KVManagerProcess | None = None
     supervisor: Supervisor | None = None
+    admin_key: str = ""                  # the header value Triton's admin APIs want ("" when open)
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
@@ -110,7 +112,13 @@ class Node:
         self.metrics_port = self.metrics_port or free_port()
         self.server = TritonServer(repo, self.run_dir, self.http_port, self.grpc_port, self.metrics_port,
                                    f"baton-{self.node_id}-", self.run_dir / "tritonserver.log")
-        self.server.start(extra_env=process_env())   # stage processes inherit it
+        admin_key = "" if serving.open_admin_apis else secrets.token_hex(16)
+        if admin_key:
+            key_file = self.run_dir / "admin.key"
+            key_file.touch(mode=0o600)
+            key_file.write_text(admin_key)
+        self.admin_key = admin_key
+        self.server.start(extra_env=process_env(), admin_key=admin_key)   # stage processes inherit the env
         t0 = time.monotonic()
         spinner = "|/-\\"
         tick = [0]

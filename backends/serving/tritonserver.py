@@ -24,6 +24,14 @@ class TritonError(RuntimeError):
     pass
 
 
+# Triton's protocols a client of the `llm` model has no business with: registering shared memory
+# (any client could map the node's /dev/shm weight file and overwrite every user's model), loading
+# and unloading models, reading configs (paths), statistics, trace and log settings. Health,
+# metadata and inference stay open.
+ADMIN_APIS = ("shared-memory", "model-repository", "model-config", "statistics", "trace", "logging")
+ADMIN_HEADER = "baton-admin-key"
+
+
 @dataclass
 class TritonInstall:
     binary: Path
@@ -82,7 +90,9 @@ class TritonServer:
     proc: subprocess.Popen | None = None
 
     def start(self, install: TritonInstall | None = None, extra_env: dict[str, str] | None = None,
-              models: list[str] | None = None) -> None:
+              models: list[str] | None = None, admin_key: str = "") -> None:
+        """admin_key: Triton's administrative APIs (ADMIN_APIS) answer only requests that carry the
+        header ADMIN_HEADER with this value; "" leaves them open."""
         install = install or TritonInstall.find()
         backends = install.backend_dir(self.workdir / "backends")
         cmd = [
@@ -94,6 +104,10 @@ class TritonServer:
         ]
         if models is not None:
             cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in models]
+        if admin_key:
+            apis = ",".join(ADMIN_APIS)
+            cmd += [f"--http-restricted-api={apis}:{ADMIN_HEADER}={admin_key}",
+                    f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}"]
         env = install.env() | (extra_env or {})
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
