@@ -454,3 +454,51 @@ def test_admin_apis_need_the_nodes_key(node):
     assert h.is_server_ready() and h.is_model_ready("llm") and h.get_model_metadata("llm")["name"] == "llm"
     assert {m["name"] for m in h.get_model_repository_index(headers={"baton-admin-key": key})} >= {"llm", "decode"}
     assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3).completion_tokens == 3
+
+
+def test_internal_models_refuse_forged_and_replayed_handles(node):
+    """A client calling the internal models directly: prefill's handle works once through decode; the
+    same handle again, or with its block ids changed, is refused in band with a message, the KV
+    blocks balance, and the server keeps serving."""
+    import queue
+
+    import tritonclient.grpc as grpc
+
+    from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST
+
+    c = grpc.InferenceServerClient(node.grpc_url)
+    pre = c.infer("preprocess", [_input("text_input", np.array([b"def handle():"], dtype=object)),
+                                 _input("max_tokens", np.array([5], np.int32))])
+    res = c.infer("prefill", [_input(n, pre.as_numpy(n)) for n, _, _ in PREFILL_REQUEST])
+    handle = {n: res.as_numpy(n) for n, _, _ in HANDLE}
+
+    def decode(arrays):
+        got = queue.Queue()
+        c.start_stream(callback=lambda result, error: got.put((result, error)))
+        c.async_stream_infer("decode", [_input(n, a) for n, a in arrays.items()])
+        outs = []
+        while True:
+            result, error = got.get(timeout=30)
+            assert error is None, error
+            outs.append((result.as_numpy("d_finish_reason")[0].decode(), result.as_numpy("d_text")[0].decode()))
+            if outs[-1][0]:
+                c.stop_stream()
+                return outs
+
+    assert decode(handle)[-1][0] == "length"
+    reason, text = decode(handle)[-1]                               # replayed
+    assert reason == "error" and "invalid KV handle" in text and "not held for it" in text
+    forged = dict(handle, block_table=np.array([0, 1, 2], np.int64))
+    reason, text = decode(forged)[-1]
+    assert reason == "error" and "not signed by this node" in text
+    assert blocks_in_use(node.manager.address) == 0
+    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3).completion_tokens == 3
+
+
+def _input(name, arr):
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import np_to_triton_dtype
+
+    t = grpc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+    t.set_data_from_numpy(arr)
+    return t

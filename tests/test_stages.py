@@ -22,6 +22,8 @@ from baton.backends.stages.messages import KVHandle, PrefillRequest
 from baton.backends.stages.prefill import PrefillStage
 from baton.backends.stages.preprocess import Preprocessor
 
+KEY = bytes.fromhex("ab" * 32)      # the node's handle key in these tests
+
 
 class ListSink:
     def __init__(self):
@@ -61,9 +63,10 @@ def node(qwen3_dir, tmp_path_factory):
     mgr.start()
     weight_store.publish(name, prepare_weights(cfg, load_state_dict(qwen3_dir, cfg.torch_dtype)))
     node = NodeConfig(EngineConfig(model=str(qwen3_dir), dtype="float32", max_model_len=2048),
-                      ServingConfig(share_cores=0, stream_responses_per_step=0), name, addr, name, str(run_dir))
+                      ServingConfig(share_cores=0, stream_responses_per_step=0), name, addr, name, str(run_dir),
+                      "ab" * 32)
     node.save(run_dir / "node.json")
-    prefill = PrefillStage(node_engine(node, "prefill"))
+    prefill = PrefillStage(node_engine(node, "prefill"), KEY)
     address = f"ipc://{run_dir}/decode.sock"
     decode = DecodeProxy(address, lambda: subprocess.Popen(worker_command(address, str(run_dir / "node.json"))))
     yield node, prefill, decode
@@ -174,7 +177,7 @@ def test_decode_coalesces_tokens_when_more_requests_live_than_responses_per_step
         expect = offline.generate(prompts, SamplingParams(**greedy))
     finally:
         offline.close()
-    stage = DecodeStage(node_engine(params, "decode"), responses_per_step=2)
+    stage = DecodeStage(node_engine(params, "decode"), KEY, responses_per_step=2)
     sinks = [ListSink() for _ in prompts]
     stage.step_once(list(zip(prefilled(prefill, prompts, **greedy), sinks)))   # all four live from one step
     while stage.live:
@@ -199,7 +202,7 @@ def test_coalesced_tokens_are_never_held_long(node, monkeypatch):
     from baton.backends.stages import decode as decode_mod
 
     params, prefill, _ = node
-    stage = DecodeStage(node_engine(params, "decode"), responses_per_step=1)
+    stage = DecodeStage(node_engine(params, "decode"), KEY, responses_per_step=1)
     sinks = [ListSink() for _ in range(3)]
     handles = prefilled(prefill, prompts_of(512, [9, 12, 15], seed=25), temperature=0, max_tokens=8, ignore_eos=True)
     stage.step_once(list(zip(handles, sinks)))         # every 3rd step each: two of three hold
@@ -387,7 +390,7 @@ def test_decode_fails_one_request_that_cannot_be_adopted_and_keeps_serving(node)
     """A sink that breaks on its first token: that request gets an error and its blocks go back; the
     next request is served normally."""
     params, prefill, _ = node
-    stage = DecodeStage(node_engine(params, "decode"))
+    stage = DecodeStage(node_engine(params, "decode"), KEY)
     greedy = dict(temperature=0, max_tokens=8, ignore_eos=True)
 
     class Broken(ListSink):
@@ -405,3 +408,56 @@ def test_decode_fails_one_request_that_cannot_be_adopted_and_keeps_serving(node)
     assert ok.outs[-1].finish_reason == "length" and len(tokens(ok)) == 8
     stage.engine.block_manager.flush(idle=True)
     assert blocks_in_use(params.kv_address) == 0
+
+
+def test_forged_or_replayed_handles_are_refused_and_change_nothing(node):
+    """Decode refuses a handle this node's prefill did not sign (any changed field, e.g. block ids)
+    and one whose blocks the KV manager no longer holds for it (a replay), before touching a block:
+    the error names the request, nothing is freed twice, and the next request is served."""
+    import dataclasses
+
+    params, prefill, _ = node
+    stage = DecodeStage(node_engine(params, "decode"), KEY)
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    real = prefilled(prefill, prompts_of(512, [40], seed=71), **greedy)[0]
+    forged = [dataclasses.replace(real, block_table=list(range(1000, 1003))),          # out of the pool
+              dataclasses.replace(real, block_table=real.block_table[:1] * 3),          # in range, shared
+              dataclasses.replace(real, mac=b""),
+              dataclasses.replace(real).sign(b"another node's key")]
+    for h in forged:
+        sink = ListSink()
+        stage.step_once([(h, sink)])
+        assert sink.err and "invalid KV handle" in sink.err and real.request_id in sink.err, sink.err
+    ok = ListSink()
+    stage.step_once([(real, ok)])                         # the genuine handle, once
+    replay = ListSink()
+    stage.step_once([(KVHandle.from_arrays(real.to_arrays()), replay)])
+    assert replay.err and "not held for it" in replay.err
+    while stage.live:
+        stage.step_once()
+    assert ok.outs[-1].finish_reason == "length" and len(tokens(ok)) == 4
+    stage.engine.block_manager.flush(idle=True)
+    assert blocks_in_use(params.kv_address) == 0
+
+
+def test_unclaimed_handoffs_expire(node):
+    """A prefill whose decode never comes (a client calling prefill directly) holds its blocks only
+    for the lease; the KV manager releases them afterwards."""
+    from baton.backends.kv.block_manager import BlockManager
+    from baton.backends.kv.manager import KVManagerServer
+
+    bm = BlockManager(8, 16)
+    server = KVManagerServer(bm, f"ipc://{params_dir(node)}/lease.sock")
+    server.lease_s = 0.0
+    blocks = bm.allocate(3)
+    server.handle([("handoff", ("r1", blocks))])
+    assert bm.num_used == 3
+    import time
+
+    time.sleep(0.01)
+    assert server.handle([("claim", ("r1", blocks))]) == [False]      # expired before the claim
+    assert bm.num_used == 0
+
+
+def params_dir(node):
+    return node[0].run_dir

@@ -26,6 +26,10 @@ from .pool import KVPool, PoolSpec
 TIMEOUT_S = 5.0
 
 
+# How long prefill's blocks wait for the decode that adopts them; then they are released.
+HANDOFF_LEASE_S = 60.0
+
+
 class KVManagerUnavailable(RuntimeError):
     """The node's KV manager did not answer: a server fault, not the client's."""
 
@@ -38,9 +42,12 @@ class KVManagerServer:
         self.sock.bind(address)
         self.calls = 0
         self.busy_s = 0.0
+        self.handoffs: dict[str, tuple[list[int], float]] = {}   # request id -> (blocks, lease end)
+        self.lease_s = HANDOFF_LEASE_S
 
     def handle(self, ops: list[tuple]) -> list:
         """Apply a batch of (op, arg) in order; every reply carries the free-block count."""
+        self.expire_handoffs()
         out = []
         for op, arg in ops:
             if op == "release":
@@ -57,16 +64,37 @@ class KVManagerServer:
                     out.append(None)
             elif op == "match":
                 out.append(self.bm.match_prefix(arg))
+            elif op == "handoff":          # prefill keeps these blocks for `request_id` until claimed
+                request_id, blocks = arg
+                self.handoffs[request_id] = (list(blocks), time.monotonic() + self.lease_s)
+                out.append(None)
+            elif op == "claim":            # decode takes them over: once, and only exactly those
+                request_id, blocks = arg
+                rec = self.handoffs.get(request_id)
+                ok = rec is not None and rec[0] == list(blocks)
+                if ok:
+                    del self.handoffs[request_id]
+                out.append(ok)
             elif op == "stats":
                 out.append({"num_blocks": self.bm.num_blocks, "num_used": self.bm.num_used,
+                            "handoffs": len(self.handoffs),
                             "hits": self.bm.hits, "queries": self.bm.queries, "calls": self.calls,
                             "busy_us_per_call": 1e6 * self.busy_s / max(1, self.calls)})
             else:
                 raise ValueError(f"unknown KV manager op {op!r}")
         return out
 
+    def expire_handoffs(self) -> None:
+        """Blocks handed off but never claimed (a prefill whose decode never came) go back."""
+        now = time.monotonic()
+        for rid in [r for r, (_, deadline) in self.handoffs.items() if deadline < now]:
+            self.bm.release(self.handoffs.pop(rid)[0])
+
     def serve_forever(self) -> None:
         while True:
+            if not self.sock.poll(1000):
+                self.expire_handoffs()
+                continue
             msg = self.sock.recv()
             t = time.perf_counter()
             try:
@@ -148,6 +176,14 @@ class RemoteBlockManager:
 
     def match_prefix(self, hashes: list[int]) -> list[int]:
         return self._call([("match", hashes)])[-1] if hashes else []
+
+    def hand_off(self, request_id: str, blocks: list[int]) -> None:
+        """Record that `request_id` now owns these blocks, for decode to claim (sent with the next call)."""
+        self.pending.append(("handoff", (request_id, list(blocks))))
+
+    def claim(self, request_id: str, blocks: list[int]) -> bool:
+        """Take over blocks handed off for `request_id`: True once, for exactly the recorded blocks."""
+        return bool(self._call([("claim", (request_id, list(blocks)))])[-1])
 
     def flush(self, idle: bool = False) -> None:
         """Send buffered releases/publishes now. `idle`: also give back the local reserve, so an

@@ -59,12 +59,14 @@ class NodeConfig:
     kv_address: str                      # the KV manager's socket
     weights: str = ""                    # the node's shared weight file ("": each stage loads the checkpoint)
     run_dir: str = "/tmp"
+    handle_key: str = ""                 # hex secret: prefill signs KV handles with it, decode checks them
 
     @property
     def max_tokens_limit(self) -> int:
         return self.serving.max_tokens_limit or self.engine.max_model_len
 
     def save(self, path: Path) -> None:
+        path.touch(mode=0o600)               # it holds the node's handle key
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
 
     @staticmethod

@@ -80,7 +80,7 @@ class Node:
         model_dir = str(Path(self.model_dir).resolve())
         engine, serving = prof.configs(model_dir, self.overrides)
         self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg = ModelConfig.from_dir(model_dir)
         dtype = resolve_dtype(engine.dtype, cfg.torch_dtype)
         # resolved once here, so every stage sees the same numbers
@@ -102,7 +102,7 @@ class Node:
         if not quiet:
             print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory ({method.name}, "
                   f"{time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
-        node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir))
+        node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir), secrets.token_hex(32))
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")

@@ -51,8 +51,12 @@ class _Live:
 
 
 class DecodeStage:
-    def __init__(self, engine: LLMEngine, responses_per_step: int = 0) -> None:
+    def __init__(self, engine: LLMEngine, handle_key: bytes, responses_per_step: int = 0) -> None:
+        """handle_key: the node's secret; a KV handle this node's prefill did not sign, or whose blocks
+        the KV manager does not hold for that request (forged, replayed, expired), is refused before
+        any block is touched."""
         self.engine = engine
+        self.handle_key = handle_key
         self.responses_per_step = responses_per_step
         self.live: dict[int, _Live] = {}
         self.steps = 0
@@ -64,6 +68,11 @@ class DecodeStage:
         """Adopt new sequences; each one's first token (sampled by prefill) goes to its sink now, so a
         caller that flushes before the next step does not delay TTFT by a decode step."""
         for handle, sink in arrivals:
+            problem = self._refuse(handle)
+            if problem:
+                _log(handle.request_id, f"refused: {problem}")
+                sink.error(f"invalid KV handle for request {handle.request_id!r}: {problem}")
+                continue
             try:
                 self._admit(handle, sink)
             except Exception:                  # this request fails; its blocks go back, the rest go on
@@ -128,6 +137,14 @@ class DecodeStage:
             self.engine.abort(live.seq.request_id)
             live.sink.error(f"decode failed: {msg}")
         self.live.clear()
+
+    def _refuse(self, handle: KVHandle) -> str:
+        """Why this handle must not be used ("" when it may): checked before its blocks are touched."""
+        if not handle.verified(self.handle_key):
+            return "not signed by this node's prefill"
+        if handle.block_table and not self.engine.block_manager.claim(handle.request_id, handle.block_table):
+            return "its blocks are not held for it (already used, or expired)"
+        return ""
 
     def _admit(self, handle: KVHandle, sink: Sink) -> None:
         eng = self.engine

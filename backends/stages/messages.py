@@ -11,6 +11,8 @@ from_arrays); between the decode stub and its worker process, pickled."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +59,24 @@ class KVHandle:
     sampling: SamplingParams
     gen_state: bytes = b""        # torch.Generator state of a seeded request
     logprobs: list[float] = field(default_factory=list)
+    mac: bytes = b""              # HMAC-SHA256 of the rest under the node's secret (sign / verify)
+
+    def _digest(self, key: bytes) -> bytes:
+        h = hmac.new(key, digestmod=hashlib.sha256)
+        for name, arr in self.to_arrays().items():
+            if name != "mac":
+                data = b"".join(x for x in arr.reshape(-1)) if arr.dtype == object else arr.tobytes()
+                h.update(f"{name}:{arr.dtype.str}:{arr.size}:{len(data)}:".encode())
+                h.update(data)
+        return h.digest()
+
+    def sign(self, key: bytes) -> KVHandle:
+        self.mac = self._digest(key)
+        return self
+
+    def verified(self, key: bytes) -> bool:
+        """Whether this node's prefill made the handle exactly as it is (block ids included)."""
+        return hmac.compare_digest(self.mac, self._digest(key))
 
     @classmethod
     def from_sequence(cls, seq: Sequence, finish_reason: str, block_table: list[int]) -> KVHandle:
@@ -92,6 +112,7 @@ class KVHandle:
             "sampling": _string(self.sampling.to_json()),
             "gen_state": np.frombuffer(self.gen_state, dtype=np.uint8).copy() if self.gen_state else np.zeros(0, np.uint8),
             "logprobs": np.asarray(self.logprobs, dtype=np.float32),
+            "mac": np.frombuffer(self.mac, dtype=np.uint8).copy() if self.mac else np.zeros(0, np.uint8),
         }
 
     @classmethod
@@ -100,7 +121,8 @@ class KVHandle:
                    int(a["num_prompt_tokens"].reshape(-1)[0]), int(a["num_computed_tokens"].reshape(-1)[0]),
                    a["block_table"].astype(np.int64).tolist(), int(a["num_cached_tokens"].reshape(-1)[0]),
                    _text(a["finish_reason"]), SamplingParams.from_json(_text(a["sampling"])),
-                   a["gen_state"].astype(np.uint8).tobytes(), a["logprobs"].astype(np.float32).tolist())
+                   a["gen_state"].astype(np.uint8).tobytes(), a["logprobs"].astype(np.float32).tolist(),
+                   a["mac"].astype(np.uint8).tobytes())
 
 
 @dataclass

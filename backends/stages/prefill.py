@@ -18,8 +18,11 @@ log = logging.getLogger("prefill")
 
 
 class PrefillStage:
-    def __init__(self, engine: LLMEngine, cores: CoreShare | None = None) -> None:
+    def __init__(self, engine: LLMEngine, handle_key: bytes, cores: CoreShare | None = None) -> None:
+        """handle_key: the node's secret; every KVHandle leaves signed with it, and its blocks are
+        recorded with the KV manager as handed off (decode claims them once, or they expire)."""
         self.engine = engine
+        self.handle_key = handle_key
         self.cores = cores
         self.metrics = Deltas()
 
@@ -64,5 +67,9 @@ class PrefillStage:
         finally:
             if self.cores:
                 self.cores.idle()
-            eng.block_manager.flush(idle=True)           # publish prompt blocks, release the rest
-        return [s.kv_handle if isinstance(s, Sequence) else s for s in seqs]
+            out = [s.kv_handle.sign(self.handle_key) if isinstance(s, Sequence) else s for s in seqs]
+            for h in out:
+                if isinstance(h, KVHandle) and h.block_table:
+                    eng.block_manager.hand_off(h.request_id, h.block_table)
+            eng.block_manager.flush(idle=True)           # publish, hand off, release the rest: one call
+        return out
