@@ -502,3 +502,24 @@ def _input(name, arr):
     t = grpc.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
     t.set_data_from_numpy(arr)
     return t
+
+
+def test_a_misspelled_http_input_is_refused_not_ignored(node):
+    """Triton's generate endpoints pass unknown JSON keys on as request parameters; the front refuses
+    them with a 400 naming the key (the client's fault), and a correct request still works."""
+    import json
+    import urllib.request
+
+    def post(body):
+        req = urllib.request.Request(f"http://{node.http_url}/v2/models/llm/generate_stream",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    status, body = post({"text_input": "hi", "max_tokens": 2, "temprature": 0.5})
+    assert status == 400 and "temprature: unknown input" in body, body
+    status, body = post({"text_input": "hi", "max_tokens": 2, "temperature": 0.0})
+    assert status == 200 and '"finish_reason":"length"' in body, body

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..serving.tensors import SCALARS
 from .cancel import CancelSender
 from .messages import ERROR_REASONS
 from .postprocess import RENAME
@@ -41,6 +42,19 @@ class FrontError(Exception):
     def __init__(self, message: str, code: Any = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+# Request parameters Triton itself sets or reads (a client library may add them to any request).
+RESERVED = {"priority", "timeout", "sequence_id", "sequence_start", "sequence_end", "headers", "binary_data_output"}
+
+
+def check_parameters(params: dict[str, Any]) -> None:
+    """Triton's HTTP generate endpoints turn every JSON key that is not a model input into a request
+    parameter, so a misspelled input ("temprature") would be ignored: refuse it, naming it."""
+    unknown = sorted(k for k in params if k not in RESERVED and not k.startswith("triton_"))
+    if unknown:
+        raise FrontError(f"{unknown[0]}: unknown input; the llm model takes text_input or messages, stop and "
+                         f"{', '.join(n for n, _ in SCALARS)}", "invalid")
 
 
 def relay(inputs: Any, calls: Calls, cancel: CancelSender) -> str:

@@ -1,6 +1,7 @@
 """llm (profile single_node): the decoupled front that relays preprocess -> prefill -> decode through
 BLS calls and sees the client's cancellation (baton.backends.stages.front says why)."""
 
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +10,7 @@ import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingI
 from baton.backends.serving.config import NodeConfig
 from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
 from baton.backends.stages.cancel import CancelSender
-from baton.backends.stages.front import Calls, FrontError, relay
+from baton.backends.stages.front import Calls, FrontError, check_parameters, relay
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -57,6 +58,7 @@ class TritonPythonModel:
                       outputs=lambda resp: {t.name(): t.as_numpy() for t in resp.output_tensors()},
                       send=send, cancelled=r.is_cancelled)
         try:
+            check_parameters(json.loads(r.parameters() or "{}"))
             if relay(r.inputs(), calls, self.cancel) == "cancelled":
                 _close(sender)
         except FrontError as e:
@@ -73,6 +75,8 @@ def _code(code):
     only once the stub runs, not at import)."""
     if code == "unavailable":
         return pb_utils.TritonError.UNAVAILABLE
+    if code == "invalid":
+        return pb_utils.TritonError.INVALID_ARG
     return pb_utils.TritonError.INTERNAL if code == "error" or code is None else code
 
 
