@@ -40,9 +40,14 @@ class ServingConfig:
     # logging) answer only requests carrying the header `baton-admin-key: <run_dir>/admin.key`;
     # true leaves them open to every client
     open_admin_apis: bool = False
+    # requests in flight at once through the llm front (queued included); past it a request is
+    # refused at once with UNAVAILABLE "server busy" instead of waiting without bound
+    max_pending_requests: int = 256
 
     def __post_init__(self) -> None:
         check_types(self, "ServingConfig")
+        if self.max_pending_requests < 1:
+            raise ConfigError(f"max_pending_requests: must be >= 1, got {self.max_pending_requests}")
         for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

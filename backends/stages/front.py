@@ -9,6 +9,7 @@ Triton calls are passed in as `Calls`, so the relay logic here runs without a se
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,29 @@ class FrontError(Exception):
     def __init__(self, message: str, code: Any = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Admission:
+    """Counts requests in flight through the front; past `limit` new ones are refused at once (a
+    clear "server busy" rather than an unbounded queue that times out somewhere else)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0
+        self.lock = threading.Lock()
+
+    def enter(self) -> str:
+        """"" when admitted (call leave() when done), else why not."""
+        with self.lock:
+            if self.inflight >= self.limit:
+                return (f"server busy: {self.inflight} requests in flight, the limit is {self.limit} "
+                        "(max_pending_requests); retry later")
+            self.inflight += 1
+            return ""
+
+    def leave(self) -> None:
+        with self.lock:
+            self.inflight -= 1
 
 
 # Request parameters Triton itself sets or reads (a client library may add them to any request).

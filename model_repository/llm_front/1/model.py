@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingI
 from baton.backends.serving.config import NodeConfig
 from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
 from baton.backends.stages.cancel import CancelSender
-from baton.backends.stages.front import Calls, FrontError, check_parameters, relay
+from baton.backends.stages.front import Admission, Calls, FrontError, check_parameters, relay
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -37,13 +37,24 @@ class TritonPythonModel:
     def initialize(self, args):
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.cancel = CancelSender(node.run_dir)
+        self.limit = Admission(node.serving.max_pending_requests)
         # one thread per request in flight: a streaming BLS call blocks its thread
-        self.pool = ThreadPoolExecutor(max_workers=4 * node.engine.max_num_seqs + 8, thread_name_prefix="baton-front")
+        self.pool = ThreadPoolExecutor(max_workers=node.serving.max_pending_requests, thread_name_prefix="baton-front")
 
     def execute(self, requests):
         for r in requests:
-            self.pool.submit(self._serve, r)
+            busy = self.limit.enter()
+            if busy:
+                _fail(r.get_response_sender(), busy, pb_utils.TritonError.UNAVAILABLE)
+            else:
+                self.pool.submit(self._serve_counted, r)
         return None
+
+    def _serve_counted(self, r):
+        try:
+            self._serve(r)
+        finally:
+            self.limit.leave()
 
     def _serve(self, r):
         sender = r.get_response_sender()
