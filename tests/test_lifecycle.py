@@ -106,3 +106,32 @@ def test_a_taken_port_is_refused_before_anything_starts(qwen3_dir):
         with pytest.raises(RuntimeError, match=f"gRPC port {port} is in use"):
             n.start(timeout=60, quiet=True)
     assert n.manager is None and n.server is None
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(qwen3_dir, tmp_path):
+    """SIGTERM to `baton serve` mid-stream: the stream finishes all its tokens, a new request is refused
+    with "shutting down", and the process exits 0 leaving nothing behind."""
+    from baton_client import BatonClient, BatonError
+
+    proc, run_dir = baton_serve(qwen3_dir, tmp_path)
+    try:
+        grpc_port = next(a.split("=")[1] for a in _cmdlines_with(str(run_dir / "models"))[0].split()
+                         if a.startswith("--grpc-port="))
+        url = f"127.0.0.1:{grpc_port}"
+        stream = BatonClient(url).stream("def long_function():", temperature=0.0, max_tokens=200, ignore_eos=True)
+        chunks = [next(stream)]
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not (run_dir / "draining").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(BatonError, match="shutting down"):
+            BatonClient(url).generate("new one", max_tokens=3)
+        chunks += list(stream)
+        assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 200
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 0 and "drained" in err, err
+        assert _cmdlines_with(str(run_dir)) == [] and not run_dir.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -20,6 +20,7 @@ from .. import paths
 from ..engine.config import ConfigError, EngineConfig, check_types, from_table
 
 POLICIES = ("fair", "prefill_first")
+DRAINING = "draining"                  # a file in the run dir: the node admits no new requests
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class ServingConfig:
     # requests in flight at once through the llm front (queued included); past it a request is
     # refused at once with UNAVAILABLE "server busy" instead of waiting without bound
     max_pending_requests: int = 256
+    # on SIGTERM / Ctrl-C, `baton serve` stops admitting requests and lets those in flight finish for
+    # at most this long before it stops the node (a second signal stops it at once)
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         check_types(self, "ServingConfig")

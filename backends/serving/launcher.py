@@ -27,7 +27,8 @@ from ..models.config import ModelConfig
 from ..models.decoder import prepare_weights, process_linears
 from ..runtime import owned_name, process_env, remove_leftovers
 from ..stages.cores import CoreShare
-from .config import NodeConfig, Profile
+from ..stages.front import requests_in_fronts
+from .config import DRAINING, NodeConfig, Profile, ServingConfig
 from .repository import render
 from .supervisor import Supervisor
 from .tritonserver import TritonServer
@@ -67,6 +68,7 @@ class Node:
     manager: KVManagerProcess | None = None
     supervisor: Supervisor | None = None
     admin_key: str = ""                  # the header value Triton's admin APIs want ("" when open)
+    serving: ServingConfig | None = None
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
@@ -102,6 +104,7 @@ class Node:
         if not quiet:
             print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory ({method.name}, "
                   f"{time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
+        self.serving = serving
         node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir), secrets.token_hex(32))
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
@@ -141,6 +144,27 @@ class Node:
                   f"HTTP http://127.0.0.1:{self.http_port}  metrics http://127.0.0.1:{self.metrics_port}/metrics",
                   file=sys.stderr, flush=True)
         return self
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop admitting requests (the llm front refuses new ones with "shutting down") and wait until
+        none is in flight: no KV block held or handed off, and no response still on its way out of a
+        front. At most `timeout` (the profile's drain_timeout_s); True when everything finished."""
+        from ..kv.manager import RemoteBlockManager
+
+        timeout = self.serving.drain_timeout_s if timeout is None else timeout
+        (self.run_dir / DRAINING).touch()
+        manager = RemoteBlockManager(self.manager.address, 1, 1)
+        deadline = time.monotonic() + timeout
+        while True:
+            st = manager.stats()
+            fronts = requests_in_fronts(self.run_dir)
+            if st["num_used"] == 0 and st["handoffs"] == 0 and not fronts:
+                if fronts is None:       # an ensemble: its last responses may still be on their way
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
     def failure(self) -> str | None:
         """Which of the node's processes died since it became ready (None: all alive)."""

@@ -13,7 +13,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..serving.tensors import SCALARS
 from .cancel import CancelSender
@@ -47,12 +50,18 @@ class FrontError(Exception):
 
 class Admission:
     """Counts requests in flight through the front; past `limit` new ones are refused at once (a
-    clear "server busy" rather than an unbounded queue that times out somewhere else)."""
+    clear "server busy" rather than an unbounded queue that times out somewhere else). With
+    `counter_path` the count is also kept in a small shared file, which the launcher's drain reads:
+    a request is in flight until its last response has left the front, after decode freed its blocks."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, counter_path: str | None = None) -> None:
         self.limit = limit
         self.inflight = 0
         self.lock = threading.Lock()
+        self.counter = None
+        if counter_path:
+            Path(counter_path).write_bytes(bytes(4))
+            self.counter = np.memmap(counter_path, dtype=np.int32, mode="r+", shape=(1,))
 
     def enter(self) -> str:
         """"" when admitted (call leave() when done), else why not."""
@@ -61,11 +70,23 @@ class Admission:
                 return (f"server busy: {self.inflight} requests in flight, the limit is {self.limit} "
                         "(max_pending_requests); retry later")
             self.inflight += 1
+            if self.counter is not None:
+                self.counter[0] = self.inflight
             return ""
 
     def leave(self) -> None:
         with self.lock:
             self.inflight -= 1
+            if self.counter is not None:
+                self.counter[0] = self.inflight
+
+
+def requests_in_fronts(run_dir: str | Path) -> int | None:
+    """Requests in flight through the node's front models (None: the node has no front)."""
+    files = list(Path(run_dir).glob("front-*.inflight"))
+    if not files:
+        return None
+    return sum(int(np.fromfile(f, dtype=np.int32, count=1)[0]) for f in files)
 
 
 # Request parameters Triton itself sets or reads (a client library may add them to any request).

@@ -4,10 +4,11 @@ BLS calls and sees the client's cancellation (baton.backends.stages.front says w
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
-from baton.backends.serving.config import NodeConfig
+from baton.backends.serving.config import DRAINING, NodeConfig
 from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
 from baton.backends.stages.cancel import CancelSender
 from baton.backends.stages.front import Admission, Calls, FrontError, check_parameters, relay
@@ -37,12 +38,18 @@ class TritonPythonModel:
     def initialize(self, args):
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.cancel = CancelSender(node.run_dir)
-        self.limit = Admission(node.serving.max_pending_requests)
+        self.limit = Admission(node.serving.max_pending_requests,
+                               f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
+        self.draining = Path(node.run_dir) / DRAINING
         # one thread per request in flight: a streaming BLS call blocks its thread
         self.pool = ThreadPoolExecutor(max_workers=node.serving.max_pending_requests, thread_name_prefix="baton-front")
 
     def execute(self, requests):
         for r in requests:
+            if self.draining.exists():            # one stat a request: the launcher is shutting down
+                _fail(r.get_response_sender(), "server is shutting down: it admits no new requests",
+                      pb_utils.TritonError.UNAVAILABLE)
+                continue
             busy = self.limit.enter()
             if busy:
                 _fail(r.get_response_sender(), busy, pb_utils.TritonError.UNAVAILABLE)
