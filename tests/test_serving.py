@@ -555,3 +555,29 @@ def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir, offli
         client.close()
     finally:
         n.stop()
+
+
+def test_tritonserver_crash_on_a_large_form_body_is_reported_not_hidden(qwen3_dir):
+    """Triton 2.51's HTTP server segfaults on a ~6 MB body sent as application/x-www-form-urlencoded
+    (what `curl -d @file` sends; a JSON content type is fine). Baton cannot fix that inside Triton; the
+    supervisor must report it instead of a node that looks alive (README, Limitations)."""
+    import time
+    import urllib.request
+
+    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 256, "kv_cache_memory_mb": 4})
+    n.start(timeout=180, quiet=True)
+    try:
+        body = b'{"text_input": "' + b"a" * (6 << 20) + b'", "max_tokens": 2}'
+        req = urllib.request.Request(f"http://{n.http_url}/v2/models/llm/generate_stream", data=body,
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        with pytest.raises(OSError):
+            urllib.request.urlopen(req, timeout=60).read()
+        deadline = time.monotonic() + 10
+        while n.failure() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert n.failure() == "tritonserver exited with code -11"
+    finally:
+        n.stop()
+    import shutil
+
+    shutil.rmtree(n.run_dir, ignore_errors=True)      # kept by stop() because the node failed

@@ -461,3 +461,15 @@ def test_unclaimed_handoffs_expire(node):
 
 def params_dir(node):
     return node[0].run_dir
+
+
+def test_preprocess_refuses_a_huge_prompt_before_tokenizing_it(qwen3_dir, monkeypatch):
+    pre = Preprocessor(str(qwen3_dir), max_model_len=64, max_tokens_limit=100)
+
+    def no_tokenizing(text):
+        raise AssertionError("tokenized a prompt that cannot fit")
+
+    monkeypatch.setattr(pre.tok, "encode", no_tokenizing)
+    with pytest.raises(InvalidRequestError, match="characters cannot fit in max_model_len=64") as e:
+        pre({"text_input": np.array([b"x" * (1 << 20)], dtype=object)})
+    assert e.value.field == "text_input"

@@ -16,6 +16,11 @@ class Tokenizer:
         f = Path(model_dir) / "tokenizer.json"
         return cls(_HFTokenizer.from_file(str(f))) if f.is_file() else None
 
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for (the longest vocabulary entry):
+        a text of n characters has at least n / this many tokens."""
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 

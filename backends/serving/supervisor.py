@@ -50,7 +50,7 @@ class Supervisor:
 
     def snapshot(self) -> None:
         """Record the stage processes once the node is ready (they are all up by then)."""
-        self.watched = _group_members(self.server.pid)
+        self.watched = {pid: name for pid, name in _group_members(self.server.pid).items() if pid != self.server.pid}
 
     def failure(self) -> str | None:
         """Which process died, or None while every one is alive."""
@@ -59,6 +59,8 @@ class Supervisor:
         if self.manager.poll() is not None:
             return f"the KV manager exited with code {self.manager.returncode}"
         gone = [name for pid, name in self.watched.items() if not _alive(pid)]
+        if gone and self.server.poll() is not None:     # the server went first, taking its stages along
+            return f"tritonserver exited with code {self.server.returncode}"
         return f"{gone[0]} died" if gone else None
 
 

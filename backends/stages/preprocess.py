@@ -29,6 +29,9 @@ class Preprocessor:
         if tok is None:
             raise ValueError(f"no tokenizer.json in {model_dir}")
         self.tok = tok
+        # a prompt longer than this many characters cannot fit in max_model_len tokens: refused before
+        # tokenizing it (a 10 MB prompt took seconds of this stage's time); x2 for normalizer slack
+        self.max_prompt_chars = 2 * max_model_len * tok.max_token_chars()
         self.max_model_len = max_model_len
         self.max_tokens_limit = max_tokens_limit
         self.chat_template = _chat_template(Path(model_dir))
@@ -69,6 +72,9 @@ class Preprocessor:
             raise InvalidRequestError("text_input", "required (or `messages`)")
         if not text:
             raise InvalidRequestError("text_input", "must not be empty")
+        if len(text) > self.max_prompt_chars:
+            raise InvalidRequestError("text_input", f"{len(text)} characters cannot fit in max_model_len="
+                                      f"{self.max_model_len} tokens (at most {self.max_prompt_chars} characters)")
         ids = self.tok.encode(text)
         if not ids:
             raise InvalidRequestError("text_input", "tokenizes to nothing")
