@@ -55,6 +55,8 @@ class Preprocessor:
         return PrefillRequest(request_id or uuid.uuid4().hex, ids, params)
 
     def _prompt_ids(self, inputs: dict[str, np.ndarray]) -> list[int]:
+        if "messages" in inputs and "text_input" in inputs:
+            raise InvalidRequestError("messages", "give text_input or messages, not both")
         if "messages" in inputs:
             raw = _utf8("messages", inputs["messages"].reshape(-1)[0])
             try:
