@@ -549,7 +549,7 @@ def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir):
         assert all("server busy" in str(e) for e in busy), busy
         # 12 arrive within milliseconds; 6 in flight take ~0.3 s (2 decode at a time): some are refused
         assert len(done) >= 6 and busy and len(done) + len(busy) == 12
-        for p, g in done:                   # complete (fp32 greedy tokens may differ by batch: not compared)
+        for _, g in done:                   # complete (fp32 greedy tokens may differ by batch: not compared)
             assert g.finish_reason == "length" and len(g.token_ids) == g.completion_tokens == 24
         assert blocks_in_use(n.manager.address) == 0
         client.close()
