@@ -110,6 +110,7 @@ def test_grpc_cancellation_stops_generation_while_others_go_on(node, offline, ho
     """A long request cancelled after its first token: decode drops it (its log says cancelled, not
     finished), its blocks return, and a request streaming beside it completes with the right tokens."""
     import threading
+    import time
 
     import tritonclient.grpc as grpc
 
@@ -132,8 +133,10 @@ def test_grpc_cancellation_stops_generation_while_others_go_on(node, offline, ho
         inputs[1].set_data_from_numpy(np.array([200], np.int32))
         inputs[2].set_data_from_numpy(np.array([True]))
         c.async_stream_infer("llm", inputs)
-        while not got:
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
             threading.Event().wait(0.005)
+        assert got, "no response in 60 s"
         rid = got[0].as_numpy("request_id")[0].decode()
         c.stop_stream(cancel_requests=True)
     assert _ended(node, rid) == "cancelled"

@@ -473,3 +473,20 @@ def test_preprocess_refuses_a_huge_prompt_before_tokenizing_it(qwen3_dir, monkey
     with pytest.raises(InvalidRequestError, match="characters cannot fit in max_model_len=64") as e:
         pre({"text_input": np.array([b"x" * (1 << 20)], dtype=object)})
     assert e.value.field == "text_input"
+
+
+def test_cancels_for_requests_not_live_are_not_kept(node):
+    """A cancel that arrives after its request finished (or for another worker's request) must not
+    stay in the worker's set for ever: each one would be a small leak on a long-running server."""
+    params, prefill, _ = node
+    stage = DecodeStage(node_engine(params, "decode"), KEY)
+    sink = ListSink()
+    h = prefilled(prefill, prompts_of(512, [10], seed=81), temperature=0, max_tokens=30, ignore_eos=True)[0]
+    stage.step_once([(h, sink)])
+    stage.cancel(["finished-long-ago", "another-workers"])
+    assert stage.to_cancel == set()
+    stage.cancel([h.request_id])
+    stage.step_once()
+    assert sink.outs[-1].finish_reason == "abort" and stage.to_cancel == set() and not stage.live
+    stage.engine.block_manager.flush(idle=True)
+    assert blocks_in_use(params.kv_address) == 0

@@ -149,14 +149,17 @@ class Node:
         """Stop admitting requests (the llm front refuses new ones with "shutting down") and wait until
         none is in flight: no KV block held or handed off, and no response still on its way out of a
         front. At most `timeout` (the profile's drain_timeout_s); True when everything finished."""
-        from ..kv.manager import RemoteBlockManager
+        from ..kv.manager import KVManagerUnavailable, RemoteBlockManager
 
         timeout = self.serving.drain_timeout_s if timeout is None else timeout
         (self.run_dir / DRAINING).touch()
         manager = RemoteBlockManager(self.manager.address, 1, 1)
         deadline = time.monotonic() + timeout
         while True:
-            st = manager.stats()
+            try:
+                st = manager.stats()
+            except KVManagerUnavailable:     # the manager is gone: nothing left to wait for
+                return False
             fronts = requests_in_fronts(self.run_dir)
             if st["num_used"] == 0 and st["handoffs"] == 0 and not fronts:
                 if fronts is None:       # an ensemble: its last responses may still be on their way

@@ -167,8 +167,12 @@ class DecodeStage:
         sink.send(_delta(seq, first, seq.detok.delta()), False)
 
     def cancel(self, request_ids: list[str]) -> None:
-        """Drop these requests at the next step (their sinks get a final `abort` response)."""
-        self.to_cancel.update(request_ids)
+        """Drop these requests at the next step (their sinks get a final `abort` response). Ids of
+        requests not live here (finished already, or another worker's) are forgotten at once: the
+        front cancels only after decode answered, so a live request is never missed."""
+        if request_ids:
+            live = {lv.seq.request_id for lv in self.live.values()}
+            self.to_cancel.update(r for r in request_ids if r in live)
 
     def _drop_cancelled(self) -> None:
         for sid, live in list(self.live.items()):
