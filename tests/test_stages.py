@@ -490,3 +490,27 @@ def test_cancels_for_requests_not_live_are_not_kept(node):
     assert sink.outs[-1].finish_reason == "abort" and stage.to_cancel == set() and not stage.live
     stage.engine.block_manager.flush(idle=True)
     assert blocks_in_use(params.kv_address) == 0
+
+
+def test_a_kv_manager_that_does_not_answer_fails_the_arrival_not_the_loop(node, monkeypatch):
+    from baton.backends.kv.manager import KVManagerUnavailable
+
+    params, prefill, _ = node
+    stage = DecodeStage(node_engine(params, "decode"), KEY)
+    h = prefilled(prefill, prompts_of(512, [10], seed=82), temperature=0, max_tokens=3, ignore_eos=True)[0]
+
+    def no_answer(*a):
+        raise KVManagerUnavailable("the KV manager at ... did not answer")
+
+    monkeypatch.setattr(stage.engine.block_manager, "claim", no_answer)
+    sink = ListSink()
+    stage.step_once([(h, sink)])                          # must not raise out of the worker's loop
+    assert sink.err and "could not check the KV handle" in sink.err and not stage.live
+    monkeypatch.undo()
+    ok = ListSink()
+    stage.step_once([(h, ok)])                            # the manager answers again: served
+    while stage.live:
+        stage.step_once()
+    assert ok.outs[-1].finish_reason == "length"
+    stage.engine.block_manager.flush(idle=True)
+    assert blocks_in_use(params.kv_address) == 0

@@ -68,7 +68,12 @@ class DecodeStage:
         """Adopt new sequences; each one's first token (sampled by prefill) goes to its sink now, so a
         caller that flushes before the next step does not delay TTFT by a decode step."""
         for handle, sink in arrivals:
-            problem = self._refuse(handle)
+            try:
+                problem = self._refuse(handle)
+            except Exception as e:             # the KV manager did not answer: this request fails, not the loop
+                _log(handle.request_id, f"could not be checked: {e}")
+                sink.error(f"decode could not check the KV handle of request {handle.request_id!r}: {e}")
+                continue
             if problem:
                 _log(handle.request_id, f"refused: {problem}")
                 sink.error(f"invalid KV handle for request {handle.request_id!r}: {problem}")
