@@ -3,6 +3,7 @@ in Baton changes them at import: a library must not retune its host's OpenMP or 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ def configure_process(threads: int = 0) -> None:
     logs (per-request lines at INFO, keyed by request id) go to stderr at BATON_LOG_LEVEL (WARNING)."""
     logging.basicConfig(level=os.environ.get("BATON_LOG_LEVEL", "WARNING").upper(),
                         format="[baton %(name)s] %(message)s")
+    faulthandler.enable(all_threads=True)     # a crash leaves every thread's stack in the stage's log
     if "torch" not in sys.modules:
         os.environ.update(process_env())
     if threads > 0:

@@ -69,6 +69,7 @@ class NodeConfig:
     weights: str = ""                    # the node's shared weight file ("": each stage loads the checkpoint)
     run_dir: str = "/tmp"
     handle_key: str = ""                 # hex secret: prefill signs KV handles with it, decode checks them
+    grpc_address: str = ""               # the node's own gRPC endpoint (the llm front calls its stages there)
 
     @property
     def max_tokens_limit(self) -> int:

@@ -105,14 +105,15 @@ class Node:
             print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory ({method.name}, "
                   f"{time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
         self.serving = serving
-        node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir), secrets.token_hex(32))
+        self.http_port = self.http_port or free_port()
+        self.grpc_port = self.grpc_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+        node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir), secrets.token_hex(32),
+                          grpc_address=self.grpc_url)
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")
         repo = render(prof, self.run_dir / "models", self.run_dir / "node.json")
-        self.http_port = self.http_port or free_port()
-        self.grpc_port = self.grpc_port or free_port()
-        self.metrics_port = self.metrics_port or free_port()
         self.server = TritonServer(repo, self.run_dir, self.http_port, self.grpc_port, self.metrics_port,
                                    f"baton-{self.node_id}-", self.run_dir / "tritonserver.log")
         admin_key = "" if serving.open_admin_apis else secrets.token_hex(16)

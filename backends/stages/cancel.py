@@ -1,7 +1,7 @@
 """Cancellation by request id, from the `llm` front model to the node's decode workers.
 
 Triton 2.51's ensemble scheduler passes a client's cancellation only to steps it schedules after
-it, so a decode step already streaming never sees it. The front model (`llm`, a decoupled BLS model
+it, so a decode step already streaming never sees it. The front model (`llm`, a decoupled model
 that calls preprocess, prefill and decode) is the top-level request: it sees `is_cancelled()`, and
 tells every decode worker of the node to drop that request id over a local socket. Each worker binds
 one PULL socket, `<run_dir>/cancel-<instance>.sock`; a sender connects to all of them."""

@@ -1,10 +1,10 @@
-"""The `llm` front (profile single_node): a decoupled Python model that runs the relay itself through
-BLS calls (preprocess -> prefill -> decode, streaming decode's responses back under the user-facing
-names) instead of an ensemble. It exists for cancellation: as the top-level request it sees the
+"""The `llm` front (profile single_node): a decoupled Python model that runs the relay itself
+(preprocess -> prefill -> decode, streaming decode's responses back under the user-facing names)
+instead of an ensemble, calling the stages on the node's own gRPC port (stages/loopback.py). It exists for cancellation: as the top-level request it sees the
 client's cancellation (`is_cancelled()`), which Triton 2.51's ensemble never passes to a decode step
 already running, and it tells the node's decode workers to drop the request (stages/cancel.py).
 
-Each request is served on a thread of this stub (a BLS decoupled call blocks while it streams). The
+Each request is served on a thread of this stub (a streaming call blocks while it streams). The
 Triton calls are passed in as `Calls`, so the relay logic here runs without a server in tests."""
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def relay(inputs: Any, calls: Calls, cancel: CancelSender) -> str:
     request_id, ended, failed = "", False, None
     next_check = time.monotonic() + CANCEL_POLL_S
     cancelled = False
-    for resp in calls.decode(handle):             # read to its end, so the BLS call completes
+    for resp in calls.decode(handle):             # read to its end, so the call completes
         out = calls.outputs(resp)
         if not out or ended:                      # an empty closing response
             continue

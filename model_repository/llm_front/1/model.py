@@ -1,5 +1,5 @@
-"""llm (profile single_node): the decoupled front that relays preprocess -> prefill -> decode through
-BLS calls and sees the client's cancellation (baton.backends.stages.front says why)."""
+"""llm (profile single_node): the decoupled front that relays preprocess -> prefill -> decode (calls on
+the node's own gRPC port, stages/loopback.py) and sees the client's cancellation (stages/front.py)."""
 
 import json
 import sys
@@ -8,40 +8,26 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
+from baton.backends.runtime import configure_process
 from baton.backends.serving.config import DRAINING, NodeConfig
 from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
 from baton.backends.stages.cancel import CancelSender
 from baton.backends.stages.front import Admission, Calls, FrontError, check_parameters, relay
+from baton.backends.stages.loopback import Loopback
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
-def _checked(resp):
-    if resp.has_error():
-        err = resp.error()
-        raise FrontError(err.message(), err.code())
-    return resp
-
-
-def _call(model, tensors, outputs):
-    req = pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=[n for n, _, _ in outputs])
-    return _checked(req.exec()).output_tensors()
-
-
-def _stream(model, tensors, outputs):
-    req = pb_utils.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=[n for n, _, _ in outputs])
-    for resp in req.exec(decoupled=True):
-        yield _checked(resp)
-
-
 class TritonPythonModel:
     def initialize(self, args):
+        configure_process()
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.cancel = CancelSender(node.run_dir)
+        self.stages = Loopback(node.grpc_address)  # not BLS: stages/loopback.py says why
         self.limit = Admission(node.serving.max_pending_requests,
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING
-        # one thread per request in flight: a streaming BLS call blocks its thread
+        # one thread per request in flight: a streaming call blocks its thread
         self.pool = ThreadPoolExecutor(max_workers=node.serving.max_pending_requests, thread_name_prefix="baton-front")
 
     def execute(self, requests):
@@ -70,14 +56,15 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor(n, a) for n, a in outputs.items()] if outputs else []
             sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
 
-        calls = Calls(preprocess=lambda t: _call("preprocess", t, PREFILL_REQUEST),
-                      prefill=lambda t: _call("prefill", t, HANDLE),
-                      decode=lambda t: _stream("decode", t, STREAM),
-                      outputs=lambda resp: {t.name(): t.as_numpy() for t in resp.output_tensors()},
+        stages = self.stages
+        calls = Calls(preprocess=lambda t: stages.call("preprocess", t, _names(PREFILL_REQUEST)),
+                      prefill=lambda t: stages.call("prefill", t, _names(HANDLE)),
+                      decode=lambda t: stages.stream("decode", t, _names(STREAM)),
+                      outputs=lambda resp: resp,
                       send=send, cancelled=r.is_cancelled)
         try:
             check_parameters(json.loads(r.parameters() or "{}"))
-            if relay(r.inputs(), calls, self.cancel) == "cancelled":
+            if relay({t.name(): t.as_numpy() for t in r.inputs()}, calls, self.cancel) == "cancelled":
                 _close(sender)
         except FrontError as e:
             _fail(sender, str(e), _code(e.code))
@@ -86,6 +73,11 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.stages.close()
+
+
+def _names(specs):
+    return [n for n, _, _ in specs]
 
 
 def _code(code):

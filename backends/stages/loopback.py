@@ -1,0 +1,91 @@
+"""The `llm` front's calls to its node's stages (preprocess, prefill, decode), made over the node's
+own gRPC port on loopback instead of through BLS.
+
+Why not BLS: Triton 2.51's Python stub builds a BLS response's tensors, numpy arrays included, with
+the GIL released (InferRequest::Exec releases it for the whole call; a decoupled call's later
+responses are loaded on the stub's queue-monitor thread, which never holds it). The front serves each
+request on its own Python thread, so those arrays were made while other threads ran Python: measured,
+the front's stub died (SIGSEGV, "free(): invalid pointer") within 5 to 15 cancelled streams beside a
+second one. gRPC makes its Python objects with the GIL held. The stages stay separate Triton models,
+and the KV still travels only as a handle."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import (
+    deserialize_bytes_tensor,
+    np_to_triton_dtype,
+    serialize_byte_tensor,
+    triton_to_np_dtype,
+)
+
+from .front import FrontError
+
+Arrays = dict[str, np.ndarray]
+
+# A stage's gRPC status as the front's error codes (FrontError.code; model.py maps them to Triton's).
+_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.UNAVAILABLE: "unavailable"}
+
+MAX_MESSAGE_BYTES = 64 << 20         # prompts are bounded long before this (max_model_len tokens)
+
+
+def encode(model: str, arrays: Arrays, outputs: list[str]) -> service_pb2.ModelInferRequest:
+    req = service_pb2.ModelInferRequest(model_name=model)
+    for name, a in arrays.items():
+        req.inputs.add(name=name, datatype=np_to_triton_dtype(a.dtype), shape=a.shape)   # data: raw, in order
+        if a.dtype == np.object_ or a.dtype.type == np.bytes_:
+            raw = serialize_byte_tensor(a)
+            req.raw_input_contents.append(raw.item() if raw.size else b"")
+        else:
+            req.raw_input_contents.append(np.ascontiguousarray(a).tobytes())
+    for name in outputs:
+        req.outputs.add(name=name)
+    return req
+
+
+def decode(resp: service_pb2.ModelInferResponse) -> Arrays:
+    out = {}
+    for t, raw in zip(resp.outputs, resp.raw_output_contents):
+        shape = tuple(t.shape)
+        if t.datatype == "BYTES":
+            out[t.name] = deserialize_bytes_tensor(raw).reshape(shape)
+        else:
+            out[t.name] = np.frombuffer(raw, dtype=triton_to_np_dtype(t.datatype)).reshape(shape)
+    return out
+
+
+class Loopback:
+    """Calls on one node's gRPC endpoint; one channel, shared by every request thread (gRPC channels
+    are thread-safe)."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                                               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def call(self, model: str, arrays: Arrays, outputs: list[str]) -> Arrays:
+        try:
+            return decode(self.stub.ModelInfer(encode(model, arrays, outputs)))
+        except grpc.RpcError as e:
+            raise FrontError(e.details() or str(e.code()), _CODES.get(e.code(), "error")) from None
+
+    def stream(self, model: str, arrays: Arrays, outputs: list[str]) -> Iterator[Arrays]:
+        """A decoupled model's responses, to the last. Left early (the caller raised or closed the
+        generator), the call is cancelled rather than left streaming to no one."""
+        call = self.stub.ModelStreamInfer(iter([encode(model, arrays, outputs)]))
+        try:
+            for r in call:
+                if r.error_message:
+                    raise FrontError(r.error_message, "error")
+                yield decode(r.infer_response)
+        except grpc.RpcError as e:
+            raise FrontError(e.details() or str(e.code()), _CODES.get(e.code(), "error")) from None
+        finally:
+            call.cancel()                             # a no-op once the stream has ended
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,76 @@
+"""The llm front's relay and its loopback calls, without a server (test_serving runs them in one)."""
+
+import numpy as np
+import pytest
+
+from baton import SamplingParams
+from baton.backends.stages.front import Calls, FrontError, relay
+from baton.backends.stages.loopback import decode, encode
+from baton.backends.stages.messages import PrefillRequest, TokenDelta, error_delta
+
+
+def _echo(msg):
+    """A response laid out like the request's inputs (what a stage returning them would send)."""
+    from tritonclient.grpc import service_pb2
+
+    return service_pb2.ModelInferResponse(outputs=[service_pb2.ModelInferResponse.InferOutputTensor(
+        name=t.name, datatype=t.datatype, shape=t.shape) for t in msg.inputs], raw_output_contents=msg.raw_input_contents)
+
+
+def test_loopback_messages_round_trip_every_tensor_type():
+    req = PrefillRequest("r1", [5, 6, 7], SamplingParams(temperature=0.5, max_tokens=9))
+    delta = TokenDelta("r1", [3, 4], "héllo", "length", 3, 2, 0, [-0.5, -1.0])
+    for arrays in (req.to_arrays(), delta.to_arrays(), {"empty": np.zeros((0,), np.int64)}):
+        msg = encode("m", arrays, ["out"])
+        assert msg.model_name == "m" and [o.name for o in msg.outputs] == ["out"]
+        back = decode(_echo(msg))
+        assert back.keys() == arrays.keys()
+        for k, a in arrays.items():
+            assert back[k].shape == a.shape and back[k].tolist() == a.tolist(), k
+    assert PrefillRequest.from_arrays(decode(_echo(encode("m", req.to_arrays(), [])))) == req
+
+
+class _Cancel:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, request_id):
+        self.sent.append(request_id)
+
+
+def _calls(deltas, cancelled=lambda: False):
+    sent = []
+    calls = Calls(preprocess=lambda inputs: {"pre": inputs}, prefill=lambda pre: {"handle": pre},
+                  decode=lambda handle: iter([d.to_arrays() for d in deltas]), outputs=lambda resp: resp,
+                  send=lambda out, final: sent.append((out, final)), cancelled=cancelled)
+    return calls, sent
+
+
+def test_relay_streams_renamed_outputs_and_ends_on_the_final_one():
+    deltas = [TokenDelta("r", [1], "a", "", 2, 1, 0), TokenDelta("r", [2], "b", "stop", 2, 2, 0)]
+    calls, sent = _calls(deltas)
+    assert relay({}, calls, _Cancel()) == "finished"
+    assert [f for _, f in sent] == [False, True]
+    assert sent[0][0]["text_output"].tolist() == [b"a"] and sent[1][0]["finish_reason"].tolist() == [b"stop"]
+
+
+def test_relay_on_cancellation_tells_decode_once_and_sends_nothing_more(monkeypatch):
+    import baton.backends.stages.front as front
+
+    monkeypatch.setattr(front, "CANCEL_POLL_S", 0.0)
+    deltas = [TokenDelta("r9", [i], "x", "", 2, i + 1, 0) for i in range(5)] + [TokenDelta("r9", [], "", "cancelled", 2, 5, 0)]
+    asked = []
+    calls, sent = _calls(deltas, cancelled=lambda: asked.append(1) or len(asked) >= 2)
+    cancel = _Cancel()
+    assert relay({}, calls, cancel) == "cancelled"
+    assert cancel.sent == ["r9"] and len(sent) == 1          # the first delta went out; none after the ask
+
+
+def test_relay_raises_decodes_in_band_error_and_a_stream_without_an_end():
+    calls, sent = _calls([TokenDelta("r", [1], "a", "", 2, 1, 0), error_delta("r", "worker died", unavailable=True)])
+    with pytest.raises(FrontError, match="worker died") as e:
+        relay({}, calls, _Cancel())
+    assert e.value.code == "unavailable" and len(sent) == 1
+    calls, _ = _calls([TokenDelta("r", [1], "a", "", 2, 1, 0)])
+    with pytest.raises(FrontError, match="without a final response"):
+        relay({}, calls, _Cancel())
