@@ -74,3 +74,29 @@ def test_relay_raises_decodes_in_band_error_and_a_stream_without_an_end():
     calls, _ = _calls([TokenDelta("r", [1], "a", "", 2, 1, 0)])
     with pytest.raises(FrontError, match="without a final response"):
         relay({}, calls, _Cancel())
+
+
+def test_relay_cuts_a_request_past_its_deadline_and_says_which_limit(monkeypatch):
+    import baton.backends.stages.front as front
+
+    monkeypatch.setattr(front, "CANCEL_POLL_S", 0.0)
+    deltas = [TokenDelta("r7", [i], "x", "", 2, i + 1, 0) for i in range(3)] + [TokenDelta("r7", [], "", "cancelled", 2, 3, 0)]
+    calls, sent = _calls(deltas)
+    cancel = _Cancel()
+    with pytest.raises(FrontError, match="request_timeout_s") as e:
+        relay({}, calls, cancel, timeout_s=1e-9)
+    assert e.value.code == "unavailable" and cancel.sent == ["r7"] and sent == []
+    calls, sent = _calls(deltas[:2] + [TokenDelta("r7", [9], "y", "length", 2, 3, 0)])
+    assert relay({}, calls, cancel, timeout_s=60) == "finished" and len(sent) == 3
+
+
+def test_relay_without_stream_sends_one_response_with_every_delta_merged():
+    deltas = [TokenDelta("r", [1], "ab", "", 2, 1, 0, [-0.5]), TokenDelta("r", [2, 3], "é", "", 2, 3, 1, [-1.0, -2.0]),
+              TokenDelta("r", [4], "!", "stop", 2, 4, 1, [-3.0])]
+    calls, sent = _calls(deltas)
+    assert relay({}, calls, _Cancel(), stream=False) == "finished"
+    assert len(sent) == 1 and sent[0][1] is True
+    out = sent[0][0]
+    assert out["token_ids"].tolist() == [1, 2, 3, 4] and out["logprobs"].tolist() == [-0.5, -1.0, -2.0, -3.0]
+    assert out["text_output"][0].decode() == "abé!" and out["finish_reason"].tolist() == [b"stop"]
+    assert out["completion_tokens"].tolist() == [4] and out["cached_tokens"].tolist() == [1]

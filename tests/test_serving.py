@@ -570,6 +570,86 @@ def test_a_misspelled_http_input_is_refused_not_ignored(node):
     assert status == 200 and '"finish_reason":"length"' in body, body
 
 
+def _post(node, path, body):
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{node.http_url}/v2/models/llm/{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_stream_false_answers_http_generate_with_one_complete_response(node, offline):
+    """Triton's HTTP `generate` takes exactly one response from a decoupled model (it answered 200 with
+    an error body); with `stream: false` the front merges decode's deltas into one."""
+    import json
+
+    import tritonclient.grpc as grpc
+
+    expect = offline(PROMPTS[0], max_tokens=20)
+    status, body = _post(node, "generate", {"text_input": PROMPTS[0], "max_tokens": 20, "temperature": 0.0,
+                                            "ignore_eos": True, "stream": False})
+    assert status == 200, body
+    out = json.loads(body)
+    assert out["text_output"] == expect.text and out["token_ids"] == expect.token_ids
+    assert out["finish_reason"] == "length" and out["completion_tokens"] == 20
+    got = []
+    c = grpc.InferenceServerClient(node.grpc_url)
+    c.start_stream(callback=lambda result, error: got.append(error or result))
+    inputs = [grpc.InferInput("text_input", [1], "BYTES"), grpc.InferInput("max_tokens", [1], "INT32"),
+              grpc.InferInput("temperature", [1], "FP32"), grpc.InferInput("stream", [1], "BOOL")]
+    for t, v in zip(inputs, [np.array([PROMPTS[0].encode()], dtype=object), np.array([20], np.int32),
+                             np.array([0.0], np.float32), np.array([False])]):
+        t.set_data_from_numpy(v)
+    c.async_stream_infer("llm", inputs)
+    c.stop_stream()                                   # waits for the stream's responses
+    assert len(got) == 1 and got[0].as_numpy("token_ids").tolist() == expect.token_ids[:20]
+
+
+def test_an_http_stream_closed_by_its_client_stops_generating(node):
+    """Triton 2.51 cancels an HTTP generate_stream request once a write finds the client gone; the
+    front passes that to decode, which drops it (its log says cancelled) and frees its blocks."""
+    import json
+    import socket
+
+    host, port = node.http_url.split(":")
+    body = json.dumps({"text_input": "def long_function():", "max_tokens": 200, "ignore_eos": True}).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v2/models/llm/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    first = b""
+    while b"request_id" not in first:
+        first += s.recv(4096)
+    rid = first.split(b'"request_id":"')[1].split(b'"')[0].decode()
+    s.close()
+    assert _ended(node, rid) == "cancelled"
+    assert _wait_blocks_free(node) == 0
+
+
+def test_a_request_past_request_timeout_s_is_stopped_and_named(qwen3_dir):
+    """The deadline that bounds what a vanished client can hold: the stream ends with UNAVAILABLE
+    naming request_timeout_s, decode frees its blocks, and the node goes on serving."""
+    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 1024, "max_tokens_limit": 1000,
+                                        "kv_cache_memory_mb": 8, "request_timeout_s": 0.3})
+    n.start(timeout=180, quiet=True)
+    try:
+        client = BatonClient(n.grpc_url)
+        chunks = []
+        with pytest.raises(BatonError, match="request_timeout_s"):
+            for c in client.stream("def long_function():", temperature=0.0, max_tokens=1000, ignore_eos=True):
+                chunks.append(c)
+        got = sum(len(c.token_ids) for c in chunks)
+        assert 0 < got < 1000
+        assert _wait_blocks_free(n) == 0
+        assert client.generate("ok", max_tokens=3).completion_tokens == 3
+    finally:
+        n.stop()
+
+
 def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir):
     """6x more concurrent requests than max_num_seqs, with a pending limit: each one completes (all its
     tokens, finish reason length) or is refused at once with "server busy"; none is lost or hangs, and

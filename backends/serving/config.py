@@ -47,12 +47,16 @@ class ServingConfig:
     # on SIGTERM / Ctrl-C, `baton serve` stops admitting requests and lets those in flight finish for
     # at most this long before it stops the node (a second signal stops it at once)
     drain_timeout_s: float = 30.0
+    # a request still generating this long after it reached the llm front is cut: decode drops it and
+    # the client gets UNAVAILABLE naming this setting; bounds what a client that vanished without the
+    # server noticing (a non-streaming HTTP request) can hold. 0: no limit
+    request_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         check_types(self, "ServingConfig")
         if self.max_pending_requests < 1:
             raise ConfigError(f"max_pending_requests: must be >= 1, got {self.max_pending_requests}")
-        for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step"):
+        for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 

@@ -102,14 +102,20 @@ def check_parameters(params: dict[str, Any]) -> None:
                          f"{', '.join(n for n, _ in SCALARS)}", "invalid")
 
 
-def relay(inputs: Any, calls: Calls, cancel: CancelSender) -> str:
+def relay(inputs: Any, calls: Calls, cancel: CancelSender, timeout_s: float = 0.0, stream: bool = True) -> str:
     """Serve one request; returns how it ended ("finished", "cancelled"). Stage errors propagate as
     FrontError (model.py turns them into the request's final error response); decode reports its own
-    in band, as a last delta with finish reason "error" or "unavailable" (messages.ERROR_REASONS)."""
+    in band, as a last delta with finish reason "error" or "unavailable" (messages.ERROR_REASONS).
+    A request still streaming `timeout_s` after it arrived (0: no limit) is dropped from decode like
+    a cancelled one and ends with a FrontError ("unavailable") naming request_timeout_s. With `stream`
+    false the client gets one response, every delta merged (what Triton's HTTP `generate` endpoint
+    accepts); the front still reads each delta, so cancellation and the deadline work the same."""
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")
     handle = calls.prefill(calls.preprocess(inputs))
     request_id, ended, failed = "", False, None
     next_check = time.monotonic() + CANCEL_POLL_S
-    cancelled = False
+    cancelled = timed_out = False
+    merged: dict[str, Any] = {}
     for resp in calls.decode(handle):             # read to its end, so the call completes
         out = calls.outputs(resp)
         if not out or ended:                      # an empty closing response
@@ -122,16 +128,48 @@ def relay(inputs: Any, calls: Calls, cancel: CancelSender) -> str:
             continue
         if not cancelled and time.monotonic() >= next_check:
             next_check = time.monotonic() + CANCEL_POLL_S
-            if calls.cancelled():
+            timed_out = not ended and time.monotonic() >= deadline
+            if timed_out or calls.cancelled():
                 cancelled = True
                 cancel.send(request_id)           # decode drops it at its next step, freeing its blocks
         if not cancelled:
-            calls.send({RENAME[k]: v for k, v in out.items() if k in RENAME}, ended)
+            user = {RENAME[k]: v for k, v in out.items() if k in RENAME}
+            if stream:
+                calls.send(user, ended)
+            else:
+                merged = _merge(merged, user)
+                if ended:
+                    calls.send(merged, True)
+    if timed_out:
+        raise FrontError(f"request {request_id} was still generating after {timeout_s:g} s, the server's "
+                         "limit (request_timeout_s): it was stopped", "unavailable")
     if failed is not None and not cancelled:
         raise failed
     if not ended and not cancelled:
         raise FrontError(f"decode ended request {request_id or '?'} without a final response", "error")
     return "cancelled" if cancelled else "finished"
+
+
+# Outputs that a merged (non-streamed) response concatenates; the others (usage, finish reason, id)
+# are taken from the newest delta.
+_CONCAT = ("text_output", "token_ids", "logprobs")
+
+
+def _merge(held: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    if not held:
+        return new
+    out = dict(new)
+    for k in _CONCAT:
+        if k == "text_output":
+            out[k] = np.array([_bytes(held[k]) + _bytes(new[k])], dtype=object)
+        else:
+            out[k] = np.concatenate([held[k].reshape(-1), new[k].reshape(-1)])
+    return out
+
+
+def _bytes(arr: Any) -> bytes:
+    v = arr.reshape(-1)[0]
+    return v if isinstance(v, bytes) else str(v).encode()
 
 
 def _text(arr: Any) -> str:

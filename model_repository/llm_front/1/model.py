@@ -27,6 +27,7 @@ class TritonPythonModel:
         self.limit = Admission(node.serving.max_pending_requests,
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING
+        self.timeout_s = node.serving.request_timeout_s
         # one thread per request in flight: a streaming call blocks its thread
         self.pool = ThreadPoolExecutor(max_workers=node.serving.max_pending_requests, thread_name_prefix="baton-front")
 
@@ -64,7 +65,10 @@ class TritonPythonModel:
                       send=send, cancelled=r.is_cancelled)
         try:
             check_parameters(json.loads(r.parameters() or "{}"))
-            if relay({t.name(): t.as_numpy() for t in r.inputs()}, calls, self.cancel) == "cancelled":
+            inputs = {t.name(): t.as_numpy() for t in r.inputs()}
+            stream = inputs.pop("stream", None)      # the front's own input (one merged response if false)
+            stream = True if stream is None else bool(stream.reshape(-1)[0])
+            if relay(inputs, calls, self.cancel, self.timeout_s, stream) == "cancelled":
                 _close(sender)
         except FrontError as e:
             _fail(sender, str(e), _code(e.code))
