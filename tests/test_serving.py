@@ -650,33 +650,72 @@ def test_a_request_past_request_timeout_s_is_stopped_and_named(qwen3_dir):
         n.stop()
 
 
+def _node_rss_mb(n) -> float:
+    """Resident memory of the node's processes: tritonserver, its stage stubs and the decode worker
+    (its descendants), and the KV manager."""
+    import os
+
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    pids, todo = {n.manager.proc.pid}, [n.server.proc.pid]
+    while todo:
+        p = todo.pop()
+        pids.add(p)
+        todo += [c for c, pp in parents.items() if pp == p and c not in pids]
+    kb = 0
+    for p in pids:
+        try:
+            kb += next(int(line.split()[1]) for line in open(f"/proc/{p}/status") if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return kb / 1024
+
+
 def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir):
-    """6x more concurrent requests than max_num_seqs, with a pending limit: each one completes (all its
-    tokens, finish reason length) or is refused at once with "server busy"; none is lost or hangs, and
-    every KV block comes back."""
-    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 256, "kv_cache_memory_mb": 4,
-                                        "max_num_seqs": 2, "max_pending_requests": 6})
+    """4x more long-prompt requests in flight than max_num_seqs, then as many again past the pending
+    limit: the extra ones are refused at once with "server busy", every admitted one completes in full,
+    no block leaks, and three such waves leave the node's memory flat."""
+    import time
+
+    from baton.backends.stages.front import requests_in_fronts
+
+    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 640, "kv_cache_memory_mb": 8,
+                                        "max_num_seqs": 2, "max_pending_requests": 8})
     n.start(timeout=180, quiet=True)
     try:
-        prompts = [PROMPTS[i % len(PROMPTS)] * 3 + str(i) for i in range(12)]
         client = BatonClient(n.grpc_url)
+        long_prompt = "def parse(path):\n    with open(path) as f:\n        return f.read()\n" * 16   # ~400 tokens
 
-        def one(p):
+        def one(p, max_tokens):
             try:
-                return client.generate(p, **(GREEDY | {"max_tokens": 24}), timeout=120)
+                return client.generate(p, **(GREEDY | {"max_tokens": max_tokens}), timeout=120)
             except BatonError as e:
                 return e
 
-        with ThreadPoolExecutor(12) as pool:
-            got = list(pool.map(one, prompts))
-        done = [(p, g) for p, g in zip(prompts, got) if not isinstance(g, Exception)]
-        busy = [g for g in got if isinstance(g, Exception)]
-        assert all("server busy" in str(e) for e in busy), busy
-        # 12 arrive within milliseconds; 6 in flight take ~0.3 s (2 decode at a time): some are refused
-        assert len(done) >= 6 and busy and len(done) + len(busy) == 12
-        for _, g in done:                   # complete (fp32 greedy tokens may differ by batch: not compared)
-            assert g.finish_reason == "length" and len(g.token_ids) == g.completion_tokens == 24
-        assert blocks_in_use(n.manager.address) == 0
+        rss = []
+        for wave in range(3):
+            with ThreadPoolExecutor(16) as pool:
+                held = [pool.submit(one, long_prompt + f"# {wave}.{i}\n", 64) for i in range(8)]
+                deadline = time.monotonic() + 30
+                while requests_in_fronts(n.run_dir) < 8 and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                assert requests_in_fronts(n.run_dir) == 8, f"wave {wave}: the 8 requests never were in flight together"
+                extra = [pool.submit(one, long_prompt + f"# extra {i}\n", 8) for i in range(8)]
+                refused = [f.result() for f in extra]
+                done = [f.result() for f in held]
+            assert all(isinstance(e, BatonError) and "server busy" in str(e) for e in refused), refused
+            for g in done:
+                assert not isinstance(g, Exception), g
+                assert g.finish_reason == "length" and len(g.token_ids) == g.completion_tokens == 64
+                assert g.prompt_tokens > 300
+            assert _wait_blocks_free(n) == 0
+            rss.append(_node_rss_mb(n))
+        print(f"node RSS after each wave: {[round(r) for r in rss]} MB")
+        assert rss[2] - rss[0] < 0.05 * rss[0], rss      # flat: waves 2 and 3 add under 5%
         client.close()
     finally:
         n.stop()
