@@ -43,14 +43,14 @@ checkpoint: $(MODEL)/config.json
 models: venv
 	$(VENV)/bin/baton train-tiny --out models
 
-# Serves the default model through tritonserver (prefill -> decode ensemble), streams a sample
-# completion, then keeps serving until Ctrl-C.
+# Serves the default model through tritonserver (the llm front over preprocess -> prefill -> decode)
+# and the OpenAI gateway (:9000), streams a sample completion, then keeps serving until Ctrl-C.
 serve: venv checkpoint
 	$(VENV)/bin/baton serve --model $(MODEL) --prompt "def fibonacci(n):"
 
 # Starts a server, streams a completion, checks it against the in-process engine, stops.
 smoke: venv checkpoint
-	$(VENV)/bin/baton serve --model $(MODEL) --smoke --http-port 0 --grpc-port 0 --metrics-port 0
+	$(VENV)/bin/baton serve --model $(MODEL) --smoke --http-port 0 --grpc-port 0 --metrics-port 0 --gateway-port 0
 
 bench: venv $(BENCH_MODEL)/config.json
 	$(PY) benchmarks/engine.py --model $(BENCH_MODEL)

@@ -75,6 +75,7 @@ def _serve(argv: list[str]) -> None:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--grpc-port", type=int, default=8001)
     ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--gateway-port", type=int, default=9000, help="the OpenAI-compatible API; -1: none")
     ap.add_argument("--prompt", default=None, help="stream this sample completion once ready")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--smoke", action="store_true",
@@ -86,7 +87,8 @@ def _serve(argv: list[str]) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    node = Node(a.model, a.profile, a.http_port, a.grpc_port, a.metrics_port)
+    node = Node(a.model, a.profile, a.http_port, a.grpc_port, a.metrics_port,
+                gateway_port=None if a.gateway_port < 0 else a.gateway_port)
     exit_code = 0
     try:
         node.start(a.timeout)
@@ -186,6 +188,7 @@ COMMANDS = {
     "generate": _generate,
     "serve": _serve,
     "client": _client,
+    "gateway": lambda argv: __import__("baton.backends.gateway.__main__", fromlist=["main"]).main(argv),
 }
 
 

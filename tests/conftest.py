@@ -72,9 +72,10 @@ def baton_serve(model_dir, run_root):
     from baton.backends.serving.launcher import free_port
 
     env = dict(os.environ, BATON_RUN_DIR=str(run_root))
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(free_port()) for _ in range(4)]
     proc = subprocess.Popen([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--model", str(model_dir),
-                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                             "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
+                             "--gateway-port", ports[3]],
                             env=env, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:

@@ -10,6 +10,7 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -69,13 +70,16 @@ class Node:
     supervisor: Supervisor | None = None
     admin_key: str = ""                  # the header value Triton's admin APIs want ("" when open)
     serving: ServingConfig | None = None
+    gateway_port: int | None = None      # the OpenAI-compatible gateway's port (0: a free one; None: none)
+    gateway: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
         tmp = Path(os.environ.get("BATON_RUN_DIR", "/tmp"))
         for p in remove_leftovers(SHM_DIR, tmp):         # of runs killed before they could clean up
             print(f"[baton] removed {p} (its process is gone)", file=sys.stderr, flush=True)
-        for port, what in ((self.http_port, "HTTP"), (self.grpc_port, "gRPC"), (self.metrics_port, "metrics")):
+        for port, what in ((self.http_port, "HTTP"), (self.grpc_port, "gRPC"), (self.metrics_port, "metrics"),
+                           (self.gateway_port, "gateway")):
             if port and not port_free(port):
                 raise RuntimeError(f"{what} port {port} is in use (another server, maybe an earlier baton serve?); "
                                    "pick another, or 0 for a free one")
@@ -138,13 +142,42 @@ class Node:
         except Exception:
             self.stop()
             raise
-        self.supervisor = Supervisor(self.server.proc, self.manager.proc)
+        if self.gateway_port is not None:
+            try:
+                self._start_gateway(model_dir)
+            except Exception:
+                self.stop()
+                raise
+        self.supervisor = Supervisor(self.server.proc, self.manager.proc, gateway=self.gateway)
         self.supervisor.snapshot()
         if not quiet:
+            gateway = f"  OpenAI http://127.0.0.1:{self.gateway_port}/v1" if self.gateway else ""
             print(f"\r[baton] ready in {time.monotonic() - t0:.1f}s: gRPC 127.0.0.1:{self.grpc_port}  "
-                  f"HTTP http://127.0.0.1:{self.http_port}  metrics http://127.0.0.1:{self.metrics_port}/metrics",
-                  file=sys.stderr, flush=True)
+                  f"HTTP http://127.0.0.1:{self.http_port}  metrics http://127.0.0.1:{self.metrics_port}/metrics"
+                  + gateway, file=sys.stderr, flush=True)
         return self
+
+    def _start_gateway(self, model_dir: str, timeout: float = 60) -> None:
+        import urllib.request
+
+        from ..runtime import die_with_parent
+
+        self.gateway_port = self.gateway_port or free_port()
+        log = open(self.run_dir / "gateway.log", "ab")
+        self.gateway = subprocess.Popen(
+            [sys.executable, "-P", "-m", "baton.backends.gateway", "--triton", self.grpc_url,
+             "--port", str(self.gateway_port), "--model", model_dir],
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, env=os.environ | process_env())
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{self.gateway_url}/health", timeout=1).close()
+                return
+            except OSError:
+                if self.gateway.poll() is not None or time.monotonic() > deadline:
+                    tail = (self.run_dir / "gateway.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"the OpenAI gateway did not start:\n{tail}") from None
+                time.sleep(0.1)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop admitting requests (the llm front refuses new ones with "shutting down") and wait until
@@ -182,10 +215,20 @@ class Node:
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
+    @property
+    def gateway_url(self) -> str:
+        return f"127.0.0.1:{self.gateway_port}"
+
     def stop(self) -> None:
         """Each step runs even if an earlier one fails. The run directory goes too, unless the node
         failed (a dead process, a failed start): its logs are what tells why."""
         keep = self.supervisor is None or self.failure() is not None
+        if self.gateway is not None:
+            self.gateway.terminate()
+            try:
+                self.gateway.wait(10)
+            except subprocess.TimeoutExpired:
+                self.gateway.kill()
         try:
             if self.server is not None:
                 self.server.stop()

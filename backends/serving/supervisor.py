@@ -46,6 +46,7 @@ def _name(pid: int, argv: list[str]) -> str:
 class Supervisor:
     server: subprocess.Popen
     manager: subprocess.Popen
+    gateway: subprocess.Popen | None = None
     watched: dict[int, str] = field(default_factory=dict)
 
     def snapshot(self) -> None:
@@ -58,6 +59,8 @@ class Supervisor:
             return f"tritonserver exited with code {self.server.returncode}"
         if self.manager.poll() is not None:
             return f"the KV manager exited with code {self.manager.returncode}"
+        if self.gateway is not None and self.gateway.poll() is not None:
+            return f"the OpenAI gateway exited with code {self.gateway.returncode}"
         gone = [name for pid, name in self.watched.items() if not _alive(pid)]
         if gone and self.server.poll() is not None:     # the server went first, taking its stages along
             return f"tritonserver exited with code {self.server.returncode}"
