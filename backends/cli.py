@@ -103,15 +103,15 @@ def _serve(argv: list[str]) -> None:
               file=sys.stderr, flush=True)
         exit_code = 1
     except KeyboardInterrupt:                    # SIGTERM or Ctrl-C: finish what is in flight first
-        if node.server is not None and node.failure() is None:
-            grace = node.serving.drain_timeout_s if node.serving else 0
-            print(f"[baton] draining: no new requests; waiting up to {grace:.0f}s for those in flight "
-                  "(signal again to stop now)", file=sys.stderr, flush=True)
-            try:
+        try:                                     # a second signal (anywhere in here) stops at once
+            if node.server is not None and node.failure() is None:
+                grace = node.serving.drain_timeout_s if node.serving else 0
+                print(f"[baton] draining: no new requests; waiting up to {grace:.0f}s for those in flight "
+                      "(signal again to stop now)", file=sys.stderr, flush=True)
                 drained = node.drain()
                 print(f"[baton] {'drained' if drained else 'drain timed out'}", file=sys.stderr, flush=True)
-            except KeyboardInterrupt:
-                pass
+        except KeyboardInterrupt:
+            pass
     finally:
         # a second Ctrl-C must not cut the cleanup short (it would leave /dev/shm files behind)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
