@@ -52,7 +52,12 @@ def test_greedy_matches_transformers(family_case, impl, monkeypatch):
     dict(enable_chunked_prefill=False),
     dict(max_num_batched_tokens=16),          # prefills split into many chunks, mixed with decodes
     dict(num_blocks=10, max_num_batched_tokens=64),  # forces preemption by recompute
-], ids=["no-prefix-cache", "no-chunked-prefill", "tiny-chunks", "preemption"])
+    dict(speculative_method="ngram", speculative_max_batch=64),   # prompt-lookup drafts (mostly rejected here)
+    dict(speculative_method="ngram", speculative_max_batch=64, max_num_batched_tokens=16),  # cut by the budget
+    dict(speculative_method="ngram", speculative_max_batch=64, num_blocks=10,
+         max_num_batched_tokens=64),                                            # drafts of preempted ones
+], ids=["no-prefix-cache", "no-chunked-prefill", "tiny-chunks", "preemption", "spec-ngram", "spec-tiny-chunks",
+        "spec-preemption"])
 def test_engine_modes_keep_outputs(family_case, engine_args):
     path, prompts, expected = family_case
     args = dict(dtype="float32", num_blocks=64) | engine_args

@@ -33,10 +33,17 @@ class EngineConfig:
     threads: int = 0                     # torch intra-op threads, set by the entry point (LLM, a stage); 0: torch's
     seed: int = 0                        # sampling seed of requests without their own
     pack_weights: bool = True            # oneDNN-pack bf16/fp16 linear weights on CPU (the fast GEMV path)
+    # speculative decoding: "" (off) or "ngram" (prompt lookup); up to num_speculative_tokens drafts
+    # per sequence per step, verified by one target forward (backends/spec)
+    speculative_method: Literal["", "ngram"] = ""
+    num_speculative_tokens: int = 4
+    # drafts only while at most this many sequences run: on 2 CPU cores k+1 rows per sequence cost
+    # more than they save from batch 2 up (benchmarks/README.md, "Speculative decoding")
+    speculative_max_batch: int = 1
 
     def __post_init__(self) -> None:
         check_types(self, "EngineConfig")
-        for name in ("block_size", "max_num_seqs"):
+        for name in ("block_size", "max_num_seqs", "num_speculative_tokens", "speculative_max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("num_blocks", "kv_cache_memory_mb", "max_model_len", "max_num_batched_tokens", "threads"):

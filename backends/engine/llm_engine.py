@@ -17,6 +17,8 @@ from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, prepare_weights
 from ..runtime import owned_name, remove_leftovers
+from ..spec.proposer import NgramProposer
+from ..spec.verifier import verify
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .errors import InvalidRequestError
@@ -84,6 +86,8 @@ class LLMEngine:
                                    self.connector)
         self.runner = ModelRunner(self.model, self.pool)
         self.sampler = Sampler(config.seed)
+        self.proposer = NgramProposer() if config.speculative_method == "ngram" else None
+        self.spec_stats = {"drafted": 0, "accepted": 0}       # acceptance rate = accepted / drafted
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
 
@@ -148,7 +152,9 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        self._propose()
         scheduled = self.scheduler.schedule()
+        self._trim_drafts(scheduled)
         # sequences the scheduler ended because the whole pool could not hold them
         out = [StepOutput(s, [], True) for s in self.scheduler.take_finished()]
         for o in out:
@@ -156,34 +162,107 @@ class LLMEngine:
         if not scheduled:
             return out
         seqs, logits = self.runner.run(scheduled)
-        bm = self.block_manager
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            full = seq.num_computed_tokens // self.block_size
-            if full > seq.num_published_blocks:      # only full, computed blocks are published (and saved)
-                for b in range(seq.num_published_blocks, full):
-                    bm.cache_block(seq.block_table[b], seq.block_hashes[b])
-                self.connector.save(seq, seq.block_table[seq.num_published_blocks:full])
-                seq.num_published_blocks = full
+            if not seq.num_draft:                    # drafts: published once verified, below
+                self._publish(seq)
         if logits is None:
             return out
-        tokens, logprobs = self.sampler(logits, seqs)
-        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            seq.append(tok)
-            if logprobs is not None and seq.params.logprobs:
-                seq.logprobs.append(logprobs[i])
-            reason = self._stop_reason(seq, tok)
-            text = ""
+        if any(s.num_draft for s in seqs):
+            emitted, logprobs = self._verify(logits, seqs)
+        else:                                        # no speculation this step: one token each
+            tokens, lps = self.sampler(logits, seqs)
+            emitted = [[t] for t in tokens]
+            logprobs = [[lp] for lp in lps] if lps is not None else None
+        for i, (seq, toks) in enumerate(zip(seqs, emitted)):
+            speculated = seq.num_draft > 0
+            if speculated:                           # drafts leave token_ids; the accepted ones come back below
+                seq.drop_tail(seq.num_draft)
+                base, seq.num_draft = seq.num_tokens, 0
+            reason, text, new = None, "", []
+            for j, tok in enumerate(toks):
+                seq.append(tok)
+                new.append(tok)
+                if logprobs is not None and seq.params.logprobs:
+                    seq.logprobs.append(logprobs[i][j])
+                reason = self._stop_reason(seq, tok)
+                if seq.detok is not None:
+                    seq.detok.add([tok])
+                    if seq.detok.stopped:
+                        reason = "stop"
+                if reason:
+                    break
             if seq.detok is not None:
-                seq.detok.add([tok])
-                if seq.detok.stopped:
-                    reason = "stop"
                 text = seq.detok.delta(final=reason is not None)
+            if speculated:                           # the accepted drafts' K/V is computed; the last token's is not
+                seq.num_computed_tokens = base + min(len(new), len(toks) - 1)
+                self._publish(seq)
             if reason:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
-            out.append(StepOutput(seq, [tok], reason is not None, text))
+            out.append(StepOutput(seq, new, reason is not None, text))
         return out
+
+    def _publish(self, seq: Sequence) -> None:
+        """Only full, computed (and verified) blocks enter the prefix index (and are saved)."""
+        full = seq.num_computed_tokens // self.block_size
+        if full > seq.num_published_blocks:
+            for b in range(seq.num_published_blocks, full):
+                self.block_manager.cache_block(seq.block_table[b], seq.block_hashes[b])
+            self.connector.save(seq, seq.block_table[seq.num_published_blocks:full])
+            seq.num_published_blocks = full
+
+    # ---- speculative decoding (backends/spec) ---------------------------------------------
+    def _propose(self) -> None:
+        """Append drafts to the running sequences that are decoding: the scheduler then computes each
+        draft's K/V with its last token, and the runner returns a row of logits per draft."""
+        if self.proposer is None or len(self.scheduler.running) > self.engine_config.speculative_max_batch:
+            return
+        k = self.engine_config.num_speculative_tokens
+        cands = []
+        for s in self.scheduler.running:
+            p = s.params
+            if s.loading or s.prefill_only or p.has_penalties or s.num_computed_tokens != s.num_tokens - 1:
+                continue                             # penalties would need each draft's own history
+            room = min(k, p.max_tokens - s.num_output_tokens - 1, self.max_model_len - s.num_tokens - 1)
+            if room > 0:
+                cands.append((s, room))
+        for (s, room), drafts in zip(cands, self.proposer.propose([s for s, _ in cands], k)):
+            for t in drafts[:room]:
+                s.append(t)
+            s.num_draft = len(drafts[:room])
+            self.spec_stats["drafted"] += s.num_draft
+
+    def _trim_drafts(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """Drafts the scheduler did not schedule (budget, preemption) leave their sequence."""
+        if self.proposer is None:
+            return
+        n_of = {s.seq_id: n for s, n in scheduled}
+        for s in [*self.scheduler.running, *self.scheduler.waiting]:
+            if s.num_draft:
+                keep = max(0, n_of.get(s.seq_id, 0) - 1) if s.seq_id in n_of else 0
+                keep = min(keep, s.num_draft)
+                self.spec_stats["drafted"] -= s.num_draft - keep
+                s.drop_tail(s.num_draft - keep)
+                s.num_draft = keep
+
+    def _verify(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[list[int]], list[list[float]] | None]:
+        want_lp = any(s.params.logprobs for s in seqs)
+        raw_lp = torch.log_softmax(logits, -1) if want_lp else None
+        emitted, logprobs, r = [], [] if want_lp else None, 0
+        for s in seqs:
+            rows = logits[r:r + 1 + s.num_draft]
+            if s.num_draft:
+                drafts = s.token_ids[-s.num_draft:]
+                toks = verify(rows, drafts, s.params, self.sampler.generator_of(s))
+                self.spec_stats["accepted"] += len(toks) - 1
+            else:
+                toks = self.sampler(rows, [s])[0]
+            emitted.append(toks)
+            if logprobs is not None:
+                logprobs.append([raw_lp[r + j, t].item() for j, t in enumerate(toks)])
+            r += 1 + s.num_draft
+        return emitted, logprobs
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params

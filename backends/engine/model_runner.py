@@ -1,5 +1,5 @@
 """Turns a scheduled step into one flat model batch, runs it, returns logits for the sequences that
-reached the end of their known tokens (those sample a next token). The step's layout is plain lists;
+reached the end of their known tokens (those sample a next token; 1 + num_draft rows each). The step's layout is plain lists;
 the device's attention backend turns it into the metadata every layer reads."""
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ class ModelRunner:
                                     torch.tensor(positions, dtype=torch.int64, device=dev),
                                     self.attention.build(step), self.pool.layers)
 
-        # the last row of each sequence that reached the end of its known tokens samples
+        # the last row of each sequence that reached the end of its known tokens samples; a sequence
+        # with drafts gets the rows of its last verified token and of each draft (spec/verifier.py)
         sample_seqs, rows, row = [], [], 0
         for s, n in decodes + prefills:
             row += n
             if s.num_computed_tokens + n == s.num_tokens:
                 sample_seqs.append(s)
-                rows.append(row - 1)
+                rows += range(row - 1 - s.num_draft, row)
         if not sample_seqs:
             return [], None
         every_row = len(rows) == hidden.shape[0]

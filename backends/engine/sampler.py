@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
@@ -36,23 +37,33 @@ class Sampler:
             if p.greedy:
                 out[i] = row.argmax()
                 continue
-            row = row / p.temperature
-            if 0 < p.top_k < vocab:
-                kth = torch.topk(row, p.top_k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            probs = row.softmax(-1)
-            if p.top_p < 1:
-                sp, idx = probs.sort(descending=True)
-                # drop a token when the mass before it already reaches top_p (the top one always stays)
-                drop = (sp.cumsum(0) - sp) >= p.top_p
-                probs = probs.scatter(0, idx[drop], 0.0)
-            if p.min_p > 0:
-                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-            gen = seq.generator if seq.generator is not None else self.generator
+            probs = target_probs(row, p)
             # Exponential race == sampling from probs (normalization not needed).
-            q = torch.empty_like(probs).exponential_(generator=gen)
+            q = torch.empty_like(probs).exponential_(generator=self.generator_of(seq))
             out[i] = (probs / q).argmax()
         return out
+
+    def generator_of(self, seq: Sequence) -> torch.Generator:
+        return seq.generator if seq.generator is not None else self.generator
+
+
+def target_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a non-greedy request samples from: temperature, then top-k, top-p, min-p
+    (unnormalized after top-p / min-p; callers normalize or race). Penalties are applied before."""
+    vocab = row.shape[0]
+    row = row / p.temperature
+    if 0 < p.top_k < vocab:
+        kth = torch.topk(row, p.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = row.softmax(-1)
+    if p.top_p < 1:
+        sp, idx = probs.sort(descending=True)
+        # drop a token when the mass before it already reaches top_p (the top one always stays)
+        drop = (sp.cumsum(0) - sp) >= p.top_p
+        probs = probs.scatter(0, idx[drop], 0.0)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab: int) -> None:

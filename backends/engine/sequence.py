@@ -43,6 +43,7 @@ class Sequence:
         self.kv_transfer = None           # KV to adopt through the KV connector (decode: prefill's KVHandle)
         self.kv_handle = None             # the KVHandle a producer connector made when this sequence ended
         self.loading = False              # external K/V being loaded into its blocks: not stepped until in place
+        self.num_draft = 0                # speculative tokens at the end of token_ids, not yet verified
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
@@ -67,6 +68,12 @@ class Sequence:
         self.token_ids.append(token)
         if self.num_tokens % self.block_size == 0:
             self._extend_hashes()
+
+    def drop_tail(self, n: int) -> None:
+        """Remove the last n tokens (rejected or unscheduled drafts), and the hashes of blocks they filled."""
+        if n > 0:
+            del self.token_ids[-n:]
+            del self.block_hashes[self.num_tokens // self.block_size:]
 
     def _extend_hashes(self) -> None:
         parent = self.block_hashes[-1] if self.block_hashes else ROOT

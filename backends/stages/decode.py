@@ -194,8 +194,10 @@ class DecodeStage:
 
     def metrics(self, last: dict) -> dict[str, float]:
         """Counter deltas since the totals in `last` (updated in place) and the running gauge."""
+        spec = self.engine.spec_stats
         now = {"baton_decode_steps_total": self.steps, "baton_decode_step_seconds_total": self.step_s,
-               "baton_generation_tokens_total": self.tokens}
+               "baton_generation_tokens_total": self.tokens, "baton_spec_draft_tokens_total": spec["drafted"],
+               "baton_spec_accepted_tokens_total": spec["accepted"]}
         out = {k: v - last.get(k, 0) for k, v in now.items()}
         last.update(now)
         return out | {"baton_decode_running_requests": len(self.live)}

@@ -16,6 +16,9 @@ DECODE = {
                                                    "rate of this over rate of baton_decode_steps_total)."),
     "baton_generation_tokens_total": ("counter", "Generated tokens, the first one (sampled by prefill) included."),
     "baton_decode_running_requests": ("gauge", "Requests in the decode batch."),
+    "baton_spec_draft_tokens_total": ("counter", "Speculative draft tokens verified by the target."),
+    "baton_spec_accepted_tokens_total": ("counter", "Draft tokens accepted (acceptance rate: the rate of this "
+                                                    "over the rate of baton_spec_draft_tokens_total)."),
 }
 PREFILL = {
     "baton_prefill_requests_total": ("counter", "Requests prefilled."),
