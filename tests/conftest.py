@@ -84,3 +84,33 @@ def baton_serve(model_dir, run_root):
             return proc, next(Path(run_root).glob("baton-*"))
     proc.kill()
     raise RuntimeError("baton serve did not start:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def node(qwen3_dir, request):
+    """A single_node server (with its OpenAI gateway) on tiny-qwen3, fp32, for one test module
+    (a module's NODE_OVERRIDES change its profile keys); its stages log each request by id (tests
+    read how decode ended a request)."""
+    from baton.backends.serving.launcher import Node
+
+    overrides = {"dtype": "float32", "max_model_len": 256, "max_tokens_limit": 200, "kv_cache_memory_mb": 4}
+    n = Node(str(qwen3_dir), overrides=overrides | getattr(request.module, "NODE_OVERRIDES", {}), gateway_port=0)
+    os.environ["BATON_LOG_LEVEL"] = "INFO"
+    try:
+        n.start(timeout=180, quiet=True)
+    finally:
+        del os.environ["BATON_LOG_LEVEL"]
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(qwen3_dir):
+    """The in-process engine on the same checkpoint: offline(prompt, **SamplingParams) -> its output
+    (greedy, 16 tokens, ignore_eos unless given)."""
+    from baton import LLM, SamplingParams
+
+    llm = LLM(qwen3_dir, dtype="float32", num_blocks=64, max_model_len=256)
+    defaults = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
+    yield lambda prompt, **kw: llm.generate(prompt, SamplingParams(**(defaults | kw)))[0]
+    llm.close()

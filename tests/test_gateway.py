@@ -11,34 +11,11 @@ import openai
 import pytest
 from test_serving import _wait_blocks_free
 
-from baton import LLM, SamplingParams
-from baton.backends.serving.launcher import Node
-
 pytestmark = pytest.mark.slow
 
 PROMPT = "def fibonacci(n):"
-
-
-@pytest.fixture(scope="module")
-def node(qwen3_dir):
-    import os
-
-    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 256, "max_tokens_limit": 200,
-                                        "kv_cache_memory_mb": 4}, gateway_port=0)
-    os.environ["BATON_LOG_LEVEL"] = "INFO"
-    try:
-        n.start(timeout=180, quiet=True)
-    finally:
-        del os.environ["BATON_LOG_LEVEL"]
-    yield n
-    n.stop()
-
-
-@pytest.fixture(scope="module")
-def offline(qwen3_dir):
-    llm = LLM(qwen3_dir, dtype="float32", num_blocks=64, max_model_len=256)
-    yield lambda prompt, **kw: llm.generate(prompt, SamplingParams(**({"temperature": 0.0, "max_tokens": 16} | kw)))[0]
-    llm.close()
+# long enough that a request cancelled by a disconnect cannot finish first (2000 tokens take seconds)
+NODE_OVERRIDES = {"max_model_len": 2048, "max_tokens_limit": 2000, "kv_cache_memory_mb": 16}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +29,7 @@ def _client(node, cls=openai.OpenAI):
 
 def test_completions_match_the_engine_streamed_or_not(node, offline, model):
     client = _client(node)
-    expect = offline(PROMPT, max_tokens=16)
+    expect = offline(PROMPT, max_tokens=16, ignore_eos=False)
     r = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0)
     assert r.choices[0].text == expect.text and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens == len(expect.prompt_token_ids)
@@ -88,7 +65,7 @@ def test_async_client_streams(node, offline, model):
         await client.close()
         return text
 
-    assert asyncio.run(run()) == offline(PROMPT, max_tokens=16).text
+    assert asyncio.run(run()) == offline(PROMPT, max_tokens=16, ignore_eos=False).text
 
 
 def _post(node, path, body, headers=None):
@@ -114,8 +91,8 @@ def _post(node, path, body, headers=None):
     ({"model": "M", "prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
     ({"model": "M", "prompt": "hi", "temperature": 3}, 400, "temperature"),
     ({"model": "M", "prompt": "hi", "n": 0}, 400, "n"),
-    ({"model": "M", "prompt": "hi", "max_tokens": 201}, 400, "max_tokens"),          # the server's limit
-    ({"model": "M", "prompt": "x " * 400}, 400, "prompt"),                            # past max_model_len
+    ({"model": "M", "prompt": "hi", "max_tokens": 2001}, 400, "max_tokens"),         # the server's limit
+    ({"model": "M", "prompt": "x " * 2100}, 400, "prompt"),                           # past max_model_len
     ({"model": "M", "prompt": "hi", "stop": [""]}, 400, "stop"),
     ({"model": "M", "prompt": "hi", "logprobs": 3}, 400, "logprobs"),                # top alternatives: not served
 ])
@@ -155,7 +132,7 @@ def test_a_client_that_disconnects_cancels_its_request(node, model):
     for stream in (True, False):
         before = log.read_text(errors="replace").count("cancelled after")
         s = _raw_stream(node, "/v1/completions", {"model": model, "prompt": "def long_function():",
-                                                  "max_tokens": 200, "temperature": 0, "stream": stream})
+                                                  "max_tokens": 2000, "temperature": 0, "stream": stream})
         if stream:
             got = b""
             while b"data:" not in got:

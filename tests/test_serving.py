@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from conftest import blocks_in_use
 
-from baton import LLM, SamplingParams
 from baton.backends.kv.pool import KVPool
 from baton.backends.serving.launcher import Node
 from baton_client import BatonClient, BatonError
@@ -18,28 +17,6 @@ pytestmark = pytest.mark.slow
 GREEDY = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
 PROMPTS = ["def fibonacci(n):", "class LRUCache:", "import os\nimport sys\n", "x = [i * i for i in",
            "async def main():\n    await", "# Copyright 2001 Python Software Foundation\n"]
-
-
-@pytest.fixture(scope="module")
-def node(qwen3_dir):
-    import os
-
-    n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 256, "max_tokens_limit": 200,
-                                        "kv_cache_memory_mb": 4})
-    os.environ["BATON_LOG_LEVEL"] = "INFO"          # the stage processes log each request by id
-    try:
-        n.start(timeout=180, quiet=True)
-    finally:
-        del os.environ["BATON_LOG_LEVEL"]
-    yield n
-    n.stop()
-
-
-@pytest.fixture(scope="module")
-def offline(qwen3_dir):
-    llm = LLM(qwen3_dir, dtype="float32", num_blocks=64, max_model_len=256)
-    yield lambda prompt, **kw: llm.generate(prompt, SamplingParams(**(GREEDY | kw)))[0]
-    llm.close()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
