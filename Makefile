@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 MODEL  ?= models/baton-tiny
 BENCH_MODEL ?= .cache/checkpoints/small
 
-.PHONY: venv test lint serve smoke bench checkpoint models clean
+.PHONY: venv sysdeps tools test lint serve smoke bench checkpoint models clean
 
 $(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,31 @@ $(VENV)/.installed: pyproject.toml clients/pyproject.toml
 
 venv: $(VENV)/.installed
 
+# System packages: libb64-0d for NVIDIA's perf_analyzer (tests drive the server with it). Installed
+# with apt-get when root, else named.
+SYSPKGS := libb64-0d
+sysdeps:
+	@missing=$$(for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q $$missing >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null); \
+	  else echo "make: please install these Debian packages: $$missing (sudo apt-get install $$missing)"; exit 1; fi; \
+	fi
+
+# NVIDIA's perf_analyzer 2.51 (the last build that runs on glibc 2.36) and the libcudart it links,
+# unpacked from their PyPI wheels into .cache/tools (not installed: tritonclient stays current).
+PERF_ANALYZER := .cache/tools/perf_analyzer
+$(PERF_ANALYZER): | venv
+	$(PY) -m baton.tools.fetch_perf_analyzer .cache/tools
+
+tools: $(PERF_ANALYZER)
+
 # ruff, and pyright for one thing: that every import resolves statically (baton.*, baton_client)
 lint: venv
 	$(PY) -m ruff check .
 	$(VENV)/bin/pyright
 
-test: venv lint
+test: venv sysdeps tools lint
 	$(VENV)/bin/pytest
 
 # The default model is committed (models/, trained by `make models`); random-init checkpoints of
@@ -45,7 +64,7 @@ models: venv
 
 # Serves the default model through tritonserver (the llm front over preprocess -> prefill -> decode)
 # and the OpenAI gateway (:9000), streams a sample completion, then keeps serving until Ctrl-C.
-serve: venv checkpoint
+serve: venv sysdeps checkpoint
 	$(VENV)/bin/baton serve --model $(MODEL) --prompt "def fibonacci(n):"
 
 # Starts a server, streams a completion, checks it against the in-process engine, stops.

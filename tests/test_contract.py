@@ -91,7 +91,7 @@ def _grpc(node, inputs):
 
 
 def _still_serving(node):
-    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=2).completion_tokens == 2
+    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=2, ignore_eos=True).completion_tokens == 2
 
 
 @pytest.mark.parametrize("inputs, field", [c[1:] for c in GRPC_CASES], ids=[c[0] for c in GRPC_CASES])

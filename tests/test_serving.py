@@ -64,7 +64,7 @@ def test_stream_closed_early_leaves_no_blocks_behind(node):
             break
     stream.close()
     assert blocks_in_use(node.manager.address) == 0
-    assert client.generate("still serving?", max_tokens=3).completion_tokens == 3
+    assert client.generate("still serving?", max_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
 def _ended(node, rid, timeout=30):
@@ -178,7 +178,7 @@ def test_bad_requests_name_the_problem_and_server_keeps_serving(node, kwargs, ne
     prompt = kwargs.pop("prompt", "hello")
     with pytest.raises(BatonError, match=needle):
         client.generate(prompt, **kwargs)
-    assert client.generate("def f():", max_tokens=2).completion_tokens == 2
+    assert client.generate("def f():", max_tokens=2, ignore_eos=True).completion_tokens == 2
 
 
 def test_wrong_types_shapes_and_bytes_are_refused(node):
@@ -209,13 +209,13 @@ def test_wrong_types_shapes_and_bytes_are_refused(node):
     refused([tensor("text_input", np.array([b"\xff\xfe\xfd"], dtype=object), "BYTES")], "UTF-8")
     h = http.InferenceServerClient(node.http_url)
     assert h.is_server_live() and h.is_model_ready("llm")
-    assert BatonClient(node.http_url, "http").generate("ok", max_tokens=2).completion_tokens == 2
+    assert BatonClient(node.http_url, "http").generate("ok", max_tokens=2, ignore_eos=True).completion_tokens == 2
 
 
 def test_shutdown_leaves_no_processes_or_shm(qwen3_dir):
     n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 128, "kv_cache_memory_mb": 2})
     n.start(timeout=180, quiet=True)
-    assert BatonClient(n.grpc_url).generate("hi", max_tokens=2).completion_tokens == 2
+    assert BatonClient(n.grpc_url).generate("hi", max_tokens=2, ignore_eos=True).completion_tokens == 2
     pids = [n.server.proc.pid, n.manager.proc.pid]
     n.stop()
     for pid in pids:
@@ -453,8 +453,9 @@ def _cmdline(pid):
 
 
 def test_admin_apis_need_the_nodes_key(node):
-    """Registering shared memory (which could map the node's weight file), the repository and config
-    APIs answer only with the key from <run_dir>/admin.key; health, metadata and inference stay open."""
+    """Registering shared memory (which could map the node's weight file), the repository, trace and
+    log APIs answer only with the key from <run_dir>/admin.key; health, metadata, configs,
+    statistics and inference stay open."""
     import tritonclient.grpc as grpc
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
@@ -470,12 +471,14 @@ def test_admin_apis_need_the_nodes_key(node):
                  lambda **kw: g.register_system_shared_memory("w", "/" + weights, 64, **kw),
                  lambda **kw: h.get_model_repository_index(**kw),
                  lambda **kw: h.unload_model("decode", **kw),
-                 lambda **kw: g.get_model_config("decode", **kw)):
+                 lambda **kw: g.get_log_settings(**kw)):
         with pytest.raises(InferenceServerException, match="is restricted, expecting header .*baton-admin-key"):
             call()
     assert h.is_server_ready() and h.is_model_ready("llm") and h.get_model_metadata("llm")["name"] == "llm"
+    assert g.get_model_config("llm").config.name == "llm"          # read-only: NVIDIA's tools need them
+    assert g.get_inference_statistics("llm").model_stats
     assert {m["name"] for m in h.get_model_repository_index(headers={"baton-admin-key": key})} >= {"llm", "decode"}
-    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3).completion_tokens == 3
+    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
 def test_internal_models_refuse_forged_and_replayed_handles(node):
@@ -490,7 +493,8 @@ def test_internal_models_refuse_forged_and_replayed_handles(node):
 
     c = grpc.InferenceServerClient(node.grpc_url)
     pre = c.infer("preprocess", [_input("text_input", np.array([b"def handle():"], dtype=object)),
-                                 _input("max_tokens", np.array([5], np.int32))])
+                                 _input("max_tokens", np.array([5], np.int32)),
+                                 _input("ignore_eos", np.array([True]))])     # sampled: EOS must not end it
     res = c.infer("prefill", [_input(n, pre.as_numpy(n)) for n, _, _ in PREFILL_REQUEST])
     handle = {n: res.as_numpy(n) for n, _, _ in HANDLE}
 
@@ -514,7 +518,7 @@ def test_internal_models_refuse_forged_and_replayed_handles(node):
     reason, text = decode(forged)[-1]
     assert reason == "error" and "not signed by this node" in text
     assert blocks_in_use(node.manager.address) == 0
-    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3).completion_tokens == 3
+    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
 def _input(name, arr):
@@ -622,7 +626,7 @@ def test_a_request_past_request_timeout_s_is_stopped_and_named(qwen3_dir):
         got = sum(len(c.token_ids) for c in chunks)
         assert 0 < got < 1000
         assert _wait_blocks_free(n) == 0
-        assert client.generate("ok", max_tokens=3).completion_tokens == 3
+        assert client.generate("ok", max_tokens=3, ignore_eos=True).completion_tokens == 3
     finally:
         n.stop()
 

@@ -85,10 +85,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill,
                                    self.connector)
         self.runner = ModelRunner(self.model, self.pool)
-        self.sampler = Sampler(config.seed)
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        self.sampler = Sampler(config.seed, frozenset(self.eos_token_ids))
         self.proposer = NgramProposer() if config.speculative_method == "ngram" else None
         self.spec_stats = {"drafted": 0, "accepted": 0}       # acceptance rate = accepted / drafted
-        self.eos_token_ids = set(cfg.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
 
     # ---- requests -------------------------------------------------------------------------
@@ -222,8 +222,8 @@ class LLMEngine:
         cands = []
         for s in self.scheduler.running:
             p = s.params
-            if s.loading or s.prefill_only or p.has_penalties or s.num_computed_tokens != s.num_tokens - 1:
-                continue                             # penalties would need each draft's own history
+            if s.loading or s.prefill_only or p.has_penalties or p.has_bans or s.num_computed_tokens != s.num_tokens - 1:
+                continue                             # penalties and bans would need each draft's own history
             room = min(k, p.max_tokens - s.num_output_tokens - 1, self.max_model_len - s.num_tokens - 1)
             if room > 0:
                 cands.append((s, room))

@@ -9,8 +9,9 @@ from .sequence import Sequence
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, eos_token_ids: set[int] | frozenset[int] = frozenset()) -> None:
         self.generator = torch.Generator().manual_seed(seed)  # for requests without a seed
+        self.eos_token_ids = eos_token_ids                    # banned before a request's min_tokens
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
@@ -19,7 +20,7 @@ class Sampler:
         params = [s.params for s in seqs]
         want_lp = any(p.logprobs for p in params)
         raw_lp = torch.log_softmax(logits, -1) if want_lp else None
-        if all(p.greedy and not p.has_penalties for p in params):
+        if all(p.greedy and not p.has_penalties and not p.has_bans for p in params):
             tokens = logits.argmax(-1)
         else:
             tokens = self._sample(logits.clone(), seqs)
@@ -34,6 +35,8 @@ class Sampler:
             row = logits[i]
             if p.has_penalties:
                 _apply_penalties(row, seq, vocab)
+            if p.has_bans:
+                _apply_bans(row, seq, self.eos_token_ids)
             if p.greedy:
                 out[i] = row.argmax()
                 continue
@@ -64,6 +67,18 @@ def target_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     return probs
+
+
+def _apply_bans(row: torch.Tensor, seq: Sequence, eos_token_ids: set[int] | frozenset[int]) -> None:
+    """min_tokens: no EOS or stop token yet; bad_words: never the token that would complete one."""
+    p = seq.params
+    if seq.num_output_tokens < p.min_tokens:
+        banned = sorted(set(eos_token_ids) | set(p.stop_token_ids))
+        if banned:
+            row[banned] = float("-inf")
+    for w in p.bad_words_token_ids:
+        if len(w) == 1 or seq.token_ids[len(seq.token_ids) - len(w) + 1:] == w[:-1]:
+            row[w[-1]] = float("-inf")
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab: int) -> None:

@@ -24,6 +24,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)   # stop strings (not included in the output)
     ignore_eos: bool = False
     logprobs: bool = False            # return the logprob of each chosen token
+    min_tokens: int = 0               # EOS and stop_token_ids cannot be sampled before this many tokens
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)   # token sequences never generated
 
     def __post_init__(self) -> None:
         def num(name: str, integer: bool = False) -> float:
@@ -52,6 +54,11 @@ class SamplingParams:
                 raise InvalidRequestError(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if self.seed is not None:
             num("seed", True)
+        if not 0 <= num("min_tokens", True) <= self.max_tokens:
+            raise InvalidRequestError("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if not all(isinstance(w, list) and w and all(isinstance(t, int) and t >= 0 for t in w)
+                   for w in self.bad_words_token_ids):
+            raise InvalidRequestError("bad_words", f"must be non-empty token id lists, got {self.bad_words_token_ids!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(x, str) and x for x in self.stop):
@@ -77,3 +84,8 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
+    def has_bans(self) -> bool:
+        """Tokens are masked out depending on the output so far (min_tokens, bad_words)."""
+        return self.min_tokens > 0 or bool(self.bad_words_token_ids)

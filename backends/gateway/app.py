@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tritonclient.grpc import service_pb2_grpc
 
-from ..serving.tensors import USER
+from ..serving.tensors import SCALARS, STRINGS, USER
 from ..stages.loopback import MAX_MESSAGE_BYTES, decode, encode
 from .protocol import APIError, ChatRequest, CompletionRequest, llm_inputs, param_of, parse
 
@@ -26,8 +26,7 @@ MAX_BODY_BYTES = 8 << 20            # a request body past this is refused from i
 DISCONNECT_POLL_S = 0.1             # how often a non-streaming request checks that its client is still there
 _FIELDS = [n for n, _, _ in USER]
 # The server's own validation messages start with the llm input they name ("max_tokens: ...").
-_CLIENT_FIELDS = {"text_input", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
-                  "repetition_penalty", "presence_penalty", "frequency_penalty", "stop", "return_logprobs"}
+_CLIENT_FIELDS = {n for n, _ in SCALARS} | {n for n, _ in STRINGS}
 _UNAVAILABLE = ("server busy", "shutting down", "request_timeout_s", "not healthy", "unavailable", "exited")
 
 

@@ -26,7 +26,7 @@ def render(profile: Profile, out: Path, node_config: Path) -> Path:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(paths.templates())), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     ctx = {
-        "scalars": tensors.SCALARS, "instances": instances, "params": _params({"node_config": str(node_config)}),
+        "scalars": tensors.SCALARS, "strings": tensors.STRINGS, "instances": instances, "params": _params({"node_config": str(node_config)}),
         "request_tensors": tensors.pbtxt(tensors.PREFILL_REQUEST), "request_names": [n for n, _, _ in tensors.PREFILL_REQUEST],
         "handle_tensors": tensors.pbtxt(tensors.HANDLE), "stream_tensors": tensors.pbtxt(tensors.STREAM),
         "user_tensors": tensors.pbtxt(tensors.USER), "handle_names": [n for n, _, _ in tensors.HANDLE],

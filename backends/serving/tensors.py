@@ -3,9 +3,9 @@ What clients send and receive (SCALARS, USER) is the client package's schema; th
 
 from __future__ import annotations
 
-from baton_client.schema import SCALARS, USER
+from baton_client.schema import SCALARS, STRINGS, USER
 
-__all__ = ["HANDLE", "PREFILL_REQUEST", "SCALARS", "STREAM", "USER", "pbtxt"]
+__all__ = ["HANDLE", "PREFILL_REQUEST", "SCALARS", "STREAM", "STRINGS", "USER", "pbtxt"]
 
 # preprocess -> prefill: stages.messages.PrefillRequest
 PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING", 1), ("sampling", "TYPE_STRING", 1)]
@@ -21,7 +21,8 @@ HANDLE = [("request_id", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("n
 STREAM = [("d_token_ids", "TYPE_INT64", -1), ("d_text", "TYPE_STRING", 1), ("d_finish_reason", "TYPE_STRING", 1),
           ("d_prompt_tokens", "TYPE_INT32", 1), ("d_completion_tokens", "TYPE_INT32", 1),
           ("d_cached_tokens", "TYPE_INT32", 1), ("d_logprobs", "TYPE_FP32", -1),
-          ("d_request_id", "TYPE_STRING", 1)]
+          ("d_request_id", "TYPE_STRING", 1), ("d_num_input_tokens", "TYPE_INT32", 1),
+          ("d_num_output_tokens", "TYPE_INT32", 1)]
 
 
 def pbtxt(specs: list[tuple[str, str, int]]) -> str:

@@ -26,9 +26,10 @@ class TritonError(RuntimeError):
 
 # Triton's protocols a client of the `llm` model has no business with: registering shared memory
 # (any client could map the node's /dev/shm weight file and overwrite every user's model), loading
-# and unloading models, reading configs (paths), statistics, trace and log settings. Health,
-# metadata and inference stay open.
-ADMIN_APIS = ("shared-memory", "model-repository", "model-config", "statistics", "trace", "logging")
+# and unloading models, trace and log settings. Health, metadata, model configs and statistics (read
+# only, the latter public on the metrics port anyway; perf_analyzer and genai-perf read both) and
+# inference stay open.
+ADMIN_APIS = ("shared-memory", "model-repository", "trace", "logging")
 ADMIN_HEADER = "baton-admin-key"
 
 

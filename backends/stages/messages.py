@@ -157,6 +157,8 @@ class TokenDelta:
             "d_cached_tokens": np.asarray([self.cached_tokens], dtype=np.int32),
             "d_logprobs": np.asarray(self.logprobs, dtype=np.float32),
             "d_request_id": _string(self.request_id),
+            "d_num_input_tokens": np.asarray([self.prompt_tokens], dtype=np.int32),
+            "d_num_output_tokens": np.asarray([len(self.token_ids)], dtype=np.int32),
         }
 
 

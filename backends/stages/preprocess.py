@@ -19,8 +19,14 @@ from .messages import PrefillRequest
 
 # optional scalar inputs (serving.tensors.SCALARS) -> (SamplingParams field, python type)
 _KIND = {"TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
-_FIELD = {"return_logprobs": "logprobs"}
+_FIELD = {"return_logprobs": "logprobs", "min_length": "min_tokens"}
 SCALARS = {name: (_FIELD.get(name, name), _KIND[t]) for name, t in tensors.SCALARS}
+# NVIDIA's inputs that are not sampling parameters: Baton's outputs already answer them
+_NOT_SAMPLING = {"exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens"}
+# The vLLM backend's `sampling_parameters` JSON keys Baton serves -> (SamplingParams field, type)
+_JSON_KEYS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int,
+              "repetition_penalty": float, "presence_penalty": float, "frequency_penalty": float,
+              "ignore_eos": bool, "min_tokens": int, "stop": list}
 
 
 class Preprocessor:
@@ -41,10 +47,26 @@ class Preprocessor:
         ids = self._prompt_ids(inputs)
         kw: dict[str, Any] = {}
         for name, (field, kind) in SCALARS.items():
-            if name in inputs:
-                kw[field] = _scalar(name, inputs[name], kind)
-        if "stop" in inputs:
-            kw["stop"] = [_utf8("stop", s) for s in inputs["stop"].reshape(-1)]
+            if name not in inputs:
+                continue
+            value = _scalar(name, inputs[name], kind)
+            if name == "exclude_input_in_output" and not value:
+                raise InvalidRequestError(name, "false is not supported: Baton returns the generated text only")
+            if name in _NOT_SAMPLING:
+                continue
+            if field in kw:
+                raise InvalidRequestError(name, f"given twice (also as {field})")
+            kw[field] = value
+        stops = [_utf8(n, s) for n in ("stop", "stop_words") if n in inputs for s in inputs[n].reshape(-1)]
+        if stops:
+            kw["stop"] = stops
+        if "bad_words" in inputs:
+            kw["bad_words_token_ids"] = self._bad_words([_utf8("bad_words", w) for w in inputs["bad_words"].reshape(-1)])
+        if "sampling_parameters" in inputs:
+            for field, value in _sampling_json(_utf8("sampling_parameters", inputs["sampling_parameters"].reshape(-1)[0])):
+                if field in kw:
+                    raise InvalidRequestError("sampling_parameters", f"{field}: given twice (also as an input)")
+                kw[field] = value
         params = SamplingParams(**kw)          # raises InvalidRequestError naming the field
         if params.max_tokens > self.max_tokens_limit:
             raise InvalidRequestError("max_tokens", f"{params.max_tokens} is above this server's limit "
@@ -53,6 +75,18 @@ class Preprocessor:
             raise InvalidRequestError("text_input", f"prompt of {len(ids)} tokens leaves no room to generate "
                                       f"within max_model_len={self.max_model_len}")
         return PrefillRequest(request_id or uuid.uuid4().hex, ids, params)
+
+    def _bad_words(self, words: list[str]) -> list[list[int]]:
+        """Each word's token ids, as written and after a space (how it appears mid-text), as vLLM does."""
+        out: list[list[int]] = []
+        for w in words:
+            if not w:
+                raise InvalidRequestError("bad_words", "must be non-empty strings")
+            for form in (w, " " + w.lstrip()):
+                ids = self.tok.encode(form)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def _prompt_ids(self, inputs: dict[str, np.ndarray]) -> list[int]:
         if "messages" in inputs and "text_input" in inputs:
@@ -105,6 +139,39 @@ def _scalar(name: str, arr: np.ndarray, kind: type) -> Any:
     if kind is float and not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InvalidRequestError(name, f"must be a number, got {arr.dtype}")
     return kind(v)
+
+
+def _sampling_json(text: str) -> list[tuple[str, Any]]:
+    """The vLLM backend's `sampling_parameters`: a JSON object whose values may also be strings
+    ("0.7", "true"), as its examples send them. Unknown keys are refused, naming them."""
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise InvalidRequestError("sampling_parameters", "must be a JSON object") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequestError("sampling_parameters", "must be a JSON object")
+    out = []
+    for key, v in obj.items():
+        kind = _JSON_KEYS.get(key)
+        if kind is None:
+            raise InvalidRequestError("sampling_parameters", f"{key}: unknown key; known: {sorted(_JSON_KEYS)}")
+        try:
+            if kind is list:
+                v = [v] if isinstance(v, str) else v
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise ValueError
+            elif kind is bool:
+                v = {"true": True, "false": False}.get(v.lower(), v) if isinstance(v, str) else v
+                if not isinstance(v, bool):
+                    raise ValueError
+            elif isinstance(v, str):
+                v = kind(v)
+            elif kind is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+        except ValueError:
+            raise InvalidRequestError("sampling_parameters", f"{key}: {v!r} is not a {kind.__name__}") from None
+        out.append((key, v))
+    return out
 
 
 def _chat_template(model_dir: Path):  # noqa: ANN202 - a jinja2 Template or None

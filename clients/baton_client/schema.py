@@ -4,13 +4,25 @@ server it talks to agree by construction."""
 
 from __future__ import annotations
 
-# Optional scalar inputs, each of shape [1]: (name, Triton data type). Besides these, `llm` takes
-# `text_input` or `messages` (TYPE_STRING [1]) and `stop` (TYPE_STRING [-1]).
+# Optional scalar inputs, each of shape [1]: (name, Triton data type). The last five are NVIDIA's
+# names (TensorRT-LLM / vLLM backend models): min_length is min_tokens; exclude_input_in_output must
+# be true (Baton returns generated text only); return_num_*_tokens are accepted (those outputs are
+# always sent).
 SCALARS: list[tuple[str, str]] = [
     ("max_tokens", "TYPE_INT32"), ("temperature", "TYPE_FP32"), ("top_p", "TYPE_FP32"),
     ("top_k", "TYPE_INT32"), ("min_p", "TYPE_FP32"), ("seed", "TYPE_INT64"),
     ("repetition_penalty", "TYPE_FP32"), ("presence_penalty", "TYPE_FP32"),
     ("frequency_penalty", "TYPE_FP32"), ("ignore_eos", "TYPE_BOOL"), ("return_logprobs", "TYPE_BOOL"),
+    ("min_tokens", "TYPE_INT32"), ("min_length", "TYPE_INT32"), ("exclude_input_in_output", "TYPE_BOOL"),
+    ("return_num_input_tokens", "TYPE_BOOL"), ("return_num_output_tokens", "TYPE_BOOL"),
+]
+
+# Optional string inputs: (name, dims). `text_input` or `messages` (a JSON list of {role, content})
+# is the prompt; `stop` / `stop_words` are stop strings, `bad_words` strings never to generate;
+# `sampling_parameters` is the vLLM backend's JSON object of sampling parameters.
+STRINGS: list[tuple[str, int]] = [
+    ("text_input", 1), ("messages", 1), ("sampling_parameters", 1), ("stop", -1), ("stop_words", -1),
+    ("bad_words", -1),
 ]
 
 # Outputs of every streamed response: (name, Triton data type, dims).
@@ -19,4 +31,6 @@ USER: list[tuple[str, str, int]] = [
     ("prompt_tokens", "TYPE_INT32", 1), ("completion_tokens", "TYPE_INT32", 1),
     ("cached_tokens", "TYPE_INT32", 1), ("logprobs", "TYPE_FP32", -1),
     ("request_id", "TYPE_STRING", 1),    # assigned by the server; in its logs too
+    ("num_input_tokens", "TYPE_INT32", 1), ("num_output_tokens", "TYPE_INT32", 1),   # NVIDIA's names:
+    # the prompt's tokens, and the tokens in this response
 ]

@@ -4,10 +4,10 @@ import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingI
 
 from baton.backends.engine.errors import InvalidRequestError
 from baton.backends.serving.config import NodeConfig
-from baton.backends.serving.tensors import SCALARS
+from baton.backends.serving.tensors import SCALARS, STRINGS
 from baton.backends.stages.preprocess import Preprocessor
 
-NAMES = ["text_input", "messages", "stop"] + [n for n, _ in SCALARS]
+NAMES = [n for n, _ in STRINGS] + [n for n, _ in SCALARS]
 
 
 class TritonPythonModel:
