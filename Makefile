@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 MODEL  ?= models/baton-tiny
 BENCH_MODEL ?= .cache/checkpoints/small
 
-.PHONY: venv sysdeps tools test lint serve smoke bench checkpoint models clean
+.PHONY: venv sysdeps tools loadtest test lint serve smoke bench checkpoint models clean
 
 $(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,23 @@ smoke: venv checkpoint
 
 bench: venv $(BENCH_MODEL)/config.json
 	$(PY) benchmarks/engine.py --model $(BENCH_MODEL)
+
+# Load test against a running node (`make serve` in another shell): locust headless for TIME with
+# USERS users streaming over Triton gRPC and through the OpenAI gateway; writes locust's HTML report,
+# its CSVs and PNG plots (TTFT/TPOT percentiles, tokens/s over time) to LOADTEST_DIR.
+TRITON ?= 127.0.0.1:8001
+OPENAI ?= http://127.0.0.1:9000
+MODEL_NAME ?= baton-tiny
+USERS ?= 8
+TIME ?= 60s
+MAX_TOKENS ?= 64
+LOADTEST_DIR ?= loadtest-results
+loadtest: venv
+	mkdir -p $(LOADTEST_DIR)
+	$(VENV)/bin/locust -f clients/locustfile.py --headless -u $(USERS) -r $(USERS) -t $(TIME) --only-summary \
+	    --triton $(TRITON) --host $(OPENAI) --model-name $(MODEL_NAME) --max-tokens $(MAX_TOKENS) \
+	    --csv $(LOADTEST_DIR)/run --csv-full-history --html $(LOADTEST_DIR)/report.html
+	$(PY) clients/loadtest_plots.py $(LOADTEST_DIR)/run
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info
