@@ -100,3 +100,18 @@ def test_relay_without_stream_sends_one_response_with_every_delta_merged():
     assert out["token_ids"].tolist() == [1, 2, 3, 4] and out["logprobs"].tolist() == [-0.5, -1.0, -2.0, -3.0]
     assert out["text_output"][0].decode() == "abé!" and out["finish_reason"].tolist() == [b"stop"]
     assert out["completion_tokens"].tolist() == [4] and out["cached_tokens"].tolist() == [1]
+
+
+def test_request_timer_gives_one_observation_per_histogram():
+    from baton.backends.stages.metrics import FRONT, RequestTimer
+
+    t = RequestTimer(10.0)
+    assert t.observations() == {}                         # nothing streamed: nothing observed
+    for now, n in ((10.05, 1), (10.10, 2), (10.25, 3)):
+        t.response(n, 7, now)
+    obs = t.observations()
+    assert set(obs) == set(FRONT)
+    assert obs["baton:time_to_first_token_seconds"] == pytest.approx([0.05])
+    assert obs["baton:e2e_request_latency_seconds"] == pytest.approx([0.25])
+    assert obs["baton:time_per_output_token_seconds"] == pytest.approx([0.2 / 5])
+    assert obs["baton:request_prompt_tokens"] == [7] and obs["baton:request_generation_tokens"] == [6]

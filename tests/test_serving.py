@@ -293,13 +293,14 @@ def test_asyncio_client_streams_the_same_tokens(node, offline):
 
 
 def _metrics(node) -> dict[str, float]:
-    """baton_* samples from the metrics port, keyed by name (labels dropped: one model per family)."""
+    """baton_* and baton:* samples from the metrics port (histograms: _count and _sum), keyed by name
+    (labels dropped: one model per family)."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("baton_"):
+        if line.startswith(("baton_", "baton:")) and "_bucket{" not in line:
             name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
             out[name] = out.get(name, 0.0) + value
     return out
@@ -318,6 +319,9 @@ def test_metrics_count_what_was_served(node):
             "baton_prompt_tokens_total": sum(c.prompt_tokens for c in done),
             "baton_cached_prompt_tokens_total": sum(c.cached_tokens for c in done),
             "baton_prefill_requests_total": 3}
+    # the front observes its histograms after a request's last response: wait for those too
+    want |= {h + "_count": 3 for h in ("baton:time_to_first_token_seconds", "baton:e2e_request_latency_seconds",
+                                       "baton:time_per_output_token_seconds", "baton:request_prompt_tokens")}
     deadline = time.monotonic() + 10
     while True:
         after = _metrics(node)
@@ -331,6 +335,13 @@ def test_metrics_count_what_was_served(node):
     assert 15 <= steps <= 3 * 15                     # 15 decode steps per request, fewer when batched
     assert after["baton_decode_step_seconds_total"] > before.get("baton_decode_step_seconds_total", 0)
     assert after["baton_decode_running_requests"] == 0
+    # the front's per-request histograms (one observation per request, counted in `want`): sums add up
+    def grew(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert grew("baton:request_prompt_tokens_sum") == want["baton_prompt_tokens_total"]
+    assert grew("baton:request_generation_tokens_sum") == want["baton_generation_tokens_total"]
+    assert 0 < grew("baton:time_to_first_token_seconds_sum") < grew("baton:e2e_request_latency_seconds_sum")
     client.close()
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-# name: (kind, help). Counters take deltas, gauges the current value.
+# name: (kind, help[, buckets]). Counters take deltas, gauges the current value, histograms lists of
+# observations.
 DECODE = {
     "baton_decode_steps_total": ("counter", "Decode engine steps."),
     "baton_decode_step_seconds_total": ("counter", "Seconds inside decode engine steps (mean step time: "
@@ -26,6 +27,46 @@ PREFILL = {
     "baton_cached_prompt_tokens_total": ("counter", "Prompt tokens served from the prefix cache."),
     "baton_prefill_seconds_total": ("counter", "Seconds prefill spent running its batches."),
 }
+
+
+# The llm front's per-request histograms (seconds, tokens), in vLLM's style; observed once per request
+# when it ends, so they cost a few IPC calls per request, none per token.
+_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+_TOKENS = [1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+FRONT = {
+    "baton:time_to_first_token_seconds": ("histogram", "From the request's arrival at the front to its first token.",
+                                          _SECONDS),
+    "baton:time_per_output_token_seconds": ("histogram", "(last - first response) / the tokens after the first, "
+                                            "per request.", [0.001, 0.0025] + _SECONDS[:12]),
+    "baton:e2e_request_latency_seconds": ("histogram", "From arrival to the last response.", _SECONDS),
+    "baton:request_prompt_tokens": ("histogram", "Prompt tokens per request.", _TOKENS),
+    "baton:request_generation_tokens": ("histogram", "Generated tokens per request.", _TOKENS),
+}
+
+
+class RequestTimer:
+    """One request's timings through the front: fed each response's token count, it gives the
+    FRONT histograms' observations when the request ends (nothing for a request that streamed none)."""
+
+    def __init__(self, now: float) -> None:
+        self.t0, self.first, self.last = now, None, now
+        self.first_tokens = self.tokens = self.prompt_tokens = 0
+
+    def response(self, n_tokens: int, prompt_tokens: int, now: float) -> None:
+        if self.first is None:
+            self.first, self.first_tokens = now, n_tokens
+        self.last, self.tokens, self.prompt_tokens = now, self.tokens + n_tokens, prompt_tokens
+
+    def observations(self) -> dict[str, list[float]]:
+        if self.first is None:
+            return {}
+        out = {"baton:time_to_first_token_seconds": [self.first - self.t0],
+               "baton:e2e_request_latency_seconds": [self.last - self.t0],
+               "baton:request_prompt_tokens": [self.prompt_tokens],
+               "baton:request_generation_tokens": [self.tokens]}
+        if self.tokens > self.first_tokens:
+            out["baton:time_per_output_token_seconds"] = [(self.last - self.first) / (self.tokens - self.first_tokens)]
+        return out
 
 
 class Deltas:
@@ -45,16 +86,21 @@ class Deltas:
 class TritonMetrics:
     """The metric families of one spec, created through the stub's `triton_python_backend_utils`."""
 
-    def __init__(self, pb_utils, spec: dict[str, tuple[str, str]], labels: dict[str, str]) -> None:  # noqa: ANN001
-        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
-        self._families = {n: pb_utils.MetricFamily(name=n, description=h, kind=kinds[k]) for n, (k, h) in spec.items()}
-        self._metrics = {n: (spec[n][0], f.Metric(labels=labels)) for n, f in self._families.items()}
+    def __init__(self, pb_utils, spec: dict[str, tuple], labels: dict[str, str]) -> None:  # noqa: ANN001
+        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE,
+                 "histogram": pb_utils.MetricFamily.HISTOGRAM}
+        self._families = {n: pb_utils.MetricFamily(name=n, description=d[1], kind=kinds[d[0]]) for n, d in spec.items()}
+        self._metrics = {n: (spec[n][0], f.Metric(labels=labels, buckets=spec[n][2]) if spec[n][0] == "histogram"
+                             else f.Metric(labels=labels)) for n, f in self._families.items()}
 
-    def update(self, values: dict[str, float]) -> None:
+    def update(self, values: dict) -> None:
         for name, v in values.items():
             kind, metric = self._metrics[name]
             if kind == "gauge":
                 metric.set(v)
+            elif kind == "histogram":
+                for x in v:
+                    metric.observe(x)
             elif v:
                 metric.increment(v)
 

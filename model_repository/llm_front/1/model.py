@@ -3,6 +3,7 @@ the node's own gRPC port, stages/loopback.py) and sees the client's cancellation
 
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
 from baton.backends.stages.cancel import CancelSender
 from baton.backends.stages.front import Admission, Calls, FrontError, check_parameters, relay
 from baton.backends.stages.loopback import Loopback
+from baton.backends.stages.metrics import FRONT, RequestTimer, TritonMetrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -28,6 +30,7 @@ class TritonPythonModel:
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING
         self.timeout_s = node.serving.request_timeout_s
+        self.metrics = TritonMetrics(pb_utils, FRONT, {"model": args["model_name"], "version": args["model_version"]})
         # one thread per request in flight: a streaming call blocks its thread
         self.pool = ThreadPoolExecutor(max_workers=node.serving.max_pending_requests, thread_name_prefix="baton-front")
 
@@ -52,10 +55,15 @@ class TritonPythonModel:
 
     def _serve(self, r):
         sender = r.get_response_sender()
+        timer = RequestTimer(time.monotonic())
 
         def send(outputs, final):
             tensors = [pb_utils.Tensor(n, a) for n, a in outputs.items()] if outputs else []
             sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
+            if outputs:
+                timer.response(len(outputs["token_ids"]), int(outputs["prompt_tokens"][0]), time.monotonic())
+            if final:
+                self.metrics.update(timer.observations())
 
         stages = self.stages
         calls = Calls(preprocess=lambda t: stages.call("preprocess", t, _names(PREFILL_REQUEST)),
@@ -78,6 +86,7 @@ class TritonPythonModel:
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.stages.close()
+        self.metrics.close()
 
 
 def _names(specs):
