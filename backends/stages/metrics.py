@@ -7,6 +7,7 @@ worker sends its deltas about once a second and when it goes idle, prefill once 
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 
 # name: (kind, help[, buckets]). Counters take deltas, gauges the current value, histograms lists of
@@ -84,7 +85,9 @@ class Deltas:
 
 
 class TritonMetrics:
-    """The metric families of one spec, created through the stub's `triton_python_backend_utils`."""
+    """The metric families of one spec, created through the stub's `triton_python_backend_utils`.
+    Updates are serialised: Triton 2.51's stub crashes (SIGSEGV, then boost lock_exception in the
+    server) when two threads update metrics at once, as the llm front's request threads would."""
 
     def __init__(self, pb_utils, spec: dict[str, tuple], labels: dict[str, str]) -> None:  # noqa: ANN001
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE,
@@ -92,8 +95,13 @@ class TritonMetrics:
         self._families = {n: pb_utils.MetricFamily(name=n, description=d[1], kind=kinds[d[0]]) for n, d in spec.items()}
         self._metrics = {n: (spec[n][0], f.Metric(labels=labels, buckets=spec[n][2]) if spec[n][0] == "histogram"
                              else f.Metric(labels=labels)) for n, f in self._families.items()}
+        self._lock = threading.Lock()
 
     def update(self, values: dict) -> None:
+        with self._lock:
+            self._update(values)
+
+    def _update(self, values: dict) -> None:
         for name, v in values.items():
             kind, metric = self._metrics[name]
             if kind == "gauge":
