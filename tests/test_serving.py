@@ -13,6 +13,8 @@ from baton.backends.serving.launcher import Node
 from baton_client import BatonClient, BatonError
 
 pytestmark = pytest.mark.slow
+# long enough that a cancelled request (2000 tokens: seconds) cannot finish before its cancel arrives
+NODE_OVERRIDES = {"max_model_len": 2048, "max_tokens_limit": 2000, "kv_cache_memory_mb": 16}
 
 GREEDY = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
 PROMPTS = ["def fibonacci(n):", "class LRUCache:", "import os\nimport sys\n", "x = [i * i for i in",
@@ -58,7 +60,7 @@ def test_shared_prefix_reports_cached_tokens(node, offline):
 
 def test_stream_closed_early_leaves_no_blocks_behind(node):
     client = BatonClient(node.grpc_url)
-    stream = client.stream("def long_function():", temperature=0.0, max_tokens=180, ignore_eos=True)
+    stream = client.stream("def long_function():", temperature=0.0, max_tokens=1800, ignore_eos=True)
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -96,7 +98,7 @@ def test_grpc_cancellation_stops_generation_while_others_go_on(node, offline, ho
         PROMPTS[2], **(GREEDY | {"max_tokens": 60}))))
     t.start()
     if how == "baton_client":
-        stream = BatonClient(node.grpc_url).stream("def long_function():", temperature=0.0, max_tokens=200,
+        stream = BatonClient(node.grpc_url).stream("def long_function():", temperature=0.0, max_tokens=2000,
                                                    ignore_eos=True)
         rid = next(stream).request_id
         stream.close()                                  # leaving the loop early cancels the gRPC call
@@ -107,7 +109,7 @@ def test_grpc_cancellation_stops_generation_while_others_go_on(node, offline, ho
         inputs = [grpc.InferInput("text_input", [1], "BYTES"), grpc.InferInput("max_tokens", [1], "INT32"),
                   grpc.InferInput("ignore_eos", [1], "BOOL")]
         inputs[0].set_data_from_numpy(np.array([b"def long_function():"], dtype=object))
-        inputs[1].set_data_from_numpy(np.array([200], np.int32))
+        inputs[1].set_data_from_numpy(np.array([2000], np.int32))
         inputs[2].set_data_from_numpy(np.array([True]))
         c.async_stream_infer("llm", inputs)
         deadline = time.monotonic() + 60
@@ -142,7 +144,7 @@ def test_streams_cancelled_beside_others_never_kill_the_front(node, offline):
         c.start_stream(callback=lambda result, error, got=got: got.append(error or result))
         inputs = [grpc.InferInput("text_input", [1], "BYTES"), grpc.InferInput("max_tokens", [1], "INT32")]
         inputs[0].set_data_from_numpy(np.array([b"def long_function():"], dtype=object))
-        inputs[1].set_data_from_numpy(np.array([200], np.int32))
+        inputs[1].set_data_from_numpy(np.array([2000], np.int32))
         c.async_stream_infer("llm", inputs)
         deadline = time.monotonic() + 30
         while not got and time.monotonic() < deadline:
@@ -167,8 +169,8 @@ def _wait_blocks_free(node, timeout=10.0):
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(prompt=None), "text_input"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(max_tokens=201), "max_tokens"),
-    (dict(prompt="x " * 300), "max_model_len"),
+    (dict(max_tokens=2001), "max_tokens"),
+    (dict(prompt="x " * 2100), "max_model_len"),
     (dict(top_p=2.0), "top_p"),
     (dict(temperature=-1.0), "temperature"),
     (dict(stop=[""]), "stop"),
@@ -609,7 +611,7 @@ def test_an_http_stream_closed_by_its_client_stops_generating(node):
     import socket
 
     host, port = node.http_url.split(":")
-    body = json.dumps({"text_input": "def long_function():", "max_tokens": 200, "ignore_eos": True}).encode()
+    body = json.dumps({"text_input": "def long_function():", "max_tokens": 2000, "ignore_eos": True}).encode()
     s = socket.create_connection((host, int(port)))
     s.sendall(b"POST /v2/models/llm/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
