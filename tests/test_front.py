@@ -115,3 +115,36 @@ def test_request_timer_gives_one_observation_per_histogram():
     assert obs["baton:e2e_request_latency_seconds"] == pytest.approx([0.25])
     assert obs["baton:time_per_output_token_seconds"] == pytest.approx([0.2 / 5])
     assert obs["baton:request_prompt_tokens"] == [7] and obs["baton:request_generation_tokens"] == [6]
+
+
+def test_loopback_calls_end_at_their_deadline_when_a_stage_hangs():
+    """A stage that never answers: the front's call ends with an "unavailable" FrontError at the
+    deadline (request_timeout_s), instead of holding its request thread for ever."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    from baton.backends.stages.loopback import Loopback
+
+    release = threading.Event()
+
+    class Hung(service_pb2_grpc.GRPCInferenceServiceServicer):
+        def ModelInfer(self, request, context):  # noqa: N802, ANN001, ANN201
+            release.wait(30)
+            context.abort(grpc.StatusCode.INTERNAL, "too late")
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Hung(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        t = time.monotonic()
+        with pytest.raises(FrontError) as e:
+            Loopback(f"127.0.0.1:{port}", timeout_s=0.3).call("prefill", {"x": np.zeros(1, np.int64)}, [])
+        assert e.value.code == "unavailable" and time.monotonic() - t < 5
+    finally:
+        release.set()
+        server.stop(0)

@@ -28,7 +28,11 @@ from .front import FrontError
 Arrays = dict[str, np.ndarray]
 
 # A stage's gRPC status as the front's error codes (FrontError.code; model.py maps them to Triton's).
-_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.UNAVAILABLE: "unavailable"}
+_CODES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.UNAVAILABLE: "unavailable",
+          grpc.StatusCode.DEADLINE_EXCEEDED: "unavailable"}
+# A stream's deadline past the request's own limit: the relay cuts a request at request_timeout_s
+# when its responses flow; this ends one whose stage went silent.
+STREAM_GRACE_S = 30.0
 
 MAX_MESSAGE_BYTES = 64 << 20         # prompts are bounded long before this (max_model_len tokens)
 
@@ -60,23 +64,26 @@ def decode(resp: service_pb2.ModelInferResponse) -> Arrays:
 
 class Loopback:
     """Calls on one node's gRPC endpoint; one channel, shared by every request thread (gRPC channels
-    are thread-safe)."""
+    are thread-safe). Every call has a deadline of `timeout_s` (0: none), so no request thread waits
+    for ever on a stage that hangs."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, timeout_s: float = 0.0) -> None:
+        self.timeout = timeout_s or None
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                                                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
     def call(self, model: str, arrays: Arrays, outputs: list[str]) -> Arrays:
         try:
-            return decode(self.stub.ModelInfer(encode(model, arrays, outputs)))
+            return decode(self.stub.ModelInfer(encode(model, arrays, outputs), timeout=self.timeout))
         except grpc.RpcError as e:
             raise FrontError(e.details() or str(e.code()), _CODES.get(e.code(), "error")) from None
 
     def stream(self, model: str, arrays: Arrays, outputs: list[str]) -> Iterator[Arrays]:
         """A decoupled model's responses, to the last. Left early (the caller raised or closed the
         generator), the call is cancelled rather than left streaming to no one."""
-        call = self.stub.ModelStreamInfer(iter([encode(model, arrays, outputs)]))
+        call = self.stub.ModelStreamInfer(iter([encode(model, arrays, outputs)]),
+                                          timeout=self.timeout and self.timeout + STREAM_GRACE_S)
         try:
             for r in call:
                 if r.error_message:

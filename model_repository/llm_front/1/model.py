@@ -25,7 +25,7 @@ class TritonPythonModel:
         configure_process()
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.cancel = CancelSender(node.run_dir)
-        self.stages = Loopback(node.grpc_address)  # not BLS: stages/loopback.py says why
+        self.stages = Loopback(node.grpc_address, node.serving.request_timeout_s)  # not BLS: loopback.py says why
         self.limit = Admission(node.serving.max_pending_requests,
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING
