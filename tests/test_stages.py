@@ -403,12 +403,18 @@ def test_decode_fails_one_request_that_cannot_be_adopted_and_keeps_serving(node)
     stage.engine.block_manager.flush(idle=True)
     assert blocks_in_use(params.kv_address) == 0
     stage.step_once([(prefilled(prefill, prompts_of(512, [12], seed=42), **greedy)[0], ok)])
+    _serve_to_the_end(stage, ok, params, 8)
+
+
+
+def _serve_to_the_end(stage, sink, params, n_tokens=None):
+    """Step until nothing is live: the sink's request ended by length (with n_tokens tokens), and the
+    idle stage holds no KV blocks."""
     while stage.live:
         stage.step_once()
-    assert ok.outs[-1].finish_reason == "length" and len(tokens(ok)) == 8
+    assert sink.outs[-1].finish_reason == "length" and (n_tokens is None or len(tokens(sink)) == n_tokens)
     stage.engine.block_manager.flush(idle=True)
     assert blocks_in_use(params.kv_address) == 0
-
 
 def test_forged_or_replayed_handles_are_refused_and_change_nothing(node):
     """Decode refuses a handle this node's prefill did not sign (any changed field, e.g. block ids)
@@ -433,11 +439,7 @@ def test_forged_or_replayed_handles_are_refused_and_change_nothing(node):
     replay = ListSink()
     stage.step_once([(KVHandle.from_arrays(real.to_arrays()), replay)])
     assert replay.err and "not held for it" in replay.err
-    while stage.live:
-        stage.step_once()
-    assert ok.outs[-1].finish_reason == "length" and len(tokens(ok)) == 4
-    stage.engine.block_manager.flush(idle=True)
-    assert blocks_in_use(params.kv_address) == 0
+    _serve_to_the_end(stage, ok, params, 4)
 
 
 def test_unclaimed_handoffs_expire(node):
@@ -509,8 +511,4 @@ def test_a_kv_manager_that_does_not_answer_fails_the_arrival_not_the_loop(node, 
     monkeypatch.undo()
     ok = ListSink()
     stage.step_once([(h, ok)])                            # the manager answers again: served
-    while stage.live:
-        stage.step_once()
-    assert ok.outs[-1].finish_reason == "length"
-    stage.engine.block_manager.flush(idle=True)
-    assert blocks_in_use(params.kv_address) == 0
+    _serve_to_the_end(stage, ok, params)
