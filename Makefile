@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml clients/pyproject.toml
 
 venv: $(VENV)/.installed
 
-# System packages: libb64-0d for NVIDIA's perf_analyzer (tests drive the server with it). Installed
-# with apt-get when root, else named.
-SYSPKGS := libb64-0d
+# System packages: libb64-0d for NVIDIA's perf_analyzer (tests drive the server with it); etcd-server
+# (the PD name service) and libibverbs1 (the Mooncake transfer engine loads it even for tcp);
+# iproute2 (the PD tests' simulated hosts). Installed with apt-get when root, else named.
+SYSPKGS := libb64-0d etcd-server libibverbs1 iproute2
 sysdeps:
 	@missing=$$(for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

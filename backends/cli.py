@@ -66,7 +66,9 @@ def _generate(argv: list[str]) -> None:
 
 def _serve(argv: list[str]) -> None:
     import signal
+    from pathlib import Path
 
+    from .serving.config import Profile
     from .serving.launcher import Node
 
     ap = argparse.ArgumentParser(prog="baton serve", description="Serve a model through tritonserver.")
@@ -81,14 +83,24 @@ def _serve(argv: list[str]) -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="stream the sample, check it against the in-process engine, stop, exit 0/1")
     ap.add_argument("--timeout", type=float, default=300)
+    pd = ap.add_argument_group("PD across servers (profiles pd_prefill, pd_decode, pd_router)")
+    pd.add_argument("--name-service", default="", help="etcd URL, e.g. http://10.0.0.1:2379")
+    pd.add_argument("--host", default="127.0.0.1", help="this node's address as the other nodes reach it")
+    pd.add_argument("--cluster-key-file", default="", help="the cluster's shared key (hex), the same file on every node")
+    pd.add_argument("--cluster", default="baton", help="the cluster's name in the name service")
+    pd.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma"], help="Mooncake transport")
     a = ap.parse_args(argv)
 
     def on_term(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    role = Profile.load(a.profile).serving.get("pd_role", "")
+    gateway = a.gateway_port >= 0 and role in ("", "router")      # only where `llm` is served
     node = Node(a.model, a.profile, a.http_port, a.grpc_port, a.metrics_port,
-                gateway_port=None if a.gateway_port < 0 else a.gateway_port)
+                gateway_port=a.gateway_port if gateway else None, name_service=a.name_service, host=a.host,
+                cluster_key_file=a.cluster_key_file and str(Path(a.cluster_key_file).resolve()),
+                cluster=a.cluster, transfer_protocol=a.transfer_protocol)
     exit_code = 0
     try:
         node.start(a.timeout)

@@ -108,16 +108,20 @@ class Scheduler:
         if m.blocks is not None:                 # already in this pool (in-node hand-off): adopt
             seq.block_table = list(m.blocks)
             self.connector.on_allocated(seq)
-        else:                                    # allocate now; the connector's worker side fills them
-            need = -(-m.num_tokens // self.block_size)
+            seq.num_published_blocks = m.num_tokens // self.block_size   # published where they were computed
+        else:       # allocate now; the connector's worker side fills them (all but blocks this pool caches)
+            hit = self.bm.match_prefix(seq.block_hashes[: m.num_tokens // self.block_size]) if m.reuse_cached else []
+            need = -(-m.num_tokens // self.block_size) - len(hit)
             if need > self.bm.num_free:
+                self.bm.release(hit)
                 return False
-            seq.block_table = self.bm.allocate(need)
+            seq.block_table = hit + self.bm.allocate(need)
+            seq.num_reused_blocks = len(hit)
+            seq.num_published_blocks = len(hit)      # the loaded ones are published here once in place
             seq.loading = True
             self.connector.on_allocated(seq)
             self.connector.start_load([seq])
         seq.num_computed_tokens = m.num_tokens
-        seq.num_published_blocks = m.num_tokens // self.block_size   # published where they were computed
         return True
 
     def _match_prefix(self, seq: Sequence) -> None:

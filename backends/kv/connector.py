@@ -35,10 +35,15 @@ HANDOFF = "handoff"
 class ExternalMatch:
     num_tokens: int                  # leading tokens whose K/V exist outside this engine
     blocks: list[int] | None = None  # blocks of this pool that already hold them (None: allocate, then load)
+    reuse_cached: bool = False       # allocating: take leading blocks this pool caches by hash instead of loading them
 
 
 class KVConnector:
     """No external KV: every method is the identity. The base of the implementations."""
+
+    def remote(self, handle: KVHandle) -> bool:
+        """Whether a handle's blocks live on another node (read from there; nothing to claim here)."""
+        return False
 
     # ---- scheduler side --------------------------------------------------------------------------
     def matched_external_tokens(self, seq: Sequence) -> ExternalMatch | None:

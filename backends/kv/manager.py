@@ -10,6 +10,7 @@ reserve of free blocks, so a decode step costs at most one round trip (usually n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import signal
@@ -44,6 +45,28 @@ class KVManagerServer:
         self.busy_s = 0.0
         self.handoffs: dict[str, tuple[list[int], float]] = {}   # request id -> (blocks, lease end)
         self.lease_s = HANDOFF_LEASE_S
+        self.acks: zmq.Socket | None = None      # PD prefill: other nodes' "I have read them" (kv/transfer.py)
+        self.ack_key = b""
+        self.acked = 0
+
+    def serve_acks(self, endpoint: str, key: bytes) -> str:
+        """Also answer acks from decode nodes on a TCP endpoint ("tcp://host:*" picks a port);
+        returns the bound address."""
+        self.acks = self.ctx.socket(zmq.REP)
+        self.acks.bind(endpoint)
+        self.ack_key = key
+        return self.acks.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def handle_ack(self, msg: bytes) -> bytes:
+        from .transfer import parse_ack
+
+        self.expire_handoffs()
+        parsed = parse_ack(msg, self.ack_key)
+        ok = parsed is not None and self.handle([("claim", parsed)])[0]
+        if ok:
+            self.bm.release(parsed[1])
+            self.acked += 1
+        return json.dumps({"ok": bool(ok)}).encode()
 
     def handle(self, ops: list[tuple]) -> list:
         """Apply a batch of (op, arg) in order; every reply carries the free-block count."""
@@ -75,9 +98,11 @@ class KVManagerServer:
                 if ok:
                     del self.handoffs[request_id]
                 out.append(ok)
+            elif op == "hashes":           # the newest `arg` cached block hashes (the name service's summary)
+                out.append(list(self.bm.cached)[-arg:])
             elif op == "stats":
                 out.append({"num_blocks": self.bm.num_blocks, "num_used": self.bm.num_used,
-                            "handoffs": len(self.handoffs),
+                            "handoffs": len(self.handoffs), "acked": self.acked, "cached": len(self.bm.cached),
                             "hits": self.bm.hits, "queries": self.bm.queries, "calls": self.calls,
                             "busy_us_per_call": 1e6 * self.busy_s / max(1, self.calls)})
             else:
@@ -91,9 +116,18 @@ class KVManagerServer:
             self.bm.release(self.handoffs.pop(rid)[0])
 
     def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.acks is not None:
+            poller.register(self.acks, zmq.POLLIN)
         while True:
-            if not self.sock.poll(1000):
+            events = dict(poller.poll(1000))
+            if not events:
                 self.expire_handoffs()
+                continue
+            if self.acks is not None and self.acks in events:
+                self.acks.send(self.handle_ack(self.acks.recv()))
+            if self.sock not in events:
                 continue
             msg = self.sock.recv()
             t = time.perf_counter()
@@ -197,6 +231,9 @@ class RemoteBlockManager:
     def stats(self) -> dict:
         return self._call([("stats", None)])[-1]
 
+    def cached_hashes(self, limit: int) -> list[int]:
+        return self._call([("hashes", limit)])[-1]
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="baton kv-manager")
@@ -204,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--address", required=True)
     ap.add_argument("--spec", required=True, help="PoolSpec as key=value,... ")
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--transfer-host", default="", help="serve the pool's blocks to other nodes from this address")
+    ap.add_argument("--transfer-protocol", default="tcp", help="the Mooncake transport: tcp, or rdma on clusters")
+    ap.add_argument("--key-file", default="", help="the cluster's key (hex), which signs acks")
+    ap.add_argument("--node-id", default="")
     a = ap.parse_args(argv)
     parent = os.getppid()
     die_with_parent()
@@ -214,6 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     pool = KVPool.create(a.pool, spec)
     bm = BlockManager(spec.num_blocks, spec.block_size, not a.no_prefix_caching)
     server = KVManagerServer(bm, a.address)
+    source = ""
+    if a.transfer_host:                  # a PD prefill node: other nodes read its blocks
+        from .transfer import BlockSource, TransferAgent
+
+        nbytes = pool.tensor.numel() * pool.tensor.element_size()
+        agent = TransferAgent(a.transfer_host, a.transfer_protocol, pool.tensor.data_ptr(), nbytes)
+        ack = server.serve_acks(f"tcp://{a.transfer_host}:*", bytes.fromhex(open(a.key_file).read().strip()))
+        source = " source=" + BlockSource(a.node_id, agent.segment, agent.base, spec.block_bytes, ack).to_json()
 
     def stop(*_: object) -> None:
         pool.close()
@@ -221,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"kv-manager ready pool={a.pool} blocks={spec.num_blocks} at {a.address}", flush=True)
+    print(f"kv-manager ready pool={a.pool} blocks={spec.num_blocks} at {a.address}{source}", flush=True)
     server.serve_forever()
 
 

@@ -51,6 +51,8 @@ class ServingConfig:
     # the client gets UNAVAILABLE naming this setting; bounds what a client that vanished without the
     # server noticing (a non-streaming HTTP request) can hold. 0: no limit
     request_timeout_s: float = 600.0
+    # PD across servers (profiles pd_prefill, pd_decode, pd_router): this node's role; "": one node
+    pd_role: Literal["", "prefill", "decode", "router"] = ""
 
     def __post_init__(self) -> None:
         check_types(self, "ServingConfig")
@@ -74,6 +76,13 @@ class NodeConfig:
     run_dir: str = "/tmp"
     handle_key: str = ""                 # hex secret: prefill signs KV handles with it, decode checks them
     grpc_address: str = ""               # the node's own gRPC endpoint (the llm front calls its stages there)
+    node_id: str = ""
+    # PD (profiles pd_*): handle_key is then the cluster's key, shared by every node
+    transfer_host: str = ""              # this node's address for KV transfers ("": not in a PD cluster)
+    transfer_protocol: str = "tcp"       # Mooncake transport: tcp, or rdma on clusters
+    block_source: str = ""               # a prefill node's kv.transfer.BlockSource JSON, carried in its handles
+    name_service: str = ""               # etcd URL (the pd_router front reads the membership there)
+    cluster: str = "baton"               # the cluster's name: its nodes' keys in the name service
 
     @property
     def max_tokens_limit(self) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from baton.kernels.linear import select_linear_method
 
+from ..cluster.registry import HASH_SUMMARY, NodeInfo, Registration, short_hash
 from ..engine.llm_engine import pool_spec, resolve_dtype
 from ..kv.node import KVManagerProcess
 from ..kv.pool import SHM_DIR
@@ -72,6 +73,14 @@ class Node:
     serving: ServingConfig | None = None
     gateway_port: int | None = None      # the OpenAI-compatible gateway's port (0: a free one; None: none)
     gateway: subprocess.Popen | None = None
+    # PD across servers (profiles pd_*): the name service, this node's address as other nodes reach
+    # it, the file holding the cluster's key (hex; signs KV handles and acks between nodes)
+    name_service: str = ""
+    host: str = "127.0.0.1"
+    cluster_key_file: str = ""
+    cluster: str = "baton"
+    transfer_protocol: str = "tcp"
+    registration: Registration | None = None
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
@@ -93,33 +102,42 @@ class Node:
         engine = engine.replace(dtype=str(dtype).split(".")[-1],
                                 max_model_len=engine.resolved_max_model_len(cfg.max_position_embeddings))
         serving = replace(serving, share_cores=_share_cores(serving.share_cores))
-        spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20)
-        pool_name = self.node_id
-        address = f"ipc://{self.run_dir}/kv.sock"
-        self.manager = KVManagerProcess(pool_name, spec, address, self.run_dir / "kv-manager.log",
-                                        engine.enable_prefix_caching)
-        self.manager.start()
-        # weights: loaded, fused and processed by the linear method once here, mapped by every stage
-        t = time.monotonic()
-        self.weights_name = pool_name
-        method = select_linear_method(dtype, engine.device, engine.pack_weights)
-        size = weight_store.publish(pool_name, process_linears(cfg, prepare_weights(cfg, load_state_dict(model_dir, dtype)),
-                                                               method))
-        if not quiet:
-            print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory ({method.name}, "
-                  f"{time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
+        role = serving.pd_role
+        handle_key = self._cluster_key() if role else secrets.token_hex(32)
+        pool_name = address = ""
+        if role != "router":             # a router node has no pool and no weights
+            spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20)
+            pool_name = self.node_id
+            address = f"ipc://{self.run_dir}/kv.sock"
+            serve_blocks = (self.host, self.transfer_protocol, self.cluster_key_file, self.node_id) if role == "prefill" else None
+            self.manager = KVManagerProcess(pool_name, spec, address, self.run_dir / "kv-manager.log",
+                                            engine.enable_prefix_caching, serve_blocks)
+            self.manager.start()
+            # weights: loaded, fused and processed by the linear method once here, mapped by every stage
+            t = time.monotonic()
+            self.weights_name = pool_name
+            method = select_linear_method(dtype, engine.device, engine.pack_weights)
+            size = weight_store.publish(pool_name, process_linears(cfg, prepare_weights(cfg, load_state_dict(model_dir, dtype)),
+                                                                   method))
+            if not quiet:
+                print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory ({method.name}, "
+                      f"{time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
         self.serving = serving
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
-        node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir), secrets.token_hex(32),
-                          grpc_address=self.grpc_url)
+        node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir), handle_key,
+                          grpc_address=self.grpc_url, node_id=self.node_id,
+                          transfer_host=self.host if role == "decode" else "", transfer_protocol=self.transfer_protocol,
+                          block_source=self.manager.source if role == "prefill" else "",
+                          name_service=self.name_service if role == "router" else "", cluster=self.cluster)
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")
         repo = render(prof, self.run_dir / "models", self.run_dir / "node.json")
         self.server = TritonServer(repo, self.run_dir, self.http_port, self.grpc_port, self.metrics_port,
-                                   f"baton-{self.node_id}-", self.run_dir / "tritonserver.log")
+                                   f"baton-{self.node_id}-", self.run_dir / "tritonserver.log",
+                                   address="0.0.0.0" if role and self.host != "127.0.0.1" else "127.0.0.1")
         admin_key = "" if serving.open_admin_apis else secrets.token_hex(16)
         if admin_key:
             key_file = self.run_dir / "admin.key"
@@ -127,6 +145,7 @@ class Node:
             key_file.write_text(admin_key)
         self.admin_key = admin_key
         self.server.start(extra_env=process_env(), admin_key=admin_key)   # stage processes inherit the env
+        (self.run_dir / "tritonserver.pid").write_text(str(self.server.proc.pid))
         t0 = time.monotonic()
         spinner = "|/-\\"
         tick = [0]
@@ -148,7 +167,13 @@ class Node:
             except Exception:
                 self.stop()
                 raise
-        self.supervisor = Supervisor(self.server.proc, self.manager.proc, gateway=self.gateway)
+        if role:
+            try:
+                self.registration = Registration(self.name_service, self.cluster, self._node_info)
+            except Exception as e:
+                self.stop()
+                raise RuntimeError(f"could not register with the name service {self.name_service}: {e}") from None
+        self.supervisor = Supervisor(self.server.proc, self.manager.proc if self.manager else None, gateway=self.gateway)
         self.supervisor.snapshot()
         if not quiet:
             gateway = f"  OpenAI http://127.0.0.1:{self.gateway_port}/v1" if self.gateway else ""
@@ -156,6 +181,36 @@ class Node:
                   f"HTTP http://127.0.0.1:{self.http_port}  metrics http://127.0.0.1:{self.metrics_port}/metrics"
                   + gateway, file=sys.stderr, flush=True)
         return self
+
+    def _cluster_key(self) -> str:
+        if not self.name_service:
+            raise RuntimeError(f"profile {self.profile!r} is a PD role: it needs --name-service URL (etcd)")
+        try:
+            key = Path(self.cluster_key_file).read_text().strip()
+            bytes.fromhex(key)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"--cluster-key-file {self.cluster_key_file!r}: a PD node needs the cluster's key, "
+                               f"hex, the same file on every node ({e})") from None
+        if len(key) < 32:
+            raise RuntimeError(f"--cluster-key-file {self.cluster_key_file!r}: the key is too short (at least 16 bytes)")
+        return key
+
+    def _node_info(self) -> NodeInfo:
+        """What this node tells the name service each heartbeat (called on the registration's thread)."""
+        from ..kv.manager import RemoteBlockManager
+
+        role = self.serving.pd_role
+        info = NodeInfo(self.node_id, role, f"{self.host}:{self.grpc_port}")
+        if self.manager is not None:
+            if getattr(self, "_reg_manager", None) is None:     # a REQ socket of this thread's own
+                self._reg_manager = RemoteBlockManager(self.manager.address, 1, 1)
+            st = self._reg_manager.stats()
+            info.block_size, info.num_blocks = self.manager.spec.block_size, st["num_blocks"]
+            info.free_blocks = st["num_blocks"] - st["num_used"]
+            info.hashes = [short_hash(h) for h in self._reg_manager.cached_hashes(HASH_SUMMARY)]
+        load = scrape_load(self.metrics_port, role)
+        info.running, info.waiting = load
+        return info
 
     def _start_gateway(self, model_dir: str, timeout: float = 60) -> None:
         import urllib.request
@@ -187,11 +242,11 @@ class Node:
 
         timeout = self.serving.drain_timeout_s if timeout is None else timeout
         (self.run_dir / DRAINING).touch()
-        manager = RemoteBlockManager(self.manager.address, 1, 1)
+        manager = RemoteBlockManager(self.manager.address, 1, 1) if self.manager else None
         deadline = time.monotonic() + timeout
         while True:
             try:
-                st = manager.stats()
+                st = manager.stats() if manager else {"num_used": 0, "handoffs": 0}
             except KVManagerUnavailable:     # the manager is gone: nothing left to wait for
                 return False
             fronts = requests_in_fronts(self.run_dir)
@@ -223,6 +278,9 @@ class Node:
         """Each step runs even if an earlier one fails. The run directory goes too, unless the node
         failed (a dead process, a failed start): its logs are what tells why."""
         keep = self.supervisor is None or self.failure() is not None
+        if self.registration is not None:          # out of routing first
+            self.registration.stop()
+            self.registration = None
         if self.gateway is not None:
             self.gateway.terminate()
             try:
@@ -247,3 +305,24 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def scrape_load(metrics_port: int, role: str) -> tuple[int, int]:
+    """(running, waiting) requests of this node's PD stage, from its own metrics endpoint: decode's
+    batch gauge, and the requests Triton holds queued for the stage."""
+    import urllib.request
+
+    stage = {"prefill": "prefill", "decode": "decode"}.get(role)
+    if stage is None:
+        return 0, 0
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).read().decode()
+    except OSError:
+        return 0, 0
+    running = waiting = 0.0
+    for line in text.splitlines():
+        if line.startswith("baton_decode_running_requests"):
+            running += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("nv_inference_pending_request_count") and f'model="{stage}"' in line:
+            waiting += float(line.rsplit(" ", 1)[1])
+    return int(running), int(waiting)

@@ -45,7 +45,7 @@ def _name(pid: int, argv: list[str]) -> str:
 @dataclass
 class Supervisor:
     server: subprocess.Popen
-    manager: subprocess.Popen
+    manager: subprocess.Popen | None      # None: a node without a pool (pd_router)
     gateway: subprocess.Popen | None = None
     watched: dict[int, str] = field(default_factory=dict)
 
@@ -57,7 +57,7 @@ class Supervisor:
         """Which process died, or None while every one is alive."""
         if self.server.poll() is not None:
             return f"tritonserver exited with code {self.server.returncode}"
-        if self.manager.poll() is not None:
+        if self.manager is not None and self.manager.poll() is not None:
             return f"the KV manager exited with code {self.manager.returncode}"
         if self.gateway is not None and self.gateway.poll() is not None:
             return f"the OpenAI gateway exited with code {self.gateway.returncode}"

@@ -8,6 +8,7 @@ one PULL socket, `<run_dir>/cancel-<instance>.sock`; a sender connects to all of
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 
 import zmq
@@ -52,3 +53,15 @@ class CancelSender:
                 s.send(request_id.encode(), zmq.NOBLOCK)
             except zmq.Again:                  # a worker gone or flooded: the supervisor sees to it
                 pass
+
+
+class CloseStream:
+    """Cancellation when decode runs on another server (PD): closing the front's stream from that
+    server cancels the gRPC call, which its decode sees as its client's cancellation."""
+
+    def __init__(self) -> None:
+        self.stream: Generator | None = None
+
+    def send(self, request_id: str) -> None:
+        if self.stream is not None:
+            self.stream.close()

@@ -24,8 +24,15 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
     pool = KVPool.attach(node.kv_pool)
     bm = RemoteBlockManager(node.kv_address, pool.spec.num_blocks, pool.spec.block_size)
     weights = weight_store.attach(node.weights) if node.weights else None
-    role = "producer" if stage == "prefill" else "consumer"
-    return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=HandoffConnector(role))
+    connector: HandoffConnector = HandoffConnector("producer" if stage == "prefill" else "consumer")
+    if stage == "decode" and node.transfer_host:      # PD decode: blocks come from prefill nodes
+        from ..kv.transfer import TransferAgent
+        from ..kv.transfer_connector import TransferConnector
+
+        agent = TransferAgent(node.transfer_host, node.transfer_protocol, pool.tensor.data_ptr(),
+                              pool.tensor.numel() * pool.tensor.element_size())
+        connector = TransferConnector(agent, bytes.fromhex(node.handle_key), node.node_id)
+    return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector)
 
 
 def core_share(node: NodeConfig, stage: str) -> CoreShare | None:

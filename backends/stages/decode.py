@@ -147,7 +147,8 @@ class DecodeStage:
         """Why this handle must not be used ("" when it may): checked before its blocks are touched."""
         if not handle.verified(self.handle_key):
             return "not signed by this node's prefill"
-        if handle.block_table and not self.engine.block_manager.claim(handle.request_id, handle.block_table):
+        if (handle.block_table and not self.engine.connector.remote(handle)
+                and not self.engine.block_manager.claim(handle.request_id, handle.block_table)):
             return "its blocks are not held for it (already used, or expired)"
         return ""
 
@@ -198,6 +199,9 @@ class DecodeStage:
         now = {"baton_decode_steps_total": self.steps, "baton_decode_step_seconds_total": self.step_s,
                "baton_generation_tokens_total": self.tokens, "baton_spec_draft_tokens_total": spec["drafted"],
                "baton_spec_accepted_tokens_total": spec["accepted"]}
+        transfer = getattr(self.engine.connector, "stats", None)      # PD decode: KV read from prefill nodes
+        if transfer is not None:
+            now |= {f"baton_kv_transfer_{k}_total": v for k, v in transfer.items()}
         out = {k: v - last.get(k, 0) for k, v in now.items()}
         last.update(now)
         return out | {"baton_decode_running_requests": len(self.live)}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..serving.tensors import SCALARS
-from .cancel import CancelSender
+from .cancel import CancelSender, CloseStream
 from .messages import ERROR_REASONS
 from .postprocess import RENAME
 
@@ -102,7 +102,7 @@ def check_parameters(params: dict[str, Any]) -> None:
                          f"{', '.join(n for n, _ in SCALARS)}", "invalid")
 
 
-def relay(inputs: Any, calls: Calls, cancel: CancelSender, timeout_s: float = 0.0, stream: bool = True) -> str:
+def relay(inputs: Any, calls: Calls, cancel: CancelSender | CloseStream, timeout_s: float = 0.0, stream: bool = True) -> str:
     """Serve one request; returns how it ended ("finished", "cancelled"). Stage errors propagate as
     FrontError (model.py turns them into the request's final error response); decode reports its own
     in band, as a last delta with finish reason "error" or "unavailable" (messages.ERROR_REASONS).

@@ -21,6 +21,12 @@ DECODE = {
     "baton_spec_draft_tokens_total": ("counter", "Speculative draft tokens verified by the target."),
     "baton_spec_accepted_tokens_total": ("counter", "Draft tokens accepted (acceptance rate: the rate of this "
                                                     "over the rate of baton_spec_draft_tokens_total)."),
+    "baton_kv_transfer_blocks_read_total": ("counter", "PD: KV blocks read from prefill nodes."),
+    "baton_kv_transfer_blocks_reused_total": ("counter", "PD: KV blocks a handle named that this node already "
+                                                          "cached (not read)."),
+    "baton_kv_transfer_bytes_total": ("counter", "PD: bytes read from prefill nodes."),
+    "baton_kv_transfer_seconds_total": ("counter", "PD: seconds spent reading and acknowledging KV blocks."),
+    "baton_kv_transfer_failures_total": ("counter", "PD: transfers that failed; the prompt was recomputed here."),
 }
 PREFILL = {
     "baton_prefill_requests_total": ("counter", "Requests prefilled."),

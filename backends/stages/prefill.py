@@ -18,11 +18,13 @@ log = logging.getLogger("prefill")
 
 
 class PrefillStage:
-    def __init__(self, engine: LLMEngine, handle_key: bytes, cores: CoreShare | None = None) -> None:
+    def __init__(self, engine: LLMEngine, handle_key: bytes, cores: CoreShare | None = None, source: str = "") -> None:
         """handle_key: the node's secret; every KVHandle leaves signed with it, and its blocks are
-        recorded with the KV manager as handed off (decode claims them once, or they expire)."""
+        recorded with the KV manager as handed off (decode claims them once, or they expire).
+        source: a PD prefill node's BlockSource JSON, which its handles carry (decode reads from there)."""
         self.engine = engine
         self.handle_key = handle_key
+        self.source = source
         self.cores = cores
         self.metrics = Deltas()
 
@@ -67,9 +69,13 @@ class PrefillStage:
         finally:
             if self.cores:
                 self.cores.idle()
-            out = [s.kv_handle.sign(self.handle_key) if isinstance(s, Sequence) else s for s in seqs]
+            out = [self._signed(s.kv_handle) if isinstance(s, Sequence) else s for s in seqs]
             for h in out:
                 if isinstance(h, KVHandle) and h.block_table:
                     eng.block_manager.hand_off(h.request_id, h.block_table)
             eng.block_manager.flush(idle=True)           # publish, hand off, release the rest: one call
         return out
+
+    def _signed(self, h: KVHandle) -> KVHandle:
+        h.source = self.source if h.block_table else ""
+        return h.sign(self.handle_key)

@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingI
 from baton.backends.runtime import configure_process
 from baton.backends.serving.config import DRAINING, NodeConfig
 from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
-from baton.backends.stages.cancel import CancelSender
+from baton.backends.stages.cancel import CancelSender, CloseStream
 from baton.backends.stages.front import Admission, Calls, FrontError, check_parameters, relay
 from baton.backends.stages.loopback import Loopback
 from baton.backends.stages.metrics import FRONT, RequestTimer, TritonMetrics
@@ -26,6 +26,11 @@ class TritonPythonModel:
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.cancel = CancelSender(node.run_dir)
         self.stages = Loopback(node.grpc_address, node.serving.request_timeout_s)  # not BLS: loopback.py says why
+        self.router = None
+        if node.name_service:                 # pd_router: prefill and decode run on the nodes it picks
+            from baton.backends.cluster.router import Router
+
+            self.router = Router(node.name_service, node.cluster, node.serving.request_timeout_s)
         self.limit = Admission(node.serving.max_pending_requests,
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING
@@ -65,18 +70,26 @@ class TritonPythonModel:
             if final:
                 self.metrics.update(timer.observations())
 
-        stages = self.stages
+        stages, router, cancel = self.stages, self.router, self.cancel
         calls = Calls(preprocess=lambda t: stages.call("preprocess", t, _names(PREFILL_REQUEST)),
                       prefill=lambda t: stages.call("prefill", t, _names(HANDLE)),
                       decode=lambda t: stages.stream("decode", t, _names(STREAM)),
                       outputs=lambda resp: resp,
                       send=send, cancelled=r.is_cancelled)
+        if router is not None:
+            cancel = CloseStream()
+
+            def decode(t):
+                cancel.stream = router.decode(t, _names(STREAM))
+                return cancel.stream
+
+            calls.prefill, calls.decode = (lambda t: router.prefill(t, _names(HANDLE))), decode
         try:
             check_parameters(json.loads(r.parameters() or "{}"))
             inputs = {t.name(): t.as_numpy() for t in r.inputs()}
             stream = inputs.pop("stream", None)      # the front's own input (one merged response if false)
             stream = True if stream is None else bool(stream.reshape(-1)[0])
-            if relay(inputs, calls, self.cancel, self.timeout_s, stream) == "cancelled":
+            if relay(inputs, calls, cancel, self.timeout_s, stream) == "cancelled":
                 _close(sender)
         except FrontError as e:
             _fail(sender, str(e), _code(e.code))
@@ -85,6 +98,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.router is not None:
+            self.router.close()
         self.stages.close()
         self.metrics.close()
 

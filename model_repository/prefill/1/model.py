@@ -15,7 +15,8 @@ from baton.backends.stages.prefill import PrefillStage
 class TritonPythonModel:
     def initialize(self, args):
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
-        self.stage = PrefillStage(node_engine(node, "prefill"), bytes.fromhex(node.handle_key), core_share(node, "prefill"))
+        self.stage = PrefillStage(node_engine(node, "prefill"), bytes.fromhex(node.handle_key), core_share(node, "prefill"),
+                                  node.block_source)
         self.metrics = TritonMetrics(pb_utils, PREFILL, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):

@@ -1,0 +1,173 @@
+"""Routing in a PD cluster: which prefill node and which decode node serve a request.
+
+The scoring is two small pure functions (unit-tested in tests/test_router.py):
+
+  prefill_cost  the predicted time to first token on a prefill node, in prompt tokens of work ahead
+                of the request's first token: the prompt tokens that node does NOT cache (its summary
+                of cached block hashes, matched from the first block on), plus the tokens this router
+                has sent it and not yet seen answered, plus QUEUED_REQUEST_TOKENS for each request
+                the node reports waiting. The lowest cost wins.
+  decode_room   free KV blocks a decode node has left for the request: its reported free blocks,
+                minus the blocks this router has routed to it for requests still streaming, minus
+                what the request needs (prompt + max_tokens). The most room wins; a node without
+                room is taken only when no node has room (it queues or preempts there).
+
+Ties go to the node with fewer running requests, then to the smaller node id, so equal nodes get a
+stable order. A node whose lease expired is not in the membership; one that refused a connection
+is also skipped for one lease TTL (`Router.down`), whatever the membership still says."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..engine.sampling_params import SamplingParams
+from ..kv.hashing import hash_blocks
+from ..stages.front import FrontError
+from ..stages.loopback import Arrays, Loopback
+from .registry import LEASE_TTL_S, Membership, NodeInfo, short_hash
+
+log = logging.getLogger("router")
+
+QUEUED_REQUEST_TOKENS = 256       # what one request waiting at a prefill node is assumed to cost
+PREFILL_TRIES = 3                 # prefill nodes tried per request before it fails
+
+
+def cached_prefix_blocks(node: NodeInfo, prompt_hashes: list[str]) -> int:
+    held = set(node.hashes)
+    n = 0
+    for h in prompt_hashes:
+        if h not in held:
+            break
+        n += 1
+    return n
+
+
+def prefill_cost(node: NodeInfo, prompt_hashes: list[str], prompt_tokens: int, inflight_tokens: int) -> float:
+    uncached = prompt_tokens - cached_prefix_blocks(node, prompt_hashes) * node.block_size
+    return uncached + inflight_tokens + QUEUED_REQUEST_TOKENS * node.waiting
+
+
+def decode_room(node: NodeInfo, blocks_needed: int, inflight_blocks: int) -> int:
+    return node.free_blocks - inflight_blocks - blocks_needed
+
+
+def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, int]) -> list[NodeInfo]:
+    """Prefill nodes, best first."""
+    hashes: dict[int, list[str]] = {}
+    for bs in {n.block_size for n in nodes}:
+        hashes[bs] = [short_hash(h) for h in hash_blocks(prompt, bs)] if bs > 0 else []
+    return sorted(nodes, key=lambda n: (prefill_cost(n, hashes[n.block_size], len(prompt), inflight.get(n.node_id, 0)),
+                                        n.running, n.node_id))
+
+
+def rank_decode(nodes: list[NodeInfo], tokens: int, inflight: dict[str, int]) -> list[NodeInfo]:
+    """Decode nodes, best first: those with room for `tokens` more tokens' KV, most room first."""
+    def key(n: NodeInfo) -> tuple:
+        room = decode_room(n, math.ceil(tokens / max(1, n.block_size)), inflight.get(n.node_id, 0))
+        return (room < 0, -room, n.running, n.node_id)
+    return sorted(nodes, key=key)
+
+
+class Router:
+    """The pd_router front's view of the cluster and its calls to the chosen nodes."""
+
+    def __init__(self, name_service: str, cluster: str, timeout_s: float) -> None:
+        self.members = Membership(name_service, cluster)
+        self.name_service = name_service
+        self.timeout_s = timeout_s
+        self.lock = threading.Lock()
+        self.prefill_tokens: dict[str, int] = defaultdict(int)    # node -> prompt tokens sent, unanswered
+        self.decode_blocks: dict[str, int] = defaultdict(int)     # node -> blocks of requests streaming there
+        self.down: dict[str, float] = {}                          # node -> skipped until (monotonic)
+        self.channels: dict[str, Loopback] = {}
+        self.retries = 0
+
+    def _live(self, role: str) -> list[NodeInfo]:
+        now = time.monotonic()
+        with self.lock:
+            return [n for n in self.members.of_role(role) if self.down.get(n.node_id, 0) <= now]
+
+    def _channel(self, address: str) -> Loopback:
+        with self.lock:
+            if address not in self.channels:
+                self.channels[address] = Loopback(address, self.timeout_s)
+            return self.channels[address]
+
+    def _mark_down(self, node: NodeInfo, why: str) -> None:
+        log.warning("node %s (%s) failed a call (%s); not routing to it for %d s", node.node_id, node.grpc, why,
+                    LEASE_TTL_S)
+        with self.lock:
+            self.down[node.node_id] = time.monotonic() + LEASE_TTL_S
+
+    def prefill(self, request: Arrays, outputs: list[str]) -> Arrays:
+        """Prefill on the best prefill node; a node that fails is skipped and the next one tried."""
+        prompt = request["input_ids"].astype(np.int64).reshape(-1).tolist()
+        with self.lock:
+            inflight = dict(self.prefill_tokens)
+        ranked = rank_prefill(self._live("prefill"), prompt, inflight)
+        if not ranked:
+            raise FrontError(f"no prefill node is registered with the name service {self.name_service}", "unavailable")
+        last: FrontError | None = None
+        for node in ranked[:PREFILL_TRIES]:
+            with self.lock:
+                self.prefill_tokens[node.node_id] += len(prompt)
+            try:
+                return self._channel(node.grpc).call("prefill", request, outputs)
+            except FrontError as e:
+                if e.code == "invalid":              # the request's fault: the same anywhere
+                    raise
+                last = e
+                self.retries += 1
+                self._mark_down(node, str(e))
+            finally:
+                with self.lock:
+                    self.prefill_tokens[node.node_id] -= len(prompt)
+        raise FrontError(f"prefill failed on {min(len(ranked), PREFILL_TRIES)} nodes; last: {last}", "unavailable")
+
+    def decode(self, handle: Arrays, outputs: list[str]) -> Iterator[Arrays]:
+        """Stream from the decode node with the most room. A node that fails before its first response
+        is skipped and the next one tried (the blocks are still held by prefill, or recomputed)."""
+        sampling = SamplingParams.from_json(_text(handle["sampling"]))
+        tokens = int(handle["token_ids"].size) + sampling.max_tokens
+        with self.lock:
+            inflight = dict(self.decode_blocks)
+        ranked = rank_decode(self._live("decode"), tokens, inflight)
+        if not ranked:
+            raise FrontError(f"no decode node is registered with the name service {self.name_service}", "unavailable")
+        for i, node in enumerate(ranked[:PREFILL_TRIES]):
+            blocks = math.ceil(tokens / max(1, node.block_size))
+            with self.lock:
+                self.decode_blocks[node.node_id] += blocks
+            started = False
+            try:
+                for resp in self._channel(node.grpc).stream("decode", handle, outputs):
+                    started = True
+                    yield resp
+                return
+            except FrontError as e:
+                if started or e.code == "invalid" or i == min(len(ranked), PREFILL_TRIES) - 1:
+                    if e.code == "unavailable":
+                        self._mark_down(node, str(e))
+                    raise
+                self.retries += 1
+                self._mark_down(node, str(e))
+            finally:
+                with self.lock:
+                    self.decode_blocks[node.node_id] -= blocks
+
+    def close(self) -> None:
+        self.members.stop()
+        for ch in self.channels.values():
+            ch.close()
+
+
+def _text(a: np.ndarray) -> str:
+    v = a.reshape(-1)[0]
+    return v.decode() if isinstance(v, bytes) else str(v)

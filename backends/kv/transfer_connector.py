@@ -1,0 +1,113 @@
+"""The KV connector of a PD decode node: a KVHandle made by another node's prefill (its `source`
+names that node) gets blocks in this pool and its K/V read over the transfer engine, on a
+background thread while the engine keeps stepping its other sequences.
+
+Leading blocks this pool already caches under the same hashes (an earlier request with the same
+prefix) are reused, not transferred. Once read, the source is acknowledged (kv/transfer.py): it
+releases its blocks, and its "still held" answer proves the read saw intact data. If the read or the
+ack fails, the sequence recomputes its prompt here (from the reused prefix on) and still completes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from .connector import ExternalMatch, HandoffConnector
+from .transfer import BlockSource, TransferAgent, TransferError, ack
+
+if TYPE_CHECKING:
+    from ..engine.sequence import Sequence
+    from ..stages.messages import KVHandle
+
+log = logging.getLogger("kv-transfer")
+
+# How long a finishing sequence waits for its read to end before its blocks may be reused.
+FINISH_WAIT_S = 60.0
+
+
+class TransferConnector(HandoffConnector):
+    def __init__(self, agent: TransferAgent, key: bytes, node_id: str) -> None:
+        super().__init__("consumer")
+        self.agent, self.key, self.node_id = agent, key, node_id
+        self.pending: dict[int, KVHandle] = {}                   # seq id -> handle, allocated, not started
+        self.loads: dict[int, Future] = {}                        # seq id -> the read in flight
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="baton-kv-read")
+        # counters (stages/metrics.py reads them): blocks read / reused, bytes, seconds, fallbacks
+        self.stats = {"blocks_read": 0, "blocks_reused": 0, "bytes": 0, "seconds": 0.0, "failures": 0}
+
+    def remote(self, handle: KVHandle) -> bool:
+        return bool(handle.source) and BlockSource.from_json(handle.source).node_id != self.node_id
+
+    # ---- scheduler side --------------------------------------------------------------------------
+    def matched_external_tokens(self, seq: Sequence) -> ExternalMatch | None:
+        h = seq.kv_transfer
+        if h is None or not self.remote(h):
+            return super().matched_external_tokens(seq)
+        return ExternalMatch(h.num_computed_tokens, None, reuse_cached=True)
+
+    def on_allocated(self, seq: Sequence) -> None:
+        h = seq.kv_transfer
+        if h is not None and self.remote(h):
+            self.pending[seq.seq_id] = h
+        super().on_allocated(seq)
+
+    def on_finished(self, seq: Sequence, reason: str) -> bool:
+        self.pending.pop(seq.seq_id, None)
+        fut = self.loads.pop(seq.seq_id, None)
+        if fut is not None:          # cancelled while loading: the read writes into its blocks until it ends
+            try:
+                fut.result(FINISH_WAIT_S)
+            except TimeoutError:
+                log.error("request %s: a KV read still runs after %.0f s; its %d blocks are kept, not reused",
+                          seq.request_id, FINISH_WAIT_S, len(seq.block_table))
+                return True
+            except Exception:        # a failed read is harmless here: the blocks are freed anyway
+                pass
+        return super().on_finished(seq, reason)
+
+    # ---- worker side -----------------------------------------------------------------------------
+    def start_load(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            h = self.pending.pop(seq.seq_id, None)
+            if h is None:
+                continue
+            skip, n = seq.num_reused_blocks, len(h.block_table)
+            self.stats["blocks_reused"] += skip
+            self.loads[seq.seq_id] = self.executor.submit(
+                self._read, BlockSource.from_json(h.source), h.request_id, list(h.block_table),
+                h.block_table[skip:n], seq.block_table[skip:n])
+
+    def _read(self, source: BlockSource, request_id: str, held: list[int], remote: list[int],
+              local: list[int]) -> int:
+        t = time.perf_counter()
+        try:
+            nbytes = self.agent.read(source, remote, local)
+        finally:                     # acknowledged even after a failed read: the source frees them now
+            still_held = ack(source, self.key, request_id, held)
+        if not still_held:
+            raise TransferError(f"{source.node_id} no longer held the blocks of request {request_id} (lease expired)")
+        self.stats["seconds"] += time.perf_counter() - t
+        self.stats["blocks_read"] += len(remote)
+        self.stats["bytes"] += nbytes
+        return nbytes
+
+    def wait(self, seq: Sequence) -> bool:
+        fut = self.loads.get(seq.seq_id)
+        if fut is None:
+            return True
+        if not fut.done():
+            return False
+        del self.loads[seq.seq_id]
+        try:
+            fut.result()
+        except Exception as e:
+            self.stats["failures"] += 1
+            log.warning("request %s: KV transfer failed (%s); recomputing its prompt here", seq.request_id, e)
+            seq.num_computed_tokens = seq.num_reused_blocks * seq.block_size
+            seq.num_published_blocks = seq.num_reused_blocks
+        return True
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)

@@ -1,0 +1,159 @@
+"""PD's KV path without Triton: a prefill engine on one node's pool (whose KV manager serves its
+blocks over the Mooncake transfer engine), a decode stage on another node's pool reading them
+through the TransferConnector; tokens checked against the offline engine, blocks on both nodes."""
+
+import uuid
+
+import pytest
+from conftest import prompts_of
+
+from baton import LLM, EngineConfig, SamplingParams
+from baton.backends.engine.llm_engine import pool_spec
+from baton.backends.kv.manager import RemoteBlockManager
+from baton.backends.kv.node import KVManagerProcess
+from baton.backends.kv.transfer import BlockSource, TransferAgent, ack
+from baton.backends.models.config import ModelConfig
+from baton.backends.serving.config import NodeConfig, ServingConfig
+from baton.backends.stages.common import node_engine
+from baton.backends.stages.decode import DecodeStage
+from baton.backends.stages.messages import PrefillRequest
+from baton.backends.stages.prefill import PrefillStage
+
+pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
+
+KEY = "cd" * 32
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+class Sink:
+    def __init__(self):
+        self.ids, self.final, self.err = [], False, None
+
+    def send(self, delta, final):
+        self.ids += delta.token_ids
+        self.final = self.final or final
+
+    def error(self, message, unavailable=False):
+        self.err, self.final = message, True
+
+    def cancelled(self):
+        return False
+
+
+def _node(qwen3_dir, tmp, name, serve):
+    cfg = ModelConfig.from_dir(qwen3_dir)
+    spec = pool_spec(cfg, cfg.torch_dtype, 16, 96, 0)
+    pool = f"test-{name}-{uuid.uuid4().hex[:6]}"
+    (tmp / "cluster.key").write_text(KEY)
+    mgr = KVManagerProcess(pool, spec, f"ipc://{tmp}/{name}.sock", tmp / f"{name}.log",
+                           serve_blocks=("127.0.0.1", "tcp", str(tmp / "cluster.key"), name) if serve else None)
+    mgr.start()
+    node = NodeConfig(EngineConfig(model=str(qwen3_dir), dtype="float32", max_model_len=1024),
+                      ServingConfig(share_cores=0, stream_responses_per_step=0), pool, mgr.address, "", str(tmp),
+                      KEY, node_id=name, transfer_host="" if serve else "127.0.0.1", block_source=mgr.source)
+    return mgr, node
+
+
+@pytest.fixture(scope="module")
+def pd(qwen3_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pd")
+    pm, pnode = _node(qwen3_dir, tmp, "prefill", serve=True)
+    dm, dnode = _node(qwen3_dir, tmp, "decode", serve=False)
+    prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source)
+    decode = DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY))
+    yield pm, dm, prefill, decode
+    decode.engine.connector.close()
+    for m in (pm, dm):
+        m.stop()
+
+
+def _serve(prefill, decode, prompt, params=GREEDY):
+    (h,) = prefill.run([PrefillRequest(uuid.uuid4().hex, prompt, params)])
+    sink = Sink()
+    decode.step_once([(h, sink)])
+    while not sink.final:
+        decode.step_once()
+    return h, sink
+
+
+def _used(mgr):
+    st = RemoteBlockManager(mgr.address, 1, 16).stats()
+    return st["num_used"], st["handoffs"]
+
+
+def test_decode_reads_prefills_blocks_over_the_transfer_engine(pd, qwen3_dir):
+    pm, dm, prefill, decode = pd
+    prompts = prompts_of(512, [70, 45], seed=3)
+    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
+    try:
+        expect = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    finally:
+        llm.close()
+    conn = decode.engine.connector
+    for prompt, want in zip(prompts, expect):
+        h, sink = _serve(prefill, decode, prompt)
+        assert h.source and BlockSource.from_json(h.source).node_id == "prefill"
+        assert sink.err is None and sink.ids == want
+    assert conn.stats["blocks_read"] == 5 + 3 and conn.stats["failures"] == 0      # ceil(70/16), ceil(45/16)
+    assert conn.stats["bytes"] == 8 * pm.spec.block_bytes
+    assert _used(pm) == (0, 0)          # acknowledged: prefill let its blocks go at once, not at lease end
+    decode.engine.block_manager.flush(idle=True)
+    assert _used(dm) == (0, 0)
+
+
+def test_blocks_decode_already_holds_are_not_transferred(pd):
+    pm, dm, prefill, decode = pd
+    conn = decode.engine.connector
+    shared = prompts_of(512, [64], seed=11)[0]
+    _serve(prefill, decode, shared + [7, 8, 9])
+    before = dict(conn.stats)
+    _, sink = _serve(prefill, decode, shared + [20, 21, 22, 23, 24])     # 4 full blocks in common
+    assert conn.stats["blocks_reused"] - before["blocks_reused"] == 4
+    assert conn.stats["blocks_read"] - before["blocks_read"] == 1           # only the last, partial one
+    assert sink.err is None and len(sink.ids) == 12
+
+
+def test_a_failed_transfer_is_recomputed_and_the_request_completes(pd, qwen3_dir):
+    pm, dm, prefill, decode = pd
+    prompt = prompts_of(512, [50], seed=5)[0]
+    (h,) = prefill.run([PrefillRequest(uuid.uuid4().hex, prompt, GREEDY)])
+    # the source lets go of the blocks first (as when decode came after the lease): the ack says so
+    assert ack(BlockSource.from_json(h.source), bytes.fromhex(KEY), h.request_id, h.block_table)
+    failures = decode.engine.connector.stats["failures"]
+    sink = Sink()
+    decode.step_once([(h, sink)])
+    while not sink.final:
+        decode.step_once()
+    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
+    try:
+        want = llm.generate([prompt], GREEDY)[0].token_ids
+    finally:
+        llm.close()
+    assert decode.engine.connector.stats["failures"] == failures + 1
+    assert sink.err is None and sink.ids == want
+
+
+def test_a_forged_ack_changes_nothing(pd):
+    pm, _, prefill, _ = pd
+    (h,) = prefill.run([PrefillRequest(uuid.uuid4().hex, prompts_of(512, [40], seed=9)[0], GREEDY)])
+    src = BlockSource.from_json(h.source)
+    assert not ack(src, bytes(32), h.request_id, h.block_table)            # wrong key
+    assert not ack(src, bytes.fromhex(KEY), h.request_id, h.block_table[:-1])   # not the recorded blocks
+    assert _used(pm)[1] == 1
+    assert ack(src, bytes.fromhex(KEY), h.request_id, h.block_table)
+    assert not ack(src, bytes.fromhex(KEY), h.request_id, h.block_table)    # once
+    assert _used(pm) == (0, 0)
+
+
+def test_transfer_agent_merges_consecutive_blocks(tmp_path):
+    import torch
+
+    src = torch.arange(8 * 256, dtype=torch.float32)
+    dst = torch.zeros(8 * 256, dtype=torch.float32)
+    a = TransferAgent("127.0.0.1", "tcp", src.data_ptr(), src.numel() * 4)
+    b = TransferAgent("127.0.0.1", "tcp", dst.data_ptr(), dst.numel() * 4)
+    source = BlockSource("a", a.segment, a.base, 1024, "")
+    assert b.read(source, [1, 2, 3, 6], [4, 5, 6, 0]) == 4 * 1024
+    view = dst.view(8, 256)
+    assert torch.equal(view[4:7], src.view(8, 256)[1:4]) and torch.equal(view[0], src.view(8, 256)[6])
+    assert not view[1:4].any() and not view[7].any()
