@@ -114,3 +114,58 @@ def offline(qwen3_dir):
     defaults = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
     yield lambda prompt, **kw: llm.generate(prompt, SamplingParams(**(defaults | kw)))[0]
     llm.close()
+
+
+# ---- PD clusters (tests/test_pd*.py): nodes on simulated hosts, checked against the offline engine ----
+PD_PROMPTS = ["def fibonacci(n):", "The quick brown fox jumps over the lazy dog. " * 6, "import numpy as np\n" * 3,
+              "Once upon a time"]
+PD_PROFILE = """extends = "pd_{role}"
+[engine]
+max_model_len = 1024
+kv_cache_memory_mb = 16
+[serving]
+max_tokens_limit = 1000
+"""
+
+
+def pd_cluster(qwen3_dir, tmp_path_factory, prefill, decode):
+    from baton.backends.cluster.local import LocalCluster
+    from baton.backends.cluster.netns import NetnsUnavailable
+
+    pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
+    d = tmp_path_factory.mktemp("profiles")
+    for role in ("prefill", "decode", "router"):
+        (d / f"pd_{role}.toml").write_text(PD_PROFILE.format(role=role))
+    try:
+        return LocalCluster(str(qwen3_dir), prefill, decode, hosts=True, profile_dir=d).start()
+    except NetnsUnavailable as e:
+        pytest.skip(f"network namespaces cannot be created here: {e}")
+
+
+@pytest.fixture(scope="module")
+def pd_expected(qwen3_dir):
+    from baton import LLM, SamplingParams
+
+    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16, max_model_len=1024)
+    try:
+        greedy = [o.token_ids for o in llm.generate(PD_PROMPTS, SamplingParams(temperature=0, max_tokens=20))]
+        seeded = [o.token_ids for o in llm.generate(PD_PROMPTS, [SamplingParams(temperature=0.9, top_p=0.9, seed=7 + i,
+                                                                             max_tokens=20) for i in range(4)])]
+    finally:
+        llm.close()
+    return greedy, seeded
+
+
+def pd_leaks(cluster):
+    """Blocks held on every prefill and decode node (in use or handed off), once idle."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        held = {n: (st["num_used"], st["handoffs"]) for n in cluster.nodes if n != "router"
+                for st in [cluster.kv_stats(n)]}
+        if all(v == (0, 0) for v in held.values()) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.2)
+
+

@@ -5,67 +5,20 @@ interfaces, etcd leases. Outputs are checked token for token against the offline
 import time
 
 import pytest
-
-from baton import LLM, SamplingParams
-from baton.backends.cluster.local import LocalCluster
-from baton.backends.cluster.netns import NetnsUnavailable
+from conftest import PD_PROMPTS as PROMPTS
+from conftest import pd_cluster, pd_leaks
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["def fibonacci(n):", "The quick brown fox jumps over the lazy dog. " * 6, "import numpy as np\n" * 3,
-           "Once upon a time"]
-PROFILE = """extends = "pd_{role}"
-[engine]
-max_model_len = 1024
-kv_cache_memory_mb = 16
-[serving]
-max_tokens_limit = 1000
-"""
-
-
-def _cluster(qwen3_dir, tmp_path_factory, prefill, decode):
-    pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
-    d = tmp_path_factory.mktemp("profiles")
-    for role in ("prefill", "decode", "router"):
-        (d / f"pd_{role}.toml").write_text(PROFILE.format(role=role))
-    try:
-        return LocalCluster(str(qwen3_dir), prefill, decode, hosts=True, profile_dir=d).start()
-    except NetnsUnavailable as e:
-        pytest.skip(f"network namespaces cannot be created here: {e}")
-
-
-@pytest.fixture(scope="module")
-def expected(qwen3_dir):
-    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16, max_model_len=1024)
-    try:
-        greedy = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20))]
-        seeded = [o.token_ids for o in llm.generate(PROMPTS, [SamplingParams(temperature=0.9, top_p=0.9, seed=7 + i,
-                                                                             max_tokens=20) for i in range(4)])]
-    finally:
-        llm.close()
-    return greedy, seeded
-
-
 @pytest.fixture(scope="module")
 def p1d1(qwen3_dir, tmp_path_factory):
-    c = _cluster(qwen3_dir, tmp_path_factory, 1, 1)
+    c = pd_cluster(qwen3_dir, tmp_path_factory, 1, 1)
     yield c
     c.stop()
 
 
-def _leaks(cluster):
-    """Blocks held on every prefill and decode node (in use or handed off), once idle."""
-    deadline = time.monotonic() + 10
-    while True:
-        held = {n: (st["num_used"], st["handoffs"]) for n in cluster.nodes if n != "router"
-                for st in [cluster.kv_stats(n)]}
-        if all(v == (0, 0) for v in held.values()) or time.monotonic() > deadline:
-            return held
-        time.sleep(0.2)
-
-
-def test_1p1d_greedy_and_seeded_match_the_offline_engine(p1d1, expected):
-    greedy, seeded = expected
+def test_1p1d_greedy_and_seeded_match_the_offline_engine(p1d1, pd_expected):
+    greedy, seeded = pd_expected
     out = p1d1.generate([{"prompt": p, "max_tokens": 20, "temperature": 0.0} for p in PROMPTS], concurrency=2)
     assert [r["error"] for r in out] == [""] * 4
     assert [r["token_ids"] for r in out] == greedy
@@ -75,7 +28,7 @@ def test_1p1d_greedy_and_seeded_match_the_offline_engine(p1d1, expected):
     read = p1d1.metric("baton_kv_transfer_blocks_read_total", ["decode0"])["decode0"]
     assert read > 0                      # the KV did cross: decode read blocks from the prefill host
     assert p1d1.metric("baton_kv_transfer_failures_total", ["decode0"])["decode0"] == 0
-    assert _leaks(p1d1) == {"prefill0": (0, 0), "decode0": (0, 0)}
+    assert pd_leaks(p1d1) == {"prefill0": (0, 0), "decode0": (0, 0)}
 
 
 def test_a_shared_prefix_transfers_only_the_new_blocks(p1d1):
@@ -100,4 +53,4 @@ def test_no_blocks_leak_after_100_requests_with_cancellations(p1d1):
     out = p1d1.generate(reqs, concurrency=6)
     assert [r["error"] for r in out] == [""] * 100
     assert sum(r["finish_reason"] == "cancelled" for r in out) == 34
-    assert _leaks(p1d1) == {"prefill0": (0, 0), "decode0": (0, 0)}
+    assert pd_leaks(p1d1) == {"prefill0": (0, 0), "decode0": (0, 0)}

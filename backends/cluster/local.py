@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime import die_with_parent
+from ..kv.pool import SHM_DIR
+from ..runtime import die_with_parent, remove_leftovers
 from ..serving.launcher import free_port
 from .etcd import EtcdProcess
 from .netns import Hosts
@@ -207,6 +208,7 @@ class LocalCluster:
         if self.hosts is not None:
             self.hosts.close()
         shutil.rmtree(self.run_root, ignore_errors=True)
+        remove_leftovers(SHM_DIR)           # pools and weights of nodes that were killed
 
     def __enter__(self) -> LocalCluster:
         return self.start()

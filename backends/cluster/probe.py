@@ -41,6 +41,7 @@ def run_request(client, req: dict) -> dict:  # noqa: ANN001
     except BatonError as e:
         out["error"] = str(e)
     out["e2e"] = time.perf_counter() - t0
+    out["t_end"] = time.time()           # wall clock: comparable with the caller's (same machine)
     return out
 
 

@@ -12,8 +12,8 @@ The scoring is two small pure functions (unit-tested in tests/test_router.py):
                 what the request needs (prompt + max_tokens). The most room wins; a node without
                 room is taken only when no node has room (it queues or preempts there).
 
-Ties go to the node with fewer running requests, then to the smaller node id, so equal nodes get a
-stable order. A node whose lease expired is not in the membership; one that refused a connection
+Ties go to the node with fewer running requests; prefill ties then rotate over the nodes (in node
+id order, one step per request), decode ties go to the smaller node id. A node whose lease expired is not in the membership; one that refused a connection
 is also skipped for one lease TTL (`Router.down`), whatever the membership still says."""
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def cached_prefix_blocks(node: NodeInfo, prompt_hashes: list[str]) -> int:
 
 
 def prefill_cost(node: NodeInfo, prompt_hashes: list[str], prompt_tokens: int, inflight_tokens: int) -> float:
+    """The documented cost (rank_prefill computes the same for many nodes at once)."""
     uncached = prompt_tokens - cached_prefix_blocks(node, prompt_hashes) * node.block_size
     return uncached + inflight_tokens + QUEUED_REQUEST_TOKENS * node.waiting
 
@@ -58,13 +59,19 @@ def decode_room(node: NodeInfo, blocks_needed: int, inflight_blocks: int) -> int
     return node.free_blocks - inflight_blocks - blocks_needed
 
 
-def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, int]) -> list[NodeInfo]:
-    """Prefill nodes, best first."""
-    hashes: dict[int, list[str]] = {}
-    for bs in {n.block_size for n in nodes}:
-        hashes[bs] = [short_hash(h) for h in hash_blocks(prompt, bs)] if bs > 0 else []
-    return sorted(nodes, key=lambda n: (prefill_cost(n, hashes[n.block_size], len(prompt), inflight.get(n.node_id, 0)),
-                                        n.running, n.node_id))
+def uncached_tokens(nodes: list[NodeInfo], prompt: list[int]) -> dict[str, int]:
+    """node id -> the prompt tokens that node would compute (it caches the rest)."""
+    hashes = {bs: [short_hash(h) for h in hash_blocks(prompt, bs)] if bs > 0 else [] for bs in {n.block_size for n in nodes}}
+    return {n.node_id: len(prompt) - cached_prefix_blocks(n, hashes[n.block_size]) * n.block_size for n in nodes}
+
+
+def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, int], turn: int = 0) -> list[NodeInfo]:
+    """Prefill nodes, best first. Equal costs and loads rotate with `turn` (the router counts its
+    requests), so equal nodes share the work even while their load reports lag behind."""
+    ids = sorted(n.node_id for n in nodes)
+    uncached = uncached_tokens(nodes, prompt)
+    return sorted(nodes, key=lambda n: (uncached[n.node_id] + inflight.get(n.node_id, 0) + QUEUED_REQUEST_TOKENS * n.waiting,
+                                        n.running, (ids.index(n.node_id) - turn) % len(ids)))
 
 
 def rank_decode(nodes: list[NodeInfo], tokens: int, inflight: dict[str, int]) -> list[NodeInfo]:
@@ -88,6 +95,8 @@ class Router:
         self.down: dict[str, float] = {}                          # node -> skipped until (monotonic)
         self.channels: dict[str, Loopback] = {}
         self.retries = 0
+        self.turn = 0                                             # requests routed (rotates ties)
+        self._sent: dict[str, int] = {}
 
     def _live(self, role: str) -> list[NodeInfo]:
         now = time.monotonic()
@@ -109,15 +118,19 @@ class Router:
     def prefill(self, request: Arrays, outputs: list[str]) -> Arrays:
         """Prefill on the best prefill node; a node that fails is skipped and the next one tried."""
         prompt = request["input_ids"].astype(np.int64).reshape(-1).tolist()
+        live = self._live("prefill")
         with self.lock:
             inflight = dict(self.prefill_tokens)
-        ranked = rank_prefill(self._live("prefill"), prompt, inflight)
+            self.turn += 1
+            turn = self.turn
+        ranked = rank_prefill(live, prompt, inflight, turn)
         if not ranked:
             raise FrontError(f"no prefill node is registered with the name service {self.name_service}", "unavailable")
+        work = uncached_tokens(ranked, prompt)
         last: FrontError | None = None
         for node in ranked[:PREFILL_TRIES]:
             with self.lock:
-                self.prefill_tokens[node.node_id] += len(prompt)
+                self.prefill_tokens[node.node_id] += work[node.node_id]
             try:
                 return self._channel(node.grpc).call("prefill", request, outputs)
             except FrontError as e:
@@ -128,7 +141,7 @@ class Router:
                 self._mark_down(node, str(e))
             finally:
                 with self.lock:
-                    self.prefill_tokens[node.node_id] -= len(prompt)
+                    self.prefill_tokens[node.node_id] -= work[node.node_id]
         raise FrontError(f"prefill failed on {min(len(ranked), PREFILL_TRIES)} nodes; last: {last}", "unavailable")
 
     def decode(self, handle: Arrays, outputs: list[str]) -> Iterator[Arrays]:
@@ -161,6 +174,14 @@ class Router:
             finally:
                 with self.lock:
                     self.decode_blocks[node.node_id] -= blocks
+
+    def metrics(self) -> dict[str, float]:
+        """Counter deltas since the last call (stages/metrics.py FRONT), and the name service's state."""
+        with self.lock:
+            now = {"baton_name_service_errors_total": self.members.errors, "baton_route_retries_total": self.retries}
+            out = {k: v - self._sent.get(k, 0) for k, v in now.items()}
+            self._sent = now
+        return out | {"baton_name_service_up": 0.0 if self.members.down_since is not None else 1.0}
 
     def close(self) -> None:
         self.members.stop()

@@ -48,6 +48,11 @@ FRONT = {
     "baton:e2e_request_latency_seconds": ("histogram", "From arrival to the last response.", _SECONDS),
     "baton:request_prompt_tokens": ("histogram", "Prompt tokens per request.", _TOKENS),
     "baton:request_generation_tokens": ("histogram", "Generated tokens per request.", _TOKENS),
+    # pd_router only
+    "baton_name_service_errors_total": ("counter", "PD router: polls of the name service that failed (routing "
+                                                    "went on with the last membership it saw)."),
+    "baton_name_service_up": ("gauge", "PD router: 1 while the name service answers, 0 while it does not."),
+    "baton_route_retries_total": ("counter", "PD router: calls retried on another node after a node failed."),
 }
 
 

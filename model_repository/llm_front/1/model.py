@@ -68,7 +68,7 @@ class TritonPythonModel:
             if outputs:
                 timer.response(len(outputs["token_ids"]), int(outputs["prompt_tokens"][0]), time.monotonic())
             if final:
-                self.metrics.update(timer.observations())
+                self.metrics.update(timer.observations() | (self.router.metrics() if self.router else {}))
 
         stages, router, cancel = self.stages, self.router, self.cancel
         calls = Calls(preprocess=lambda t: stages.call("preprocess", t, _names(PREFILL_REQUEST)),

@@ -1,0 +1,105 @@
+"""The PD router's scoring (pure functions) and the name service's leases on a real etcd."""
+
+import time
+
+import pytest
+
+from baton.backends.cluster.registry import NodeInfo, short_hash
+from baton.backends.cluster.router import (
+    QUEUED_REQUEST_TOKENS,
+    cached_prefix_blocks,
+    prefill_cost,
+    rank_decode,
+    rank_prefill,
+)
+from baton.backends.kv.hashing import hash_blocks
+
+PROMPT = list(range(100, 164))                       # 4 blocks of 16
+
+
+def _hashes(prompt, n):
+    return [short_hash(h) for h in hash_blocks(prompt, 16)][:n]
+
+
+def _p(node_id, hashes=(), waiting=0, running=0):
+    return NodeInfo(node_id, "prefill", f"{node_id}:8001", block_size=16, hashes=list(hashes), waiting=waiting,
+                    running=running)
+
+
+def _d(node_id, free, running=0):
+    return NodeInfo(node_id, "decode", f"{node_id}:8001", block_size=16, num_blocks=100, free_blocks=free,
+                    running=running)
+
+
+def test_prefix_match_counts_leading_blocks_only():
+    h = _hashes(PROMPT, 4)
+    assert cached_prefix_blocks(_p("a", h[:3]), h) == 3
+    assert cached_prefix_blocks(_p("a", h[1:]), h) == 0          # no first block: nothing usable
+    assert prefill_cost(_p("a", h[:2]), h, 64, 0) == 64 - 32
+
+
+def test_prefill_goes_where_the_prefix_is_cached_unless_that_node_is_busier_than_the_saving():
+    h = _hashes(PROMPT, 4)
+    warm, cold = _p("b-warm", h), _p("a-cold")
+    assert [n.node_id for n in rank_prefill([cold, warm], PROMPT, {})] == ["b-warm", "a-cold"]
+    # 64 cached tokens saved, but 100 tokens already in flight there: the cold node is faster
+    assert rank_prefill([cold, warm], PROMPT, {"b-warm": 100})[0].node_id == "a-cold"
+    # a request waiting at the node counts QUEUED_REQUEST_TOKENS
+    assert QUEUED_REQUEST_TOKENS > 64
+    assert rank_prefill([cold, _p("b-warm", h, waiting=1)], PROMPT, {})[0].node_id == "a-cold"
+
+
+def test_prefill_ties_go_to_fewer_running_then_rotate():
+    nodes = [_p("b"), _p("a"), _p("c")]
+    assert [rank_prefill(nodes, PROMPT, {}, turn)[0].node_id for turn in range(4)] == ["a", "b", "c", "a"]
+    assert [n.node_id for n in rank_prefill(nodes, PROMPT, {}, 1)] == ["b", "c", "a"]
+    assert rank_prefill([_p("a", running=2), _p("b")], PROMPT, {})[0].node_id == "b"
+
+
+def test_decode_takes_the_most_room_and_skips_nodes_without_headroom():
+    # 64 prompt + 100 new tokens = 11 blocks
+    nodes = [_d("a", 30), _d("b", 50), _d("c", 10)]
+    assert [n.node_id for n in rank_decode(nodes, 164, {})] == ["b", "a", "c"]
+    assert [n.node_id for n in rank_decode(nodes, 164, {"b": 45})] == ["a", "c", "b"]   # b: 50 - 45 in flight
+    # nobody has room: the most free still comes first (it queues there)
+    assert rank_decode([_d("a", 5), _d("b", 8)], 164, {})[0].node_id == "b"
+    assert rank_decode([_d("b", 30, running=1), _d("a", 30, running=3)], 164, {})[0].node_id == "b"
+
+
+def test_leases_expire_and_membership_survives_etcd_going_away():
+    from baton.backends.cluster.etcd import EtcdProcess
+    from baton.backends.cluster.registry import LEASE_TTL_S, Membership, Registration
+    from baton.backends.serving.launcher import free_port
+
+    pytest.importorskip("etcd3gw")
+    etcd = EtcdProcess("127.0.0.1", free_port(), free_port()).start()
+    try:
+        load = {"n": 0}
+
+        def info():
+            load["n"] += 1
+            return NodeInfo("p0", "prefill", "127.0.0.1:1", running=load["n"])
+
+        reg = Registration(etcd.url, "t", info)
+        members = Membership(etcd.url, "t")
+        assert [n.node_id for n in members.of_role("prefill")] == ["p0"]
+        time.sleep(2.2)
+        members.poll()
+        assert members.of_role("prefill")[0].running >= 2               # heartbeats carry fresh load
+        reg.stopped.set()                                               # a node that stops heartbeating...
+        reg.thread.join()
+        deadline = time.monotonic() + LEASE_TTL_S + 2
+        while members.of_role("prefill") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            members.poll()
+        assert members.of_role("prefill") == []                         # ...is gone within about one TTL
+        Registration(etcd.url, "t", info)
+        members.poll()
+        assert len(members.of_role("prefill")) == 1
+        etcd.stop()                                                     # etcd down: the last view stays
+        errors = members.errors
+        members.poll()
+        assert members.errors == errors + 1 and len(members.of_role("prefill")) == 1
+        members.stop()
+    finally:
+        etcd.stop()
