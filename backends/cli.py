@@ -194,12 +194,67 @@ def _client(argv: list[str]) -> None:
         raise SystemExit(1) from None
 
 
+def _cluster(argv: list[str]) -> None:
+    import signal
+
+    from .cluster.local import LocalCluster
+
+    ap = argparse.ArgumentParser(prog="baton cluster", description="A PD cluster on this machine: etcd, prefill "
+                                 "nodes, decode nodes and a router, each node its own tritonserver.")
+    ap.add_argument("action", choices=["up"])
+    ap.add_argument("--prefill", type=int, default=1, help="prefill nodes")
+    ap.add_argument("--decode", type=int, default=1, help="decode nodes")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory (default: baton-tiny)")
+    ap.add_argument("--http-port", type=int, default=8000, help="the router's")
+    ap.add_argument("--grpc-port", type=int, default=8001, help="the router's")
+    ap.add_argument("--metrics-port", type=int, default=8002, help="the router's")
+    ap.add_argument("--gateway-port", type=int, default=9000, help="the router's OpenAI-compatible API; -1: none")
+    ap.add_argument("--hosts", action="store_true", help="each node on a simulated host (network namespaces; root)")
+    ap.add_argument("--timeout", type=float, default=300)
+    a = ap.parse_args(argv)
+    if a.prefill < 1 or a.decode < 1:
+        ap.error("--prefill and --decode must be at least 1")
+
+    def on_term(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    cluster = LocalCluster(a.model, a.prefill, a.decode, hosts=a.hosts,
+                           router_ports=(a.http_port, a.grpc_port, a.metrics_port, a.gateway_port))
+    try:
+        print(f"[baton] starting etcd, {a.prefill} prefill and {a.decode} decode nodes, a router ...",
+              file=sys.stderr, flush=True)
+        cluster.start(a.timeout)
+        r = cluster.router
+        gateway = f"  OpenAI http://{r.host}:{r.ports[3]}/v1" if r.ports[3] > 0 else ""
+        print(f"[baton] cluster ready: gRPC {r.grpc}  HTTP http://{r.http}  metrics {r.metrics}{gateway}\n"
+              f"[baton] name service {cluster.etcd.url}; node logs under {cluster.run_root}; Ctrl-C to stop",
+              file=sys.stderr, flush=True)
+        while True:
+            dead = [n.name for n in cluster.nodes.values() if n.proc is not None and n.proc.poll() is not None]
+            if dead:
+                print(f"[baton] node {dead[0]} exited (its log: {cluster.nodes[dead[0]].log}); stopping the cluster",
+                      file=sys.stderr, flush=True)
+                tail = cluster.nodes[dead[0]].log.read_text(errors="replace")[-2000:]
+                print(tail, file=sys.stderr)
+                raise SystemExit(1)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("[baton] stopping the cluster", file=sys.stderr, flush=True)
+        cluster.stop()
+
+
 COMMANDS = {
     "make-checkpoint": lambda argv: __import__("baton.tools.make_checkpoint", fromlist=["main"]).main(argv),
     "train-tiny": lambda argv: __import__("baton.tools.train.tiny", fromlist=["main"]).main(argv),
     "generate": _generate,
     "serve": _serve,
     "client": _client,
+    "cluster": _cluster,
     "gateway": lambda argv: __import__("baton.backends.gateway.__main__", fromlist=["main"]).main(argv),
 }
 

@@ -62,14 +62,15 @@ class NodeProcess:
 
 class LocalCluster:
     def __init__(self, model: str, prefill: int = 1, decode: int = 1, hosts: bool = False,
-                 profile_dir: Path | None = None, run_root: Path | None = None, router_port: int = 0,
-                 taskset: dict[str, str] | None = None) -> None:
+                 profile_dir: Path | None = None, run_root: Path | None = None,
+                 router_ports: tuple[int, int, int, int] = (0, 0, 0, 0), taskset: dict[str, str] | None = None) -> None:
         """profile_dir: where to find pd_prefill/pd_decode/pd_router.toml overrides (tests shrink the
-        pool); hosts: one network namespace per node; taskset: node name -> CPU list to pin it to."""
+        pool); hosts: one network namespace per node; router_ports: the router's HTTP, gRPC, metrics and
+        OpenAI gateway ports without hosts (0: a free one, -1: no gateway); taskset: node name -> CPUs."""
         self.model, self.n_prefill, self.n_decode = model, prefill, decode
         self.profile_dir = profile_dir
         self.run_root = Path(run_root or tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-cluster-"))
-        self.router_port = router_port
+        self.router_ports = router_ports
         self.taskset = taskset or {}
         self.hosts: Hosts | None = None
         self.names = [f"prefill{i}" for i in range(prefill)] + [f"decode{i}" for i in range(decode)] + ["router"]
@@ -109,8 +110,10 @@ class LocalCluster:
                 ports = (8000, 8001, 8002, 9000 if role == "router" else -1)
             else:
                 host, prefix = "127.0.0.1", []
-                gw = free_port() if role == "router" else -1
-                ports = (free_port(), self.router_port or free_port() if role == "router" else free_port(), free_port(), gw)
+                if role == "router":
+                    ports = tuple(p if p else free_port() for p in self.router_ports)
+                else:
+                    ports = (free_port(), free_port(), free_port(), -1)
             self.nodes[name] = NodeProcess(name, self._profile(role), host, ports, self.run_root / name, prefix=prefix,
                                            taskset=self.taskset.get(name, ""))
         # prefill and decode nodes first (in parallel), then the router, once they are registered
