@@ -83,6 +83,8 @@ def _serve(argv: list[str]) -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="stream the sample, check it against the in-process engine, stop, exit 0/1")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--listen", default="", help="address Triton and the gateway listen on (default 127.0.0.1; "
+                    "a PD node with a non-loopback --host: 0.0.0.0); 0.0.0.0 in a container")
     pd = ap.add_argument_group("PD across servers (profiles pd_prefill, pd_decode, pd_router)")
     pd.add_argument("--name-service", default="", help="etcd URL, e.g. http://10.0.0.1:2379")
     pd.add_argument("--host", default="127.0.0.1", help="this node's address as the other nodes reach it")
@@ -100,7 +102,7 @@ def _serve(argv: list[str]) -> None:
     node = Node(a.model, a.profile, a.http_port, a.grpc_port, a.metrics_port,
                 gateway_port=a.gateway_port if gateway else None, name_service=a.name_service, host=a.host,
                 cluster_key_file=a.cluster_key_file and str(Path(a.cluster_key_file).resolve()),
-                cluster=a.cluster, transfer_protocol=a.transfer_protocol)
+                cluster=a.cluster, transfer_protocol=a.transfer_protocol, listen=a.listen)
     exit_code = 0
     try:
         node.start(a.timeout)

@@ -81,6 +81,9 @@ class Node:
     cluster: str = "baton"
     transfer_protocol: str = "tcp"
     registration: Registration | None = None
+    # where Triton and the gateway listen: "" = 127.0.0.1, or every interface for a PD node whose
+    # --host is not a loopback address (other nodes call it)
+    listen: str = ""
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
@@ -137,7 +140,7 @@ class Node:
         repo = render(prof, self.run_dir / "models", self.run_dir / "node.json")
         self.server = TritonServer(repo, self.run_dir, self.http_port, self.grpc_port, self.metrics_port,
                                    f"baton-{self.node_id}-", self.run_dir / "tritonserver.log",
-                                   address="0.0.0.0" if role and self.host != "127.0.0.1" else "127.0.0.1")
+                                   address=self.listen_address)
         admin_key = "" if serving.open_admin_apis else secrets.token_hex(16)
         if admin_key:
             key_file = self.run_dir / "admin.key"
@@ -221,7 +224,7 @@ class Node:
         log = open(self.run_dir / "gateway.log", "ab")
         self.gateway = subprocess.Popen(
             [sys.executable, "-P", "-m", "baton.backends.gateway", "--triton", self.grpc_url,
-             "--port", str(self.gateway_port), "--model", model_dir],
+             "--port", str(self.gateway_port), "--model", model_dir, "--host", self.listen_address],
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, env=os.environ | process_env())
         deadline = time.monotonic() + timeout
         while True:
@@ -261,6 +264,13 @@ class Node:
     def failure(self) -> str | None:
         """Which of the node's processes died since it became ready (None: all alive)."""
         return self.supervisor.failure() if self.supervisor is not None else None
+
+    @property
+    def listen_address(self) -> str:
+        if self.listen:
+            return self.listen
+        pd = Profile.load(self.profile).serving.get("pd_role", "")
+        return "0.0.0.0" if pd and not self.host.startswith("127.") else "127.0.0.1"
 
     @property
     def grpc_url(self) -> str:
