@@ -157,3 +157,46 @@ def test_transfer_agent_merges_consecutive_blocks(tmp_path):
     view = dst.view(8, 256)
     assert torch.equal(view[4:7], src.view(8, 256)[1:4]) and torch.equal(view[0], src.view(8, 256)[6])
     assert not view[1:4].any() and not view[7].any()
+
+
+def test_decode_keeps_stepping_other_requests_while_a_transfer_is_in_flight(pd, qwen3_dir, monkeypatch):
+    import threading
+    import time
+
+    pm, dm, prefill, decode = pd
+    conn = decode.engine.connector
+    gate = threading.Event()
+    real_read = conn.agent.read
+
+    def slow_read(*a, **k):                      # the real read, held back until the test lets it go
+        gate.wait(10)
+        return real_read(*a, **k)
+
+    monkeypatch.setattr(conn.agent, "read", slow_read)
+    a_prompt, b_prompt = prompts_of(512, [30, 60], seed=21)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    (ha,) = prefill.run([PrefillRequest(uuid.uuid4().hex, a_prompt, params)])
+    sink_a = Sink()
+    decode.step_once([(ha, sink_a)])
+    gate.set()                                   # A's own read goes through
+    while len(sink_a.ids) < 3:
+        decode.step_once()
+    gate.clear()
+    (hb,) = prefill.run([PrefillRequest(uuid.uuid4().hex, b_prompt, params)])
+    sink_b = Sink()
+    decode.step_once([(hb, sink_b)])             # B admitted: its read waits at the gate
+    before = len(sink_a.ids)
+    for _ in range(10):
+        decode.step_once()
+    assert len(sink_a.ids) >= before + 10          # A stepped every time
+    assert len(sink_b.ids) == 1                    # B only has prefill's token: it is not stepped while loading
+    gate.set()
+    deadline = time.monotonic() + 30
+    while not (sink_a.final and sink_b.final) and time.monotonic() < deadline:
+        decode.step_once()
+    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
+    try:
+        want = [o.token_ids for o in llm.generate([a_prompt, b_prompt], params)]
+    finally:
+        llm.close()
+    assert [sink_a.ids, sink_b.ids] == want

@@ -2,8 +2,9 @@
 baton.backends.cluster.probe URL`), for tests and benchmarks whose client must sit on the cluster's
 network: reads a JSON job from stdin, prints a JSON result.
 
-  {"requests": [{"prompt": "...", "cancel_after": 3, ...sampling...}], "concurrency": 4}
-      -> {"results": [{"token_ids", "finish_reason", "error", "cached_tokens", "ttft", "itl", "e2e"}]}
+  {"requests": [{"prompt": "...", "cancel_after": 3, "delay": 0.5, ...sampling...}], "concurrency": 4}
+      -> {"results": [{"token_ids", "finish_reason", "error", "cached_tokens", "ttft", "itl", "tpot", "e2e"}]}
+  (ttft, tpot, e2e in seconds; itl: every gap between responses after the first)
   {"metrics": ["http://host:port/metrics", ...]} -> {"metrics": ["<text>", ...]}"""
 
 from __future__ import annotations
@@ -20,16 +21,20 @@ def run_request(client, req: dict) -> dict:  # noqa: ANN001
 
     req = dict(req)
     prompt, cancel_after = req.pop("prompt"), req.pop("cancel_after", None)
+    time.sleep(req.pop("delay", 0.0))        # a schedule: each request starts this long after the job
     ids: list[int] = []
-    out = {"token_ids": ids, "finish_reason": "", "error": "", "cached_tokens": 0, "ttft": None, "itl": [], "e2e": None}
+    out = {"token_ids": ids, "finish_reason": "", "error": "", "cached_tokens": 0, "ttft": None, "itl": [],
+           "tpot": None, "e2e": None}
     t0 = last = time.perf_counter()
+    first_tokens = 0
     try:
         for chunk in client.stream(prompt, **req):
             now = time.perf_counter()
             if out["ttft"] is None:
-                out["ttft"] = now - t0
+                out["ttft"], first_tokens = now - t0, len(chunk.token_ids)
             elif chunk.token_ids:
-                out["itl"] += [(now - last) / len(chunk.token_ids)] * len(chunk.token_ids)
+                out["itl"].append(now - last)     # a gap between responses (one may carry several tokens)
+                out["tpot"] = (now - t0 - out["ttft"]) / (len(ids) + len(chunk.token_ids) - first_tokens)
             last = now
             ids += chunk.token_ids
             out["cached_tokens"] = chunk.cached_tokens

@@ -159,6 +159,7 @@ class LLMEngine:
         out = [StepOutput(s, [], True) for s in self.scheduler.take_finished()]
         for o in out:
             self.requests.pop(o.seq.request_id, None)
+        self.idle_step = not scheduled           # e.g. every sequence waits for its KV (kv.connector)
         if not scheduled:
             return out
         seqs, logits = self.runner.run(scheduled)

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 
 import zmq
@@ -97,22 +98,28 @@ def ack_mac(key: bytes, request_id: str, blocks: list[int]) -> str:
     return hmac.new(key, f"{request_id}:{','.join(map(str, blocks))}".encode(), hashlib.sha256).hexdigest()
 
 
+_sockets = threading.local()        # per thread: endpoint -> a connected REQ socket (a TCP connect saved per ack)
+
+
 def ack(source: BlockSource, key: bytes, request_id: str, blocks: list[int], timeout_s: float = ACK_TIMEOUT_S) -> bool:
     """Tell the source its blocks for `request_id` were read: True when it still held them (the read
     saw intact data) and has now let them go."""
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-    try:
+    socks = _sockets.__dict__.setdefault("by_endpoint", {})
+    sock = socks.get(source.ack)
+    if sock is None:
+        sock = socks[source.ack] = zmq.Context.instance().socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         sock.connect(source.ack)
+    try:
         sock.send(json.dumps({"request_id": request_id, "blocks": blocks,
                               "mac": ack_mac(key, request_id, blocks)}).encode())
         return bool(json.loads(sock.recv()).get("ok"))
     except zmq.ZMQError as e:
+        sock.close()                     # a REQ socket without its reply cannot send again
+        del socks[source.ack]
         raise TransferError(f"no acknowledgement from {source.node_id} at {source.ack}: {e}") from None
-    finally:
-        sock.close()
 
 
 def parse_ack(msg: bytes, key: bytes) -> tuple[str, list[int]] | None:
