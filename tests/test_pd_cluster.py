@@ -42,7 +42,7 @@ def test_2p2d_matches_the_offline_engine_and_uses_every_node(p2d2, pd_expected):
 def test_a_shared_prefix_goes_to_the_prefill_node_that_holds_it(p2d2):
     base = "A long shared system prompt that many requests begin with. " * 10
     p2d2.generate([{"prompt": base + "first", "max_tokens": 2}])
-    time.sleep(2.5)                   # the next heartbeats carry that node's new block hashes
+    time.sleep(3.5)                   # heartbeats (1 s) carry the new block hashes; the router polls (0.5 s)
     before = _count(p2d2, "baton_cached_prompt_tokens_total", ["prefill0", "prefill1"])
     out = p2d2.generate([{"prompt": base + f"question {i}", "max_tokens": 2} for i in range(4)])
     after = _count(p2d2, "baton_cached_prompt_tokens_total", ["prefill0", "prefill1"])
@@ -62,16 +62,19 @@ def _stream_in_background(cluster, requests, concurrency):
 
 
 def test_a_killed_decode_node_ends_its_streams_quickly_and_is_avoided(p2d2):
-    long = [{"prompt": p, "max_tokens": 600, "temperature": 0.0, "ignore_eos": True} for p in PROMPTS]
+    long = [{"prompt": p, "max_tokens": 900, "temperature": 0.0, "ignore_eos": True} for p in PROMPTS]
     t, out = _stream_in_background(p2d2, long, 4)
-    time.sleep(3.0)                   # all four streaming, spread over both decode nodes
+    deadline = time.monotonic() + 60
+    while p2d2.kv_stats("decode1")["num_used"] == 0:      # decode1 is streaming some of them
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.02)
     killed_at = time.time()
     p2d2.kill("decode1")
     t.join(120)
     res = out["results"]
     failed = [r for r in res if r["error"]]
     assert failed and all(r["t_end"] - killed_at < 2.0 for r in failed), [(r["error"], r["t_end"] - killed_at) for r in res]
-    assert all(not r["error"] and len(r["token_ids"]) == 600 for r in res if r not in failed)   # the others go on
+    assert all(not r["error"] and r["finish_reason"] == "length" for r in res if r not in failed), [(r["error"][:80], len(r["token_ids"]), r["finish_reason"]) for r in res]
     after = p2d2.generate([{"prompt": p, "max_tokens": 8} for p in PROMPTS], concurrency=4)
     assert [r["error"] for r in after] == [""] * 4                  # no request routed to the dead node
 
