@@ -89,11 +89,17 @@ def run_job(prefix: list[str], url: str, requests: list[dict]) -> list[dict]:
 
 
 def idle_ttft(prefix: list[str], url: str, prompts: dict[str, list[str]]) -> dict[str, float]:
-    """Median TTFT (ms) of each group of prompts, one request at a time."""
+    """Median TTFT (ms) of each group of prompts, one request at a time from one client (its
+    connection made by a first request that is not counted)."""
     out = {}
     for name, group in prompts.items():
-        ttft = [run_job(prefix, url, [{"prompt": p, "max_tokens": 4, "ignore_eos": True}])[0]["ttft"] for p in group]
-        out[name] = 1e3 * statistics.median(ttft)
+        reqs = [{"prompt": p, "max_tokens": 4, "ignore_eos": True} for p in [group[0], *group]]
+        r = subprocess.run(prefix + [sys.executable, "-P", "-m", "baton.backends.cluster.probe", url],
+                           input=json.dumps({"requests": reqs, "concurrency": 1}), capture_output=True, text=True,
+                           timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-2000:])
+        out[name] = 1e3 * statistics.median([x["ttft"] for x in json.loads(r.stdout)["results"][1:]])
     return out
 
 
@@ -173,8 +179,8 @@ def main() -> None:
     busy = workload(tok, a.streams, a.stream_tokens, a.long_prompts, a.long_tokens, a.every, seed=1)
     quiet = [r for r in busy if r["kind"] == "stream"]
     rng = random.Random(7)
-    idle_prompts = {"128": [prompt_of(tok, 128, rng) for _ in range(5)],
-                    str(a.long_tokens): [prompt_of(tok, a.long_tokens, rng) for _ in range(3)]}
+    idle_prompts = {"128": [prompt_of(tok, 128, rng) for _ in range(11)],
+                    str(a.long_tokens): [prompt_of(tok, a.long_tokens, rng) for _ in range(5)]}
     transfer_prompts = [prompt_of(tok, a.long_tokens, rng) for _ in range(4)]
     report: dict = {"model": a.model, "cpus": len(os.sched_getaffinity(0)), "workload": {
         "streams": a.streams, "stream_tokens": a.stream_tokens, "long_prompts": a.long_prompts,

@@ -63,10 +63,27 @@ def _engine(host: str, protocol: str, device: str = ""):  # noqa: ANN202 (moonca
     return eng
 
 
+MADV_POPULATE_WRITE = 23          # Linux 5.14+
+
+
+def populate(base: int, size: int) -> bool:
+    """Map every page of [base, base + size) writable in this process now. A pool mapped from
+    /dev/shm faults on each page's first write in each process (measured: a 24.6 MB read into fresh
+    pages ran at half the transfer engine's speed); a reader takes those faults once, here."""
+    import ctypes
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = base - base % page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, size + (base - start), MADV_POPULATE_WRITE) == 0
+
+
 class TransferAgent:
     """One process's transfer engine with one registered region (its mapping of the node's pool)."""
 
     def __init__(self, host: str, protocol: str, base: int, size: int, device: str = "") -> None:
+        populate(base, size)
         self.engine = _engine(host, protocol, device)
         if self.engine.register_memory(base, size) != 0:
             raise TransferError(f"could not register {size} bytes at {base:#x} with the transfer engine")

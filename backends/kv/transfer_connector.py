@@ -82,10 +82,14 @@ class TransferConnector(HandoffConnector):
     def _read(self, source: BlockSource, request_id: str, held: list[int], remote: list[int],
               local: list[int]) -> int:
         t = time.perf_counter()
+        nbytes = 0
         try:
             nbytes = self.agent.read(source, remote, local)
         finally:                     # acknowledged even after a failed read: the source frees them now
+            t_read = time.perf_counter()
             still_held = ack(source, self.key, request_id, held)
+            log.info("request %s: read %d blocks (%.1f MB) from %s in %.1f ms, ack %.1f ms", request_id, len(remote),
+                     nbytes / 1e6, source.node_id, 1e3 * (t_read - t), 1e3 * (time.perf_counter() - t_read))
         if not still_held:
             raise TransferError(f"{source.node_id} no longer held the blocks of request {request_id} (lease expired)")
         self.stats["seconds"] += time.perf_counter() - t
