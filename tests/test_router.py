@@ -49,6 +49,16 @@ def test_prefill_goes_where_the_prefix_is_cached_unless_that_node_is_busier_than
     assert rank_prefill([cold, _p("b-warm", h, waiting=1)], PROMPT, {})[0].node_id == "a-cold"
 
 
+def test_prefill_counts_what_a_node_reports_computing_without_double_counting_our_own():
+    h = _hashes(PROMPT, 4)
+    busy = _p("a", h)
+    busy.queued_tokens = 100                                # another router's long prompt
+    assert prefill_cost(busy, h, 64, 0) == 100
+    assert prefill_cost(busy, h, 64, 80) == 100             # ours (80) is part of what it reports
+    assert prefill_cost(busy, h, 64, 150) == 150
+    assert rank_prefill([busy, _p("b")], PROMPT, {})[0].node_id == "b"      # 64 uncached < 100 queued
+
+
 def test_prefill_ties_go_to_fewer_running_then_rotate():
     nodes = [_p("b"), _p("a"), _p("c")]
     assert [rank_prefill(nodes, PROMPT, {}, turn)[0].node_id for turn in range(4)] == ["a", "b", "c", "a"]
@@ -103,3 +113,19 @@ def test_leases_expire_and_membership_survives_etcd_going_away():
         members.stop()
     finally:
         etcd.stop()
+
+
+def test_prefill_reports_the_requests_and_tokens_it_is_computing(tmp_path):
+    import numpy as np
+
+    from baton import SamplingParams
+    from baton.backends.stages.messages import PrefillRequest
+    from baton.backends.stages.prefill import PrefillStage
+
+    path = tmp_path / "prefill-0.load"
+    stage = PrefillStage(None, b"k", load_path=str(path))
+    seen = []
+    stage._run = lambda batch: seen.append(np.fromfile(path, dtype=np.int64).tolist()) or []
+    stage.run([PrefillRequest("a", [1] * 30, SamplingParams()), PrefillRequest("b", [2] * 12, SamplingParams())])
+    assert seen == [[2, 42]]                                            # while it runs: what the node reports
+    assert np.fromfile(path, dtype=np.int64).tolist() == [0, 0]         # and nothing once done

@@ -34,6 +34,7 @@ class NodeInfo:
     free_blocks: int = 0
     running: int = 0           # requests decoding (decode) or being prefilled (prefill)
     waiting: int = 0           # requests queued in Triton for the node's stage
+    queued_tokens: int = 0     # prefill: prompt tokens being prefilled now
     hashes: list[str] = field(default_factory=list)   # cached block hashes, low 64 bits in hex
     ts: float = 0.0            # when the node wrote this (its clock)
 

@@ -4,9 +4,10 @@ The scoring is two small pure functions (unit-tested in tests/test_router.py):
 
   prefill_cost  the predicted time to first token on a prefill node, in prompt tokens of work ahead
                 of the request's first token: the prompt tokens that node does NOT cache (its summary
-                of cached block hashes, matched from the first block on), plus the tokens this router
-                has sent it and not yet seen answered, plus QUEUED_REQUEST_TOKENS for each request
-                the node reports waiting. The lowest cost wins.
+                of cached block hashes, matched from the first block on), plus the larger of the
+                tokens this router has sent it and not yet seen answered and the tokens the node
+                reports prefilling, plus QUEUED_REQUEST_TOKENS for each request the node reports
+                waiting in Triton's queue. The lowest cost wins.
   decode_room   free KV blocks a decode node has left for the request: its reported free blocks,
                 minus the blocks this router has routed to it for requests still streaming, minus
                 what the request needs (prompt + max_tokens). The most room wins; a node without
@@ -49,10 +50,17 @@ def cached_prefix_blocks(node: NodeInfo, prompt_hashes: list[str]) -> int:
     return n
 
 
+def queued(node: NodeInfo, inflight_tokens: int) -> int:
+    """Prefill work ahead of a new request at this node: what this router sent it and has not seen
+    answered, or what the node last reported computing (other routers' requests too), whichever is
+    more (one router's own requests are in both), plus its queued requests."""
+    return max(inflight_tokens, node.queued_tokens) + QUEUED_REQUEST_TOKENS * node.waiting
+
+
 def prefill_cost(node: NodeInfo, prompt_hashes: list[str], prompt_tokens: int, inflight_tokens: int) -> float:
     """The documented cost (rank_prefill computes the same for many nodes at once)."""
     uncached = prompt_tokens - cached_prefix_blocks(node, prompt_hashes) * node.block_size
-    return uncached + inflight_tokens + QUEUED_REQUEST_TOKENS * node.waiting
+    return uncached + queued(node, inflight_tokens)
 
 
 def decode_room(node: NodeInfo, blocks_needed: int, inflight_blocks: int) -> int:
@@ -70,7 +78,7 @@ def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, i
     requests), so equal nodes share the work even while their load reports lag behind."""
     ids = sorted(n.node_id for n in nodes)
     uncached = uncached_tokens(nodes, prompt)
-    return sorted(nodes, key=lambda n: (uncached[n.node_id] + inflight.get(n.node_id, 0) + QUEUED_REQUEST_TOKENS * n.waiting,
+    return sorted(nodes, key=lambda n: (uncached[n.node_id] + queued(n, inflight.get(n.node_id, 0)),
                                         n.running, (ids.index(n.node_id) - turn) % len(ids)))
 
 

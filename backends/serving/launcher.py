@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from baton.kernels.linear import select_linear_method
 
 from ..cluster.registry import HASH_SUMMARY, NodeInfo, Registration, short_hash
@@ -211,8 +213,12 @@ class Node:
             info.block_size, info.num_blocks = self.manager.spec.block_size, st["num_blocks"]
             info.free_blocks = st["num_blocks"] - st["num_used"]
             info.hashes = [short_hash(h) for h in self._reg_manager.cached_hashes(HASH_SUMMARY)]
-        load = scrape_load(self.metrics_port, role)
-        info.running, info.waiting = load
+        info.running, info.waiting = scrape_load(self.metrics_port, role)
+        if role == "prefill":             # what its prefill instances are computing now
+            for f in self.run_dir.glob("prefill-*.load"):
+                requests, tokens = np.fromfile(f, dtype=np.int64, count=2)
+                info.running += int(requests)
+                info.queued_tokens += int(tokens)
         return info
 
     def _start_gateway(self, model_dir: str, timeout: float = 60) -> None:

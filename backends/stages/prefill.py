@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
+
+import numpy as np
 
 from ..engine.errors import InvalidRequestError
 from ..engine.llm_engine import LLMEngine
@@ -18,19 +21,32 @@ log = logging.getLogger("prefill")
 
 
 class PrefillStage:
-    def __init__(self, engine: LLMEngine, handle_key: bytes, cores: CoreShare | None = None, source: str = "") -> None:
+    def __init__(self, engine: LLMEngine, handle_key: bytes, cores: CoreShare | None = None, source: str = "",
+                 load_path: str | None = None) -> None:
         """handle_key: the node's secret; every KVHandle leaves signed with it, and its blocks are
         recorded with the KV manager as handed off (decode claims them once, or they expire).
         source: a PD prefill node's BlockSource JSON, which its handles carry (decode reads from there)."""
         self.engine = engine
         self.handle_key = handle_key
         self.source = source
+        # [requests, prompt tokens] being prefilled now, in a small shared file the node reports to
+        # the PD name service (load_path; None: not kept)
+        self.load = None
+        if load_path:
+            Path(load_path).write_bytes(bytes(16))
+            self.load = np.memmap(load_path, dtype=np.int64, mode="r+", shape=(2,))
         self.cores = cores
         self.metrics = Deltas()
 
     def run(self, batch: list[PrefillRequest]) -> list[KVHandle | Exception]:
         t0 = time.perf_counter()
-        out = self._run(batch)
+        if self.load is not None:
+            self.load[:] = (len(batch), sum(len(r.prompt_token_ids) for r in batch))
+        try:
+            out = self._run(batch)
+        finally:
+            if self.load is not None:
+                self.load[:] = 0
         m = self.metrics
         m.add("baton_prefill_seconds_total", time.perf_counter() - t0)
         for req, h in zip(batch, out):

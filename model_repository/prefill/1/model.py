@@ -16,7 +16,7 @@ class TritonPythonModel:
     def initialize(self, args):
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.stage = PrefillStage(node_engine(node, "prefill"), bytes.fromhex(node.handle_key), core_share(node, "prefill"),
-                                  node.block_source)
+                                  node.block_source, f"{node.run_dir}/prefill-{args['model_instance_name']}.load")
         self.metrics = TritonMetrics(pb_utils, PREFILL, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
