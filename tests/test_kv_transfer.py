@@ -133,6 +133,23 @@ def test_a_failed_transfer_is_recomputed_and_the_request_completes(pd, qwen3_dir
     assert sink.err is None and sink.ids == want
 
 
+def test_blocks_of_another_layout_are_recomputed_not_read(pd, qwen3_dir, monkeypatch):
+    pm, dm, prefill, decode = pd
+    conn = decode.engine.connector
+    monkeypatch.setattr(conn, "block_bytes", conn.block_bytes * 2)     # as if the source served another model
+    prompt = prompts_of(512, [40], seed=13)[0]
+    failures, read = conn.stats["failures"], conn.stats["blocks_read"]
+    _, sink = _serve(prefill, decode, prompt)
+    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
+    try:
+        want = llm.generate([prompt], GREEDY)[0].token_ids
+    finally:
+        llm.close()
+    assert conn.stats["failures"] == failures + 1 and conn.stats["blocks_read"] == read
+    assert sink.err is None and sink.ids == want
+    assert _used(pm) == (0, 0)                  # acknowledged all the same: the source let go at once
+
+
 def test_a_forged_ack_changes_nothing(pd):
     pm, _, prefill, _ = pd
     (h,) = prefill.run([PrefillRequest(uuid.uuid4().hex, prompts_of(512, [40], seed=9)[0], GREEDY)])

@@ -64,6 +64,11 @@ def _engine(host: str, protocol: str, device: str = ""):  # noqa: ANN202 (moonca
 
 
 MADV_POPULATE_WRITE = 23          # Linux 5.14+
+TRANSFER_NICE = 10                # a reader's threads, below the decode loop (nice 0)
+
+
+def _threads() -> set[int]:
+    return {int(t) for t in os.listdir("/proc/self/task")} - {os.getpid()}
 
 
 def populate(base: int, size: int) -> bool:
@@ -84,11 +89,23 @@ class TransferAgent:
 
     def __init__(self, host: str, protocol: str, base: int, size: int, device: str = "") -> None:
         populate(base, size)
+        self._threads_before = _threads()
         self.engine = _engine(host, protocol, device)
         if self.engine.register_memory(base, size) != 0:
             raise TransferError(f"could not register {size} bytes at {base:#x} with the transfer engine")
         self.base, self.size = base, size
         self.segment = f"{host}:{self.engine.get_rpc_port()}"
+
+    def deprioritize(self, nice: int = TRANSFER_NICE) -> None:
+        """Lower the OS priority of every thread started since this agent was made (the transfer
+        engine's, and readers started later), so that on a busy core the decode loop's steps come
+        first and a read takes what is left: a tcp read copies through this process's CPU."""
+        for tid in _threads() - self._threads_before:
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except OSError:                      # the thread ended meanwhile
+                pass
 
     def read(self, source: BlockSource, remote_blocks: list[int], local_blocks: list[int]) -> int:
         """Copy the source's blocks into ours, in one batch (runs of consecutive ids merged). Returns

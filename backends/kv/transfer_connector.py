@@ -28,9 +28,9 @@ FINISH_WAIT_S = 60.0
 
 
 class TransferConnector(HandoffConnector):
-    def __init__(self, agent: TransferAgent, key: bytes, node_id: str) -> None:
+    def __init__(self, agent: TransferAgent, key: bytes, node_id: str, block_bytes: int) -> None:
         super().__init__("consumer")
-        self.agent, self.key, self.node_id = agent, key, node_id
+        self.agent, self.key, self.node_id, self.block_bytes = agent, key, node_id, block_bytes
         self.pending: dict[int, KVHandle] = {}                   # seq id -> handle, allocated, not started
         self.loads: dict[int, Future] = {}                        # seq id -> the read in flight
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="baton-kv-read")
@@ -81,9 +81,13 @@ class TransferConnector(HandoffConnector):
 
     def _read(self, source: BlockSource, request_id: str, held: list[int], remote: list[int],
               local: list[int]) -> int:
+        self.agent.deprioritize()        # running streams' steps before this read (kv/transfer.py)
         t = time.perf_counter()
         nbytes = 0
         try:
+            if source.block_bytes != self.block_bytes:  # another model or pool layout: its blocks mean nothing here
+                raise TransferError(f"{source.node_id}'s blocks are {source.block_bytes} bytes, this pool's "
+                                    f"{self.block_bytes}: not the same model and KV layout")
             nbytes = self.agent.read(source, remote, local)
         finally:                     # acknowledged even after a failed read: the source frees them now
             t_read = time.perf_counter()
