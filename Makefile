@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 MODEL  ?= models/baton-tiny
 BENCH_MODEL ?= .cache/checkpoints/small
 
-.PHONY: venv sysdeps tools loadtest test lint serve smoke bench checkpoint models clean
+.PHONY: venv sysdeps testdeps apt tools loadtest test lint serve smoke bench checkpoint models clean
 
 $(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,17 @@ venv: $(VENV)/.installed
 # System packages: libb64-0d for NVIDIA's perf_analyzer (tests drive the server with it); etcd-server
 # (the PD name service) and libibverbs1 (the Mooncake transfer engine loads it even for tcp);
 # iproute2 (the PD tests' simulated hosts). Installed with apt-get when root, else named.
+# docker-compose (tests only): validates docker/'s compose files without a Docker engine.
 SYSPKGS := libb64-0d etcd-server libibverbs1 iproute2
+TEST_SYSPKGS := docker-compose
 sysdeps:
-	@missing=$$(for p in $(SYSPKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@$(MAKE) -s apt PKGS="$(SYSPKGS)"
+
+testdeps:
+	@$(MAKE) -s apt PKGS="$(TEST_SYSPKGS)"
+
+apt:
+	@missing=$$(for p in $(PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get install -y -q $$missing >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null); \
@@ -46,7 +54,7 @@ lint: venv
 	$(PY) -m ruff check .
 	$(VENV)/bin/pyright
 
-test: venv sysdeps tools lint
+test: venv sysdeps testdeps tools lint
 	$(VENV)/bin/pytest
 
 # The default model is committed (models/, trained by `make models`); random-init checkpoints of

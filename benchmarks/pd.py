@@ -233,7 +233,7 @@ def main() -> None:
         # the transfer of long prompts on the otherwise idle cluster, from decode's own counters
         def counters() -> dict[str, float]:
             time.sleep(1.5)                          # decode's counters reach its metrics about once a second
-            return {k: cluster.metric(f"baton_kv_transfer_{k}_total", ["decode0"])["decode0"]
+            return {k: cluster.metric(f"baton:kv_transfer_{k}_total", ["decode0"])["decode0"]
                     for k in ("bytes", "seconds", "blocks_read", "failures")}
         before = counters()
         for p in transfer_prompts:

@@ -23,7 +23,7 @@ def _gpus(svc):
 def test_pd_compose_has_one_service_per_role_with_gpus_shm_and_health_checks():
     c = _load("compose.pd.yaml")
     svcs = c["services"]
-    assert set(svcs) == {"etcd", "prefill", "decode", "router"}
+    assert set(svcs) == {"etcd", "prefill", "decode", "router", "prometheus", "grafana"}
     for role in ("prefill", "decode"):
         s = svcs[role]
         cmd = " ".join(s["entrypoint"])
@@ -56,3 +56,23 @@ def test_docker_compose_accepts_the_files(name, tmp_path):
         if made:
             key.unlink()
     assert r.returncode == 0, r.stderr
+
+
+def test_the_grafana_dashboard_queries_only_metrics_baton_exports():
+    import json
+    import re
+
+    from baton.backends.stages.metrics import DECODE, FRONT, PREFILL
+
+    dash = json.loads((DOCKER / "grafana" / "baton.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"baton:[a-z0-9_]+", e)}
+    exported = set(FRONT) | set(DECODE) | set(PREFILL)
+    assert used and used <= exported, used - exported
+    for name in ("baton:time_to_first_token_seconds", "baton:inter_token_latency_seconds",
+                 "baton:request_queue_time_seconds", "baton:kv_blocks_used", "baton:num_requests_waiting"):
+        assert name in used
+    for f in ("compose.yaml", "compose.pd.yaml"):
+        svcs = _load(f)["services"]
+        assert svcs["prometheus"]["profiles"] == ["monitoring"] and svcs["grafana"]["profiles"] == ["monitoring"]
+    assert "baton:8002" in (DOCKER / "prometheus.yml").read_text()

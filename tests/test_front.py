@@ -107,10 +107,13 @@ def test_request_timer_gives_one_observation_per_histogram():
 
     t = RequestTimer(10.0)
     assert t.observations() == {}                         # nothing streamed: nothing observed
+    t.prefilled(10.04, 0.03)                              # prefill computed 30 ms of the 40
     for now, n in ((10.05, 1), (10.10, 2), (10.25, 3)):
         t.response(n, 7, now)
     obs = t.observations()
     assert set(obs) == {n for n, d in FRONT.items() if d[0] == "histogram"}
+    assert obs["baton:request_queue_time_seconds"] == pytest.approx([0.01])
+    assert obs["baton:inter_token_latency_seconds"] == pytest.approx([0.05 / 2, 0.15 / 3])
     assert obs["baton:time_to_first_token_seconds"] == pytest.approx([0.05])
     assert obs["baton:e2e_request_latency_seconds"] == pytest.approx([0.25])
     assert obs["baton:time_per_output_token_seconds"] == pytest.approx([0.2 / 5])

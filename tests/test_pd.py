@@ -25,16 +25,16 @@ def test_1p1d_greedy_and_seeded_match_the_offline_engine(p1d1, pd_expected):
     out = p1d1.generate([{"prompt": p, "max_tokens": 20, "temperature": 0.9, "top_p": 0.9, "seed": 7 + i}
                          for i, p in enumerate(PROMPTS)], concurrency=4)
     assert [r["token_ids"] for r in out] == seeded
-    read = p1d1.metric("baton_kv_transfer_blocks_read_total", ["decode0"])["decode0"]
+    read = p1d1.metric("baton:kv_transfer_blocks_read_total", ["decode0"])["decode0"]
     assert read > 0                      # the KV did cross: decode read blocks from the prefill host
-    assert p1d1.metric("baton_kv_transfer_failures_total", ["decode0"])["decode0"] == 0
+    assert p1d1.metric("baton:kv_transfer_failures_total", ["decode0"])["decode0"] == 0
     assert pd_leaks(p1d1) == {"prefill0": (0, 0), "decode0": (0, 0)}
 
 
 def test_a_shared_prefix_transfers_only_the_new_blocks(p1d1):
     base = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 8
-    read = lambda: p1d1.metric("baton_kv_transfer_blocks_read_total", ["decode0"])["decode0"]  # noqa: E731
-    reused = lambda: p1d1.metric("baton_kv_transfer_blocks_reused_total", ["decode0"])["decode0"]  # noqa: E731
+    read = lambda: p1d1.metric("baton:kv_transfer_blocks_read_total", ["decode0"])["decode0"]  # noqa: E731
+    reused = lambda: p1d1.metric("baton:kv_transfer_blocks_reused_total", ["decode0"])["decode0"]  # noqa: E731
     (first,) = p1d1.generate([{"prompt": base + "one", "max_tokens": 4}])
     time.sleep(1.5)                      # decode's stats reach its metrics about once a second
     r0, u0 = read(), reused()

@@ -32,8 +32,8 @@ def test_2p2d_matches_the_offline_engine_and_uses_every_node(p2d2, pd_expected):
                          for i, p in enumerate(PROMPTS)], concurrency=4)
     assert [r["token_ids"] for r in out] == seeded
     time.sleep(1.5)                   # decode's counters reach its metrics about once a second
-    prefills = _count(p2d2, "baton_prefill_requests_total", ["prefill0", "prefill1"])
-    decodes = _count(p2d2, "baton_kv_transfer_blocks_read_total", ["decode0", "decode1"])
+    prefills = _count(p2d2, "baton:prefill_requests_total", ["prefill0", "prefill1"])
+    decodes = _count(p2d2, "baton:kv_transfer_blocks_read_total", ["decode0", "decode1"])
     assert all(v > 0 for v in prefills.values()), prefills     # in-flight work spreads concurrent requests
     assert all(v > 0 for v in decodes.values()), decodes
     assert all(v == (0, 0) for v in pd_leaks(p2d2).values())
@@ -43,9 +43,9 @@ def test_a_shared_prefix_goes_to_the_prefill_node_that_holds_it(p2d2):
     base = "A long shared system prompt that many requests begin with. " * 10
     p2d2.generate([{"prompt": base + "first", "max_tokens": 2}])
     time.sleep(3.5)                   # heartbeats (1 s) carry the new block hashes; the router polls (0.5 s)
-    before = _count(p2d2, "baton_cached_prompt_tokens_total", ["prefill0", "prefill1"])
+    before = _count(p2d2, "baton:cached_prompt_tokens_total", ["prefill0", "prefill1"])
     out = p2d2.generate([{"prompt": base + f"question {i}", "max_tokens": 2} for i in range(4)])
-    after = _count(p2d2, "baton_cached_prompt_tokens_total", ["prefill0", "prefill1"])
+    after = _count(p2d2, "baton:cached_prompt_tokens_total", ["prefill0", "prefill1"])
     assert all(r["cached_tokens"] >= 256 for r in out), [r["cached_tokens"] for r in out]
     gained = sorted(after[n] - before[n] for n in after)
     assert gained[0] == 0 and gained[1] == sum(r["cached_tokens"] for r in out)    # all on one node
@@ -90,7 +90,7 @@ def test_routing_goes_on_while_etcd_is_down(p2d2):
     time.sleep(1.0)
     out = p2d2.generate([{"prompt": p, "max_tokens": 8} for p in PROMPTS], concurrency=2)
     assert [r["error"] for r in out] == [""] * 4
-    m = p2d2.metric("baton_name_service_errors_total", ["router"])["router"]
-    up = p2d2.metric("baton_name_service_up", ["router"])["router"]
+    m = p2d2.metric("baton:name_service_errors_total", ["router"])["router"]
+    up = p2d2.metric("baton:name_service_up", ["router"])["router"]
     assert m > 0 and up == 0
     assert "unreachable" in p2d2.router.log.read_text()

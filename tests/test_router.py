@@ -125,7 +125,7 @@ def test_prefill_reports_the_requests_and_tokens_it_is_computing(tmp_path):
     path = tmp_path / "prefill-0.load"
     stage = PrefillStage(None, b"k", load_path=str(path))
     seen = []
-    stage._run = lambda batch: seen.append(np.fromfile(path, dtype=np.int64).tolist()) or []
+    stage._run = lambda batch, t0=0.0: seen.append(np.fromfile(path, dtype=np.int64).tolist()) or []
     stage.run([PrefillRequest("a", [1] * 30, SamplingParams()), PrefillRequest("b", [2] * 12, SamplingParams())])
     assert seen == [[2, 42]]                                            # while it runs: what the node reports
     assert np.fromfile(path, dtype=np.int64).tolist() == [0, 0]         # and nothing once done

@@ -317,13 +317,14 @@ def test_metrics_count_what_was_served(node):
     before = _metrics(node)
     long = "def parse(path):\n    with open(path) as f:\n        for line in f:\n            " * 2
     done = [client.generate(p, **GREEDY) for p in (long + "yield", PROMPTS[1], long + "pass")]  # 3rd: cache hit
-    want = {"baton_generation_tokens_total": sum(c.completion_tokens for c in done),
-            "baton_prompt_tokens_total": sum(c.prompt_tokens for c in done),
-            "baton_cached_prompt_tokens_total": sum(c.cached_tokens for c in done),
-            "baton_prefill_requests_total": 3}
+    want = {"baton:generation_tokens_total": sum(c.completion_tokens for c in done),
+            "baton:prompt_tokens_total": sum(c.prompt_tokens for c in done),
+            "baton:cached_prompt_tokens_total": sum(c.cached_tokens for c in done),
+            "baton:prefill_requests_total": 3}
     # the front observes its histograms after a request's last response: wait for those too
     want |= {h + "_count": 3 for h in ("baton:time_to_first_token_seconds", "baton:e2e_request_latency_seconds",
-                                       "baton:time_per_output_token_seconds", "baton:request_prompt_tokens")}
+                                       "baton:time_per_output_token_seconds", "baton:request_prompt_tokens",
+                                       "baton:request_queue_time_seconds")}
     deadline = time.monotonic() + 10
     while True:
         after = _metrics(node)
@@ -332,18 +333,25 @@ def test_metrics_count_what_was_served(node):
             break
         time.sleep(0.2)
     assert got == want
-    assert want["baton_cached_prompt_tokens_total"] > 0
-    steps = after["baton_decode_steps_total"] - before.get("baton_decode_steps_total", 0)
+    assert want["baton:cached_prompt_tokens_total"] > 0
+    steps = after["baton:decode_steps_total"] - before.get("baton:decode_steps_total", 0)
     assert 15 <= steps <= 3 * 15                     # 15 decode steps per request, fewer when batched
-    assert after["baton_decode_step_seconds_total"] > before.get("baton_decode_step_seconds_total", 0)
-    assert after["baton_decode_running_requests"] == 0
+    assert after["baton:decode_step_seconds_total"] > before.get("baton:decode_step_seconds_total", 0)
+    assert after["baton:decode_running_requests"] == 0
     # the front's per-request histograms (one observation per request, counted in `want`): sums add up
     def grew(name):
         return after.get(name, 0) - before.get(name, 0)
 
-    assert grew("baton:request_prompt_tokens_sum") == want["baton_prompt_tokens_total"]
-    assert grew("baton:request_generation_tokens_sum") == want["baton_generation_tokens_total"]
+    assert grew("baton:request_prompt_tokens_sum") == want["baton:prompt_tokens_total"]
+    assert grew("baton:request_generation_tokens_sum") == want["baton:generation_tokens_total"]
     assert 0 < grew("baton:time_to_first_token_seconds_sum") < grew("baton:e2e_request_latency_seconds_sum")
+    assert 0 <= grew("baton:request_queue_time_seconds_sum") < grew("baton:time_to_first_token_seconds_sum")
+    assert grew("baton:inter_token_latency_seconds_count") >= 3 * (GREEDY["max_tokens"] - 1) // 4   # coalesced at most 4:1
+    assert after["baton:num_requests_waiting"] == 0 and after["baton:kv_blocks_free"] > 0
+    from baton.backends.kv.manager import RemoteBlockManager
+
+    blocks = RemoteBlockManager(node.manager.address, 1, 1).stats()["num_blocks"]
+    assert after["baton:kv_blocks_used"] + after["baton:kv_blocks_free"] == blocks
     client.close()
 
 

@@ -132,8 +132,8 @@ def test_a_node_with_ngram_speculation_streams_the_plain_engines_tokens(qwen3_di
         from test_serving import _metrics
 
         deadline = time.monotonic() + 10           # decode sends its counters when it goes idle
-        while not (m := _metrics(n)).get("baton_spec_accepted_tokens_total") and time.monotonic() < deadline:
+        while not (m := _metrics(n)).get("baton:spec_accepted_tokens_total") and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert 0 < m["baton_spec_accepted_tokens_total"] < m["baton_spec_draft_tokens_total"]
+        assert 0 < m["baton:spec_accepted_tokens_total"] < m["baton:spec_draft_tokens_total"]
     finally:
         n.stop()

@@ -117,7 +117,7 @@ class Membership:
         self.url, self.cluster = url, cluster
         self.client = client(url)
         self.nodes: dict[str, NodeInfo] = {}
-        self.errors = 0                               # polls that failed (metric baton_name_service_errors_total)
+        self.errors = 0                               # polls that failed (metric baton:name_service_errors_total)
         self.down_since: float | None = None
         self.lock = threading.Lock()
         self.stopped = threading.Event()

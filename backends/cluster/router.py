@@ -186,10 +186,10 @@ class Router:
     def metrics(self) -> dict[str, float]:
         """Counter deltas since the last call (stages/metrics.py FRONT), and the name service's state."""
         with self.lock:
-            now = {"baton_name_service_errors_total": self.members.errors, "baton_route_retries_total": self.retries}
+            now = {"baton:name_service_errors_total": self.members.errors, "baton:route_retries_total": self.retries}
             out = {k: v - self._sent.get(k, 0) for k, v in now.items()}
             self._sent = now
-        return out | {"baton_name_service_up": 0.0 if self.members.down_since is not None else 1.0}
+        return out | {"baton:name_service_up": 0.0 if self.members.down_since is not None else 1.0}
 
     def close(self) -> None:
         self.members.stop()

@@ -337,7 +337,7 @@ def scrape_load(metrics_port: int, role: str) -> tuple[int, int]:
         return 0, 0
     running = waiting = 0.0
     for line in text.splitlines():
-        if line.startswith("baton_decode_running_requests"):
+        if line.startswith("baton:decode_running_requests"):
             running += float(line.rsplit(" ", 1)[1])
         elif line.startswith("nv_inference_pending_request_count") and f'model="{stage}"' in line:
             waiting += float(line.rsplit(" ", 1)[1])

@@ -196,15 +196,18 @@ class DecodeStage:
     def metrics(self, last: dict) -> dict[str, float]:
         """Counter deltas since the totals in `last` (updated in place) and the running gauge."""
         spec = self.engine.spec_stats
-        now = {"baton_decode_steps_total": self.steps, "baton_decode_step_seconds_total": self.step_s,
-               "baton_generation_tokens_total": self.tokens, "baton_spec_draft_tokens_total": spec["drafted"],
-               "baton_spec_accepted_tokens_total": spec["accepted"]}
+        now = {"baton:decode_steps_total": self.steps, "baton:decode_step_seconds_total": self.step_s,
+               "baton:generation_tokens_total": self.tokens, "baton:spec_draft_tokens_total": spec["drafted"],
+               "baton:spec_accepted_tokens_total": spec["accepted"]}
         transfer = getattr(self.engine.connector, "stats", None)      # PD decode: KV read from prefill nodes
         if transfer is not None:
-            now |= {f"baton_kv_transfer_{k}_total": v for k, v in transfer.items()}
+            now |= {f"baton:kv_transfer_{k}_total": v for k, v in transfer.items()}
         out = {k: v - last.get(k, 0) for k, v in now.items()}
         last.update(now)
-        return out | {"baton_decode_running_requests": len(self.live)}
+        sched, bm = self.engine.scheduler, self.engine.block_manager
+        waiting = len(sched.waiting) + sum(1 for s in sched.running if s.loading)
+        return out | {"baton:decode_running_requests": len(self.live) - waiting, "baton:num_requests_waiting": waiting,
+                      "baton:kv_blocks_used": bm.num_blocks - bm.num_free, "baton:kv_blocks_free": bm.num_free}
 
 
 def _delta(seq: Sequence, new_ids: list[int], text: str) -> TokenDelta:

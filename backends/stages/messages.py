@@ -60,6 +60,7 @@ class KVHandle:
     gen_state: bytes = b""        # torch.Generator state of a seeded request
     logprobs: list[float] = field(default_factory=list)
     source: str = ""              # PD: where decode reads the blocks from (kv.transfer.BlockSource JSON); "": this node
+    prefill_seconds: float = 0.0  # how long prefill computed the batch this request was in (the front's queue time)
     mac: bytes = b""              # HMAC-SHA256 of the rest under the node's secret (sign / verify)
 
     def _digest(self, key: bytes) -> bytes:
@@ -114,6 +115,7 @@ class KVHandle:
             "gen_state": np.frombuffer(self.gen_state, dtype=np.uint8).copy() if self.gen_state else np.zeros(0, np.uint8),
             "logprobs": np.asarray(self.logprobs, dtype=np.float32),
             "source": _string(self.source),
+            "prefill_seconds": np.asarray([self.prefill_seconds], dtype=np.float32),
             "mac": np.frombuffer(self.mac, dtype=np.uint8).copy() if self.mac else np.zeros(0, np.uint8),
         }
 
@@ -124,7 +126,7 @@ class KVHandle:
                    a["block_table"].astype(np.int64).tolist(), int(a["num_cached_tokens"].reshape(-1)[0]),
                    _text(a["finish_reason"]), SamplingParams.from_json(_text(a["sampling"])),
                    a["gen_state"].astype(np.uint8).tobytes(), a["logprobs"].astype(np.float32).tolist(),
-                   _text(a["source"]), a["mac"].astype(np.uint8).tobytes())
+                   _text(a["source"]), float(a["prefill_seconds"].reshape(-1)[0]), a["mac"].astype(np.uint8).tobytes())
 
 
 @dataclass

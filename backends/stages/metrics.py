@@ -13,26 +13,29 @@ from collections import defaultdict
 # name: (kind, help[, buckets]). Counters take deltas, gauges the current value, histograms lists of
 # observations.
 DECODE = {
-    "baton_decode_steps_total": ("counter", "Decode engine steps."),
-    "baton_decode_step_seconds_total": ("counter", "Seconds inside decode engine steps (mean step time: "
-                                                   "rate of this over rate of baton_decode_steps_total)."),
-    "baton_generation_tokens_total": ("counter", "Generated tokens, the first one (sampled by prefill) included."),
-    "baton_decode_running_requests": ("gauge", "Requests in the decode batch."),
-    "baton_spec_draft_tokens_total": ("counter", "Speculative draft tokens verified by the target."),
-    "baton_spec_accepted_tokens_total": ("counter", "Draft tokens accepted (acceptance rate: the rate of this "
-                                                    "over the rate of baton_spec_draft_tokens_total)."),
-    "baton_kv_transfer_blocks_read_total": ("counter", "PD: KV blocks read from prefill nodes."),
-    "baton_kv_transfer_blocks_reused_total": ("counter", "PD: KV blocks a handle named that this node already "
+    "baton:decode_steps_total": ("counter", "Decode engine steps."),
+    "baton:decode_step_seconds_total": ("counter", "Seconds inside decode engine steps (mean step time: "
+                                                   "rate of this over rate of baton:decode_steps_total)."),
+    "baton:generation_tokens_total": ("counter", "Generated tokens, the first one (sampled by prefill) included."),
+    "baton:decode_running_requests": ("gauge", "Requests in the decode batch."),
+    "baton:num_requests_waiting": ("gauge", "Requests at decode not yet stepping (waiting for blocks or their KV)."),
+    "baton:kv_blocks_used": ("gauge", "KV blocks of the node's pool in use, as decode last heard from the KV manager."),
+    "baton:kv_blocks_free": ("gauge", "KV blocks of the node's pool free, as decode last heard from the KV manager."),
+    "baton:spec_draft_tokens_total": ("counter", "Speculative draft tokens verified by the target."),
+    "baton:spec_accepted_tokens_total": ("counter", "Draft tokens accepted (acceptance rate: the rate of this "
+                                                    "over the rate of baton:spec_draft_tokens_total)."),
+    "baton:kv_transfer_blocks_read_total": ("counter", "PD: KV blocks read from prefill nodes."),
+    "baton:kv_transfer_blocks_reused_total": ("counter", "PD: KV blocks a handle named that this node already "
                                                           "cached (not read)."),
-    "baton_kv_transfer_bytes_total": ("counter", "PD: bytes read from prefill nodes."),
-    "baton_kv_transfer_seconds_total": ("counter", "PD: seconds spent reading and acknowledging KV blocks."),
-    "baton_kv_transfer_failures_total": ("counter", "PD: transfers that failed; the prompt was recomputed here."),
+    "baton:kv_transfer_bytes_total": ("counter", "PD: bytes read from prefill nodes."),
+    "baton:kv_transfer_seconds_total": ("counter", "PD: seconds spent reading and acknowledging KV blocks."),
+    "baton:kv_transfer_failures_total": ("counter", "PD: transfers that failed; the prompt was recomputed here."),
 }
 PREFILL = {
-    "baton_prefill_requests_total": ("counter", "Requests prefilled."),
-    "baton_prompt_tokens_total": ("counter", "Prompt tokens, computed or served from the prefix cache."),
-    "baton_cached_prompt_tokens_total": ("counter", "Prompt tokens served from the prefix cache."),
-    "baton_prefill_seconds_total": ("counter", "Seconds prefill spent running its batches."),
+    "baton:prefill_requests_total": ("counter", "Requests prefilled."),
+    "baton:prompt_tokens_total": ("counter", "Prompt tokens, computed or served from the prefix cache."),
+    "baton:cached_prompt_tokens_total": ("counter", "Prompt tokens served from the prefix cache."),
+    "baton:prefill_seconds_total": ("counter", "Seconds prefill spent running its batches."),
 }
 
 
@@ -48,12 +51,20 @@ FRONT = {
     "baton:e2e_request_latency_seconds": ("histogram", "From arrival to the last response.", _SECONDS),
     "baton:request_prompt_tokens": ("histogram", "Prompt tokens per request.", _TOKENS),
     "baton:request_generation_tokens": ("histogram", "Generated tokens per request.", _TOKENS),
+    "baton:inter_token_latency_seconds": ("histogram", "Per streamed response after the first: the gap since "
+                                          "the previous one over the tokens it carries (at most 256 evenly spaced "
+                                          "per request).", [0.001, 0.0025] + _SECONDS[:12]),
+    "baton:request_queue_time_seconds": ("histogram", "From arrival to prefill starting on the request (tokenizing "
+                                         "and waiting in prefill's queue).", _SECONDS),
     # pd_router only
-    "baton_name_service_errors_total": ("counter", "PD router: polls of the name service that failed (routing "
+    "baton:name_service_errors_total": ("counter", "PD router: polls of the name service that failed (routing "
                                                     "went on with the last membership it saw)."),
-    "baton_name_service_up": ("gauge", "PD router: 1 while the name service answers, 0 while it does not."),
-    "baton_route_retries_total": ("counter", "PD router: calls retried on another node after a node failed."),
+    "baton:name_service_up": ("gauge", "PD router: 1 while the name service answers, 0 while it does not."),
+    "baton:route_retries_total": ("counter", "PD router: calls retried on another node after a node failed."),
 }
+
+
+ITL_SAMPLES = 256                    # inter-token latencies observed per request at most
 
 
 class RequestTimer:
@@ -63,10 +74,18 @@ class RequestTimer:
     def __init__(self, now: float) -> None:
         self.t0, self.first, self.last = now, None, now
         self.first_tokens = self.tokens = self.prompt_tokens = 0
+        self.itl: list[float] = []
+        self.queue: float | None = None
+
+    def prefilled(self, now: float, prefill_seconds: float) -> None:
+        """Prefill answered at `now` after computing for `prefill_seconds`: the rest was waiting."""
+        self.queue = max(0.0, now - self.t0 - prefill_seconds)
 
     def response(self, n_tokens: int, prompt_tokens: int, now: float) -> None:
         if self.first is None:
             self.first, self.first_tokens = now, n_tokens
+        elif n_tokens:
+            self.itl.append((now - self.last) / n_tokens)
         self.last, self.tokens, self.prompt_tokens = now, self.tokens + n_tokens, prompt_tokens
 
     def observations(self) -> dict[str, list[float]]:
@@ -78,6 +97,11 @@ class RequestTimer:
                "baton:request_generation_tokens": [self.tokens]}
         if self.tokens > self.first_tokens:
             out["baton:time_per_output_token_seconds"] = [(self.last - self.first) / (self.tokens - self.first_tokens)]
+        if self.itl:                 # each observation is an IPC call: a long stream gives an even sample
+            step = -(-len(self.itl) // ITL_SAMPLES)
+            out["baton:inter_token_latency_seconds"] = self.itl[::step]
+        if self.queue is not None:
+            out["baton:request_queue_time_seconds"] = [self.queue]
         return out
 
 

@@ -43,24 +43,24 @@ class PrefillStage:
         if self.load is not None:
             self.load[:] = (len(batch), sum(len(r.prompt_token_ids) for r in batch))
         try:
-            out = self._run(batch)
+            out = self._run(batch, t0)
         finally:
             if self.load is not None:
                 self.load[:] = 0
         m = self.metrics
-        m.add("baton_prefill_seconds_total", time.perf_counter() - t0)
+        m.add("baton:prefill_seconds_total", time.perf_counter() - t0)
         for req, h in zip(batch, out):
             if not isinstance(h, KVHandle):
                 log.info("request %s refused: %s", req.request_id, h)
                 continue
             log.info("request %s prefilled: %d prompt tokens, %d cached", h.request_id, h.num_prompt_tokens,
                      h.num_cached_tokens)
-            m.add("baton_prefill_requests_total", 1)
-            m.add("baton_prompt_tokens_total", h.num_prompt_tokens)
-            m.add("baton_cached_prompt_tokens_total", max(h.num_cached_tokens, 0))
+            m.add("baton:prefill_requests_total", 1)
+            m.add("baton:prompt_tokens_total", h.num_prompt_tokens)
+            m.add("baton:cached_prompt_tokens_total", max(h.num_cached_tokens, 0))
         return out
 
-    def _run(self, batch: list[PrefillRequest]) -> list[KVHandle | Exception]:
+    def _run(self, batch: list[PrefillRequest], t0: float = 0.0) -> list[KVHandle | Exception]:
         eng = self.engine
         seqs: list[Sequence | Exception] = []
         for req in batch:
@@ -85,13 +85,15 @@ class PrefillStage:
         finally:
             if self.cores:
                 self.cores.idle()
-            out = [self._signed(s.kv_handle) if isinstance(s, Sequence) else s for s in seqs]
+            took = time.perf_counter() - t0 if t0 else 0.0
+            out = [self._signed(s.kv_handle, took) if isinstance(s, Sequence) else s for s in seqs]
             for h in out:
                 if isinstance(h, KVHandle) and h.block_table:
                     eng.block_manager.hand_off(h.request_id, h.block_table)
             eng.block_manager.flush(idle=True)           # publish, hand off, release the rest: one call
         return out
 
-    def _signed(self, h: KVHandle) -> KVHandle:
+    def _signed(self, h: KVHandle, took: float) -> KVHandle:
         h.source = self.source if h.block_table else ""
+        h.prefill_seconds = took
         return h.sign(self.handle_key)

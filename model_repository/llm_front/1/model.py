@@ -71,8 +71,12 @@ class TritonPythonModel:
                 self.metrics.update(timer.observations() | (self.router.metrics() if self.router else {}))
 
         stages, router, cancel = self.stages, self.router, self.cancel
+        def prefilled(handle):                   # queue time: arrival to prefill starting on it
+            timer.prefilled(time.monotonic(), float(handle["prefill_seconds"].reshape(-1)[0]))
+            return handle
+
         calls = Calls(preprocess=lambda t: stages.call("preprocess", t, _names(PREFILL_REQUEST)),
-                      prefill=lambda t: stages.call("prefill", t, _names(HANDLE)),
+                      prefill=lambda t: prefilled(stages.call("prefill", t, _names(HANDLE))),
                       decode=lambda t: stages.stream("decode", t, _names(STREAM)),
                       outputs=lambda resp: resp,
                       send=send, cancelled=r.is_cancelled)
@@ -83,7 +87,7 @@ class TritonPythonModel:
                 cancel.stream = router.decode(t, _names(STREAM))
                 return cancel.stream
 
-            calls.prefill, calls.decode = (lambda t: router.prefill(t, _names(HANDLE))), decode
+            calls.prefill, calls.decode = (lambda t: prefilled(router.prefill(t, _names(HANDLE)))), decode
         try:
             check_parameters(json.loads(r.parameters() or "{}"))
             inputs = {t.name(): t.as_numpy() for t in r.inputs()}
