@@ -89,12 +89,13 @@ def baton_serve(model_dir, run_root):
 @pytest.fixture(scope="module")
 def node(qwen3_dir, request):
     """A single_node server (with its OpenAI gateway) on tiny-qwen3, fp32, for one test module
-    (a module's NODE_OVERRIDES change its profile keys); its stages log each request by id (tests
-    read how decode ended a request)."""
+    (a module's NODE_PROFILE picks another profile, its NODE_OVERRIDES change profile keys); its
+    stages log each request by id (tests read how decode ended a request)."""
     from baton.backends.serving.launcher import Node
 
     overrides = {"dtype": "float32", "max_model_len": 256, "max_tokens_limit": 200, "kv_cache_memory_mb": 4}
-    n = Node(str(qwen3_dir), overrides=overrides | getattr(request.module, "NODE_OVERRIDES", {}), gateway_port=0)
+    n = Node(str(qwen3_dir), getattr(request.module, "NODE_PROFILE", "single_node"),
+             overrides=overrides | getattr(request.module, "NODE_OVERRIDES", {}), gateway_port=0)
     os.environ["BATON_LOG_LEVEL"] = "INFO"
     try:
         n.start(timeout=180, quiet=True)

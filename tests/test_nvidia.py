@@ -15,6 +15,31 @@ from baton.backends.engine.errors import InvalidRequestError
 from baton.backends.stages.preprocess import Preprocessor
 
 PERF_ANALYZER = Path(__file__).resolve().parents[1] / ".cache/tools/perf_analyzer"   # `make tools`
+NODE_PROFILE = "single_node_trtllm"        # `llm`, and `llm_trtllm` for TensorRT-LLM's shapes
+
+
+def _openai_frontend_trtllm_request(prompt, stream, max_tokens, seed, stop):
+    """The tensors Triton's OpenAI frontend builds for a TensorRT-LLM model (its
+    _create_trtllm_inference_request): every input [1, 1] (stop_words [1, n]), seed UINT64."""
+    return {"text_input": np.array([[prompt.encode()]], dtype=object), "stream": np.array([[stream]]),
+            "max_tokens": np.array([[max_tokens]], np.int32), "stop_words": np.array([[s.encode() for s in stop]], dtype=object),
+            "top_p": np.array([[1.0]], np.float32), "frequency_penalty": np.array([[0.0]], np.float32),
+            "presence_penalty": np.array([[0.0]], np.float32), "seed": np.array([[seed]], np.uint64),
+            "temperature": np.array([[0.0]], np.float32)}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_openai_frontends_tensorrt_llm_request_is_served(node, offline, stream):
+    want = offline("def fibonacci(n):", max_tokens=16, ignore_eos=False, stop=["\n\n\n\n\n"])
+    got = _grpc(node, _openai_frontend_trtllm_request("def fibonacci(n):", stream, 16, 7, ["\n\n\n\n\n"]), "llm_trtllm")
+    assert got and not any(isinstance(g, Exception) for g in got), got
+    results = [g for g in got if g.as_numpy("text_output") is not None]
+    if not stream:
+        assert len(results) == 1                          # one final response holding the whole text
+    assert all(r.as_numpy("text_output").shape == (1, 1) for r in results)     # the batch dimension is back
+    ids = np.concatenate([r.as_numpy("token_ids").reshape(-1) for r in results]).tolist()
+    text = b"".join(r.as_numpy("text_output").reshape(-1)[0] for r in results).decode()
+    assert ids == want.token_ids and text == want.text
 
 
 @pytest.mark.slow
@@ -39,7 +64,7 @@ def test_perf_analyzer_streams_llm_with_tensorrt_llm_style_inputs(node, tmp_path
     assert per_response > 4 * per_request > 0            # it streamed: several responses per request
 
 
-def _grpc(node, arrays):
+def _grpc(node, arrays, model="llm"):
     import tritonclient.grpc as grpc
 
     got = []
@@ -47,11 +72,12 @@ def _grpc(node, arrays):
     c.start_stream(callback=lambda result, error: got.append(error or result))
     inputs = []
     for name, a in arrays.items():
-        dtype = "BYTES" if a.dtype == object else {"int32": "INT32", "float32": "FP32", "bool": "BOOL"}[str(a.dtype)]
+        dtype = "BYTES" if a.dtype == object else {"int32": "INT32", "float32": "FP32", "bool": "BOOL",
+                                                   "uint64": "UINT64"}[str(a.dtype)]
         t = grpc.InferInput(name, list(a.shape), dtype)
         t.set_data_from_numpy(a)
         inputs.append(t)
-    c.async_stream_infer("llm", inputs)
+    c.async_stream_infer(model, inputs)
     c.stop_stream()
     return got
 

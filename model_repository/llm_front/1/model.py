@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.runtime import configure_process
@@ -24,6 +25,8 @@ class TritonPythonModel:
     def initialize(self, args):
         configure_process()
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
+        # served as llm_trtllm: TensorRT-LLM's shapes, a batch dimension (of 1) on every tensor
+        self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
         self.cancel = CancelSender(node.run_dir)
         self.stages = Loopback(node.grpc_address, node.serving.request_timeout_s)  # not BLS: loopback.py says why
         self.router = None
@@ -63,7 +66,7 @@ class TritonPythonModel:
         timer = RequestTimer(time.monotonic())
 
         def send(outputs, final):
-            tensors = [pb_utils.Tensor(n, a) for n, a in outputs.items()] if outputs else []
+            tensors = [pb_utils.Tensor(n, a[None] if self.batched else a) for n, a in outputs.items()] if outputs else []
             sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
             if outputs:
                 timer.response(len(outputs["token_ids"]), int(outputs["prompt_tokens"][0]), time.monotonic())
@@ -91,6 +94,8 @@ class TritonPythonModel:
         try:
             check_parameters(json.loads(r.parameters() or "{}"))
             inputs = {t.name(): t.as_numpy() for t in r.inputs()}
+            if self.batched:
+                inputs = _unbatched(inputs)
             stream = inputs.pop("stream", None)      # the front's own input (one merged response if false)
             stream = True if stream is None else bool(stream.reshape(-1)[0])
             if relay(inputs, calls, cancel, self.timeout_s, stream) == "cancelled":
@@ -106,6 +111,14 @@ class TritonPythonModel:
             self.router.close()
         self.stages.close()
         self.metrics.close()
+
+
+def _unbatched(inputs):
+    """TensorRT-LLM's [1, ...] inputs as the stages take them ([...]); its UINT64 seed as INT64."""
+    out = {n: a[0] for n, a in inputs.items()}
+    if "seed" in out:
+        out["seed"] = out["seed"].astype(np.int64)
+    return out
 
 
 def _names(specs):

@@ -1,0 +1,1 @@
+../../llm_front/1/model.py
