@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..runtime import die_with_parent
+from ..runtime import die_with_parent, stop_process
 
 
 class EtcdProcess:
@@ -50,11 +50,5 @@ class EtcdProcess:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.data, ignore_errors=True)

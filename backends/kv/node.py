@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..runtime import stop_process
 from .pool import KVPool, PoolSpec
 
 
@@ -44,11 +45,6 @@ class KVManagerProcess:
         raise RuntimeError("kv-manager did not become ready")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         for p in (KVPool.data_path(self.pool_name), KVPool.meta_path(self.pool_name)):
             p.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from ..loader import weight_store
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import prepare_weights, process_linears
-from ..runtime import owned_name, process_env, remove_leftovers
+from ..runtime import owned_name, process_env, remove_leftovers, stop_process
 from ..stages.cores import CoreShare
 from ..stages.front import requests_in_fronts
 from .config import DRAINING, NodeConfig, Profile, ServingConfig
@@ -297,12 +297,7 @@ class Node:
         if self.registration is not None:          # out of routing first
             self.registration.stop()
             self.registration = None
-        if self.gateway is not None:
-            self.gateway.terminate()
-            try:
-                self.gateway.wait(10)
-            except subprocess.TimeoutExpired:
-                self.gateway.kill()
+        stop_process(self.gateway, 10)
         try:
             if self.server is not None:
                 self.server.stop()
