@@ -29,8 +29,10 @@ class NodeInfo:
     node_id: str
     role: str                  # "prefill" | "decode" | "router"
     grpc: str                  # host:port of the node's tritonserver
-    block_size: int = 0
+    block_size: int = 0        # pool layout: tokens per block, blocks, bytes per block, KV dtype
     num_blocks: int = 0
+    block_bytes: int = 0
+    kv_dtype: str = ""
     free_blocks: int = 0
     running: int = 0           # requests decoding (decode) or being prefilled (prefill)
     waiting: int = 0           # requests queued in Triton for the node's stage

@@ -210,7 +210,9 @@ class Node:
             if getattr(self, "_reg_manager", None) is None:     # a REQ socket of this thread's own
                 self._reg_manager = RemoteBlockManager(self.manager.address, 1, 1)
             st = self._reg_manager.stats()
-            info.block_size, info.num_blocks = self.manager.spec.block_size, st["num_blocks"]
+            spec = self.manager.spec
+            info.block_size, info.num_blocks, info.block_bytes, info.kv_dtype = (spec.block_size, st["num_blocks"],
+                                                                                  spec.block_bytes, spec.dtype)
             info.free_blocks = st["num_blocks"] - st["num_used"]
             info.hashes = [short_hash(h) for h in self._reg_manager.cached_hashes(HASH_SUMMARY)]
         info.running, info.waiting = scrape_load(self.metrics_port, role)
