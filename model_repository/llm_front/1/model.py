@@ -56,22 +56,23 @@ class TritonPythonModel:
         return None
 
     def _serve_counted(self, r):
+        timer = RequestTimer(time.monotonic())
         try:
-            self._serve(r)
+            self._serve(r, timer)
         finally:
             self.limit.leave()
+        # after leave(): the metric updates are IPC calls, and the request is done for its client
+        # (a slot held through them refused the next wave's requests as "server busy")
+        self.metrics.update(timer.observations() | (self.router.metrics() if self.router else {}))
 
-    def _serve(self, r):
+    def _serve(self, r, timer):
         sender = r.get_response_sender()
-        timer = RequestTimer(time.monotonic())
 
         def send(outputs, final):
             tensors = [pb_utils.Tensor(n, a[None] if self.batched else a) for n, a in outputs.items()] if outputs else []
             sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
             if outputs:
                 timer.response(len(outputs["token_ids"]), int(outputs["prompt_tokens"][0]), time.monotonic())
-            if final:
-                self.metrics.update(timer.observations() | (self.router.metrics() if self.router else {}))
 
         stages, router, cancel = self.stages, self.router, self.cancel
         def prefilled(handle):                   # queue time: arrival to prefill starting on it
