@@ -129,3 +129,18 @@ def test_prefill_reports_the_requests_and_tokens_it_is_computing(tmp_path):
     stage.run([PrefillRequest("a", [1] * 30, SamplingParams()), PrefillRequest("b", [2] * 12, SamplingParams())])
     assert seen == [[2, 42]]                                            # while it runs: what the node reports
     assert np.fromfile(path, dtype=np.int64).tolist() == [0, 0]         # and nothing once done
+
+
+def test_a_pd_node_says_what_it_lacks_before_starting_anything(qwen3_dir, tmp_path, monkeypatch):
+    from baton.backends.serving.launcher import Node
+
+    monkeypatch.setenv("BATON_RUN_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="needs --name-service"):
+        Node(str(qwen3_dir), "pd_decode").start(quiet=True)
+    with pytest.raises(RuntimeError, match="--cluster-key-file"):
+        Node(str(qwen3_dir), "pd_decode", name_service="http://127.0.0.1:1").start(quiet=True)
+    key = tmp_path / "cluster.key"
+    key.write_text("ab" * 32)
+    with pytest.raises(RuntimeError, match="--name-service http://127.0.0.1:1: etcd does not answer"):
+        Node(str(qwen3_dir), "pd_prefill", name_service="http://127.0.0.1:1", cluster_key_file=str(key)).start(quiet=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["cluster.key"]          # no run dir, nothing started

@@ -99,6 +99,8 @@ class Node:
                                    "pick another, or 0 for a free one")
         model_dir = str(Path(self.model_dir).resolve())
         engine, serving = prof.configs(model_dir, self.overrides)
+        role = serving.pd_role
+        handle_key = self._cluster_key() if role else secrets.token_hex(32)   # checked before anything starts
         self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg = ModelConfig.from_dir(model_dir)
@@ -107,8 +109,6 @@ class Node:
         engine = engine.replace(dtype=str(dtype).split(".")[-1],
                                 max_model_len=engine.resolved_max_model_len(cfg.max_position_embeddings))
         serving = replace(serving, share_cores=_share_cores(serving.share_cores))
-        role = serving.pd_role
-        handle_key = self._cluster_key() if role else secrets.token_hex(32)
         pool_name = address = ""
         if role != "router":             # a router node has no pool and no weights
             spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20)
@@ -198,6 +198,12 @@ class Node:
                                f"hex, the same file on every node ({e})") from None
         if len(key) < 32:
             raise RuntimeError(f"--cluster-key-file {self.cluster_key_file!r}: the key is too short (at least 16 bytes)")
+        from ..cluster.registry import client
+
+        try:
+            client(self.name_service).status()
+        except Exception as e:
+            raise RuntimeError(f"--name-service {self.name_service}: etcd does not answer there ({e})") from None
         return key
 
     def _node_info(self) -> NodeInfo:
