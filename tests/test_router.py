@@ -76,6 +76,13 @@ def test_decode_takes_the_most_room_and_skips_nodes_without_headroom():
     assert rank_decode([_d("b", 30, running=1), _d("a", 30, running=3)], 164, {})[0].node_id == "b"
 
 
+def test_decode_nodes_of_another_kv_layout_are_never_chosen():
+    a, b, c = _d("a", 90), _d("b", 50), _d("c", 40)
+    a.block_bytes, b.block_bytes = 4096, 2048                 # c reports none (an older node): not excluded
+    assert [n.node_id for n in rank_decode([a, b, c], 164, {}, block_bytes=2048)] == ["b", "c"]
+    assert [n.node_id for n in rank_decode([a, b, c], 164, {})] == ["a", "b", "c"]
+
+
 def test_leases_expire_and_membership_survives_etcd_going_away():
     from baton.backends.cluster.etcd import EtcdProcess
     from baton.backends.cluster.registry import LEASE_TTL_S, Membership, Registration

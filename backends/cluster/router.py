@@ -30,6 +30,7 @@ import numpy as np
 
 from ..engine.sampling_params import SamplingParams
 from ..kv.hashing import hash_blocks
+from ..kv.transfer import BlockSource
 from ..stages.front import FrontError
 from ..stages.loopback import Arrays, Loopback
 from .registry import LEASE_TTL_S, Membership, NodeInfo, short_hash
@@ -82,12 +83,14 @@ def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, i
                                         n.running, (ids.index(n.node_id) - turn) % len(ids)))
 
 
-def rank_decode(nodes: list[NodeInfo], tokens: int, inflight: dict[str, int]) -> list[NodeInfo]:
-    """Decode nodes, best first: those with room for `tokens` more tokens' KV, most room first."""
+def rank_decode(nodes: list[NodeInfo], tokens: int, inflight: dict[str, int], block_bytes: int = 0) -> list[NodeInfo]:
+    """Decode nodes, best first: those with room for `tokens` more tokens' KV, most room first. With
+    `block_bytes` (the prefill node's), only nodes whose pool has the same block layout: another
+    layout could not use the blocks."""
     def key(n: NodeInfo) -> tuple:
         room = decode_room(n, math.ceil(tokens / max(1, n.block_size)), inflight.get(n.node_id, 0))
         return (room < 0, -room, n.running, n.node_id)
-    return sorted(nodes, key=key)
+    return sorted([n for n in nodes if not (block_bytes and n.block_bytes and n.block_bytes != block_bytes)], key=key)
 
 
 class Router:
@@ -159,9 +162,13 @@ class Router:
         tokens = int(handle["token_ids"].size) + sampling.max_tokens
         with self.lock:
             inflight = dict(self.decode_blocks)
-        ranked = rank_decode(self._live("decode"), tokens, inflight)
+        source = _text(handle["source"]) if "source" in handle else ""
+        block_bytes = BlockSource.from_json(source).block_bytes if source else 0
+        live = self._live("decode")
+        ranked = rank_decode(live, tokens, inflight, block_bytes)
         if not ranked:
-            raise FrontError(f"no decode node is registered with the name service {self.name_service}", "unavailable")
+            why = "registered with" if not live else f"with {block_bytes}-byte KV blocks (the prefill node's) in"
+            raise FrontError(f"no decode node {why} the name service {self.name_service}", "unavailable")
         for i, node in enumerate(ranked[:PREFILL_TRIES]):
             blocks = math.ceil(tokens / max(1, node.block_size))
             with self.lock:
