@@ -217,3 +217,31 @@ def test_decode_keeps_stepping_other_requests_while_a_transfer_is_in_flight(pd, 
     finally:
         llm.close()
     assert [sink_a.ids, sink_b.ids] == want
+
+
+def test_a_request_cancelled_mid_read_neither_stalls_decode_nor_leaks(pd, monkeypatch):
+    import threading
+    import time
+
+    pm, dm, prefill, decode = pd
+    conn = decode.engine.connector
+    gate = threading.Event()
+    real_read = conn.agent.read
+    monkeypatch.setattr(conn.agent, "read", lambda *a, **k: gate.wait(20) and real_read(*a, **k))
+    (h,) = prefill.run([PrefillRequest(uuid.uuid4().hex, prompts_of(512, [60], seed=31)[0], GREEDY)])
+    sink = Sink()
+    decode.step_once([(h, sink)])                   # admitted; its read waits at the gate (a source that stalls)
+    decode.cancel([h.request_id])
+    t = time.monotonic()
+    decode.step_once()                              # drops it: no waiting for the read
+    assert time.monotonic() - t < 1.0 and sink.final
+    decode.engine.block_manager.flush(idle=True)
+    assert _used(dm)[0] > 0                         # its blocks are kept while the read may still write them
+    gate.set()
+    deadline = time.monotonic() + 10
+    while _used(dm)[0] and time.monotonic() < deadline:
+        decode.step_once()                          # the loop's turn gives them back once the read ended
+        decode.engine.block_manager.flush(idle=True)
+        time.sleep(0.05)
+    assert _used(dm) == (0, 0) and not conn.deferred
+    assert _used(pm) == (0, 0)                      # the read finished and was acknowledged

@@ -23,14 +23,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kv-transfer")
 
-# How long a finishing sequence waits for its read to end before its blocks may be reused.
-FINISH_WAIT_S = 60.0
-
-
 class TransferConnector(HandoffConnector):
-    def __init__(self, agent: TransferAgent, key: bytes, node_id: str, block_bytes: int) -> None:
+    def __init__(self, agent: TransferAgent, key: bytes, node_id: str, block_bytes: int,
+                 block_manager: object | None = None) -> None:
+        """block_manager: where blocks of sequences that ended mid-read go back once the read ends."""
         super().__init__("consumer")
         self.agent, self.key, self.node_id, self.block_bytes = agent, key, node_id, block_bytes
+        self.block_manager = block_manager
+        self.deferred: list[tuple[Future, list[int]]] = []     # reads still writing into freed sequences' blocks
         self.pending: dict[int, KVHandle] = {}                   # seq id -> handle, allocated, not started
         self.loads: dict[int, Future] = {}                        # seq id -> the read in flight
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="baton-kv-read")
@@ -55,17 +55,32 @@ class TransferConnector(HandoffConnector):
 
     def on_finished(self, seq: Sequence, reason: str) -> bool:
         self.pending.pop(seq.seq_id, None)
+        self.release_finished_reads()
         fut = self.loads.pop(seq.seq_id, None)
-        if fut is not None:          # cancelled while loading: the read writes into its blocks until it ends
+        if fut is not None and not fut.done() and self.block_manager is not None:
+            # ended while loading (cancelled): the read writes into its blocks until it ends, so they
+            # are kept and released then; the loop does not wait for a slow source
+            self.deferred.append((fut, list(seq.block_table)))
+            return True
+        if fut is not None:
             try:
-                fut.result(FINISH_WAIT_S)
-            except TimeoutError:
-                log.error("request %s: a KV read still runs after %.0f s; its %d blocks are kept, not reused",
-                          seq.request_id, FINISH_WAIT_S, len(seq.block_table))
-                return True
+                fut.result()
             except Exception:        # a failed read is harmless here: the blocks are freed anyway
                 pass
         return super().on_finished(seq, reason)
+
+    def release_finished_reads(self) -> None:
+        """Give back the blocks of sequences that ended mid-read, once their reads are over (called
+        by the decode loop each turn, also when idle)."""
+        if not self.deferred:
+            return
+        still = []
+        for fut, blocks in self.deferred:
+            if fut.done():
+                self.block_manager.release(blocks)
+            else:
+                still.append((fut, blocks))
+        self.deferred = still
 
     # ---- worker side -----------------------------------------------------------------------------
     def start_load(self, seqs: list[Sequence]) -> None:
@@ -102,6 +117,7 @@ class TransferConnector(HandoffConnector):
         return nbytes
 
     def wait(self, seq: Sequence) -> bool:
+        self.release_finished_reads()
         fut = self.loads.get(seq.seq_id)
         if fut is None:
             return True

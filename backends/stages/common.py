@@ -31,7 +31,7 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
 
         agent = TransferAgent(node.transfer_host, node.transfer_protocol, pool.tensor.data_ptr(),
                               pool.tensor.numel() * pool.tensor.element_size())
-        connector = TransferConnector(agent, bytes.fromhex(node.handle_key), node.node_id, pool.spec.block_bytes)
+        connector = TransferConnector(agent, bytes.fromhex(node.handle_key), node.node_id, pool.spec.block_bytes, bm)
     return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector)
 
 

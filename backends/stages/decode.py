@@ -92,6 +92,7 @@ class DecodeStage:
     def step_once(self, arrivals: list[tuple[KVHandle, Sink]] = ()) -> None:
         """Admit arrivals, drop cancelled requests, run one engine step and stream its outputs."""
         eng = self.engine
+        self.engine_housekeeping()
         self.admit(list(arrivals))
         try:
             self._drop_cancelled()
@@ -127,6 +128,13 @@ class DecodeStage:
                 eng.block_manager.flush()        # return blocks promptly
         except Exception:                          # keep serving: fail the live requests, not the loop
             self._fail_all()
+
+    def engine_housekeeping(self) -> None:
+        """Work the KV connector does between steps (PD: blocks of requests that ended mid-read go
+        back once the read is over). The worker also calls it while idle."""
+        release = getattr(self.engine.connector, "release_finished_reads", None)
+        if release is not None:
+            release()
 
     def release_held(self) -> None:
         """Send every coalesced output now (before the loop waits for something else)."""

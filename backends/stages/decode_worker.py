@@ -97,6 +97,7 @@ def serve(node: NodeConfig, address: str, cancel_address: str | None = None) -> 
             send_stats(only_if_counted=True)                 # the last deltas, before sleeping
             if cores:
                 cores.idle()
+            stage.engine_housekeeping()
             stage.engine.block_manager.flush(idle=True)      # idle: hold no blocks
             if os.getppid() != parent:                       # the stub is gone (killed): so are we
                 return
