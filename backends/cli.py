@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 from .paths import default_model
 
@@ -127,12 +128,19 @@ def _serve(argv: list[str]) -> None:
         except KeyboardInterrupt:
             pass
     finally:
-        # a second Ctrl-C must not cut the cleanup short (it would leave /dev/shm files behind)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("[baton] stopping", file=sys.stderr, flush=True)
-        node.stop()
+        _stop_uninterrupted("[baton] stopping", node.stop)
     raise SystemExit(exit_code)
+
+
+def _stop_uninterrupted(message: str, stop: Callable[[], None]) -> None:
+    """Signals are ignored from here: a second Ctrl-C must not cut the cleanup short (it would leave
+    processes and /dev/shm files behind)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(message, file=sys.stderr, flush=True)
+    stop()
 
 
 def _sample(node, prompt: str, max_tokens: int, check: bool, model: str) -> bool:  # noqa: ANN001
@@ -244,10 +252,7 @@ def _cluster(argv: list[str]) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("[baton] stopping the cluster", file=sys.stderr, flush=True)
-        cluster.stop()
+        _stop_uninterrupted("[baton] stopping the cluster", cluster.stop)
 
 
 COMMANDS = {
