@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 from baton.backends.cluster.local import LocalCluster
-from baton.backends.cluster.probe import main as probe_main  # noqa: F401 (the probe runs as a module)
 
 HERE = Path(__file__).resolve().parent
 

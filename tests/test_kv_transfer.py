@@ -245,3 +245,39 @@ def test_a_request_cancelled_mid_read_neither_stalls_decode_nor_leaks(pd, monkey
         time.sleep(0.05)
     assert _used(dm) == (0, 0) and not conn.deferred
     assert _used(pm) == (0, 0)                      # the read finished and was acknowledged
+
+
+def test_a_read_that_never_ends_is_given_up_and_recomputed(pd, qwen3_dir, monkeypatch):
+    import threading
+    import time
+
+    from baton.backends.kv import transfer_connector
+
+    pm, dm, prefill, decode = pd
+    conn = decode.engine.connector
+    gate = threading.Event()
+    real_read = conn.agent.read
+    monkeypatch.setattr(conn.agent, "read", lambda *a, **k: gate.wait(30) and real_read(*a, **k))
+    monkeypatch.setattr(transfer_connector, "LOAD_TIMEOUT_S", 0.3)    # a source that hangs, alive but silent
+    prompt = prompts_of(512, [50], seed=41)[0]
+    failures = conn.stats["failures"]
+    (h,) = prefill.run([PrefillRequest(uuid.uuid4().hex, prompt, GREEDY)])
+    sink = Sink()
+    decode.step_once([(h, sink)])
+    deadline = time.monotonic() + 20
+    while not sink.final and time.monotonic() < deadline:
+        decode.step_once()
+    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
+    try:
+        want = llm.generate([prompt], GREEDY)[0].token_ids
+    finally:
+        llm.close()
+    assert sink.err is None and sink.ids == want and conn.stats["failures"] == failures + 1
+    assert conn.deferred                              # the first blocks wait for the read that holds them
+    gate.set()
+    deadline = time.monotonic() + 10
+    while (conn.deferred or _used(dm)[0]) and time.monotonic() < deadline:
+        decode.step_once()
+        decode.engine.block_manager.flush(idle=True)
+        time.sleep(0.05)
+    assert _used(dm) == (0, 0) and _used(pm) == (0, 0)

@@ -11,6 +11,7 @@ from baton.backends.cluster.router import (
     prefill_cost,
     rank_decode,
     rank_prefill,
+    uncached_tokens,
 )
 from baton.backends.kv.hashing import hash_blocks
 
@@ -35,7 +36,7 @@ def test_prefix_match_counts_leading_blocks_only():
     h = _hashes(PROMPT, 4)
     assert cached_prefix_blocks(_p("a", h[:3]), h) == 3
     assert cached_prefix_blocks(_p("a", h[1:]), h) == 0          # no first block: nothing usable
-    assert prefill_cost(_p("a", h[:2]), h, 64, 0) == 64 - 32
+    assert uncached_tokens([_p("a", h[:2])], PROMPT) == {"a": 64 - 32}
 
 
 def test_prefill_goes_where_the_prefix_is_cached_unless_that_node_is_busier_than_the_saving():
@@ -53,9 +54,12 @@ def test_prefill_counts_what_a_node_reports_computing_without_double_counting_ou
     h = _hashes(PROMPT, 4)
     busy = _p("a", h)
     busy.queued_tokens = 100                                # another router's long prompt
-    assert prefill_cost(busy, h, 64, 0) == 100
-    assert prefill_cost(busy, h, 64, 80) == 100             # ours (80) is part of what it reports
-    assert prefill_cost(busy, h, 64, 150) == 150
+    assert prefill_cost(busy, 0, 0) == 100
+    assert prefill_cost(busy, 0, 80) == 100                 # ours (80) is part of what it reports
+    assert prefill_cost(busy, 0, 150) == 150
+    busy.waiting = 1
+    assert prefill_cost(busy, 10, 0) == 10 + 100 + QUEUED_REQUEST_TOKENS
+    busy.waiting = 0
     assert rank_prefill([busy, _p("b")], PROMPT, {})[0].node_id == "b"      # 64 uncached < 100 queued
 
 

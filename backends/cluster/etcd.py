@@ -40,14 +40,16 @@ class EtcdProcess:
         check = self.prefix + [sys.executable, "-c", f"import urllib.request; urllib.request.urlopen('{self.url}/health', timeout=1)"]
         deadline = time.monotonic() + timeout
         while True:
-            if subprocess.run(check, capture_output=True).returncode == 0:
-                return self
-            else:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    log = (self.data / "etcd.log").read_text(errors="replace")[-1500:]
-                    self.stop()
-                    raise RuntimeError(f"etcd did not start at {self.url}:\n{log}") from None
-                time.sleep(0.1)
+            try:
+                if subprocess.run(check, capture_output=True, timeout=10).returncode == 0:
+                    return self
+            except subprocess.TimeoutExpired:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.data / "etcd.log").read_text(errors="replace")[-1500:]
+                self.stop()
+                raise RuntimeError(f"etcd did not start at {self.url}:\n{log}") from None
+            time.sleep(0.1)
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -95,8 +95,8 @@ class Registration:
                 down = False
             except Exception as e:                    # keep serving; the key expires if this lasts
                 self.errors += 1
-                self.lease = None if not down else self.lease
                 if not down:
+                    self.lease = None                 # a new one once etcd answers (this one may be gone)
                     log.warning("name service %s unreachable (%s); this node drops out of routing after %d s",
                                 self.url, e, LEASE_TTL_S)
                 down = True

@@ -38,7 +38,7 @@ from .registry import LEASE_TTL_S, Membership, NodeInfo, short_hash
 log = logging.getLogger("router")
 
 QUEUED_REQUEST_TOKENS = 256       # what one request waiting at a prefill node is assumed to cost
-PREFILL_TRIES = 3                 # prefill nodes tried per request before it fails
+NODE_TRIES = 3                    # nodes tried per request (prefill; decode before its first response)
 
 
 def cached_prefix_blocks(node: NodeInfo, prompt_hashes: list[str]) -> int:
@@ -51,17 +51,12 @@ def cached_prefix_blocks(node: NodeInfo, prompt_hashes: list[str]) -> int:
     return n
 
 
-def queued(node: NodeInfo, inflight_tokens: int) -> int:
-    """Prefill work ahead of a new request at this node: what this router sent it and has not seen
-    answered, or what the node last reported computing (other routers' requests too), whichever is
-    more (one router's own requests are in both), plus its queued requests."""
-    return max(inflight_tokens, node.queued_tokens) + QUEUED_REQUEST_TOKENS * node.waiting
-
-
-def prefill_cost(node: NodeInfo, prompt_hashes: list[str], prompt_tokens: int, inflight_tokens: int) -> float:
-    """The documented cost (rank_prefill computes the same for many nodes at once)."""
-    uncached = prompt_tokens - cached_prefix_blocks(node, prompt_hashes) * node.block_size
-    return uncached + queued(node, inflight_tokens)
+def prefill_cost(node: NodeInfo, uncached: int, inflight_tokens: int) -> int:
+    """Prompt tokens of work ahead of the request's first token at this node: its own uncached
+    tokens, then the larger of what this router sent the node and has not seen answered and what
+    the node reported computing (one router's own requests are in both; the report also holds other
+    routers'), plus QUEUED_REQUEST_TOKENS per request the node reports waiting."""
+    return uncached + max(inflight_tokens, node.queued_tokens) + QUEUED_REQUEST_TOKENS * node.waiting
 
 
 def decode_room(node: NodeInfo, blocks_needed: int, inflight_blocks: int) -> int:
@@ -77,10 +72,10 @@ def uncached_tokens(nodes: list[NodeInfo], prompt: list[int]) -> dict[str, int]:
 def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, int], turn: int = 0) -> list[NodeInfo]:
     """Prefill nodes, best first. Equal costs and loads rotate with `turn` (the router counts its
     requests), so equal nodes share the work even while their load reports lag behind."""
-    ids = sorted(n.node_id for n in nodes)
+    order = {node_id: i for i, node_id in enumerate(sorted(n.node_id for n in nodes))}
     uncached = uncached_tokens(nodes, prompt)
-    return sorted(nodes, key=lambda n: (uncached[n.node_id] + queued(n, inflight.get(n.node_id, 0)),
-                                        n.running, (ids.index(n.node_id) - turn) % len(ids)))
+    return sorted(nodes, key=lambda n: (prefill_cost(n, uncached[n.node_id], inflight.get(n.node_id, 0)),
+                                        n.running, (order[n.node_id] - turn) % len(order)))
 
 
 def rank_decode(nodes: list[NodeInfo], tokens: int, inflight: dict[str, int], block_bytes: int = 0) -> list[NodeInfo]:
@@ -139,7 +134,7 @@ class Router:
             raise FrontError(f"no prefill node is registered with the name service {self.name_service}", "unavailable")
         work = uncached_tokens(ranked, prompt)
         last: FrontError | None = None
-        for node in ranked[:PREFILL_TRIES]:
+        for node in ranked[:NODE_TRIES]:
             with self.lock:
                 self.prefill_tokens[node.node_id] += work[node.node_id]
             try:
@@ -153,7 +148,7 @@ class Router:
             finally:
                 with self.lock:
                     self.prefill_tokens[node.node_id] -= work[node.node_id]
-        raise FrontError(f"prefill failed on {min(len(ranked), PREFILL_TRIES)} nodes; last: {last}", "unavailable")
+        raise FrontError(f"prefill failed on {min(len(ranked), NODE_TRIES)} nodes; last: {last}", "unavailable")
 
     def decode(self, handle: Arrays, outputs: list[str]) -> Iterator[Arrays]:
         """Stream from the decode node with the most room. A node that fails before its first response
@@ -169,7 +164,7 @@ class Router:
         if not ranked:
             why = "registered with" if not live else f"with {block_bytes}-byte KV blocks (the prefill node's) in"
             raise FrontError(f"no decode node {why} the name service {self.name_service}", "unavailable")
-        for i, node in enumerate(ranked[:PREFILL_TRIES]):
+        for i, node in enumerate(ranked[:NODE_TRIES]):
             blocks = math.ceil(tokens / max(1, node.block_size))
             with self.lock:
                 self.decode_blocks[node.node_id] += blocks
@@ -180,7 +175,7 @@ class Router:
                     yield resp
                 return
             except FrontError as e:
-                if started or e.code == "invalid" or i == min(len(ranked), PREFILL_TRIES) - 1:
+                if started or e.code == "invalid" or i == min(len(ranked), NODE_TRIES) - 1:
                     if e.code == "unavailable":
                         self._mark_down(node, str(e))
                     raise

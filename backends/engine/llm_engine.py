@@ -89,6 +89,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, frozenset(self.eos_token_ids))
         self.proposer = NgramProposer() if config.speculative_method == "ngram" else None
         self.spec_stats = {"drafted": 0, "accepted": 0}       # acceptance rate = accepted / drafted
+        self.idle_step = False                                 # the last step computed nothing
         self.requests: dict[str, Sequence] = {}
 
     # ---- requests -------------------------------------------------------------------------

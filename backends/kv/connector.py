@@ -65,6 +65,13 @@ class KVConnector:
     def save(self, seq: Sequence, blocks: list[int]) -> None:
         pass
 
+    def between_steps(self) -> None:
+        """Work done on the engine's thread between steps (and while idle)."""
+
+    def counters(self) -> dict[str, float]:
+        """Running totals the serving stage exports as metrics (Prometheus name -> value)."""
+        return {}
+
 
 class HandoffConnector(KVConnector):
     """Prefill and decode of one node share its pool, so a hand-off moves block ids, not K/V.

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kv-transfer")
 
+# A read not done this long after it was queued (its source hangs, alive but silent) is given up:
+# the sequence recomputes into fresh blocks, and the old ones go back once the read ends.
+LOAD_TIMEOUT_S = 30.0
+
 class TransferConnector(HandoffConnector):
     def __init__(self, agent: TransferAgent, key: bytes, node_id: str, block_bytes: int,
                  block_manager: object | None = None) -> None:
@@ -32,7 +36,7 @@ class TransferConnector(HandoffConnector):
         self.block_manager = block_manager
         self.deferred: list[tuple[Future, list[int]]] = []     # reads still writing into freed sequences' blocks
         self.pending: dict[int, KVHandle] = {}                   # seq id -> handle, allocated, not started
-        self.loads: dict[int, Future] = {}                        # seq id -> the read in flight
+        self.loads: dict[int, tuple[Future, float]] = {}          # seq id -> (the read in flight, when queued)
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="baton-kv-read")
         # counters (stages/metrics.py reads them): blocks read / reused, bytes, seconds, fallbacks
         self.stats = {"blocks_read": 0, "blocks_reused": 0, "bytes": 0, "seconds": 0.0, "failures": 0}
@@ -56,7 +60,7 @@ class TransferConnector(HandoffConnector):
     def on_finished(self, seq: Sequence, reason: str) -> bool:
         self.pending.pop(seq.seq_id, None)
         self.release_finished_reads()
-        fut = self.loads.pop(seq.seq_id, None)
+        fut, _ = self.loads.pop(seq.seq_id, (None, 0.0))
         if fut is not None and not fut.done() and self.block_manager is not None:
             # ended while loading (cancelled): the read writes into its blocks until it ends, so they
             # are kept and released then; the loop does not wait for a slow source
@@ -68,6 +72,12 @@ class TransferConnector(HandoffConnector):
             except Exception:        # a failed read is harmless here: the blocks are freed anyway
                 pass
         return super().on_finished(seq, reason)
+
+    def counters(self) -> dict[str, float]:
+        return {f"baton:kv_transfer_{k}_total": v for k, v in self.stats.items()}
+
+    def between_steps(self) -> None:
+        self.release_finished_reads()
 
     def release_finished_reads(self) -> None:
         """Give back the blocks of sequences that ended mid-read, once their reads are over (called
@@ -90,9 +100,9 @@ class TransferConnector(HandoffConnector):
                 continue
             skip, n = seq.num_reused_blocks, len(h.block_table)
             self.stats["blocks_reused"] += skip
-            self.loads[seq.seq_id] = self.executor.submit(
+            self.loads[seq.seq_id] = (self.executor.submit(
                 self._read, BlockSource.from_json(h.source), h.request_id, list(h.block_table),
-                h.block_table[skip:n], seq.block_table[skip:n])
+                h.block_table[skip:n], seq.block_table[skip:n]), time.monotonic())
 
     def _read(self, source: BlockSource, request_id: str, held: list[int], remote: list[int],
               local: list[int]) -> int:
@@ -118,11 +128,20 @@ class TransferConnector(HandoffConnector):
 
     def wait(self, seq: Sequence) -> bool:
         self.release_finished_reads()
-        fut = self.loads.get(seq.seq_id)
+        fut, queued = self.loads.get(seq.seq_id, (None, 0.0))
         if fut is None:
             return True
         if not fut.done():
-            return False
+            if time.monotonic() - queued < LOAD_TIMEOUT_S or self.block_manager is None:
+                return False
+            del self.loads[seq.seq_id]           # the read may still write into these blocks: they wait for it
+            self.deferred.append((fut, list(seq.block_table)))
+            self.stats["failures"] += 1
+            log.warning("request %s: no KV after %.0f s; recomputing its prompt in fresh blocks", seq.request_id,
+                        LOAD_TIMEOUT_S)
+            seq.block_table = []
+            seq.num_computed_tokens = seq.num_published_blocks = seq.num_reused_blocks = 0
+            return True
         del self.loads[seq.seq_id]
         try:
             fut.result()

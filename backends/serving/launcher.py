@@ -83,6 +83,8 @@ class Node:
     cluster: str = "baton"
     transfer_protocol: str = "tcp"
     registration: Registration | None = None
+    # the registration thread's own KV manager client (a REQ socket belongs to one thread)
+    _reg_manager: object = field(default=None, init=False, repr=False)
     # where Triton and the gateway listen: "" = 127.0.0.1, or every interface for a PD node whose
     # --host is not a loopback address (other nodes call it)
     listen: str = ""
@@ -213,7 +215,7 @@ class Node:
         role = self.serving.pd_role
         info = NodeInfo(self.node_id, role, f"{self.host}:{self.grpc_port}")
         if self.manager is not None:
-            if getattr(self, "_reg_manager", None) is None:     # a REQ socket of this thread's own
+            if self._reg_manager is None:
                 self._reg_manager = RemoteBlockManager(self.manager.address, 1, 1)
             st = self._reg_manager.stats()
             spec = self.manager.spec

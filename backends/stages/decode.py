@@ -132,9 +132,7 @@ class DecodeStage:
     def engine_housekeeping(self) -> None:
         """Work the KV connector does between steps (PD: blocks of requests that ended mid-read go
         back once the read is over). The worker also calls it while idle."""
-        release = getattr(self.engine.connector, "release_finished_reads", None)
-        if release is not None:
-            release()
+        self.engine.connector.between_steps()
 
     def release_held(self) -> None:
         """Send every coalesced output now (before the loop waits for something else)."""
@@ -207,9 +205,7 @@ class DecodeStage:
         now = {"baton:decode_steps_total": self.steps, "baton:decode_step_seconds_total": self.step_s,
                "baton:generation_tokens_total": self.tokens, "baton:spec_draft_tokens_total": spec["drafted"],
                "baton:spec_accepted_tokens_total": spec["accepted"]}
-        transfer = getattr(self.engine.connector, "stats", None)      # PD decode: KV read from prefill nodes
-        if transfer is not None:
-            now |= {f"baton:kv_transfer_{k}_total": v for k, v in transfer.items()}
+        now |= self.engine.connector.counters()          # PD decode: KV read from prefill nodes
         out = {k: v - last.get(k, 0) for k, v in now.items()}
         last.update(now)
         sched, bm = self.engine.scheduler, self.engine.block_manager

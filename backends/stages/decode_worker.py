@@ -128,7 +128,7 @@ def serve(node: NodeConfig, address: str, cancel_address: str | None = None) -> 
         if cores:
             cores.stepped()
         flush()
-        if stage.live and getattr(stage.engine, "idle_step", False):
+        if stage.live and stage.engine.idle_step:
             sock.poll(1)                 # every live request waits for its KV: no spinning on the core the read needs
         if time.monotonic() >= next_stats:
             send_stats()
