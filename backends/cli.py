@@ -255,6 +255,34 @@ def _cluster(argv: list[str]) -> None:
         _stop_uninterrupted("[baton] stopping the cluster", cluster.stop)
 
 
+def _kv(argv: list[str]) -> None:
+    """`baton kv stats`: the KV tiers of a running node, from its metrics endpoint."""
+    import re
+    import urllib.request
+
+    ap = argparse.ArgumentParser(prog="baton kv")
+    ap.add_argument("action", choices=["stats"])
+    ap.add_argument("--url", default="127.0.0.1:8002", help="the node's metrics host:port (baton serve --metrics-port)")
+    a = ap.parse_args(argv)
+    try:
+        text = urllib.request.urlopen(f"http://{a.url}/metrics", timeout=5).read().decode()
+    except OSError as e:
+        raise SystemExit(f"baton kv stats: no metrics at http://{a.url}/metrics ({e}); is a node serving there?")
+    rows: dict[str, dict[str, float]] = {}
+    for m in re.finditer(r'^baton:kv_tier_(\w+?)(?:_total)?\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M):
+        rows.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+    if not rows:
+        raise SystemExit("baton kv stats: this node has no KV tiers (profile single_node_tiers, or kv_tiers in "
+                         "[engine]), or has served nothing yet")
+    cols = ["lookups", "hits", "bytes_read", "bytes_written", "failures", "used_bytes"]
+    print(f"{'tier':8}" + "".join(f"{c:>15}" for c in cols) + f"{'hit ratio':>11}")
+    for tier in ("device", "host", "store", "disk"):
+        if tier in rows:
+            r = rows[tier]
+            ratio = r.get("hits", 0) / r["lookups"] if r.get("lookups") else 0.0
+            print(f"{tier:8}" + "".join(f"{r.get(c, 0):>15.0f}" for c in cols) + f"{ratio:>11.1%}")
+
+
 COMMANDS = {
     "make-checkpoint": lambda argv: __import__("baton.tools.make_checkpoint", fromlist=["main"]).main(argv),
     "train-tiny": lambda argv: __import__("baton.tools.train.tiny", fromlist=["main"]).main(argv),
@@ -262,6 +290,7 @@ COMMANDS = {
     "serve": _serve,
     "client": _client,
     "cluster": _cluster,
+    "kv": _kv,
     "gateway": lambda argv: __import__("baton.backends.gateway.__main__", fromlist=["main"]).main(argv),
 }
 

@@ -40,12 +40,19 @@ class EngineConfig:
     # drafts only while at most this many sequences run: on 2 CPU cores k+1 rows per sequence cost
     # more than they save from batch 2 up (benchmarks/README.md, "Speculative decoding")
     speculative_max_batch: int = 1
+    # KV tiers below the pool (kv/tiers.py TiersConfig: host_mb, store, disk_dir, redis, write policies);
+    # {}: the pool only
+    kv_tiers: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_types(self, "EngineConfig")
         for name in ("block_size", "max_num_seqs", "num_speculative_tokens", "speculative_max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.kv_tiers:
+            from ..kv.tiers import TiersConfig
+
+            TiersConfig.from_table(self.kv_tiers)
         for name in ("num_blocks", "kv_cache_memory_mb", "max_model_len", "max_num_batched_tokens", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ class RequestOutput:
     finish_reason: str
     num_cached_tokens: int
     logprobs: list[float] = field(default_factory=list)
+    cached_by_tier: list[int] = field(default_factory=list)   # cached prompt tokens per kv.tiers.TIER_NAMES
 
 
 class LLM:
@@ -48,6 +50,8 @@ class LLM:
                 seqs.append(eng.add_request(p, sp))
             while eng.has_unfinished():
                 eng.step()
+                if eng.idle_step:         # every sequence waits for KV being loaded: don't spin
+                    time.sleep(0.0005)
         except BaseException:
             for s in seqs:
                 eng.abort(s.request_id)
@@ -62,6 +66,7 @@ class LLM:
                 finish_reason=s.finish_reason or "",
                 num_cached_tokens=max(s.num_cached_tokens, 0),
                 logprobs=s.logprobs,
+                cached_by_tier=s.cached_by_tier or [max(s.num_cached_tokens, 0), 0, 0, 0],
             )
             for s in seqs
         ]

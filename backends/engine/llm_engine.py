@@ -82,6 +82,13 @@ class LLMEngine:
         if not config.enable_chunked_prefill and budget < self.max_model_len:
             raise InvalidRequestError("max_num_batched_tokens", "must be >= max_model_len without chunked prefill")
         self.connector = connector or KVConnector()
+        self.tiers = None
+        if config.kv_tiers and block_manager is None:     # the offline engine owns its pool: and its tiers
+            from ..kv.tier_connector import TierConnector
+            from ..kv.tiers import open_tiers
+
+            self.tiers = open_tiers(config.kv_tiers, config.model, self.pool, self.block_manager)
+            self.connector = TierConnector(self.connector, self.tiers, self.tiers.names, self.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill,
                                    self.connector)
         self.runner = ModelRunner(self.model, self.pool)
@@ -153,6 +160,7 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        self.connector.between_steps()
         self._propose()
         scheduled = self.scheduler.schedule()
         self._trim_drafts(scheduled)
@@ -275,6 +283,9 @@ class LLMEngine:
         return HANDOFF if seq.prefill_only else None
 
     def close(self) -> None:
+        if getattr(self, "tiers", None) is not None:
+            self.tiers.close()
+            self.tiers = None
         if getattr(self, "pool", None) is not None:
             self.pool.close()
             self.pool = None

@@ -43,6 +43,7 @@ class Sequence:
         self.kv_transfer = None           # KV to adopt through the KV connector (decode: prefill's KVHandle)
         self.kv_handle = None             # the KVHandle a producer connector made when this sequence ended
         self.loading = False              # external K/V being loaded into its blocks: not stepped until in place
+        self.cached_by_tier: list[int] | None = None   # cached prompt tokens per kv.tiers.TIER_NAMES
         self.num_reused_blocks = 0        # of those, leading blocks this pool already cached (not loaded)
         self.num_draft = 0                # speculative tokens at the end of token_ids, not yet verified
         self.generator: torch.Generator | None = None

@@ -6,6 +6,7 @@ index until it is reused for new data, so a later request with the same prefix r
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class OutOfBlocks(RuntimeError):
@@ -23,6 +24,10 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.hits = 0
         self.queries = 0
+        # the KV tiers' write policies (kv/tiers.py): a cached block about to be overwritten, a hit
+        self.on_evict: Callable[[int, int], None] | None = None
+        self.on_hit: Callable[[int, int], None] | None = None
+        self.on_cache: Callable[[int, int], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -42,6 +47,8 @@ class BlockManager:
             if h is not None:                                 # evict its cached content
                 if self.cached.get(h) == b:
                     del self.cached[h]
+                    if self.on_evict is not None:
+                        self.on_evict(b, h)
                 self.block_hash[b] = None
             self.ref_counts[b] = 1
             out.append(b)
@@ -70,6 +77,8 @@ class BlockManager:
                 del self.free[b]
             self.ref_counts[b] += 1
             out.append(b)
+            if self.on_hit is not None:
+                self.on_hit(b, h)
         self.queries += len(hashes)
         self.hits += len(out)
         return out
@@ -84,3 +93,5 @@ class BlockManager:
         if h not in self.cached:
             self.cached[h] = block
             self.block_hash[block] = h
+            if self.on_cache is not None:
+                self.on_cache(block, h)

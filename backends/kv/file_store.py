@@ -38,7 +38,7 @@ def namespace(model_fingerprint: str, layout: str) -> str:
 
 class FileStore:
     def __init__(self, root: str | Path, space: str, capacity_bytes: int) -> None:
-        self.dir = Path(root) / space
+        self.dir = Path(root).expanduser() / space
         self.dir.mkdir(parents=True, exist_ok=True)
         self.capacity = capacity_bytes
         self.writable = True

@@ -48,6 +48,7 @@ class KVManagerServer:
         self.acks: zmq.Socket | None = None      # PD prefill: other nodes' "I have read them" (kv/transfer.py)
         self.ack_key = b""
         self.acked = 0
+        self.tiers = None                        # kv.tiers.TierStack when the node has KV tiers
 
     def serve_acks(self, endpoint: str, key: bytes) -> str:
         """Also answer acks from decode nodes on a TCP endpoint ("tcp://host:*" picks a port);
@@ -100,6 +101,8 @@ class KVManagerServer:
                 out.append(ok)
             elif op == "hashes":           # the newest `arg` cached block hashes (the name service's summary)
                 out.append(list(self.bm.cached)[-arg:])
+            elif op.startswith("tier_"):
+                out.append(self.tier_op(op, arg))
             elif op == "stats":
                 out.append({"num_blocks": self.bm.num_blocks, "num_used": self.bm.num_used,
                             "handoffs": len(self.handoffs), "acked": self.acked, "cached": len(self.bm.cached),
@@ -108,6 +111,24 @@ class KVManagerServer:
             else:
                 raise ValueError(f"unknown KV manager op {op!r}")
         return out
+
+    def tier_op(self, op: str, arg: object) -> object:
+        """The KV tiers' calls from the stages' TierConnectors (kv/tier_connector.py RemoteTiers)."""
+        t = self.tiers
+        if t is None:
+            raise ValueError("this node has no KV tiers (kv_tiers in the profile)")
+        if op == "tier_lookup":
+            found = t.lookup(arg)
+            return found.pool_blocks, found.tiers
+        if op == "tier_load":
+            return t.load(*arg)
+        if op == "tier_poll":
+            return t.poll(arg)
+        if op == "tier_names":
+            return t.names
+        if op == "tier_stats":
+            return t.stats()
+        raise ValueError(f"unknown KV manager op {op!r}")
 
     def expire_handoffs(self) -> None:
         """Blocks handed off but never claimed (a prefill whose decode never came) go back."""
@@ -121,7 +142,9 @@ class KVManagerServer:
         if self.acks is not None:
             poller.register(self.acks, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(1000))
+            events = dict(poller.poll(1000 if self.tiers is None else 20))
+            if self.tiers is not None:
+                self.tiers.collect()             # pins of finished tier copies
             if not events:
                 self.expire_handoffs()
                 continue
@@ -235,6 +258,32 @@ class RemoteBlockManager:
         return self._call([("hashes", limit)])[-1]
 
 
+class RemoteTiers:
+    """kv.tiers.TierStack's lookup / load / poll, answered by the node's KV manager over the stage's
+    manager socket (the thread that owns `bm` calls these: the engine's)."""
+
+    def __init__(self, bm: RemoteBlockManager) -> None:
+        self.bm = bm
+        self.names: list[str] = bm._call([("tier_names", None)])[-1]
+
+    def lookup(self, hashes: list[int]):  # noqa: ANN201 - kv.tiers.Lookup
+        from .tiers import Lookup
+
+        return Lookup(*self.bm._call([("tier_lookup", hashes)])[-1])
+
+    def load(self, load_id: str, blocks: list[int], hashes: list[int], tiers: list[int]) -> None:
+        self.bm.pending.append(("tier_load", (load_id, blocks, hashes, tiers)))   # goes with the next call
+
+    def poll(self, load_id: str) -> int | None:
+        return self.bm._call([("tier_poll", load_id)])[-1]
+
+    def collect(self) -> None:
+        """The manager gives its pins back itself."""
+
+    def stats(self) -> dict:
+        return self.bm._call([("tier_stats", None)])[-1]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="baton kv-manager")
     ap.add_argument("--pool", required=True, help="name of the KV pool to create")
@@ -245,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--transfer-protocol", default="tcp", help="the Mooncake transport: tcp, or rdma on clusters")
     ap.add_argument("--key-file", default="", help="the cluster's key (hex), which signs acks")
     ap.add_argument("--node-id", default="")
+    ap.add_argument("--tiers", default="", help="the kv_tiers table (JSON) of the node's engine config")
+    ap.add_argument("--model", default="", help="the checkpoint (its fingerprint keys the tiers)")
     a = ap.parse_args(argv)
     parent = os.getppid()
     die_with_parent()
@@ -255,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     pool = KVPool.create(a.pool, spec)
     bm = BlockManager(spec.num_blocks, spec.block_size, not a.no_prefix_caching)
     server = KVManagerServer(bm, a.address)
+    if a.tiers:
+        from .tiers import open_tiers
+
+        server.tiers = open_tiers(json.loads(a.tiers), a.model, pool, bm)
     source = ""
     if a.transfer_host:                  # a PD prefill node: other nodes read its blocks
         from .transfer import BlockSource, TransferAgent
@@ -265,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
         source = " source=" + BlockSource(a.node_id, agent.segment, agent.base, spec.block_bytes, ack).to_json()
 
     def stop(*_: object) -> None:
+        if server.tiers is not None:
+            for tier in server.tiers.tiers:
+                tier.close()
         pool.close()
         os._exit(0)
 

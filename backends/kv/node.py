@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -14,12 +15,14 @@ from .pool import KVPool, PoolSpec
 
 class KVManagerProcess:
     def __init__(self, pool_name: str, spec: PoolSpec, address: str, log_path: Path,
-                 prefix_caching: bool = True, serve_blocks: tuple[str, str, str, str] | None = None) -> None:
+                 prefix_caching: bool = True, serve_blocks: tuple[str, str, str, str] | None = None,
+                 tiers: tuple[dict, str] | None = None) -> None:
         """serve_blocks: (host, protocol, key file, node id) to serve the pool's blocks to other nodes
         (PD prefill); `source` is then the BlockSource JSON its handles carry."""
         self.pool_name, self.spec, self.address, self.log_path = pool_name, spec, address, log_path
         self.prefix_caching = prefix_caching
         self.serve_blocks = serve_blocks
+        self.tiers = tiers              # (the kv_tiers table, the model directory)
         self.source = ""
         self.proc: subprocess.Popen | None = None
 
@@ -30,6 +33,8 @@ class KVManagerProcess:
         if self.serve_blocks:
             host, protocol, key_file, node_id = self.serve_blocks
             cmd += ["--transfer-host", host, "--transfer-protocol", protocol, "--key-file", key_file, "--node-id", node_id]
+        if self.tiers:
+            cmd += ["--tiers", json.dumps(self.tiers[0]), "--model", self.tiers[1]]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         deadline = time.monotonic() + timeout

@@ -88,6 +88,7 @@ class Node:
     # where Triton and the gateway listen: "" = 127.0.0.1, or every interface for a PD node whose
     # --host is not a loopback address (other nodes call it)
     listen: str = ""
+    services: list = field(default_factory=list)      # what `kv_tiers` "auto" started (kv/services.py)
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
@@ -117,8 +118,11 @@ class Node:
             pool_name = self.node_id
             address = f"ipc://{self.run_dir}/kv.sock"
             serve_blocks = (self.host, self.transfer_protocol, self.cluster_key_file, self.node_id) if role == "prefill" else None
+            if engine.kv_tiers:
+                engine = engine.replace(kv_tiers=self._tier_services(engine.kv_tiers))
             self.manager = KVManagerProcess(pool_name, spec, address, self.run_dir / "kv-manager.log",
-                                            engine.enable_prefix_caching, serve_blocks)
+                                            engine.enable_prefix_caching, serve_blocks,
+                                            (engine.kv_tiers, model_dir) if engine.kv_tiers else None)
             self.manager.start()
             # weights: loaded, fused and processed by the linear method once here, mapped by every stage
             t = time.monotonic()
@@ -188,6 +192,19 @@ class Node:
                   f"HTTP http://127.0.0.1:{self.http_port}  metrics http://127.0.0.1:{self.metrics_port}/metrics"
                   + gateway, file=sys.stderr, flush=True)
         return self
+
+    def _tier_services(self, table: dict) -> dict:
+        """Start the stores `kv_tiers` asks for with "auto" (they stop with the node)."""
+        from ..kv.services import MooncakeMaster, RedisServer
+
+        table = dict(table)
+        if table.get("store") == "auto":
+            self.services.append(MooncakeMaster().start())
+            table["store"] = self.services[-1].address
+        if table.get("redis") == "auto":
+            self.services.append(RedisServer().start(table.get("redis_mb", 1024)))
+            table["redis"] = self.services[-1].address
+        return table
 
     def _cluster_key(self) -> str:
         if not self.name_service:
@@ -315,6 +332,8 @@ class Node:
             try:
                 if self.manager is not None:
                     self.manager.stop()
+                for s in self.services:
+                    s.stop()
             finally:
                 if getattr(self, "weights_name", None):
                     weight_store.unlink(self.weights_name)

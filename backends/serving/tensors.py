@@ -15,14 +15,15 @@ HANDLE = [("request_id", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("n
           ("num_computed_tokens", "TYPE_INT32", 1), ("block_table", "TYPE_INT64", -1),
           ("num_cached_tokens", "TYPE_INT32", 1), ("finish_reason", "TYPE_STRING", 1),
           ("sampling", "TYPE_STRING", 1), ("gen_state", "TYPE_UINT8", -1), ("logprobs", "TYPE_FP32", -1),
-          ("source", "TYPE_STRING", 1), ("prefill_seconds", "TYPE_FP32", 1), ("mac", "TYPE_UINT8", -1)]
+          ("source", "TYPE_STRING", 1), ("prefill_seconds", "TYPE_FP32", 1), ("cached_by_tier", "TYPE_INT32", -1),
+          ("mac", "TYPE_UINT8", -1)]
 
 # decode -> postprocess, one per streamed response: stages.messages.TokenDelta
 STREAM = [("d_token_ids", "TYPE_INT64", -1), ("d_text", "TYPE_STRING", 1), ("d_finish_reason", "TYPE_STRING", 1),
           ("d_prompt_tokens", "TYPE_INT32", 1), ("d_completion_tokens", "TYPE_INT32", 1),
           ("d_cached_tokens", "TYPE_INT32", 1), ("d_logprobs", "TYPE_FP32", -1),
           ("d_request_id", "TYPE_STRING", 1), ("d_num_input_tokens", "TYPE_INT32", 1),
-          ("d_num_output_tokens", "TYPE_INT32", 1)]
+          ("d_num_output_tokens", "TYPE_INT32", 1), ("d_cached_tokens_by_tier", "TYPE_INT32", -1)]
 
 
 def pbtxt(specs: list[tuple[str, str, int]]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..engine.llm_engine import LLMEngine
-from ..kv.connector import HandoffConnector
+from ..kv.connector import HandoffConnector, KVConnector
 from ..kv.manager import RemoteBlockManager
 from ..kv.pool import KVPool
 from ..loader import weight_store
@@ -24,7 +24,7 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
     pool = KVPool.attach(node.kv_pool)
     bm = RemoteBlockManager(node.kv_address, pool.spec.num_blocks, pool.spec.block_size)
     weights = weight_store.attach(node.weights) if node.weights else None
-    connector: HandoffConnector = HandoffConnector("producer" if stage == "prefill" else "consumer")
+    connector: KVConnector = HandoffConnector("producer" if stage == "prefill" else "consumer")
     if stage == "decode" and node.transfer_host:      # PD decode: blocks come from prefill nodes
         from ..kv.transfer import TransferAgent
         from ..kv.transfer_connector import TransferConnector
@@ -32,6 +32,12 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
         agent = TransferAgent(node.transfer_host, node.transfer_protocol, pool.tensor.data_ptr(),
                               pool.tensor.numel() * pool.tensor.element_size())
         connector = TransferConnector(agent, bytes.fromhex(node.handle_key), node.node_id, pool.spec.block_bytes, bm)
+    if config.kv_tiers:                               # the node's KV manager owns the tiers
+        from ..kv.manager import RemoteTiers
+        from ..kv.tier_connector import TierConnector
+
+        tiers = RemoteTiers(bm)
+        connector = TierConnector(connector, tiers, tiers.names, pool.spec.block_size)
     return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector)
 
 

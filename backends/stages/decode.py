@@ -26,6 +26,7 @@ from ..engine.detokenizer import Detokenizer
 from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Sequence
 from .messages import KVHandle, TokenDelta
+from .metrics import DECODE
 
 
 class Sink(Protocol):
@@ -205,8 +206,8 @@ class DecodeStage:
         now = {"baton:decode_steps_total": self.steps, "baton:decode_step_seconds_total": self.step_s,
                "baton:generation_tokens_total": self.tokens, "baton:spec_draft_tokens_total": spec["drafted"],
                "baton:spec_accepted_tokens_total": spec["accepted"]}
-        now |= self.engine.connector.counters()          # PD decode: KV read from prefill nodes
-        out = {k: v - last.get(k, 0) for k, v in now.items()}
+        now |= self.engine.connector.counters()          # PD: KV read from prefill nodes; the node's KV tiers
+        out = {k: (v if DECODE[k.partition("|")[0]][0] == "gauge" else v - last.get(k, 0)) for k, v in now.items()}
         last.update(now)
         sched, bm = self.engine.scheduler, self.engine.block_manager
         waiting = len(sched.waiting) + sum(1 for s in sched.running if s.loading)
@@ -217,7 +218,8 @@ class DecodeStage:
 def _delta(seq: Sequence, new_ids: list[int], text: str) -> TokenDelta:
     return TokenDelta(seq.request_id, list(new_ids), text, seq.finish_reason or "", seq.num_prompt_tokens,
                       seq.num_output_tokens, max(seq.num_cached_tokens, 0),
-                      seq.logprobs[-len(new_ids):] if (seq.params.logprobs and new_ids) else [])
+                      seq.logprobs[-len(new_ids):] if (seq.params.logprobs and new_ids) else [],
+                      list(seq.cached_by_tier or []))
 
 
 def _log(request_id: str, what: str) -> None:

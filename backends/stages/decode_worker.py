@@ -71,7 +71,7 @@ def serve(node: NodeConfig, address: str, cancel_address: str | None = None) -> 
         nonlocal next_stats
         next_stats = time.monotonic() + STATS_EVERY_S
         deltas = stage.metrics(sent)
-        if only_if_counted and not any(v for k, v in deltas.items() if DECODE[k][0] == "counter"):
+        if only_if_counted and not any(v for k, v in deltas.items() if DECODE[k.partition("|")[0]][0] == "counter"):
             return
         sock.send(pickle.dumps(Stats(deltas)))
 

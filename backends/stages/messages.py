@@ -61,6 +61,7 @@ class KVHandle:
     logprobs: list[float] = field(default_factory=list)
     source: str = ""              # PD: where decode reads the blocks from (kv.transfer.BlockSource JSON); "": this node
     prefill_seconds: float = 0.0  # how long prefill computed the batch this request was in (the front's queue time)
+    cached_by_tier: list[int] = field(default_factory=list)   # num_cached_tokens per kv.tiers.TIER_NAMES
     mac: bytes = b""              # HMAC-SHA256 of the rest under the node's secret (sign / verify)
 
     def _digest(self, key: bytes) -> bytes:
@@ -85,7 +86,7 @@ class KVHandle:
         return cls(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.num_computed_tokens,
                    list(block_table), max(seq.num_cached_tokens, 0), finish_reason, seq.params,
                    bytes(seq.generator.get_state().numpy()) if seq.generator is not None else b"",
-                   list(seq.logprobs))
+                   list(seq.logprobs), cached_by_tier=list(seq.cached_by_tier or []))
 
     def to_sequence(self, block_size: int) -> Sequence:
         """The sequence decode continues: prompt, first token, RNG state; its blocks come through the
@@ -94,6 +95,7 @@ class KVHandle:
         for t in self.token_ids[self.num_prompt_tokens:]:
             seq.append(t)
         seq.num_cached_tokens = self.num_cached_tokens
+        seq.cached_by_tier = list(self.cached_by_tier) or None
         seq.logprobs = list(self.logprobs)
         if self.gen_state:
             seq.generator = torch.Generator()
@@ -116,6 +118,7 @@ class KVHandle:
             "logprobs": np.asarray(self.logprobs, dtype=np.float32),
             "source": _string(self.source),
             "prefill_seconds": np.asarray([self.prefill_seconds], dtype=np.float32),
+            "cached_by_tier": np.asarray(self.cached_by_tier, dtype=np.int32),
             "mac": np.frombuffer(self.mac, dtype=np.uint8).copy() if self.mac else np.zeros(0, np.uint8),
         }
 
@@ -126,7 +129,8 @@ class KVHandle:
                    a["block_table"].astype(np.int64).tolist(), int(a["num_cached_tokens"].reshape(-1)[0]),
                    _text(a["finish_reason"]), SamplingParams.from_json(_text(a["sampling"])),
                    a["gen_state"].astype(np.uint8).tobytes(), a["logprobs"].astype(np.float32).tolist(),
-                   _text(a["source"]), float(a["prefill_seconds"].reshape(-1)[0]), a["mac"].astype(np.uint8).tobytes())
+                   _text(a["source"]), float(a["prefill_seconds"].reshape(-1)[0]),
+                   a["cached_by_tier"].astype(np.int32).tolist(), a["mac"].astype(np.uint8).tobytes())
 
 
 @dataclass
@@ -141,6 +145,7 @@ class TokenDelta:
     completion_tokens: int
     cached_tokens: int
     logprobs: list[float] = field(default_factory=list)
+    cached_tokens_by_tier: list[int] = field(default_factory=list)     # kv.tiers.TIER_NAMES order
 
     def merged_after(self, held: TokenDelta | None) -> TokenDelta:
         """This delta appended to one held back before it (usage and finish reason are the newest)."""
@@ -148,7 +153,7 @@ class TokenDelta:
             return self
         return TokenDelta(self.request_id, held.token_ids + self.token_ids, held.text + self.text,
                           self.finish_reason, self.prompt_tokens, self.completion_tokens, self.cached_tokens,
-                          held.logprobs + self.logprobs)
+                          held.logprobs + self.logprobs, self.cached_tokens_by_tier)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """serving.tensors.STREAM, in its order."""
@@ -163,6 +168,8 @@ class TokenDelta:
             "d_request_id": _string(self.request_id),
             "d_num_input_tokens": np.asarray([self.prompt_tokens], dtype=np.int32),
             "d_num_output_tokens": np.asarray([len(self.token_ids)], dtype=np.int32),
+            "d_cached_tokens_by_tier": np.asarray(self.cached_tokens_by_tier or [self.cached_tokens, 0, 0, 0],
+                                                  dtype=np.int32),
         }
 
 

@@ -30,7 +30,19 @@ DECODE = {
     "baton:kv_transfer_bytes_total": ("counter", "PD: bytes read from prefill nodes."),
     "baton:kv_transfer_seconds_total": ("counter", "PD: seconds spent reading and acknowledging KV blocks."),
     "baton:kv_transfer_failures_total": ("counter", "PD: transfers that failed; the prompt was recomputed here."),
+    # KV tiers (kv/tiers.py), one series per tier: tier="device" (the pool), "host", "store", "disk"
+    "baton:kv_tier_lookups_total": ("counter", "KV tiers: blocks looked up (device: at admission; a lower tier: "
+                                               "the ones the tiers above did not have)."),
+    "baton:kv_tier_hits_total": ("counter", "KV tiers: blocks found (device) or loaded into the pool (lower tiers)."),
+    "baton:kv_tier_bytes_read_total": ("counter", "KV tiers: bytes loaded from the tier into the pool."),
+    "baton:kv_tier_bytes_written_total": ("counter", "KV tiers: bytes written to the tier."),
+    "baton:kv_tier_puts_total": ("counter", "KV tiers: blocks written to the tier."),
+    "baton:kv_tier_failures_total": ("counter", "KV tiers: failed reads and writes (a failed read: the request "
+                                                "computed the rest of its prompt)."),
+    "baton:kv_tier_used_bytes": ("gauge", "KV tiers: bytes the tier holds."),
 }
+# families whose every series has its own label (tier=...): created as they are first updated
+LABELLED = {n for n in DECODE if n.startswith("baton:kv_tier_")}
 PREFILL = {
     "baton:prefill_requests_total": ("counter", "Requests prefilled."),
     "baton:prompt_tokens_total": ("counter", "Prompt tokens, computed or served from the prefix cache."),
@@ -128,8 +140,9 @@ class TritonMetrics:
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE,
                  "histogram": pb_utils.MetricFamily.HISTOGRAM}
         self._families = {n: pb_utils.MetricFamily(name=n, description=d[1], kind=kinds[d[0]]) for n, d in spec.items()}
+        self._spec, self._labels = spec, labels
         self._metrics = {n: (spec[n][0], f.Metric(labels=labels, buckets=spec[n][2]) if spec[n][0] == "histogram"
-                             else f.Metric(labels=labels)) for n, f in self._families.items()}
+                             else f.Metric(labels=labels)) for n, f in self._families.items() if n not in LABELLED}
         self._lock = threading.Lock()
 
     def update(self, values: dict) -> None:
@@ -138,6 +151,11 @@ class TritonMetrics:
 
     def _update(self, values: dict) -> None:
         for name, v in values.items():
+            if name not in self._metrics:          # "family|label=value": another series of the family
+                family, _, label = name.partition("|")
+                key, _, value = label.partition("=")
+                self._metrics[name] = (self._spec[family][0],
+                                       self._families[family].Metric(labels=self._labels | {key: value}))
             kind, metric = self._metrics[name]
             if kind == "gauge":
                 metric.set(v)

@@ -47,6 +47,7 @@ class Completion:
     completion_tokens: int
     cached_tokens: int
     request_id: str = ""      # the server's id for this request (in its logs too)
+    cached_tokens_by_tier: list[int] = field(default_factory=list)   # schema.TIERS order
 
 
 @dataclass
@@ -65,7 +66,7 @@ def join(chunks: Iterator[Chunk]) -> Completion:
     if last is None:
         raise BatonError("empty stream")
     return Completion("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                      last.cached_tokens, last.request_id)
+                      last.cached_tokens, last.request_id, last.cached_tokens_by_tier)
 
 
 def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
@@ -82,8 +83,10 @@ def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
 
     ids = get("token_ids")
     lp = get("logprobs")
+    tiers = get("cached_tokens_by_tier")
     return Chunk(s("text_output"), ids.astype(np.int64).tolist() if ids is not None else [], s("finish_reason"),
                  i("prompt_tokens"), i("completion_tokens"), i("cached_tokens"), s("request_id"),
+                 tiers.astype(np.int64).tolist() if tiers is not None else [],
                  lp.astype(np.float32).tolist() if lp is not None else [])
 
 

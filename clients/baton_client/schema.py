@@ -33,4 +33,9 @@ USER: list[tuple[str, str, int]] = [
     ("request_id", "TYPE_STRING", 1),    # assigned by the server; in its logs too
     ("num_input_tokens", "TYPE_INT32", 1), ("num_output_tokens", "TYPE_INT32", 1),   # NVIDIA's names:
     # the prompt's tokens, and the tokens in this response
+    ("cached_tokens_by_tier", "TYPE_INT32", -1),   # cached_tokens by where they came from: TIERS
 ]
+
+# The KV cache tiers, in the order of cached_tokens_by_tier: the node's pool (GPU memory on a GPU
+# host), host memory, Mooncake Store (cluster-wide), local files or Redis.
+TIERS = ("device", "host", "store", "disk")
