@@ -24,8 +24,9 @@ venv: $(VENV)/.installed
 # System packages: libb64-0d for NVIDIA's perf_analyzer (tests drive the server with it); etcd-server
 # (the PD name service) and libibverbs1 (the Mooncake transfer engine loads it even for tcp);
 # iproute2 (the PD tests' simulated hosts). Installed with apt-get when root, else named.
+# redis-server: the KV tiers' Redis store (L4; started by baton serve or the tests, never assumed).
 # docker-compose (tests only): validates docker/'s compose files without a Docker engine.
-SYSPKGS := libb64-0d etcd-server libibverbs1 iproute2
+SYSPKGS := libb64-0d etcd-server libibverbs1 iproute2 redis-server
 TEST_SYSPKGS := docker-compose
 sysdeps:
 	@$(MAKE) -s apt PKGS="$(SYSPKGS)"

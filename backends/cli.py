@@ -267,7 +267,7 @@ def _kv(argv: list[str]) -> None:
     try:
         text = urllib.request.urlopen(f"http://{a.url}/metrics", timeout=5).read().decode()
     except OSError as e:
-        raise SystemExit(f"baton kv stats: no metrics at http://{a.url}/metrics ({e}); is a node serving there?")
+        raise SystemExit(f"baton kv stats: no metrics at http://{a.url}/metrics ({e}); is a node serving there?") from None
     rows: dict[str, dict[str, float]] = {}
     for m in re.finditer(r'^baton:kv_tier_(\w+?)(?:_total)?\{[^}]*tier="(\w+)"[^}]*\} (\S+)$', text, re.M):
         rows.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))

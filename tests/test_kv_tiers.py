@@ -10,13 +10,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import prompts_of
 
 from baton.backends.engine.config import ConfigError
 from baton.backends.engine.llm import LLM
 from baton.backends.engine.sampling_params import SamplingParams
 from baton.backends.kv.tiers import TIER_NAMES, TiersConfig
-
-from conftest import prompts_of
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 SMALL_POOL = dict(num_blocks=20, max_num_seqs=1)      # 4 prompts of ~7 blocks: each evicts the previous
@@ -202,3 +201,147 @@ def test_cancel_while_loading_leaks_nothing(qwen3_dir, prompts, tmp_path):
 def test_bad_tier_config_names_the_field(table, field):
     with pytest.raises(ConfigError, match=field):
         TiersConfig.from_table(table)
+
+
+# ---- through Triton: the node's KV manager owns the tiers ----------------------------------------
+
+TIER_PROMPTS = [f"{w} " * 25 for w in ("alpha", "beta", "gamma", "delta")]   # ~100 tokens each
+NODE = {"dtype": "float32", "max_model_len": 256, "max_tokens_limit": 200, "num_blocks": 24}
+
+
+def _serve_rounds(node, rounds: int = 1):
+    from baton_client import BatonClient
+
+    client = BatonClient(node.grpc_url, "grpc")
+    try:
+        return [[client.generate(p, max_tokens=8, temperature=0.0, ignore_eos=True) for p in TIER_PROMPTS]
+                for _ in range(rounds)]
+    finally:
+        client.close()
+
+
+def node_tokenizer(model_dir):
+    from baton.backends.engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(str(model_dir))
+
+
+@pytest.mark.slow
+def test_node_promotes_from_files_and_finds_them_after_a_restart(qwen3_dir, offline, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import blocks_in_use
+
+    from baton.backends.serving.launcher import Node
+
+    expect = [offline(p, max_tokens=8).token_ids for p in TIER_PROMPTS]
+    tiers = {"host_mb": 0, "store": "", "disk_dir": str(tmp_path / "kv")}
+    with Node(str(qwen3_dir), "single_node_tiers", overrides=NODE | {"kv_tiers": tiers}) as node:
+        first, second = _serve_rounds(node, 2)
+        assert [r.token_ids for r in first] == expect
+        assert [r.token_ids for r in second] == expect
+        disk = TIER_NAMES.index("disk")
+        assert all(r.cached_tokens_by_tier == [0, 0, 0, 0] for r in first)
+        assert sum(r.cached_tokens_by_tier[disk] for r in second) >= sum(r.cached_tokens for r in second) // 2 > 0
+        assert all(sum(r.cached_tokens_by_tier) == r.cached_tokens for r in second)
+        assert blocks_in_use(node.manager.address) == 0
+        time.sleep(1.5)                      # decode reports metrics about once a second
+        out = subprocess.run([sys.executable, "-P", "-m", "baton.backends.cli", "kv", "stats", "--url",
+                              f"127.0.0.1:{node.metrics_port}"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        row = next(ln.split() for ln in out.stdout.splitlines() if ln.startswith("disk"))
+        assert int(row[2]) > 0 and int(row[4]) > 0          # hits, bytes written
+        # what the node would tell a PD router: its files' newest blocks, the prompts' among them
+        from baton.backends.cluster.registry import short_hash
+        from baton.backends.kv.hashing import hash_blocks
+
+        summary = node._node_info().tier_hashes
+        ids = node_tokenizer(qwen3_dir).encode(TIER_PROMPTS[0])
+        assert short_hash(hash_blocks(ids, 16)[0]) in summary["disk"]
+    # a restarted node (new pool, new processes) serves its first requests from the same files
+    with Node(str(qwen3_dir), "single_node_tiers", overrides=NODE | {"kv_tiers": tiers}) as node:
+        (again,) = _serve_rounds(node)
+        assert [r.token_ids for r in again] == expect
+        assert all(r.cached_tokens_by_tier[disk] > 0 for r in again)
+        assert blocks_in_use(node.manager.address) == 0
+
+
+@pytest.mark.slow
+def test_node_starts_its_own_store_and_redis(qwen3_dir, offline):
+    """kv_tiers "auto": the node starts mooncake_master (L3) and redis-server (L4) and stops them."""
+    from baton.backends.serving.launcher import Node
+
+    expect = [offline(p, max_tokens=8).token_ids for p in TIER_PROMPTS]
+    for tiers, tier in (({"store": "auto", "store_mb": 32}, "store"), ({"redis": "auto", "redis_mb": 64}, "disk")):
+        node = Node(str(qwen3_dir), "single_node_tiers", overrides=NODE | {"kv_tiers": {"host_mb": 0} | tiers})
+        with node:
+            first, second = _serve_rounds(node, 2)
+            assert [r.token_ids for r in second] == expect
+            assert sum(r.cached_tokens_by_tier[TIER_NAMES.index(tier)] for r in second) > 0
+            procs = [s.proc for s in node.services]
+            assert procs and all(p.poll() is None for p in procs)
+        assert all(p.poll() is not None for p in procs)        # stopped with the node
+
+
+@pytest.mark.slow
+def test_two_hosts_reuse_each_others_prefixes_through_the_store(qwen3_dir, offline, tmp_path):
+    """Two nodes on simulated hosts (network namespaces), one Mooncake Store: what host a computed,
+    host b loads instead of computing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from baton.backends.cluster.netns import Hosts
+    from baton.backends.kv.services import MooncakeMaster
+
+    expect = [offline(p, max_tokens=8).token_ids for p in TIER_PROMPTS]
+    with Hosts(["a", "b"]) as hosts:
+        master = MooncakeMaster(hosts.addr["hub"], 31500, prefix=hosts.run_in("hub")).start()
+        procs = []
+        try:
+            results = {}
+            for name in ("a", "b"):
+                profile = tmp_path / f"tiers-{name}.toml"
+                table = {"store": master.address, "store_host": hosts.addr[name], "store_mb": 64, "host_mb": 0}
+                engine = "\n".join(f"{k} = {json.dumps(v)}" for k, v in NODE.items() if k != "max_tokens_limit")
+                profile.write_text('extends = "single_node_tiers"\n[engine]\n' + engine + "\n[engine.kv_tiers]\n"
+                                   + "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items()) + "\n")
+                run = tmp_path / name
+                run.mkdir()
+                cmd = hosts.run_in(name) + [sys.executable, "-P", "-m", "baton.backends.cli", "serve", str(profile),
+                                            "--model", str(qwen3_dir), "--http-port", "8100", "--grpc-port", "8101",
+                                            "--metrics-port", "8102", "--gateway-port", "-1"]
+                proc = subprocess.Popen(cmd, env=dict(os.environ, BATON_RUN_DIR=str(run)), stderr=subprocess.PIPE,
+                                        text=True)
+                procs.append(proc)
+                lines = []
+                for line in proc.stderr:
+                    lines.append(line)
+                    if "serving; Ctrl-C to stop" in line:
+                        break
+                else:
+                    raise AssertionError("baton serve did not start:\n" + "".join(lines))
+                job = {"requests": [{"prompt": p, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+                                    for p in TIER_PROMPTS], "concurrency": 1}
+                out = subprocess.run(hosts.run_in(name) + [sys.executable, "-P", "-m", "baton.backends.cluster.probe",
+                                                           "127.0.0.1:8101"], input=json.dumps(job),
+                                     capture_output=True, text=True, timeout=300)
+                assert out.returncode == 0, out.stderr
+                results[name] = json.loads(out.stdout)["results"]
+            store = TIER_NAMES.index("store")
+            for name in ("a", "b"):
+                assert [r["token_ids"] for r in results[name]] == expect, results[name]
+            assert all(r["cached_tokens"] == 0 for r in results["a"])
+            assert all(r["cached_tokens_by_tier"][store] == r["cached_tokens"] > 0 for r in results["b"]), results["b"]
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            master.stop()

@@ -155,3 +155,32 @@ def test_a_pd_node_says_what_it_lacks_before_starting_anything(qwen3_dir, tmp_pa
     with pytest.raises(RuntimeError, match="--name-service http://127.0.0.1:1: etcd does not answer"):
         Node(str(qwen3_dir), "pd_prefill", name_service="http://127.0.0.1:1", cluster_key_file=str(key)).start(quiet=True)
     assert [p.name for p in tmp_path.iterdir()] == ["cluster.key"]          # no run dir, nothing started
+
+
+def test_lower_tier_blocks_count_by_their_weight_and_the_store_for_every_node():
+    h = _hashes(PROMPT, 4)
+    pool_only = _p("a", h[:1])
+    pool_only.tier_hashes = {"host": h[1:2], "disk": h[2:4]}
+    # pool 1 + host 0.8 + disk 0.3 + 0.3 blocks of 16 tokens
+    assert cached_prefix_blocks(pool_only, h) == pytest.approx(2.4)
+    assert uncached_tokens([pool_only], PROMPT) == {"a": 64 - round(2.4 * 16)}
+    assert uncached_tokens([pool_only], PROMPT, {"host": 1.0, "disk": 1.0}) == {"a": 0}
+    # a block another node wrote to the cluster's store counts for every node, after its own tiers
+    writer, cold = _p("w"), _p("c")
+    writer.tier_hashes = {"store": h}
+    assert uncached_tokens([writer, cold], PROMPT) == {"w": 64 - 32, "c": 64 - 32}
+    # a gap ends the usable prefix, whatever tier has the blocks after it
+    gap = _p("g", h[:1])
+    gap.tier_hashes = {"host": h[2:]}
+    assert cached_prefix_blocks(gap, h) == 1.0
+    assert [n.node_id for n in rank_prefill([cold, pool_only], PROMPT, {})] == ["a", "c"]
+
+
+def test_tier_weights_are_checked():
+    from baton.backends.engine.config import ConfigError
+    from baton.backends.serving.config import ServingConfig
+
+    assert ServingConfig(tier_weights={"store": 0.7}).tier_weights == {"store": 0.7}
+    for bad in ({"ssd": 0.5}, {"host": 1.5}, {"disk": "high"}):
+        with pytest.raises(ConfigError, match="tier_weights"):
+            ServingConfig(tier_weights=bad)

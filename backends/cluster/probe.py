@@ -38,6 +38,7 @@ def run_request(client, req: dict) -> dict:  # noqa: ANN001
             last = now
             ids += chunk.token_ids
             out["cached_tokens"] = chunk.cached_tokens
+            out["cached_tokens_by_tier"] = chunk.cached_tokens_by_tier
             if chunk.finish_reason:
                 out["finish_reason"] = chunk.finish_reason
             if cancel_after is not None and len(ids) >= cancel_after:

@@ -38,6 +38,9 @@ class NodeInfo:
     waiting: int = 0           # requests queued in Triton for the node's stage
     queued_tokens: int = 0     # prefill: prompt tokens being prefilled now
     hashes: list[str] = field(default_factory=list)   # cached block hashes, low 64 bits in hex
+    # the same for the node's lower KV tiers (kv/tiers.py): "host", "store" (what it wrote to the
+    # cluster's Mooncake Store, which every node reads), "disk"
+    tier_hashes: dict[str, list[str]] = field(default_factory=dict)
     ts: float = 0.0            # when the node wrote this (its clock)
 
     def to_json(self) -> str:

@@ -4,7 +4,8 @@ The scoring is two small pure functions (unit-tested in tests/test_router.py):
 
   prefill_cost  the predicted time to first token on a prefill node, in prompt tokens of work ahead
                 of the request's first token: the prompt tokens that node does NOT cache (its summary
-                of cached block hashes, matched from the first block on), plus the larger of the
+                of cached block hashes, matched from the first block on; a block in one of its lower
+                KV tiers, or in the cluster's store, counts by that tier's weight), plus the larger of the
                 tokens this router has sent it and not yet seen answered and the tokens the node
                 reports prefilling, plus QUEUED_REQUEST_TOKENS for each request the node reports
                 waiting in Triton's queue. The lowest cost wins.
@@ -41,14 +42,32 @@ QUEUED_REQUEST_TOKENS = 256       # what one request waiting at a prefill node i
 NODE_TRIES = 3                    # nodes tried per request (prefill; decode before its first response)
 
 
-def cached_prefix_blocks(node: NodeInfo, prompt_hashes: list[str]) -> int:
-    held = set(node.hashes)
-    n = 0
+# How much a prompt block found in a node's lower KV tier is worth against one in its pool (1.0):
+# loading it costs a copy (host memory), a network read (the cluster's store) or a file read. The
+# pd_router profile's [serving] tier_weights overrides these.
+TIER_WEIGHTS = {"host": 0.8, "store": 0.5, "disk": 0.3}
+
+
+def cached_prefix_blocks(node: NodeInfo, prompt_hashes: list[str], store: frozenset[str] = frozenset(),
+                         weights: dict[str, float] | None = None) -> float:
+    """The prompt's leading blocks the node has, from the first block on, each credited by where it
+    is: its pool 1, its host memory, the cluster's store (`store`: what any node wrote there, which
+    every node reads) and its disk by `weights`. Walked in the order a node looks them up."""
+    w = TIER_WEIGHTS | (weights or {})
+    pool, host, disk = set(node.hashes), set(node.tier_hashes.get("host", ())), set(node.tier_hashes.get("disk", ()))
+    credit = 0.0
     for h in prompt_hashes:
-        if h not in held:
+        if h in pool:
+            credit += 1.0
+        elif h in host:
+            credit += w["host"]
+        elif h in store:
+            credit += w["store"]
+        elif h in disk:
+            credit += w["disk"]
+        else:
             break
-        n += 1
-    return n
+    return credit
 
 
 def prefill_cost(node: NodeInfo, uncached: int, inflight_tokens: int) -> int:
@@ -63,17 +82,21 @@ def decode_room(node: NodeInfo, blocks_needed: int, inflight_blocks: int) -> int
     return node.free_blocks - inflight_blocks - blocks_needed
 
 
-def uncached_tokens(nodes: list[NodeInfo], prompt: list[int]) -> dict[str, int]:
-    """node id -> the prompt tokens that node would compute (it caches the rest)."""
+def uncached_tokens(nodes: list[NodeInfo], prompt: list[int], weights: dict[str, float] | None = None) -> dict[str, int]:
+    """node id -> the prompt tokens that node would compute (it caches the rest; a block in a lower
+    tier counts as cached by its tier's weight)."""
     hashes = {bs: [short_hash(h) for h in hash_blocks(prompt, bs)] if bs > 0 else [] for bs in {n.block_size for n in nodes}}
-    return {n.node_id: len(prompt) - cached_prefix_blocks(n, hashes[n.block_size]) * n.block_size for n in nodes}
+    store = frozenset(h for n in nodes for h in n.tier_hashes.get("store", ()))
+    return {n.node_id: len(prompt) - round(cached_prefix_blocks(n, hashes[n.block_size], store, weights) * n.block_size)
+            for n in nodes}
 
 
-def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, int], turn: int = 0) -> list[NodeInfo]:
+def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, int], turn: int = 0,
+                 weights: dict[str, float] | None = None) -> list[NodeInfo]:
     """Prefill nodes, best first. Equal costs and loads rotate with `turn` (the router counts its
     requests), so equal nodes share the work even while their load reports lag behind."""
     order = {node_id: i for i, node_id in enumerate(sorted(n.node_id for n in nodes))}
-    uncached = uncached_tokens(nodes, prompt)
+    uncached = uncached_tokens(nodes, prompt, weights)
     return sorted(nodes, key=lambda n: (prefill_cost(n, uncached[n.node_id], inflight.get(n.node_id, 0)),
                                         n.running, (order[n.node_id] - turn) % len(order)))
 
@@ -91,8 +114,10 @@ def rank_decode(nodes: list[NodeInfo], tokens: int, inflight: dict[str, int], bl
 class Router:
     """The pd_router front's view of the cluster and its calls to the chosen nodes."""
 
-    def __init__(self, name_service: str, cluster: str, timeout_s: float) -> None:
+    def __init__(self, name_service: str, cluster: str, timeout_s: float,
+                 tier_weights: dict[str, float] | None = None) -> None:
         self.members = Membership(name_service, cluster)
+        self.tier_weights = tier_weights
         self.name_service = name_service
         self.timeout_s = timeout_s
         self.lock = threading.Lock()
@@ -129,10 +154,10 @@ class Router:
             inflight = dict(self.prefill_tokens)
             self.turn += 1
             turn = self.turn
-        ranked = rank_prefill(live, prompt, inflight, turn)
+        ranked = rank_prefill(live, prompt, inflight, turn, self.tier_weights)
         if not ranked:
             raise FrontError(f"no prefill node is registered with the name service {self.name_service}", "unavailable")
-        work = uncached_tokens(ranked, prompt)
+        work = uncached_tokens(ranked, prompt, self.tier_weights)
         last: FrontError | None = None
         for node in ranked[:NODE_TRIES]:
             with self.lock:

@@ -128,6 +128,8 @@ class KVManagerServer:
             return t.names
         if op == "tier_stats":
             return t.stats()
+        if op == "tier_summary":
+            return t.summary(arg)
         raise ValueError(f"unknown KV manager op {op!r}")
 
     def expire_handoffs(self) -> None:

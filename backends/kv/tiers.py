@@ -24,12 +24,13 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from baton_client.schema import TIERS
 
 from ..engine.config import ConfigError, check_types
@@ -137,6 +138,7 @@ class Tier(ABC):
     def __init__(self) -> None:
         self.stats = {"lookups": 0, "hits": 0, "bytes_read": 0, "bytes_written": 0, "puts": 0, "failures": 0}
         self.lock = threading.Lock()
+        self.written: deque[int] = deque(maxlen=4096)      # keys this node wrote, for newest()
 
     @abstractmethod
     def contains(self, keys: list[int]) -> list[bool]: ...
@@ -151,8 +153,12 @@ class Tier(ABC):
     def used_bytes(self) -> int:
         return 0
 
-    def close(self) -> None:
-        pass
+    def newest(self, limit: int) -> list[int]:
+        """Up to `limit` keys it holds, newest last (the PD router's summary of this node)."""
+        return list(self.written)[-limit:]
+
+    def close(self) -> None:  # noqa: B027 - most tiers hold nothing to release
+        """Release what the tier holds in other processes (the store's registration)."""
 
 
 class HostTier(Tier):
@@ -193,6 +199,10 @@ class HostTier(Tier):
     def used_bytes(self) -> int:
         return len(self.slots) * self.block_bytes
 
+    def newest(self, limit: int) -> list[int]:
+        with self.lock:
+            return list(self.slots)[-limit:]
+
 
 class FileTier(Tier):
     """L4 on local files (kv/file_store.py): checksummed, kept across restarts."""
@@ -217,6 +227,10 @@ class FileTier(Tier):
 
     def used_bytes(self) -> int:
         return self.store.used
+
+    def newest(self, limit: int) -> list[int]:
+        with self.lock:
+            return list(self.store.lru)[-limit:]
 
 
 class RedisTier(Tier):
@@ -496,6 +510,9 @@ class TierStack:
     def names(self) -> list[str]:
         return [t.name for t in self.tiers]
 
+    def summary(self, limit: int) -> dict[str, list[int]]:
+        return {t.name: t.newest(limit) for t in self.tiers}
+
     def stats(self) -> dict[str, dict[str, float]]:
         self.collect()
         out = {"device": {"lookups": self.pool_stats["lookups"], "hits": self.pool_stats["hits"],
@@ -564,6 +581,7 @@ class TierStack:
                     tier = self.tiers[i]
                     try:
                         if tier.put(h, src):
+                            tier.written.append(h)
                             tier.stats["puts"] += 1
                             tier.stats["bytes_written"] += src.numel()
                     except Exception as e:

@@ -53,9 +53,16 @@ class ServingConfig:
     request_timeout_s: float = 600.0
     # PD across servers (profiles pd_prefill, pd_decode, pd_router): this node's role; "": one node
     pd_role: Literal["", "prefill", "decode", "router"] = ""
+    # pd_router: what a prompt block in a prefill node's lower KV tier is worth against one in its pool
+    # (1.0) when the router predicts the node's work; keys host, store, disk (cluster/router.py TIER_WEIGHTS)
+    tier_weights: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_types(self, "ServingConfig")
+        for k, v in self.tier_weights.items():
+            if k not in ("host", "store", "disk") or not isinstance(v, (int, float)) or isinstance(v, bool) \
+                    or not 0 <= v <= 1:
+                raise ConfigError(f"tier_weights.{k}: expected host, store or disk with a weight in [0, 1], got {v!r}")
         if self.max_pending_requests < 1:
             raise ConfigError(f"max_pending_requests: must be >= 1, got {self.max_pending_requests}")
         for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s"):

@@ -240,6 +240,9 @@ class Node:
                                                                                   spec.block_bytes, spec.dtype)
             info.free_blocks = st["num_blocks"] - st["num_used"]
             info.hashes = [short_hash(h) for h in self._reg_manager.cached_hashes(HASH_SUMMARY)]
+            if self.manager.tiers:
+                info.tier_hashes = {t: [short_hash(h) for h in hs]
+                                    for t, hs in self._reg_manager._call([("tier_summary", HASH_SUMMARY)])[-1].items()}
         info.running, info.waiting = scrape_load(self.metrics_port, role)
         if role == "prefill":             # what its prefill instances are computing now
             for f in self.run_dir.glob("prefill-*.load"):

@@ -33,7 +33,8 @@ class TritonPythonModel:
         if node.name_service:                 # pd_router: prefill and decode run on the nodes it picks
             from baton.backends.cluster.router import Router
 
-            self.router = Router(node.name_service, node.cluster, node.serving.request_timeout_s)
+            self.router = Router(node.name_service, node.cluster, node.serving.request_timeout_s,
+                                 node.serving.tier_weights)
         self.limit = Admission(node.serving.max_pending_requests,
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING
