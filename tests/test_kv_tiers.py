@@ -293,6 +293,8 @@ def test_two_hosts_reuse_each_others_prefixes_through_the_store(qwen3_dir, offli
     import os
     import subprocess
     import sys
+    import tempfile
+    from pathlib import Path
 
     from baton.backends.cluster.netns import Hosts
     from baton.backends.kv.services import MooncakeMaster
@@ -300,7 +302,7 @@ def test_two_hosts_reuse_each_others_prefixes_through_the_store(qwen3_dir, offli
     expect = [offline(p, max_tokens=8).token_ids for p in TIER_PROMPTS]
     with Hosts(["a", "b"]) as hosts:
         master = MooncakeMaster(hosts.addr["hub"], 31500, prefix=hosts.run_in("hub")).start()
-        procs = []
+        procs, runs = [], []
         try:
             results = {}
             for name in ("a", "b"):
@@ -309,8 +311,8 @@ def test_two_hosts_reuse_each_others_prefixes_through_the_store(qwen3_dir, offli
                 engine = "\n".join(f"{k} = {json.dumps(v)}" for k, v in NODE.items() if k != "max_tokens_limit")
                 profile.write_text('extends = "single_node_tiers"\n[engine]\n' + engine + "\n[engine.kv_tiers]\n"
                                    + "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items()) + "\n")
-                run = tmp_path / name
-                run.mkdir()
+                run = Path(tempfile.mkdtemp(prefix="bt-"))   # short: ipc socket paths have a 107-byte limit
+                runs.append(run)
                 cmd = hosts.run_in(name) + [sys.executable, "-P", "-m", "baton.backends.cli", "serve", str(profile),
                                             "--model", str(qwen3_dir), "--http-port", "8100", "--grpc-port", "8101",
                                             "--metrics-port", "8102", "--gateway-port", "-1"]
@@ -345,3 +347,5 @@ def test_two_hosts_reuse_each_others_prefixes_through_the_store(qwen3_dir, offli
                 except subprocess.TimeoutExpired:
                     p.kill()
             master.stop()
+            for run in runs:
+                shutil.rmtree(run, ignore_errors=True)

@@ -512,3 +512,30 @@ def test_a_kv_manager_that_does_not_answer_fails_the_arrival_not_the_loop(node, 
     ok = ListSink()
     stage.step_once([(h, ok)])                            # the manager answers again: served
     _serve_to_the_end(stage, ok, params)
+
+
+def test_prefill_waits_for_blocks_another_stage_took_since_it_last_heard(node):
+    """The shared pool's free count a stage sees is what the KV manager said last. Decode taking blocks
+    in between must make prefill wait for them, not fail its request with OutOfBlocks."""
+    import threading
+    import time
+
+    from baton.backends.kv.manager import RemoteBlockManager
+
+    cfg, prefill, _ = node
+    other = RemoteBlockManager(cfg.kv_address, 1, 16, reserve=0)
+    prefill.engine.block_manager.stats()                  # prefill's count is fresh: then it goes stale
+    free = other.stats()["num_blocks"] - other.stats()["num_used"]
+    held = other.allocate(free)
+    prompt = prompts_of(512, [10], seed=5)[0]            # within one block: no prefix lookup refreshes the count
+    out: list = []
+    t = threading.Thread(target=lambda: out.extend(prefill.run(
+        [PrefillRequest(uuid.uuid4().hex, prompt, SamplingParams(temperature=0, max_tokens=1))])))
+    t.start()
+    time.sleep(0.5)
+    assert not out                                       # waiting for blocks, not failed
+    other.release(held)
+    other.flush()
+    t.join(30)
+    assert len(out) == 1 and isinstance(out[0], KVHandle), out
+    assert out[0].finish_reason == "length"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from ..kv.block_manager import BlockManager
+from ..kv.block_manager import BlockManager, OutOfBlocks
 from ..kv.connector import KVConnector
 from .sequence import Sequence, Status
 
@@ -56,15 +56,16 @@ class Scheduler:
             while need > self.bm.num_free and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
                 preempted = True
-            if need > self.bm.num_free:
-                if i == 0:                       # alone and still too big: the pool is its limit
-                    self.finish(seq, "length")
+            got = self._allocate(need)
+            if got is None:
+                if len(seq.block_table) + need > self.bm.num_blocks:
+                    self.finish(seq, "length")       # the whole pool could not hold it
                     self._finished.append(seq)
                     continue
                 self._preempt(self.running.pop(i))  # nothing left to take from: this one waits
                 preempted = True
                 break
-            seq.block_table += self.bm.allocate(need)
+            seq.block_table += got
             out.append((seq, n))
             budget -= n
             i += 1
@@ -82,16 +83,25 @@ class Scheduler:
             if n > budget and not self.chunked:
                 break
             n = min(n, budget)
-            need = self._blocks_needed(seq, n)
-            if need > self.bm.num_free:
+            got = self._allocate(self._blocks_needed(seq, n))
+            if got is None:
                 break
-            seq.block_table += self.bm.allocate(need)
+            seq.block_table += got
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.append((seq, n))
             budget -= n
         return out
+
+    def _allocate(self, n: int) -> list[int] | None:
+        """n blocks, or None when the pool has not got them. Asked even when the free count says no:
+        a shared pool's count is what its KV manager said last (another stage may have taken or
+        given back blocks since), and asking is what refreshes it."""
+        try:
+            return self.bm.allocate(n)
+        except OutOfBlocks:
+            return None
 
     def take_finished(self) -> list[Sequence]:
         """Sequences ended by the scheduler itself since the last call."""
@@ -111,11 +121,11 @@ class Scheduler:
             seq.num_published_blocks = m.num_tokens // self.block_size   # published where they were computed
         else:       # allocate now; the connector's worker side fills them (all but blocks this pool caches)
             hit = self.bm.match_prefix(seq.block_hashes[: m.num_tokens // self.block_size]) if m.reuse_cached else []
-            need = -(-m.num_tokens // self.block_size) - len(hit)
-            if need > self.bm.num_free:
+            got = self._allocate(-(-m.num_tokens // self.block_size) - len(hit))
+            if got is None:
                 self.bm.release(hit)
                 return False
-            seq.block_table = hit + self.bm.allocate(need)
+            seq.block_table = hit + got
             seq.num_reused_blocks = len(hit)
             seq.num_published_blocks = len(hit)      # the loaded ones are published here once in place
             seq.loading = True

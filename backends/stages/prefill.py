@@ -77,8 +77,8 @@ class PrefillStage:
                 for out in eng.step():
                     if out.finished:
                         pending.discard(out.seq.request_id)
-                if eng.idle_step:                    # every prompt waits for KV from a tier: don't spin
-                    time.sleep(0.0005)
+                if eng.idle_step:                    # every prompt waits (for blocks, for KV from a tier)
+                    time.sleep(0.002)
         except Exception as e:                       # e.g. the pool cannot hold these prompts
             log.warning("requests %s failed: %r", sorted(pending), e)
             for rid in pending:
