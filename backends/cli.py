@@ -65,6 +65,18 @@ def _generate(argv: list[str]) -> None:
         engine.close()
 
 
+def _json_table(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def _serve(argv: list[str]) -> None:
     import signal
     from pathlib import Path
@@ -86,6 +98,9 @@ def _serve(argv: list[str]) -> None:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--listen", default="", help="address Triton and the gateway listen on (default 127.0.0.1; "
                     "a PD node with a non-loopback --host: 0.0.0.0); 0.0.0.0 in a container")
+    ap.add_argument("--kv-tiers", default=None, type=_json_table,
+                    help='KV cache tiers, replacing the profile\'s [engine.kv_tiers]: JSON, e.g. '
+                         '\'{"host_mb": 1024, "store": "auto", "disk_dir": "/var/cache/baton"}\'')
     pd = ap.add_argument_group("PD across servers (profiles pd_prefill, pd_decode, pd_router)")
     pd.add_argument("--name-service", default="", help="etcd URL, e.g. http://10.0.0.1:2379")
     pd.add_argument("--host", default="127.0.0.1", help="this node's address as the other nodes reach it")
@@ -103,7 +118,8 @@ def _serve(argv: list[str]) -> None:
     node = Node(a.model, a.profile, a.http_port, a.grpc_port, a.metrics_port,
                 gateway_port=a.gateway_port if gateway else None, name_service=a.name_service, host=a.host,
                 cluster_key_file=a.cluster_key_file and str(Path(a.cluster_key_file).resolve()),
-                cluster=a.cluster, transfer_protocol=a.transfer_protocol, listen=a.listen)
+                cluster=a.cluster, transfer_protocol=a.transfer_protocol, listen=a.listen,
+                overrides={"kv_tiers": a.kv_tiers} if a.kv_tiers else {})
     exit_code = 0
     try:
         node.start(a.timeout)
@@ -220,6 +236,8 @@ def _cluster(argv: list[str]) -> None:
     ap.add_argument("--metrics-port", type=int, default=8002, help="the router's")
     ap.add_argument("--gateway-port", type=int, default=9000, help="the router's OpenAI-compatible API; -1: none")
     ap.add_argument("--hosts", action="store_true", help="each node on a simulated host (network namespaces; root)")
+    ap.add_argument("--kv-tiers", default=None, type=_json_table,
+                    help='every node\'s KV cache tiers (JSON); "store": "auto" starts one Mooncake Store for the cluster')
     ap.add_argument("--timeout", type=float, default=300)
     a = ap.parse_args(argv)
     if a.prefill < 1 or a.decode < 1:
@@ -230,7 +248,8 @@ def _cluster(argv: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     cluster = LocalCluster(a.model, a.prefill, a.decode, hosts=a.hosts,
-                           router_ports=(a.http_port, a.grpc_port, a.metrics_port, a.gateway_port))
+                           router_ports=(a.http_port, a.grpc_port, a.metrics_port, a.gateway_port),
+                           kv_tiers=a.kv_tiers or None)
     try:
         print(f"[baton] starting etcd, {a.prefill} prefill and {a.decode} decode nodes, a router ...",
               file=sys.stderr, flush=True)

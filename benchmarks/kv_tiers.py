@@ -10,8 +10,10 @@ trace's distinct prompt blocks (the working set is ~8x L1). Modes, one node each
 
   off    no prefix caching: every prompt token is computed
   l1     the pool's prefix cache only
-  l1+l2  + host memory (L2, 4x L1, written back on eviction)
-  all    + Mooncake Store (L3, started by the node, 4x L1) + local files (L4, a fresh directory)
+  l1+l2  + host memory (L2, 2x L1, written back on eviction)
+  l1+l3+l4  + Mooncake Store (L3, started by the node, 2x L1, written through) + local files (L4,
+         a fresh directory, written through), no host memory
+  all    L1 + L2 + L3 + L4
 
 Reported per mode: TTFT p50/p95, prompt tokens computed, cached tokens per tier (their share of all
 prompt tokens), requests/s and generated tokens/s over the trace's wall time."""
@@ -71,10 +73,11 @@ def distinct_blocks(tok, convs: list[dict], block: int) -> int:  # noqa: ANN001
     return len(seen)
 
 
-def run_trace(url: str, convs: list[dict], max_tokens: int) -> tuple[list[dict], float]:
-    from baton_client import BatonClient
+def run_trace(url: str, convs: list[dict], max_tokens: int, timeout: float) -> tuple[list[dict], list[str], float]:
+    from baton_client import BatonClient, BatonError
 
     results: list[dict] = []
+    errors: list[str] = []
     lock = threading.Lock()
     t0 = time.monotonic()
 
@@ -85,10 +88,16 @@ def run_trace(url: str, convs: list[dict], max_tokens: int) -> tuple[list[dict],
             time.sleep(r["think"])
             start = time.monotonic()
             ttft, last = None, None
-            for chunk in client.stream(r["prompt"], max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
-                if ttft is None:
-                    ttft = time.monotonic() - start
-                last = chunk
+            try:
+                for chunk in client.stream(r["prompt"], max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                           timeout=timeout):
+                    if ttft is None:
+                        ttft = time.monotonic() - start
+                    last = chunk
+            except BatonError as e:          # counted, not fatal: the other conversations go on
+                with lock:
+                    errors.append(str(e)[:200])
+                break
             with lock:
                 results.append({"conv": c["id"], "ttft": ttft, "prompt_tokens": last.prompt_tokens,
                                 "cached": last.cached_tokens, "by_tier": last.cached_tokens_by_tier,
@@ -100,14 +109,15 @@ def run_trace(url: str, convs: list[dict], max_tokens: int) -> tuple[list[dict],
         th.start()
     for th in threads:
         th.join()
-    return results, time.monotonic() - t0
+    return results, errors, time.monotonic() - t0
 
 
-def summarize(results: list[dict], wall: float) -> dict:
+def summarize(results: list[dict], errors: list[str], wall: float) -> dict:
     prompt = sum(r["prompt_tokens"] for r in results)
     cached = [sum(r["by_tier"][i] for r in results) for i in range(len(TIERS))]
     ttft = [r["ttft"] for r in results]
-    return {"requests": len(results), "wall_s": round(wall, 1),
+    return {"requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else "",
+            "wall_s": round(wall, 1),
             "ttft_p50_s": round(pct(ttft, 50), 4), "ttft_p95_s": round(pct(ttft, 95), 4),
             "ttft_mean_s": round(statistics.mean(ttft), 4),
             "prompt_tokens": prompt, "prompt_tokens_computed": prompt - sum(r["cached"] for r in results),
@@ -128,7 +138,10 @@ def main() -> None:
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--rate", type=float, default=1.0, help="conversations started per second (Poisson)")
     ap.add_argument("--think", type=float, default=2.0, help="mean seconds between an answer and the next turn")
-    ap.add_argument("--modes", default="off,l1,l1+l2,all")
+    ap.add_argument("--modes", default="off,l1,l1+l2,l1+l3+l4,all")
+    ap.add_argument("--request-timeout", type=float, default=300, help="a request not done by then counts as an error")
+    ap.add_argument("--host-factor", type=float, default=2, help="L2's size over L1's")
+    ap.add_argument("--store-factor", type=float, default=2, help="L3's size (this node's share) over L1's")
     ap.add_argument("--l1-fraction", type=float, default=1 / 8, help="the pool's blocks over the trace's distinct blocks")
     a = ap.parse_args()
     from tokenizers import Tokenizer
@@ -141,37 +154,41 @@ def main() -> None:
     longest = max(len(tok.encode(r["prompt"]).ids) for c in convs for r in c["turns"])
     distinct = distinct_blocks(tok, convs, 16)
     l1 = max(int(distinct * a.l1_fraction), -(-(longest + a.answer_tokens) // 16) * 2 + 8)   # two prompts fit
-    block_mb = None
+    from baton.backends.engine.llm_engine import pool_spec, resolve_dtype
+    from baton.backends.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(a.model)
+    max_len = min(cfg.max_position_embeddings, 4096)
+    if longest + a.answer_tokens > max_len:
+        raise SystemExit(f"the trace's longest prompt ({longest} tokens) + answer exceeds the model's {max_len}")
+    block_mb = pool_spec(cfg, resolve_dtype("auto", cfg.torch_dtype), 16, l1, 0).block_bytes / 2**20
     report: dict = {"model": a.model, "cpus": len(os.sched_getaffinity(0)), "date": time.strftime("%Y-%m-%d %H:%M"),
                     "trace": {"conversations": a.conversations, "turns": a.turns, "system_tokens": a.system_tokens,
                               "user_tokens": a.user_tokens, "answer_tokens": a.answer_tokens, "rate": a.rate,
                               "think_s": a.think, "longest_prompt": longest, "distinct_blocks": distinct},
-                    "l1_blocks": l1, "modes": {}}
+                    "l1_blocks": l1, "l1_mb": round(l1 * block_mb, 1), "host_factor": a.host_factor,
+                    "store_factor": a.store_factor, "modes": {}}
     for mode in a.modes.split(","):
         disk = tempfile.mkdtemp(prefix="baton-bench-kv-")
-        over: dict = {"num_blocks": l1, "max_model_len": 4096, "max_tokens_limit": 4096}
-        if block_mb is None:
-            from baton.backends.engine.llm_engine import pool_spec, resolve_dtype
-            from baton.backends.models.config import ModelConfig
-
-            cfg = ModelConfig.from_dir(a.model)
-            spec = pool_spec(cfg, resolve_dtype("auto", cfg.torch_dtype), 16, l1, 0)
-            block_mb = spec.block_bytes / 2**20
-            report["l1_mb"] = round(l1 * block_mb, 1)
-        lower = max(1, int(4 * l1 * block_mb))
+        over: dict = {"num_blocks": l1, "max_model_len": max_len, "max_tokens_limit": max_len}
+        host_mb = max(1, int(a.host_factor * l1 * block_mb))
         if mode == "off":
             over["enable_prefix_caching"] = False
         elif mode == "l1+l2":
-            over["kv_tiers"] = {"host_mb": lower}
+            over["kv_tiers"] = {"host_mb": host_mb}
+        elif mode == "l1+l3+l4":        # no host tier: what L2 caught comes from the store and the files
+            over["kv_tiers"] = {"store": "auto", "disk_dir": disk,
+                                "store_mb": max(1, int(a.store_factor * l1 * block_mb))}
         elif mode == "all":
-            over["kv_tiers"] = {"host_mb": lower, "store": "auto", "store_mb": lower, "disk_dir": disk}
+            over["kv_tiers"] = {"host_mb": host_mb, "store": "auto", "disk_dir": disk,
+                                "store_mb": max(1, int(a.store_factor * l1 * block_mb))}
         node = Node(a.model, "single_node", overrides=over, gateway_port=None)
         node.start(timeout=300, quiet=True)
         try:
-            results, wall = run_trace(node.grpc_url, convs, a.answer_tokens)
+            results, errors, wall = run_trace(node.grpc_url, convs, a.answer_tokens, a.request_timeout)
         finally:
             node.stop()
-        report["modes"][mode] = summarize(results, wall)
+        report["modes"][mode] = summarize(results, errors, wall)
         print(mode, json.dumps(report["modes"][mode]), flush=True)
     base = report["modes"].get("l1")
     if base:

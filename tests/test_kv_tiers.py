@@ -118,6 +118,30 @@ def test_corrupt_file_is_ignored_and_removed(qwen3_dir, prompts, expected, tmp_p
         llm.close()
 
 
+def test_a_full_disk_stops_file_writes_not_requests(qwen3_dir, prompts, expected, tmp_path):
+    """A real full filesystem (a 256 KiB tmpfs): writes stop with a warning, every request completes."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs (root needed, as for the PD tests): {r.stderr}")
+    try:
+        llm = LLM(qwen3_dir, **SMALL_POOL, kv_tiers={"disk_dir": str(mnt), "disk_mb": 64})
+        try:
+            first, second = two_passes(llm, prompts)
+            assert [o.token_ids for o in first] == expected and [o.token_ids for o in second] == expected
+            tier = llm.engine.tiers.tiers[0]
+            assert not tier.store.writable                # ENOSPC turned writes off
+            assert tier.stats["puts"] > 0                 # what fit was written, and is read back
+            assert llm.engine.block_manager.num_used == 0
+        finally:
+            llm.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 def test_write_after_n_hits(qwen3_dir, prompts, tmp_path):
     """hits:2: a block reaches the tier only once the pool has served it twice."""
     llm = LLM(qwen3_dir, num_blocks=64, kv_tiers={"disk_dir": str(tmp_path), "disk_write": "hits:2"})
@@ -349,3 +373,41 @@ def test_two_hosts_reuse_each_others_prefixes_through_the_store(qwen3_dir, offli
             master.stop()
             for run in runs:
                 shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_pd_cluster_nodes_share_one_store(qwen3_dir, offline, tmp_path_factory):
+    """`baton cluster up --kv-tiers '{"store": "auto"}'`'s topology on simulated hosts: one mooncake_master
+    beside etcd for every node. Prompts prefilled on prefill0 are found in the store by prefill1 once
+    prefill0 is gone; outputs stay exact."""
+    import time
+
+    from baton.backends.cluster.local import LocalCluster
+
+    expect = [offline(p, max_tokens=8).token_ids for p in TIER_PROMPTS]
+    d = tmp_path_factory.mktemp("profiles")
+    for role in ("prefill", "decode", "router"):
+        (d / f"pd_{role}.toml").write_text(f'extends = "pd_{role}"\n[engine]\ndtype = "float32"\nmax_model_len = 256\n'
+                                           'num_blocks = 24\n[serving]\nmax_tokens_limit = 200\n')
+    cluster = LocalCluster(str(qwen3_dir), 2, 1, hosts=True, profile_dir=d,
+                           kv_tiers={"store": "auto", "store_mb": 32}).start()
+    try:
+        reqs = [{"prompt": p, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True} for p in TIER_PROMPTS]
+        first = cluster.generate(reqs)
+        assert [r["token_ids"] for r in first] == expect, first
+        cluster.kill("prefill0")
+        time.sleep(4)                          # its lease (3 s) runs out: the router stops choosing it
+        second = cluster.generate(reqs)
+        assert [r["token_ids"] for r in second] == expect, second
+        store = TIER_NAMES.index("store")
+        assert sum(r["cached_tokens_by_tier"][store] for r in second) > 0, second
+        assert all(sum(r["cached_tokens_by_tier"]) == r["cached_tokens"] for r in second)
+        deadline = time.monotonic() + 10
+        while True:                            # the live nodes hold no blocks once idle
+            held = {n: (st["num_used"], st["handoffs"]) for n in ("prefill1", "decode0") for st in [cluster.kv_stats(n)]}
+            if set(held.values()) == {(0, 0)} or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert held == {"prefill1": (0, 0), "decode0": (0, 0)}
+    finally:
+        cluster.stop()

@@ -63,10 +63,13 @@ class NodeProcess:
 class LocalCluster:
     def __init__(self, model: str, prefill: int = 1, decode: int = 1, hosts: bool = False,
                  profile_dir: Path | None = None, run_root: Path | None = None,
-                 router_ports: tuple[int, int, int, int] = (0, 0, 0, 0), taskset: dict[str, str] | None = None) -> None:
+                 router_ports: tuple[int, int, int, int] = (0, 0, 0, 0), taskset: dict[str, str] | None = None,
+                 kv_tiers: dict | None = None) -> None:
         """profile_dir: where to find pd_prefill/pd_decode/pd_router.toml overrides (tests shrink the
         pool); hosts: one network namespace per node; router_ports: the router's HTTP, gRPC, metrics and
-        OpenAI gateway ports without hosts (0: a free one, -1: no gateway); taskset: node name -> CPUs."""
+        OpenAI gateway ports without hosts (0: a free one, -1: no gateway); taskset: node name -> CPUs;
+        kv_tiers: every prefill and decode node's [engine.kv_tiers] (store "auto": one mooncake_master
+        for the cluster, beside etcd, that every node uses)."""
         self.model, self.n_prefill, self.n_decode = model, prefill, decode
         self.profile_dir = profile_dir
         self.run_root = Path(run_root or tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-cluster-"))
@@ -78,6 +81,8 @@ class LocalCluster:
         self.etcd: EtcdProcess | None = None
         self.nodes: dict[str, NodeProcess] = {}
         self.key_file = self.run_root / "cluster.key"
+        self.kv_tiers = dict(kv_tiers or {})
+        self.store = None                    # the cluster's mooncake_master (kv/services.py)
 
     def _profile(self, role: str) -> str:
         if self.profile_dir is not None and (self.profile_dir / f"pd_{role}.toml").is_file():
@@ -102,6 +107,12 @@ class LocalCluster:
             self.etcd = EtcdProcess(hub, 2379, 2380, self.hosts.run_in("hub")).start()
         else:
             self.etcd = EtcdProcess("127.0.0.1", free_port(), free_port()).start()
+        if self.kv_tiers.get("store") == "auto":
+            from ..kv.services import MooncakeMaster
+
+            self.store = (MooncakeMaster(hub, 2400, self.hosts.run_in("hub")) if self.hosts is not None
+                          else MooncakeMaster()).start()
+            self.kv_tiers["store"] = self.store.address
         for name in self.names:
             role = "router" if name == "router" else name.rstrip("0123456789")
             if self.hosts is not None:          # a host of its own: the usual ports are free there
@@ -136,6 +147,8 @@ class LocalCluster:
                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                "--gateway-port", str(gateway), "--name-service", self.etcd.url, "--host", n.host,
                "--cluster-key-file", str(self.key_file)]
+        if self.kv_tiers and n.name != "router":
+            cmd += ["--kv-tiers", json.dumps(self.kv_tiers)]
         if n.taskset:
             cmd = ["taskset", "-c", n.taskset, *cmd]
         env = os.environ | {"BATON_RUN_DIR": str(n.run_dir)}
@@ -208,6 +221,8 @@ class LocalCluster:
                     n.proc.wait()
         if self.etcd is not None:
             self.etcd.stop()
+        if self.store is not None:
+            self.store.stop()
         if self.hosts is not None:
             self.hosts.close()
         shutil.rmtree(self.run_root, ignore_errors=True)

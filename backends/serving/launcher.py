@@ -198,6 +198,8 @@ class Node:
         from ..kv.services import MooncakeMaster, RedisServer
 
         table = dict(table)
+        if table.get("store") and "store_host" not in table:
+            table["store_host"] = self.host            # where the store's transfers reach this node
         if table.get("store") == "auto":
             self.services.append(MooncakeMaster().start())
             table["store"] = self.services[-1].address
