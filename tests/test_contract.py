@@ -1,9 +1,8 @@
 """The request contract, tried the way a careless or hostile client would: 30 malformed requests over
-gRPC and 9 over HTTP. Each is refused with a message naming the field (HTTP: status 400; gRPC: the
-INVALID_ARGUMENT status where Triton refuses it itself, while an error inside a stream carries a
-message only), and a normal request succeeds after every one. The cases Triton 2.51's own HTTP JSON
-parser answers (HTTP 500, before any model runs) are strict xfails: they document the limitation in
-the README and will say so when it is gone."""
+gRPC and 18 over HTTP. Each is refused with a message naming the field (HTTP: status 400 with a JSON
+body, from Baton's HTTP front, which checks the JSON that tritonserver 2.51's own parser answered with
+500 or wrapped; gRPC: the INVALID_ARGUMENT status where Triton refuses it itself, while an error inside
+a stream carries a message only), and a normal request succeeds after every one."""
 
 import json
 import queue
@@ -115,25 +114,52 @@ def _http(node, body, ctype="application/json"):
         return e.code, e.read().decode(errors="replace")
 
 
-TRITON_PARSER = pytest.mark.xfail(strict=True, reason="Triton 2.51's HTTP JSON parser answers 500 before any "
-                                                      "model runs (README, Limitations)")
-HTTP_CASES = [
+HTTP_CASES = [                                         # through Baton's HTTP front (gateway/v2.py)
     ("no prompt", {"max_tokens": 2}, "text_input"),
     ("empty prompt", {"text_input": ""}, "text_input"),
     ("misspelled input", {"text_input": "hi", "temprature": 0.5}, "temprature"),
     ("max_tokens 0", {"text_input": "hi", "max_tokens": 0}, "max_tokens"),
     ("top_p 2", {"text_input": "hi", "top_p": 2.0}, "top_p"),
     ("messages not a list", {"messages": '{"a": 1}'}, "messages"),
-    pytest.param("max_tokens as a string", {"text_input": "hi", "max_tokens": "2"}, "max_tokens", marks=TRITON_PARSER,
-                 id="max_tokens as a string"),
-    pytest.param("prompt as a number", {"text_input": 5}, "text_input", marks=TRITON_PARSER, id="prompt as a number"),
-    pytest.param("invalid json", b"{not json", "JSON", marks=TRITON_PARSER, id="invalid json"),
+    ("max_tokens as a string", {"text_input": "hi", "max_tokens": "2"}, "max_tokens"),
+    ("prompt as a number", {"text_input": 5}, "text_input"),
+    ("invalid json", b"{not json", "JSON"),
+    ("max_tokens past INT32", {"text_input": "hi", "max_tokens": 2**31}, "max_tokens"),
+    ("seed past INT64", {"text_input": "hi", "seed": 2**63}, "seed"),
+    ("temperature NaN", b'{"text_input": "hi", "temperature": NaN}', "temperature"),
+    ("ignore_eos as a number", {"text_input": "hi", "ignore_eos": 1}, "ignore_eos"),
+    ("stop of numbers", {"text_input": "hi", "stop": [1, 2]}, "stop"),
+    ("a list body", [{"text_input": "hi"}], "JSON object"),
+    ("parameters not an object", {"text_input": "hi", "parameters": [1]}, "parameters"),
+    ("a parameter given twice", {"text_input": "hi", "max_tokens": 2, "parameters": {"max_tokens": 3}}, "max_tokens"),
 ]
 
 
-@pytest.mark.parametrize("name, body, field", HTTP_CASES,
-                         ids=[c[0] if isinstance(c, tuple) else c.id for c in HTTP_CASES])
+@pytest.mark.parametrize("name, body, field", HTTP_CASES, ids=[c[0] for c in HTTP_CASES])
 def test_http_malformed_requests_are_400_and_name_the_field(node, name, body, field):
     status, text = _http(node, body)
     assert status == 400 and field in text, (status, text)
+    assert "error" in json.loads(text)                 # a JSON error body, not server-sent events
+    _still_serving(node)
+
+
+def test_http_generate_answers_once_and_server_faults_are_5xx(node):
+    """`generate` on the decoupled llm gives one JSON response (Triton: 200 with an error body unless
+    stream is false); a JSON infer request's INT32 past 2^31 is refused, not wrapped; a server that is
+    busy or stopping answers 503 (Triton's HTTP answered 400 for any model error)."""
+    req = urllib.request.Request(f"http://{node.http_url}/v2/models/llm/generate",
+                                 data=json.dumps({"text_input": "def f(x):", "max_tokens": 3}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        out = json.loads(r.read())
+    assert r.status == 200 and len(out["token_ids"]) == 3 and out["finish_reason"] == "length"
+    infer = {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
+                        {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [2**31 + 5]}]}
+    req = urllib.request.Request(f"http://{node.http_url}/v2/models/llm/infer", data=json.dumps(infer).encode())
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400 and "max_tokens" in e.value.read().decode()
+    from baton.backends.gateway.app import classify
+
+    assert classify("server busy: 256 requests in flight").status == 503
+    assert classify("llm front: RuntimeError('boom')").status == 500
     _still_serving(node)

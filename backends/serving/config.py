@@ -51,6 +51,10 @@ class ServingConfig:
     # the client gets UNAVAILABLE naming this setting; bounds what a client that vanished without the
     # server noticing (a non-streaming HTTP request) can hold. 0: no limit
     request_timeout_s: float = 600.0
+    # Baton's HTTP front (gateway/v2.py) on the HTTP port, tritonserver's own HTTP behind it on 127.0.0.1:
+    # the request contract (400 naming the field, 503, 500), JSON errors, HTTP disconnects cancel.
+    # false: tritonserver's HTTP server answers the port itself
+    http_front: bool = True
     # PD across servers (profiles pd_prefill, pd_decode, pd_router): this node's role; "": one node
     pd_role: Literal["", "prefill", "decode", "router"] = ""
     # pd_router: what a prompt block in a prefill node's lower KV tier is worth against one in its pool

@@ -75,6 +75,8 @@ class Node:
     serving: ServingConfig | None = None
     gateway_port: int | None = None      # the OpenAI-compatible gateway's port (0: a free one; None: none)
     gateway: subprocess.Popen | None = None
+    front: subprocess.Popen | None = None    # Baton's HTTP front on http_port (gateway/v2.py)
+    triton_http_port: int = 0                # tritonserver's own HTTP port behind the front
     # PD across servers (profiles pd_*): the name service, this node's address as other nodes reach
     # it, the file holding the cluster's key (hex; signs KV handles and acks between nodes)
     name_service: str = ""
@@ -149,6 +151,10 @@ class Node:
         self.server = TritonServer(repo, self.run_dir, self.http_port, self.grpc_port, self.metrics_port,
                                    f"baton-{self.node_id}-", self.run_dir / "tritonserver.log",
                                    address=self.listen_address)
+        use_front = serving.http_front and any(m in prof.models for m in ("llm_front", "llm"))
+        if use_front:                          # tritonserver's HTTP moves behind the front, on loopback
+            self.triton_http_port = free_port()
+            self.server.http_port, self.server.http_address = self.triton_http_port, "127.0.0.1"
         admin_key = "" if serving.open_admin_apis else secrets.token_hex(16)
         if admin_key:
             key_file = self.run_dir / "admin.key"
@@ -172,19 +178,28 @@ class Node:
         except Exception:
             self.stop()
             raise
-        if self.gateway_port is not None:
-            try:
-                self._start_gateway(model_dir)
-            except Exception:
-                self.stop()
-                raise
+        try:
+            if use_front:
+                self.front = self._spawn("HTTP front", "http-front.log", f"http://{self.http_url}/v2/health/live", [
+                    "baton.backends.gateway.v2", "--triton-grpc", self.grpc_url,
+                    "--triton-http", f"127.0.0.1:{self.triton_http_port}", "--port", str(self.http_port),
+                    "--host", self.listen_address])
+            if self.gateway_port is not None:
+                self.gateway_port = self.gateway_port or free_port()
+                self.gateway = self._spawn("OpenAI gateway", "gateway.log", f"http://{self.gateway_url}/health", [
+                    "baton.backends.gateway", "--triton", self.grpc_url, "--port", str(self.gateway_port),
+                    "--model", model_dir, "--host", self.listen_address])
+        except Exception:
+            self.stop()
+            raise
         if role:
             try:
                 self.registration = Registration(self.name_service, self.cluster, self._node_info)
             except Exception as e:
                 self.stop()
                 raise RuntimeError(f"could not register with the name service {self.name_service}: {e}") from None
-        self.supervisor = Supervisor(self.server.proc, self.manager.proc if self.manager else None, gateway=self.gateway)
+        self.supervisor = Supervisor(self.server.proc, self.manager.proc if self.manager else None, gateway=self.gateway,
+                                     front=self.front)
         self.supervisor.snapshot()
         if not quiet:
             gateway = f"  OpenAI http://127.0.0.1:{self.gateway_port}/v1" if self.gateway else ""
@@ -253,26 +268,26 @@ class Node:
                 info.queued_tokens += int(tokens)
         return info
 
-    def _start_gateway(self, model_dir: str, timeout: float = 60) -> None:
+    def _spawn(self, what: str, log_name: str, health_url: str, module_args: list[str],
+               timeout: float = 60) -> subprocess.Popen:
+        """A Python process of the node (the HTTP front, the OpenAI gateway), once `health_url` answers."""
         import urllib.request
 
         from ..runtime import die_with_parent
 
-        self.gateway_port = self.gateway_port or free_port()
-        log = open(self.run_dir / "gateway.log", "ab")
-        self.gateway = subprocess.Popen(
-            [sys.executable, "-P", "-m", "baton.backends.gateway", "--triton", self.grpc_url,
-             "--port", str(self.gateway_port), "--model", model_dir, "--host", self.listen_address],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent, env=os.environ | process_env())
+        log = open(self.run_dir / log_name, "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen([sys.executable, "-P", "-m", *module_args], stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent, env=os.environ | process_env())
         deadline = time.monotonic() + timeout
         while True:
             try:
-                urllib.request.urlopen(f"http://{self.gateway_url}/health", timeout=1).close()
-                return
+                urllib.request.urlopen(health_url, timeout=1).close()
+                return proc
             except OSError:
-                if self.gateway.poll() is not None or time.monotonic() > deadline:
-                    tail = (self.run_dir / "gateway.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"the OpenAI gateway did not start:\n{tail}") from None
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    stop_process(proc)
+                    tail = (self.run_dir / log_name).read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"the {what} did not start:\n{tail}") from None
                 time.sleep(0.1)
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -330,6 +345,7 @@ class Node:
             self.registration.stop()
             self.registration = None
         stop_process(self.gateway, 10)
+        stop_process(self.front, 10)
         try:
             if self.server is not None:
                 self.server.stop()

@@ -47,6 +47,7 @@ class Supervisor:
     server: subprocess.Popen
     manager: subprocess.Popen | None      # None: a node without a pool (pd_router)
     gateway: subprocess.Popen | None = None
+    front: subprocess.Popen | None = None     # Baton's HTTP front
     watched: dict[int, str] = field(default_factory=dict)
 
     def snapshot(self) -> None:
@@ -61,6 +62,8 @@ class Supervisor:
             return f"the KV manager exited with code {self.manager.returncode}"
         if self.gateway is not None and self.gateway.poll() is not None:
             return f"the OpenAI gateway exited with code {self.gateway.returncode}"
+        if self.front is not None and self.front.poll() is not None:
+            return f"the HTTP front exited with code {self.front.returncode}"
         gone = [name for pid, name in self.watched.items() if not _alive(pid)]
         if gone and self.server.poll() is not None:     # the server went first, taking its stages along
             return f"tritonserver exited with code {self.server.returncode}"

@@ -90,6 +90,7 @@ class TritonServer:
     log_path: Path
     proc: subprocess.Popen | None = None
     address: str = "127.0.0.1"       # where HTTP and gRPC listen (a PD node: every interface)
+    http_address: str = ""           # where HTTP listens, if not `address` (127.0.0.1 behind Baton's HTTP front)
 
     def start(self, install: TritonInstall | None = None, extra_env: dict[str, str] | None = None,
               models: list[str] | None = None, admin_key: str = "") -> None:
@@ -99,7 +100,7 @@ class TritonServer:
         backends = install.backend_dir(self.workdir / "backends")
         cmd = [
             str(install.binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
-            "--disable-auto-complete-config", "--allow-gpu-metrics=false", f"--http-address={self.address}",
+            "--disable-auto-complete-config", "--allow-gpu-metrics=false", f"--http-address={self.http_address or self.address}",
             f"--http-port={self.http_port}", f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}", "--exit-timeout-secs=5", "--log-verbose=" + os.environ.get("BATON_TRITON_VERBOSE", "0"),
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
