@@ -502,10 +502,15 @@ def test_admin_apis_need_the_nodes_key(node):
     assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3, ignore_eos=True).completion_tokens == 3
 
 
-def test_internal_models_refuse_forged_and_replayed_handles(node):
-    """A client calling the internal models directly: prefill's handle works once through decode; the
-    same handle again, or with its block ids changed, is refused in band with a message, the KV
-    blocks balance, and the server keeps serving."""
+def _stage_key(node):
+    from baton.backends.serving.config import NodeConfig
+
+    return {"baton_stage_key": NodeConfig.load(node.run_dir / "node.json").stage_key}
+
+
+def test_internal_models_answer_only_the_nodes_own_calls(node):
+    """preprocess, prefill and decode called by a client (no key, or a wrong one) are refused before
+    they do anything: no tokenizing, no blocks held, no generation."""
     import queue
 
     import tritonclient.grpc as grpc
@@ -513,16 +518,48 @@ def test_internal_models_refuse_forged_and_replayed_handles(node):
     from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST
 
     c = grpc.InferenceServerClient(node.grpc_url)
+    for params in (None, {"baton_stage_key": "0" * 32}):
+        with pytest.raises(Exception, match="internal to the node"):
+            c.infer("preprocess", [_input("text_input", np.array([b"hi"], dtype=object))], parameters=params)
+        prompt = {"input_ids": np.arange(3, 40, dtype=np.int64), "request_id": np.array([b"x"], dtype=object),
+                  "sampling": np.array([b"{}"], dtype=object)}
+        with pytest.raises(Exception, match="internal to the node"):
+            c.infer("prefill", [_input(n, prompt[n]) for n, _, _ in PREFILL_REQUEST], parameters=params)
+        got = queue.Queue()
+        c.start_stream(callback=lambda result, error: got.put((result, error)))
+        fake = {n: np.zeros(1, np.int64) if t == "TYPE_INT64" else np.zeros(1, np.int32) if t == "TYPE_INT32"
+                else np.zeros(1, np.float32) if t == "TYPE_FP32" else np.zeros(1, np.uint8) if t == "TYPE_UINT8"
+                else np.array([b""], dtype=object) for n, t, _ in HANDLE}
+        c.async_stream_infer("decode", [_input(n, a) for n, a in fake.items()], parameters=params)
+        result, error = got.get(timeout=30)
+        c.stop_stream()
+        assert error is not None and "internal to the node" in str(error), (result, error)
+    assert blocks_in_use(node.manager.address) == 0
+    assert BatonClient(node.grpc_url).generate("still serving?", max_tokens=3, ignore_eos=True).completion_tokens == 3
+
+
+def test_internal_models_refuse_forged_and_replayed_handles(node):
+    """A caller holding the node's stage key (an insider, or a leaked key) calling the internal models
+    directly: prefill's handle works once through decode; the same handle again, or with its block ids
+    changed, is refused in band with a message, the KV blocks balance, and the server keeps serving."""
+    import queue
+
+    import tritonclient.grpc as grpc
+
+    from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST
+
+    c = grpc.InferenceServerClient(node.grpc_url)
+    key = _stage_key(node)
     pre = c.infer("preprocess", [_input("text_input", np.array([b"def handle():"], dtype=object)),
                                  _input("max_tokens", np.array([5], np.int32)),
-                                 _input("ignore_eos", np.array([True]))])     # sampled: EOS must not end it
-    res = c.infer("prefill", [_input(n, pre.as_numpy(n)) for n, _, _ in PREFILL_REQUEST])
+                                 _input("ignore_eos", np.array([True]))], parameters=key)   # sampled: EOS must not end it
+    res = c.infer("prefill", [_input(n, pre.as_numpy(n)) for n, _, _ in PREFILL_REQUEST], parameters=key)
     handle = {n: res.as_numpy(n) for n, _, _ in HANDLE}
 
     def decode(arrays):
         got = queue.Queue()
         c.start_stream(callback=lambda result, error: got.put((result, error)))
-        c.async_stream_infer("decode", [_input(n, a) for n, a in arrays.items()])
+        c.async_stream_infer("decode", [_input(n, a) for n, a in arrays.items()], parameters=key)
         outs = []
         while True:
             result, error = got.get(timeout=30)

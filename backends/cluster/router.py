@@ -115,8 +115,10 @@ class Router:
     """The pd_router front's view of the cluster and its calls to the chosen nodes."""
 
     def __init__(self, name_service: str, cluster: str, timeout_s: float,
-                 tier_weights: dict[str, float] | None = None) -> None:
+                 tier_weights: dict[str, float] | None = None, stage_key: str = "") -> None:
+        """stage_key: what calls to the nodes' internal stages carry (the cluster's NodeConfig.stage_key)."""
         self.members = Membership(name_service, cluster)
+        self.stage_key = stage_key
         self.tier_weights = tier_weights
         self.name_service = name_service
         self.timeout_s = timeout_s
@@ -137,7 +139,7 @@ class Router:
     def _channel(self, address: str) -> Loopback:
         with self.lock:
             if address not in self.channels:
-                self.channels[address] = Loopback(address, self.timeout_s)
+                self.channels[address] = Loopback(address, self.timeout_s, self.stage_key)
             return self.channels[address]
 
     def _mark_down(self, node: NodeInfo, why: str) -> None:

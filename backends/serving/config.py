@@ -9,6 +9,8 @@ an error naming the key and the file."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,9 @@ class ServingConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
+STAGE_KEY_PARAM = "baton_stage_key"       # the request parameter an internal stage call carries
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """What every stage process of a node reads, from <run_dir>/node.json (the launcher writes it;
@@ -94,6 +99,27 @@ class NodeConfig:
     block_source: str = ""               # a prefill node's kv.transfer.BlockSource JSON, carried in its handles
     name_service: str = ""               # etcd URL (the pd_router front reads the membership there)
     cluster: str = "baton"               # the cluster's name: its nodes' keys in the name service
+    # the internal stages (preprocess, prefill, decode) answer only calls carrying stage_key(): the
+    # llm front's and PD routers'. False under an ensemble, which cannot add the key
+    stage_calls_keyed: bool = False
+
+    @property
+    def stage_key(self) -> str:
+        """What the llm front (and a PD router) puts in each stage call's parameters: derived from the
+        node's (PD: the cluster's) secret, so the secret itself never travels."""
+        return hmac.new(bytes.fromhex(self.handle_key), b"baton stage call", hashlib.sha256).hexdigest()[:32]
+
+    def stage_call_refused(self, parameters_json: str, stage: str) -> str:
+        """"" when a call to an internal stage may go on, else why not (a client calling it directly)."""
+        if not self.stage_calls_keyed:
+            return ""
+        try:
+            given = json.loads(parameters_json or "{}").get(STAGE_KEY_PARAM, "")
+        except (json.JSONDecodeError, AttributeError):
+            given = ""
+        if isinstance(given, str) and hmac.compare_digest(given, self.stage_key):
+            return ""
+        return f"{stage} is internal to the node: send requests to the llm model"
 
     @property
     def max_tokens_limit(self) -> int:

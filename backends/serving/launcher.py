@@ -143,7 +143,8 @@ class Node:
                           grpc_address=self.grpc_url, node_id=self.node_id,
                           transfer_host=self.host if role == "decode" else "", transfer_protocol=self.transfer_protocol,
                           block_source=self.manager.source if role == "prefill" else "",
-                          name_service=self.name_service if role == "router" else "", cluster=self.cluster)
+                          name_service=self.name_service if role == "router" else "", cluster=self.cluster,
+                          stage_calls_keyed=use_keyed_stages(prof.models, role))
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")
@@ -366,6 +367,12 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def use_keyed_stages(models: list[str], role: str) -> bool:
+    """Whether the node's internal stages take only keyed calls: yes when a Python front calls them (the
+    llm front; PD routers call prefill and decode nodes), no under an ensemble, which cannot add the key."""
+    return "llm_front" in models or role in ("prefill", "decode")
 
 
 def scrape_load(metrics_port: int, role: str) -> tuple[int, int]:

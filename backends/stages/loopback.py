@@ -23,6 +23,7 @@ from tritonclient.utils import (
     triton_to_np_dtype,
 )
 
+from ..serving.config import STAGE_KEY_PARAM
 from .front import FrontError
 
 Arrays = dict[str, np.ndarray]
@@ -37,8 +38,11 @@ STREAM_GRACE_S = 30.0
 MAX_MESSAGE_BYTES = 64 << 20         # prompts are bounded long before this (max_model_len tokens)
 
 
-def encode(model: str, arrays: Arrays, outputs: list[str]) -> service_pb2.ModelInferRequest:
+def encode(model: str, arrays: Arrays, outputs: list[str], stage_key: str = "") -> service_pb2.ModelInferRequest:
+    """stage_key: the node's key for calls to its internal stages (serving.config.NodeConfig.stage_key)."""
     req = service_pb2.ModelInferRequest(model_name=model)
+    if stage_key:
+        req.parameters[STAGE_KEY_PARAM].string_param = stage_key
     for name, a in arrays.items():
         req.inputs.add(name=name, datatype=np_to_triton_dtype(a.dtype), shape=a.shape)   # data: raw, in order
         if a.dtype == np.object_ or a.dtype.type == np.bytes_:
@@ -67,22 +71,23 @@ class Loopback:
     are thread-safe). Every call has a deadline of `timeout_s` (0: none), so no request thread waits
     for ever on a stage that hangs."""
 
-    def __init__(self, address: str, timeout_s: float = 0.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 0.0, stage_key: str = "") -> None:
         self.timeout = timeout_s or None
+        self.stage_key = stage_key
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                                                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
     def call(self, model: str, arrays: Arrays, outputs: list[str]) -> Arrays:
         try:
-            return decode(self.stub.ModelInfer(encode(model, arrays, outputs), timeout=self.timeout))
+            return decode(self.stub.ModelInfer(encode(model, arrays, outputs, self.stage_key), timeout=self.timeout))
         except grpc.RpcError as e:
             raise FrontError(e.details() or str(e.code()), _CODES.get(e.code(), "error")) from None
 
     def stream(self, model: str, arrays: Arrays, outputs: list[str]) -> Iterator[Arrays]:
         """A decoupled model's responses, to the last. Left early (the caller raised or closed the
         generator), the call is cancelled rather than left streaming to no one."""
-        call = self.stub.ModelStreamInfer(iter([encode(model, arrays, outputs)]),
+        call = self.stub.ModelStreamInfer(iter([encode(model, arrays, outputs, self.stage_key)]),
                                           timeout=self.timeout and self.timeout + STREAM_GRACE_S)
         try:
             for r in call:

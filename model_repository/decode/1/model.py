@@ -37,7 +37,7 @@ class TritonSink:
 class TritonPythonModel:
     def initialize(self, args):
         path = NodeConfig.path_in(args["model_config"])
-        node = NodeConfig.load(path)
+        node = self.node = NodeConfig.load(path)
         address = f"ipc://{node.run_dir}/decode-{args['model_instance_name']}.sock"
         cmd = worker_command(address, path, cancel_address(node.run_dir, args["model_instance_name"]))
         self.metrics = TritonMetrics(pb_utils, DECODE, {"model": args["model_name"], "version": args["model_version"]})
@@ -45,6 +45,12 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for r in requests:
+            why = self.node.stage_call_refused(r.parameters(), "decode")
+            if why:                                   # a client calling the stage directly
+                r.get_response_sender().send(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(why, pb_utils.TritonError.INVALID_ARG)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
             arrays = {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n, _, _ in HANDLE}
             handle = KVHandle.from_arrays(arrays)
             self.stage.submit(handle, TritonSink(r, handle.request_id))

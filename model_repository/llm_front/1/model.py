@@ -28,13 +28,13 @@ class TritonPythonModel:
         # served as llm_trtllm: TensorRT-LLM's shapes, a batch dimension (of 1) on every tensor
         self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
         self.cancel = CancelSender(node.run_dir)
-        self.stages = Loopback(node.grpc_address, node.serving.request_timeout_s)  # not BLS: loopback.py says why
+        self.stages = Loopback(node.grpc_address, node.serving.request_timeout_s, node.stage_key)  # not BLS: loopback.py says why
         self.router = None
         if node.name_service:                 # pd_router: prefill and decode run on the nodes it picks
             from baton.backends.cluster.router import Router
 
             self.router = Router(node.name_service, node.cluster, node.serving.request_timeout_s,
-                                 node.serving.tier_weights)
+                                 node.serving.tier_weights, node.stage_key)
         self.limit = Admission(node.serving.max_pending_requests,
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING

@@ -14,16 +14,22 @@ from baton.backends.stages.prefill import PrefillStage
 
 class TritonPythonModel:
     def initialize(self, args):
-        node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
+        node = self.node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.stage = PrefillStage(node_engine(node, "prefill"), bytes.fromhex(node.handle_key), core_share(node, "prefill"),
                                   node.block_source, f"{node.run_dir}/prefill-{args['model_instance_name']}.load")
         self.metrics = TritonMetrics(pb_utils, PREFILL, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
+        refused = [self.node.stage_call_refused(r.parameters(), "prefill") for r in requests]
         batch = [PrefillRequest.from_arrays({n: pb_utils.get_input_tensor_by_name(r, n).as_numpy()
-                                             for n, _, _ in PREFILL_REQUEST}) for r in requests]
+                                             for n, _, _ in PREFILL_REQUEST}) for r, why in zip(requests, refused) if not why]
+        results = iter(self.stage.run(batch) if batch else [])
         out = []
-        for res in self.stage.run(batch):
+        for why in refused:
+            if why:                                   # a client calling the stage directly
+                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(why, pb_utils.TritonError.INVALID_ARG)))
+                continue
+            res = next(results)
             if isinstance(res, Exception):
                 code = pb_utils.TritonError.INVALID_ARG if isinstance(res, InvalidRequestError) else pb_utils.TritonError.INTERNAL
                 out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(res), code)))

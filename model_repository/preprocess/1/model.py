@@ -12,12 +12,16 @@ NAMES = [n for n, _ in STRINGS] + [n for n, _ in SCALARS]
 
 class TritonPythonModel:
     def initialize(self, args):
-        node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
+        node = self.node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.pre = Preprocessor(node.engine.model, node.engine.max_model_len, node.max_tokens_limit)
 
     def execute(self, requests):
         out = []
         for r in requests:
+            why = self.node.stage_call_refused(r.parameters(), "preprocess")
+            if why:                                   # a client calling the stage directly
+                out.append(pb_utils.InferenceResponse(error=_invalid(why)))
+                continue
             inputs = {}
             for name in NAMES:
                 t = pb_utils.get_input_tensor_by_name(r, name)
