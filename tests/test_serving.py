@@ -526,7 +526,7 @@ def test_internal_models_answer_only_the_nodes_own_calls(node):
         with pytest.raises(Exception, match="internal to the node"):
             c.infer("prefill", [_input(n, prompt[n]) for n, _, _ in PREFILL_REQUEST], parameters=params)
         got = queue.Queue()
-        c.start_stream(callback=lambda result, error: got.put((result, error)))
+        c.start_stream(callback=lambda result, error, got=got: got.put((result, error)))
         fake = {n: np.zeros(1, np.int64) if t == "TYPE_INT64" else np.zeros(1, np.int32) if t == "TYPE_INT32"
                 else np.zeros(1, np.float32) if t == "TYPE_FP32" else np.zeros(1, np.uint8) if t == "TYPE_UINT8"
                 else np.array([b""], dtype=object) for n, t, _ in HANDLE}
