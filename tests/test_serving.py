@@ -188,9 +188,10 @@ def test_wrong_types_shapes_and_bytes_are_refused(node):
     import tritonclient.http as http
 
     c = grpc.InferenceServerClient(node.grpc_url)
+    key = _stage_key(node)               # as the llm front calls it: the stage's own checks, not the key's
 
     def infer(inputs):
-        c.infer("preprocess", inputs)
+        c.infer("preprocess", inputs, parameters=key)
 
     def tensor(name, arr, dtype):
         t = grpc.InferInput(name, list(arr.shape), dtype)

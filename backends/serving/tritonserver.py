@@ -102,7 +102,7 @@ class TritonServer:
             str(install.binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
             "--disable-auto-complete-config", "--allow-gpu-metrics=false", f"--http-address={self.http_address or self.address}",
             f"--http-port={self.http_port}", f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-port={self.metrics_port}", "--exit-timeout-secs=5", "--log-verbose=" + os.environ.get("BATON_TRITON_VERBOSE", "0"),
+            f"--metrics-port={self.metrics_port}", f"--metrics-address={self.address}",   # else: the HTTP address "--exit-timeout-secs=5", "--log-verbose=" + os.environ.get("BATON_TRITON_VERBOSE", "0"),
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if models is not None:
