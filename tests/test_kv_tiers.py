@@ -142,6 +142,34 @@ def test_a_full_disk_stops_file_writes_not_requests(qwen3_dir, prompts, expected
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
+def test_a_tier_that_hangs_is_given_up_and_the_prompt_computed(qwen3_dir, prompts, expected, tmp_path,
+                                                                monkeypatch):
+    """A read that never returns (a hung disk, a store that stopped answering mid-call) holds its
+    request only LOAD_TIMEOUT_S: then the prompt is computed in fresh blocks; the old ones come back
+    once the read ends."""
+    import threading
+
+    from baton.backends.kv import tier_connector
+    from baton.backends.kv.tiers import FileTier
+
+    llm = LLM(qwen3_dir, **SMALL_POOL, kv_tiers={"disk_dir": str(tmp_path)})
+    try:
+        two_passes(llm, prompts)
+        gate = threading.Event()
+        real_get = FileTier.get
+        monkeypatch.setattr(FileTier, "get", lambda self, key, out: gate.wait(60) and real_get(self, key, out))
+        monkeypatch.setattr(tier_connector, "LOAD_TIMEOUT_S", 0.3)
+        out = llm.generate(prompts[:2], GREEDY)
+        assert [o.token_ids for o in out] == expected[:2]
+        assert all(o.cached_by_tier[TIER_NAMES.index("disk")] == 0 for o in out)
+        assert llm.engine.block_manager.num_used > 0          # the hung read's blocks: still pinned
+        gate.set()
+        llm.engine.tiers.flush()
+        assert llm.engine.block_manager.num_used == 0
+    finally:
+        llm.close()
+
+
 def test_write_after_n_hits(qwen3_dir, prompts, tmp_path):
     """hits:2: a block reaches the tier only once the pool has served it twice."""
     llm = LLM(qwen3_dir, num_blocks=64, kv_tiers={"disk_dir": str(tmp_path), "disk_write": "hits:2"})

@@ -124,11 +124,7 @@ def test_a_failed_transfer_is_recomputed_and_the_request_completes(pd, qwen3_dir
     decode.step_once([(h, sink)])
     while not sink.final:
         decode.step_once()
-    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
-    try:
-        want = llm.generate([prompt], GREEDY)[0].token_ids
-    finally:
-        llm.close()
+    want = _offline(qwen3_dir, prompt)
     assert decode.engine.connector.stats["failures"] == failures + 1
     assert sink.err is None and sink.ids == want
 
@@ -140,11 +136,7 @@ def test_blocks_of_another_layout_are_recomputed_not_read(pd, qwen3_dir, monkeyp
     prompt = prompts_of(512, [40], seed=13)[0]
     failures, read = conn.stats["failures"], conn.stats["blocks_read"]
     _, sink = _serve(prefill, decode, prompt)
-    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
-    try:
-        want = llm.generate([prompt], GREEDY)[0].token_ids
-    finally:
-        llm.close()
+    want = _offline(qwen3_dir, prompt)
     assert conn.stats["failures"] == failures + 1 and conn.stats["blocks_read"] == read
     assert sink.err is None and sink.ids == want
     assert _used(pm) == (0, 0)                  # acknowledged all the same: the source let go at once
@@ -267,11 +259,7 @@ def test_a_read_that_never_ends_is_given_up_and_recomputed(pd, qwen3_dir, monkey
     deadline = time.monotonic() + 20
     while not sink.final and time.monotonic() < deadline:
         decode.step_once()
-    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
-    try:
-        want = llm.generate([prompt], GREEDY)[0].token_ids
-    finally:
-        llm.close()
+    want = _offline(qwen3_dir, prompt)
     assert sink.err is None and sink.ids == want and conn.stats["failures"] == failures + 1
     assert conn.deferred                              # the first blocks wait for the read that holds them
     gate.set()
@@ -281,3 +269,12 @@ def test_a_read_that_never_ends_is_given_up_and_recomputed(pd, qwen3_dir, monkey
         decode.engine.block_manager.flush(idle=True)
         time.sleep(0.05)
     assert _used(dm) == (0, 0) and _used(pm) == (0, 0)
+
+
+def _offline(qwen3_dir, prompt):
+    """The offline engine's greedy tokens for `prompt`: what a PD request must give."""
+    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16)
+    try:
+        return llm.generate([prompt], GREEDY)[0].token_ids
+    finally:
+        llm.close()

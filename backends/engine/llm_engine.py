@@ -88,7 +88,7 @@ class LLMEngine:
             from ..kv.tiers import open_tiers
 
             self.tiers = open_tiers(config.kv_tiers, config.model, self.pool, self.block_manager)
-            self.connector = TierConnector(self.connector, self.tiers, self.tiers.names, self.block_size)
+            self.connector = TierConnector(self.connector, self.tiers, self.tiers.names, self.block_manager)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill,
                                    self.connector)
         self.runner = ModelRunner(self.model, self.pool)

@@ -214,7 +214,7 @@ class RemoteBlockManager:
             return out
         want = n - len(self.reserve) + self.reserve_target
         got = self._call([("alloc", want)])[-1]
-        if got is None:                                   # not enough for the reserve too: exact ask
+        if got is None and self.remote_free >= n - len(self.reserve):   # enough, but not for the reserve too
             got = self._call([("alloc", n - len(self.reserve))])[-1]
             if got is None:
                 raise OutOfBlocks(f"need {n} KV blocks, {self.num_free} free")
@@ -284,6 +284,10 @@ class RemoteTiers:
 
     def stats(self) -> dict:
         return self.bm._call([("tier_stats", None)])[-1]
+
+    def summary(self, limit: int) -> dict[str, list[int]]:
+        """Each tier's newest `limit` keys (a PD node's heartbeat)."""
+        return self.bm._call([("tier_summary", limit)])[-1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,9 @@ manager owns the stack); both answer lookup / load / poll."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from .connector import ExternalMatch, KVConnector
@@ -24,6 +26,13 @@ from .tiers import TIER_NAMES, Lookup
 if TYPE_CHECKING:
     from ..engine.sequence import Sequence
     from ..stages.messages import KVHandle
+
+log = logging.getLogger("kv-tiers")
+
+# A load not done this long after it was queued (a tier that hangs, or a worker stuck behind one) is
+# given up: the sequence computes its prompt in fresh blocks. The old ones stay pinned by the stack
+# until the copy into them ends, so nothing reuses them meanwhile.
+LOAD_TIMEOUT_S = 30.0
 
 
 class Tiers(Protocol):
@@ -35,11 +44,14 @@ class Tiers(Protocol):
 
 
 class TierConnector(KVConnector):
-    def __init__(self, inner: KVConnector, tiers: Tiers, tier_names: list[str], block_size: int) -> None:
-        """tier_names: the stack's tiers in order (TIER_NAMES entries), for per-tier counts."""
-        self.inner, self.tiers, self.names, self.block_size = inner, tiers, tier_names, block_size
+    def __init__(self, inner: KVConnector, tiers: Tiers, tier_names: list[str], block_manager: object) -> None:
+        """tier_names: the stack's tiers in order (TIER_NAMES entries), for per-tier counts;
+        block_manager: where a load given up returns its sequence's blocks."""
+        self.inner, self.tiers, self.names, self.bm = inner, tiers, tier_names, block_manager
+        self.block_size = block_manager.block_size
         self.plans: dict[int, Lookup] = {}             # seq id -> its lookup, until allocated
-        self.loading: dict[int, tuple[str, list[int]]] = {}   # seq id -> (load id, tier per loaded block)
+        # seq id -> (load id, tier per loaded block, when it was queued)
+        self.loading: dict[int, tuple[str, list[int], float]] = {}
         self._ids = itertools.count()
 
     def remote(self, handle: KVHandle) -> bool:
@@ -83,7 +95,7 @@ class TierConnector(KVConnector):
             tiers = plan.tiers[first:] if first >= 0 else []
             blocks = seq.block_table[skip:][: len(tiers)]
             load_id = f"{os.getpid()}.{seq.seq_id}.{next(self._ids)}"     # unique on the node's manager
-            self.loading[seq.seq_id] = (load_id, tiers[: len(blocks)])
+            self.loading[seq.seq_id] = (load_id, tiers[: len(blocks)], time.monotonic())
             self.tiers.load(load_id, blocks, seq.block_hashes[skip:skip + len(blocks)], tiers[: len(blocks)])
         if rest:
             self.inner.start_load(rest)
@@ -92,10 +104,18 @@ class TierConnector(KVConnector):
         rec = self.loading.get(seq.seq_id)
         if rec is None:
             return self.inner.wait(seq)
-        load_id, tiers = rec
+        load_id, tiers, queued = rec
         n = self.tiers.poll(load_id)
         if n is None:
-            return False
+            if time.monotonic() - queued < LOAD_TIMEOUT_S:
+                return False
+            del self.loading[seq.seq_id]
+            log.warning("request %s: its KV did not come from the tiers in %.0f s; computing its prompt",
+                        seq.request_id, LOAD_TIMEOUT_S)
+            self.bm.release(seq.block_table)          # pinned by the stack until its copy ends
+            seq.block_table = []
+            seq.num_computed_tokens = seq.num_published_blocks = seq.num_reused_blocks = 0
+            return True
         del self.loading[seq.seq_id]
         # what is in place: the pool's own blocks, then the loaded run; the rest is computed here
         have = seq.num_reused_blocks + n

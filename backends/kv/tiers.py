@@ -13,8 +13,9 @@ TierStack runs where the pool is owned (the node's KV manager; the offline engin
                             the write policies: a tier gets a block when the pool publishes it
                             ("through"), when the pool evicts it ("back"), or once it has been hit N
                             times ("hits:N")
-Blocks being copied hold an extra reference (a "pin"), so a cancelled request's blocks, or an
-evicted block, are not reused while a copy reads or writes them."""
+Blocks being loaded hold an extra reference (a "pin"), so a cancelled request's blocks are not
+reused while a copy writes into them. A write takes a copy of its block on the owner's thread
+(~10 us for 100 KB) and queues that, so a slow tier never holds pool blocks."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
     from .pool import KVPool, PoolSpec
 
 log = logging.getLogger("kv-tiers")
+
+# Writes queued at most: past this (a slow or stuck tier) new writes are dropped, not queued. Each
+# queued write holds a copy of its block, not the block, so a stuck tier never holds pool blocks.
+MAX_QUEUED_WRITES = 256
 
 # Where each tier's tokens are counted in a response's cached_tokens_by_tier (index 0: the pool).
 TIER_NAMES = TIERS
@@ -352,7 +357,7 @@ class StoreTier(Tier):
             rc = self.store.put_from(self._key(key), ptr, data.numel())
         else:
             rc = self.store.put(self._key(key), data.numpy().tobytes())
-        if rc < 0 and rc not in (-706,):     # -706: the object exists already
+        if rc < 0:                           # (an object that exists already answers 0)
             self._failed("write", rc)
             return False
         return True
@@ -407,14 +412,14 @@ class TierStack:
         self.pool, self.bm, self.tiers, self.policies = pool, bm, tiers, policies
         self.blocks = pool.tensor.view(pool.spec.num_blocks, -1).view(torch.uint8)    # [block, bytes]
         self.jobs: queue.Queue = queue.Queue()
-        self.unpin: queue.SimpleQueue = queue.SimpleQueue()     # blocks whose copies are done (owner thread frees)
+        self.unpin: queue.SimpleQueue = queue.SimpleQueue()     # blocks whose loads are done (owner thread frees)
         self.results: dict[str, tuple[int, float]] = {}          # load id -> (leading blocks loaded, when)
         self.hit_counts: dict[int, int] = {}
-        self.pool_stats = {"lookups": 0, "hits": 0}
+        self.pool_stats = {"lookups": 0, "hits": 0, "dropped_writes": 0}
         self.closed = False
         bm.on_evict = self.on_evict
         bm.on_cache = self.on_cache
-        bm.on_hit = self.on_hit if any(kind == "hits" for kind, _ in policies) else None
+        bm.on_hit = self.on_hit if any(kind == "hits" for kind, _ in policies) else None   # not per hit if unused
         self.worker = threading.Thread(target=self._work, name="baton-kv-tiers", daemon=True)
         self.worker.start()
 
@@ -465,26 +470,28 @@ class TierStack:
         return None if r is None else r[0]
 
     def on_cache(self, block: int, h: int) -> None:
-        """The pool published a block (it is held: published blocks belong to a running sequence)."""
-        targets = [i for i, (kind, _) in enumerate(self.policies) if kind == "through"]
-        if targets and self.bm.ref_counts[block] > 0:
-            self._pin([block])
-            self.jobs.put(("write", [(block, h)], targets, None))
+        """The pool published a block."""
+        self._write_to(("through", 0), block, h)
 
     def on_hit(self, block: int, h: int) -> None:
-        n = self.hit_counts.get(h, 0) + 1
-        self.hit_counts[h] = n
-        targets = [i for i, (kind, need) in enumerate(self.policies) if kind == "hits" and need == n]
-        if targets:
-            self._pin([block])
-            self.jobs.put(("write", [(block, h)], targets, None))
+        n = self.hit_counts[h] = self.hit_counts.get(h, 0) + 1
+        self._write_to(("hits", n), block, h)
 
     def on_evict(self, block: int, h: int) -> None:
         """The pool is about to reuse `block`: tiers written back get a copy of it first."""
         self.hit_counts.pop(h, None)
-        targets = [i for i, (kind, _) in enumerate(self.policies) if kind == "back"]
-        if targets:
-            self.jobs.put(("write", [(block, h)], targets, self.blocks[block].clone()))
+        self._write_to(("back", 0), block, h)
+
+    def _write_to(self, policy: tuple[str, int], block: int, h: int) -> None:
+        """Queue a copy of the block for the tiers with this policy (the copy, not the block: a slow
+        or stuck tier never holds pool blocks). A full queue drops the write: a cache may miss."""
+        targets = [i for i, p in enumerate(self.policies) if p == policy]
+        if not targets:
+            return
+        if self.jobs.qsize() >= MAX_QUEUED_WRITES:
+            self.pool_stats["dropped_writes"] += 1
+            return
+        self.jobs.put(("write", h, targets, self.blocks[block].clone()))
 
     def collect(self) -> None:
         """Give back the pins of finished copies (on the thread that owns the block manager)."""
@@ -516,11 +523,10 @@ class TierStack:
     def stats(self) -> dict[str, dict[str, float]]:
         self.collect()
         out = {"device": {"lookups": self.pool_stats["lookups"], "hits": self.pool_stats["hits"],
-                          "used_bytes": len(self.bm.cached) * self.pool.spec.block_bytes}}
+                          "used_bytes": len(self.bm.cached) * self.pool.spec.block_bytes},
+               "_pending": {"jobs": self.jobs.qsize(), "dropped_writes": self.pool_stats["dropped_writes"]}}
         for t in self.tiers:
-            out.setdefault(t.name, {})
             out[t.name] = dict(t.stats, used_bytes=t.used_bytes(), label=t.label)
-        out["_pending"] = {"jobs": self.jobs.qsize()}
         return out
 
     def close(self) -> None:
@@ -573,20 +579,14 @@ class TierStack:
             self.results[load_id] = (n, time.monotonic())
             self.unpin.put(blocks)
 
-    def _write(self, pairs: list[tuple[int, int]], targets: list[int], data: torch.Tensor | None) -> None:
-        try:
-            for b, h in pairs:
-                src = self.blocks[b] if data is None else data
-                for i in targets:
-                    tier = self.tiers[i]
-                    try:
-                        if tier.put(h, src):
-                            tier.written.append(h)
-                            tier.stats["puts"] += 1
-                            tier.stats["bytes_written"] += src.numel()
-                    except Exception as e:
-                        tier.stats["failures"] += 1
-                        log.warning("KV tier %s write failed: %s", tier.label, e)
-        finally:
-            if data is None:
-                self.unpin.put([b for b, _ in pairs])
+    def _write(self, h: int, targets: list[int], data: torch.Tensor) -> None:
+        for i in targets:
+            tier = self.tiers[i]
+            try:
+                if tier.put(h, data):
+                    tier.written.append(h)
+                    tier.stats["puts"] += 1
+                    tier.stats["bytes_written"] += data.numel()
+            except Exception as e:
+                tier.stats["failures"] += 1
+                log.warning("KV tier %s write failed: %s", tier.label, e)

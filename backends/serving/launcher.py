@@ -25,6 +25,7 @@ from ..cluster.registry import HASH_SUMMARY, NodeInfo, Registration, short_hash
 from ..engine.llm_engine import pool_spec, resolve_dtype
 from ..kv.node import KVManagerProcess
 from ..kv.pool import SHM_DIR
+from ..kv.services import free_port  # noqa: F401 - also imported from here by cluster/ and the tests
 from ..loader import weight_store
 from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
@@ -52,10 +53,6 @@ def port_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -259,8 +256,10 @@ class Node:
             info.free_blocks = st["num_blocks"] - st["num_used"]
             info.hashes = [short_hash(h) for h in self._reg_manager.cached_hashes(HASH_SUMMARY)]
             if self.manager.tiers:
-                info.tier_hashes = {t: [short_hash(h) for h in hs]
-                                    for t, hs in self._reg_manager._call([("tier_summary", HASH_SUMMARY)])[-1].items()}
+                from ..kv.manager import RemoteTiers
+
+                summary = RemoteTiers(self._reg_manager).summary(HASH_SUMMARY)   # once a heartbeat
+                info.tier_hashes = {t: [short_hash(h) for h in hs] for t, hs in summary.items()}
         info.running, info.waiting = scrape_load(self.metrics_port, role)
         if role == "prefill":             # what its prefill instances are computing now
             for f in self.run_dir.glob("prefill-*.load"):

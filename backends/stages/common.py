@@ -37,7 +37,7 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
         from ..kv.tier_connector import TierConnector
 
         tiers = RemoteTiers(bm)
-        connector = TierConnector(connector, tiers, tiers.names, pool.spec.block_size)
+        connector = TierConnector(connector, tiers, tiers.names, bm)
     return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector)
 
 
