@@ -216,8 +216,8 @@ class RemoteBlockManager:
         got = self._call([("alloc", want)])[-1]
         if got is None and self.remote_free >= n - len(self.reserve):   # enough, but not for the reserve too
             got = self._call([("alloc", n - len(self.reserve))])[-1]
-            if got is None:
-                raise OutOfBlocks(f"need {n} KV blocks, {self.num_free} free")
+        if got is None:
+            raise OutOfBlocks(f"need {n} KV blocks, {self.num_free} free")
         blocks = self.reserve + got
         out, self.reserve = blocks[:n], blocks[n:]
         return out
