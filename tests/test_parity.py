@@ -47,15 +47,17 @@ def test_greedy_matches_transformers(family_case, impl, monkeypatch):
         assert o.finish_reason == "length"
 
 
+NGRAM = {"method": "ngram", "max_batch": 64, "min_acceptance": 0.0}     # speculate always
+
+
 @pytest.mark.parametrize("engine_args", [
     dict(enable_prefix_caching=False),
     dict(enable_chunked_prefill=False),
     dict(max_num_batched_tokens=16),          # prefills split into many chunks, mixed with decodes
     dict(num_blocks=10, max_num_batched_tokens=64),  # forces preemption by recompute
-    dict(speculative_method="ngram", speculative_max_batch=64),   # prompt-lookup drafts (mostly rejected here)
-    dict(speculative_method="ngram", speculative_max_batch=64, max_num_batched_tokens=16),  # cut by the budget
-    dict(speculative_method="ngram", speculative_max_batch=64, num_blocks=10,
-         max_num_batched_tokens=64),                                            # drafts of preempted ones
+    dict(speculative=NGRAM),                                  # prompt-lookup drafts (mostly rejected here)
+    dict(speculative=NGRAM, max_num_batched_tokens=16),       # cut by the budget
+    dict(speculative=NGRAM, num_blocks=10, max_num_batched_tokens=64),          # drafts of preempted ones
 ], ids=["no-prefix-cache", "no-chunked-prefill", "tiny-chunks", "preemption", "spec-ngram", "spec-tiny-chunks",
         "spec-preemption"])
 def test_engine_modes_keep_outputs(family_case, engine_args):

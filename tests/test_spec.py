@@ -54,16 +54,17 @@ def test_verifier_sampling_is_distributed_as_the_target():
     assert torch.allclose(counts / n, p, atol=0.015), (counts / n, p)
 
 
-def _llm(qwen3_dir, **kw):
-    if "speculative_method" in kw:
-        kw.setdefault("speculative_max_batch", 8)        # speculate in batches too (the default: alone only)
+def _llm(qwen3_dir, method=None, k=4, **kw):
+    if method:       # speculate in batches too (the default: alone only)
+        kw["speculative_config"] = {"method": method, "num_speculative_tokens": k, "max_batch": 64,
+                                    "min_acceptance": 0.0, **kw.pop("spec", {})}
     return LLM(qwen3_dir, dtype="float32", num_blocks=128, max_model_len=512, **kw)
 
 
 def test_greedy_with_drafts_is_token_exact_and_accepts_drafts(qwen3_dir):
     sp = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True, logprobs=True)
     base = _llm(qwen3_dir)
-    spec = _llm(qwen3_dir, speculative_method="ngram", num_speculative_tokens=5)
+    spec = _llm(qwen3_dir, "ngram", k=5)
     try:
         a, b = base.generate(REPEATING, sp), spec.generate(REPEATING, sp)
         stats = spec.engine.spec_stats
@@ -82,7 +83,7 @@ def test_greedy_with_drafts_is_token_exact_and_accepts_drafts(qwen3_dir):
 
 
 def test_a_seeded_request_samples_the_same_tokens_whatever_its_batch(qwen3_dir):
-    spec = _llm(qwen3_dir, speculative_method="ngram")
+    spec = _llm(qwen3_dir, "ngram")
     try:
         sp = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=48, seed=7, ignore_eos=True)
         alone = spec.generate(REPEATING[1], sp)[0].token_ids
@@ -95,7 +96,7 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_its_batch(qwen3_dir):
 
 def test_no_unverified_token_is_ever_published(qwen3_dir):
     """Every block the spec engine puts in the prefix index holds only tokens of the final output."""
-    spec = _llm(qwen3_dir, speculative_method="ngram", num_speculative_tokens=6, block_size=4)
+    spec = _llm(qwen3_dir, "ngram", k=6, block_size=4)
     published = []
     bm = spec.engine.block_manager
     real = bm.cache_block
@@ -121,7 +122,7 @@ def test_a_node_with_ngram_speculation_streams_the_plain_engines_tokens(qwen3_di
                                                                            ignore_eos=True))]
     plain.close()
     n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 512, "kv_cache_memory_mb": 8,
-                                        "speculative_method": "ngram"})
+                                        "speculative": {"method": "ngram"}})
     n.start(timeout=180, quiet=True)
     try:
         client = BatonClient(n.grpc_url)

@@ -33,22 +33,22 @@ class EngineConfig:
     threads: int = 0                     # torch intra-op threads, set by the entry point (LLM, a stage); 0: torch's
     seed: int = 0                        # sampling seed of requests without their own
     pack_weights: bool = True            # oneDNN-pack bf16/fp16 linear weights on CPU (the fast GEMV path)
-    # speculative decoding: "" (off) or "ngram" (prompt lookup); up to num_speculative_tokens drafts
-    # per sequence per step, verified by one target forward (backends/spec)
-    speculative_method: Literal["", "ngram"] = ""
-    num_speculative_tokens: int = 4
-    # drafts only while at most this many sequences run: on 2 CPU cores k+1 rows per sequence cost
-    # more than they save from batch 2 up (benchmarks/README.md, "Speculative decoding")
-    speculative_max_batch: int = 1
+    # speculative decoding (spec/config.py SpeculativeConfig: method, num_speculative_tokens, model,
+    # max_batch, ...); {}: off. Offline: LLM(model, speculative_config={...}) as in vLLM
+    speculative: dict = dataclasses.field(default_factory=dict)
     # KV tiers below the pool (kv/tiers.py TiersConfig: host_mb, store, disk_dir, redis, write policies);
     # {}: the pool only
     kv_tiers: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_types(self, "EngineConfig")
-        for name in ("block_size", "max_num_seqs", "num_speculative_tokens", "speculative_max_batch"):
+        for name in ("block_size", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.speculative:
+            from ..spec.config import SpeculativeConfig
+
+            SpeculativeConfig.from_table(self.speculative)
         if self.kv_tiers:
             from ..kv.tiers import TiersConfig
 

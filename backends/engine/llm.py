@@ -29,8 +29,11 @@ class RequestOutput:
 class LLM:
     def __init__(self, model: str | Path, *, weights: dict[str, torch.Tensor] | None = None,
                  **engine_args: Any) -> None:
-        """engine_args: EngineConfig fields (an unknown one is an error naming it). `weights`: a
+        """engine_args: EngineConfig fields (an unknown one is an error naming it);
+        `speculative_config` is the `speculative` table (spec/config.py). `weights`: a
         node's shared prepared tensors (loader.weight_store.attach) instead of loading the checkpoint."""
+        if "speculative_config" in engine_args:   # vLLM's name for the table
+            engine_args["speculative"] = engine_args.pop("speculative_config") or {}
         config = from_table(EngineConfig, {"model": str(model)} | engine_args, "LLM()")
         if config.threads:                    # the offline API is an entry point: it sets what it needs
             torch.set_num_threads(config.threads)

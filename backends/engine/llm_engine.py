@@ -17,7 +17,8 @@ from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, prepare_weights
 from ..runtime import owned_name, remove_leftovers
-from ..spec.proposer import NgramProposer
+from ..spec.config import SpeculativeConfig
+from ..spec.proposer import make_proposer
 from ..spec.verifier import verify
 from .config import EngineConfig
 from .detokenizer import Detokenizer
@@ -94,8 +95,11 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool)
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.sampler = Sampler(config.seed, frozenset(self.eos_token_ids))
-        self.proposer = NgramProposer() if config.speculative_method == "ngram" else None
-        self.spec_stats = {"drafted": 0, "accepted": 0}       # acceptance rate = accepted / drafted
+        self.spec = SpeculativeConfig.from_table(config.speculative) if config.speculative else None
+        self.proposer = make_proposer(self.spec, self) if self.spec else None
+        k = self.spec.num_speculative_tokens if self.spec else 0
+        # acceptance rate = accepted / drafted; per draft position j: accepted_at[j] / drafted_at[j]
+        self.spec_stats = {"drafts": 0, "drafted": 0, "accepted": 0, "drafted_at": [0] * k, "accepted_at": [0] * k}
         self.idle_step = False                                 # the last step computed nothing
         self.requests: dict[str, Sequence] = {}
 
@@ -171,12 +175,14 @@ class LLMEngine:
         self.idle_step = not scheduled           # e.g. every sequence waits for its KV (kv.connector)
         if not scheduled:
             return out
+        starts = {s.seq_id: s.num_computed_tokens for s, _ in scheduled}
         seqs, logits = self.runner.run(scheduled)
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             if not seq.num_draft:                    # drafts: published once verified, below
                 self._publish(seq)
         if logits is None:
+            self._observe(scheduled, starts)
             return out
         if any(s.num_draft for s in seqs):
             emitted, logprobs = self._verify(logits, seqs)
@@ -211,6 +217,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
             out.append(StepOutput(seq, new, reason is not None, text))
+        self._observe(scheduled, starts)
         return out
 
     def _publish(self, seq: Sequence) -> None:
@@ -225,23 +232,39 @@ class LLMEngine:
     # ---- speculative decoding (backends/spec) ---------------------------------------------
     def _propose(self) -> None:
         """Append drafts to the running sequences that are decoding: the scheduler then computes each
-        draft's K/V with its last token, and the runner returns a row of logits per draft."""
-        if self.proposer is None or len(self.scheduler.running) > self.engine_config.speculative_max_batch:
+        draft's K/V with its last token, and the runner returns a row of logits per draft.
+
+        Speculation pays only while the extra rows are cheap and accepted: it is off for the step
+        when more than `max_batch` sequences decode, and off for a sequence whose recent acceptance is
+        below `min_acceptance` (it probes again every `probe_every` steps). A seeded sampling request
+        ignores the batch rule: its draws, and so its tokens, must not depend on the batch."""
+        if self.proposer is None:
             return
-        k = self.engine_config.num_speculative_tokens
+        sc, sched = self.spec, self.scheduler
+        self.proposer.forget({s.seq_id for s in sched.running} | {s.seq_id for s in sched.waiting})
+        decoding = [s for s in sched.running
+                    if not s.loading and not s.prefill_only and s.num_computed_tokens == s.num_tokens - 1]
+        busy = len(decoding) > sc.max_batch
+        k = sc.num_speculative_tokens
         cands = []
-        for s in self.scheduler.running:
+        for s in decoding:
             p = s.params
-            if s.loading or s.prefill_only or p.has_penalties or p.has_bans or s.num_computed_tokens != s.num_tokens - 1:
-                continue                             # penalties and bans would need each draft's own history
+            if busy and (p.greedy or p.seed is None):
+                continue
+            if s.spec_recent < sc.min_acceptance:
+                s.spec_idle += 1
+                if s.spec_idle < sc.probe_every:
+                    continue
+                s.spec_idle = 0
             room = min(k, p.max_tokens - s.num_output_tokens - 1, self.max_model_len - s.num_tokens - 1)
             if room > 0:
                 cands.append((s, room))
+        if not cands:
+            return
         for (s, room), drafts in zip(cands, self.proposer.propose([s for s, _ in cands], k)):
             for t in drafts[:room]:
                 s.append(t)
             s.num_draft = len(drafts[:room])
-            self.spec_stats["drafted"] += s.num_draft
 
     def _trim_drafts(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """Drafts the scheduler did not schedule (budget, preemption) leave their sequence."""
@@ -252,7 +275,6 @@ class LLMEngine:
             if s.num_draft:
                 keep = max(0, n_of.get(s.seq_id, 0) - 1) if s.seq_id in n_of else 0
                 keep = min(keep, s.num_draft)
-                self.spec_stats["drafted"] -= s.num_draft - keep
                 s.drop_tail(s.num_draft - keep)
                 s.num_draft = keep
 
@@ -260,12 +282,24 @@ class LLMEngine:
         want_lp = any(s.params.logprobs for s in seqs)
         raw_lp = torch.log_softmax(logits, -1) if want_lp else None
         emitted, logprobs, r = [], [] if want_lp else None, 0
+        st = self.spec_stats
         for s in seqs:
             rows = logits[r:r + 1 + s.num_draft]
             if s.num_draft:
                 drafts = s.token_ids[-s.num_draft:]
+                rows = self.sampler.adjust_draft_rows(rows, s, s.num_draft)
                 toks = verify(rows, drafts, s.params, self.sampler.generator_of(s))
-                self.spec_stats["accepted"] += len(toks) - 1
+                accepted = len(toks) - 1
+                s.spec_drafted += len(drafts)
+                s.spec_accepted += accepted
+                s.spec_steps += 1
+                s.spec_recent = 0.7 * s.spec_recent + 0.3 * accepted / len(drafts)
+                st["drafts"] += 1
+                st["drafted"] += len(drafts)
+                st["accepted"] += accepted
+                for j in range(len(drafts)):
+                    st["drafted_at"][j] += 1
+                    st["accepted_at"][j] += j < accepted
             else:
                 toks = self.sampler(rows, [s])[0]
             emitted.append(toks)
@@ -273,6 +307,19 @@ class LLMEngine:
                 logprobs.append([raw_lp[r + j, t].item() for j, t in enumerate(toks)])
             r += 1 + s.num_draft
         return emitted, logprobs
+
+    def _observe(self, scheduled: list[tuple[Sequence, int]], starts: dict[int, int]) -> None:
+        """Hand a feature-reading proposer the target's hidden states of the positions this step
+        verified (a speculated sequence's rejected drafts' rows are not)."""
+        if self.proposer is None or not self.proposer.needs_features:
+            return
+        hidden, row_of = self.runner.hidden, self.runner.row_of
+        for s, _ in scheduled:
+            start = starts[s.seq_id]
+            valid = s.num_computed_tokens - start
+            if valid > 0 and not s.is_finished:
+                r = row_of[s.seq_id]
+                self.proposer.observe(s, start, hidden[r:r + valid])
 
     def _stop_reason(self, seq: Sequence, tok: int) -> str | None:
         p = seq.params
@@ -283,6 +330,9 @@ class LLMEngine:
         return HANDOFF if seq.prefill_only else None
 
     def close(self) -> None:
+        if getattr(self, "proposer", None) is not None:
+            self.proposer.close()
+            self.proposer = None
         if getattr(self, "tiers", None) is not None:
             self.tiers.close()
             self.tiers = None

@@ -4,6 +4,8 @@ the device's attention backend turns it into the metadata every layer reads."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from baton.kernels.attention_backend import StepLayout, attention_backend
@@ -13,6 +15,46 @@ from ..models.decoder import DecoderLM
 from .sequence import Sequence
 
 
+class Paged(Protocol):
+    """What a step's layout reads of a sequence (a Sequence, or a draft model's shadow of one)."""
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_table: list[int]
+
+
+# Chunks of at most this many tokens run as that many decode rows (row j attends to the context up
+# to itself): a verify step's k+1 rows, or a short prompt, then take the decode kernels (on CPU the
+# fused one-call decode step) instead of the prefill path. All K/V of a layer is stored before any
+# row attends, so the rows see each other causally.
+DECODE_ROWS = 8
+
+
+def layout_step(scheduled: list[tuple[Paged, int]], block_size: int) -> tuple[list, list[int], list[int], StepLayout]:
+    """The step's rows in flat-batch order (short chunks as decode rows first, then longer chunks):
+    the sequences in that order, token ids, positions and the attention layout."""
+    bs = block_size
+    order = [x for x in scheduled if x[1] <= DECODE_ROWS] + [x for x in scheduled if x[1] > DECODE_ROWS]
+    step = StepLayout()
+    ids: list[int] = []
+    positions: list[int] = []
+    for s, n in order:
+        p = s.num_computed_tokens
+        ids += s.token_ids[p:p + n]
+        rng = range(p, p + n)
+        positions += rng
+        step.slot_blocks += [s.block_table[j // bs] for j in rng]
+        step.slot_offsets += [j % bs for j in rng]
+        if n <= DECODE_ROWS:
+            for j in rng:
+                step.decode_tables.append(s.block_table)
+                step.decode_context_lens.append(j + 1)
+        else:
+            step.prefill_q_lens.append(n)
+            step.prefill_prefix_lens.append(p)
+            step.prefill_tables.append(s.block_table)
+    return order, ids, positions, step
+
+
 class ModelRunner:
     def __init__(self, model: DecoderLM, pool: KVPool) -> None:
         self.model = model
@@ -20,42 +62,29 @@ class ModelRunner:
         self.block_size = pool.spec.block_size
         self.device = pool.tensor.device
         self.attention = attention_backend(self.device, self.block_size)
+        self.hidden: torch.Tensor | None = None      # the last step's final hidden states (a proposer's features)
+        self.row_of: dict[int, int] = {}              # seq_id -> its first row in `hidden`
+
+    def forward(self, scheduled: list[tuple[Paged, int]], inputs_embeds: torch.Tensor | None = None
+                ) -> tuple[list[tuple[Paged, int]], torch.Tensor]:
+        """One forward over the scheduled tokens (or their embeddings, given in the same order as
+        `layout_step` puts them): the order of the rows and the hidden states."""
+        order, ids, positions, step = layout_step(scheduled, self.block_size)
+        dev = self.device
+        hidden = self.model.forward(None if inputs_embeds is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
+                                    torch.tensor(positions, dtype=torch.int64, device=dev),
+                                    self.attention.build(step), self.pool.layers, inputs_embeds)
+        return order, hidden
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
-        bs = self.block_size
-        decodes = [(s, n) for s, n in scheduled if n == 1]
-        prefills = [(s, n) for s, n in scheduled if n > 1]
-        step = StepLayout()
-        ids: list[int] = []
-        positions: list[int] = []
-        for s, _ in decodes:
-            p = s.num_computed_tokens
-            ids.append(s.token_ids[p])
-            positions.append(p)
-            step.slot_blocks.append(s.block_table[p // bs])
-            step.slot_offsets.append(p % bs)
-            step.decode_tables.append(s.block_table)
-            step.decode_context_lens.append(p + 1)
-        for s, n in prefills:
-            p = s.num_computed_tokens
-            ids += s.token_ids[p:p + n]
-            rng = range(p, p + n)
-            positions += rng
-            step.slot_blocks += [s.block_table[j // bs] for j in rng]
-            step.slot_offsets += [j % bs for j in rng]
-            step.prefill_q_lens.append(n)
-            step.prefill_prefix_lens.append(p)
-            step.prefill_tables.append(s.block_table)
-
-        dev = self.device
-        hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
-                                    torch.tensor(positions, dtype=torch.int64, device=dev),
-                                    self.attention.build(step), self.pool.layers)
-
+        order, hidden = self.forward(scheduled)
+        self.hidden = hidden
         # the last row of each sequence that reached the end of its known tokens samples; a sequence
         # with drafts gets the rows of its last verified token and of each draft (spec/verifier.py)
         sample_seqs, rows, row = [], [], 0
-        for s, n in decodes + prefills:
+        self.row_of = {}
+        for s, n in order:
+            self.row_of[s.seq_id] = row
             row += n
             if s.num_computed_tokens + n == s.num_tokens:
                 sample_seqs.append(s)
@@ -63,5 +92,5 @@ class ModelRunner:
         if not sample_seqs:
             return [], None
         every_row = len(rows) == hidden.shape[0]
-        logits = self.model.logits(hidden, None if every_row else torch.tensor(rows, device=dev))
+        logits = self.model.logits(hidden, None if every_row else torch.tensor(rows, device=self.device))
         return sample_seqs, logits.cpu()     # sampling (seeded CPU generators) on the host

@@ -46,6 +46,22 @@ class Sampler:
             out[i] = (probs / q).argmax()
         return out
 
+    def adjust_draft_rows(self, rows: torch.Tensor, seq: Sequence, num_draft: int) -> torch.Tensor:
+        """Penalties and bans of a speculated sequence's k+1 rows: row j sees the history up to its
+        own position (the verified tokens and drafts before it), as plain decoding would have."""
+        p = seq.params
+        if not (p.has_penalties or p.has_bans):
+            return rows
+        rows = rows.clone()
+        verified = seq.num_tokens - num_draft
+        for j in range(rows.shape[0]):
+            past = _History(seq.token_ids[:verified + j], seq.num_prompt_tokens, p)
+            if p.has_penalties:
+                _apply_penalties(rows[j], past, rows.shape[1])
+            if p.has_bans:
+                _apply_bans(rows[j], past, self.eos_token_ids)
+        return rows
+
     def generator_of(self, seq: Sequence) -> torch.Generator:
         return seq.generator if seq.generator is not None else self.generator
 
@@ -67,6 +83,21 @@ def target_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     return probs
+
+
+class _History:
+    """What penalties and bans read of a sequence, as of an earlier length."""
+
+    def __init__(self, token_ids: list[int], num_prompt_tokens: int, params: SamplingParams) -> None:
+        self.token_ids, self.num_prompt_tokens, self.params = token_ids, num_prompt_tokens, params
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 def _apply_bans(row: torch.Tensor, seq: Sequence, eos_token_ids: set[int] | frozenset[int]) -> None:

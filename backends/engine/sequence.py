@@ -46,6 +46,11 @@ class Sequence:
         self.cached_by_tier: list[int] | None = None   # cached prompt tokens per kv.tiers.TIER_NAMES
         self.num_reused_blocks = 0        # of those, leading blocks this pool already cached (not loaded)
         self.num_draft = 0                # speculative tokens at the end of token_ids, not yet verified
+        self.spec_drafted = 0             # draft tokens verified for this request
+        self.spec_accepted = 0            # of those, accepted
+        self.spec_steps = 0               # target steps that verified drafts of it
+        self.spec_recent = 1.0            # moving acceptance rate: below the configured floor it stops drafting
+        self.spec_idle = 0                # steps since it last drafted while below the floor
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

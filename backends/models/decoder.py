@@ -92,9 +92,11 @@ def process_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor],
 
 class DecoderLM:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor | PackedWeight], max_positions: int,
-                 method: LinearMethod) -> None:
+                 method: LinearMethod, final_norm: bool = True) -> None:
         """`weights` from prepare_weights or process_linears (possibly views into a node's shared
-        weight file); `method` wraps each linear weight (and processes plain ones it is given)."""
+        weight file); `method` wraps each linear weight (and processes plain ones it is given).
+        final_norm=False: the output is the last layer's residual stream (an EAGLE head's predicted
+        feature, which the target's lm_head reads as it is)."""
         self.cfg = cfg
         self.method = method
         w = weights
@@ -110,7 +112,7 @@ class DecoderLM:
             for i in range(cfg.num_layers)
         ]
         self.embed = w["embed"]
-        self.norm = w["norm"]
+        self.norm = w["norm"] if final_norm else None
         self.lm_head = method.create(w.get("lm_head", self.embed))
         self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype, str(self.embed.device))
         self.scale = cfg.head_dim ** -0.5
@@ -120,7 +122,7 @@ class DecoderLM:
         """Per-layer tensors for the C++ decode step (decode_forward_bf16): the fast path the weight
         method offers when every GEMM runs its bf16 kernel on packed bytes; None otherwise (the step
         then runs op by op)."""
-        if self.embed.dtype != torch.bfloat16:
+        if self.embed.dtype != torch.bfloat16 or self.norm is None:
             return None
         w, opt = [], []
         for L in self.layers:
@@ -161,6 +163,8 @@ class DecoderLM:
             h = linear(o.view(T, H * D), L.o)
             x, residual = add_rms_norm(h, residual, L.post_norm, eps)
             h = linear(silu_and_mul(linear(x, L.gate_up)), L.down)
+        if self.norm is None:
+            return h + residual
         x, _ = add_rms_norm(h, residual, self.norm, eps)
         return x
 

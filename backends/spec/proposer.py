@@ -1,27 +1,48 @@
-"""Proposers: up to k draft tokens per running sequence, scored by one target forward (engine) and
-accepted or rejected by the verifier (spec/verifier.py). A proposer that samples also returns its
-draft probabilities; one that does not (prompt lookup) proposes one-hot drafts."""
+"""Proposers: up to k draft tokens per decoding sequence, scored by one target forward (engine) and
+accepted or rejected by the verifier (spec/verifier.py). Every method here proposes its most likely
+tokens (one-hot drafts: the verifier's q is a point mass, which keeps sampling lossless); a proposer
+that sampled its drafts would return their probabilities from `draft_probs`.
+
+The engine tells a proposer what the target verified: `observe` gets the target's final hidden
+states ("features", what its lm_head reads) of each newly verified position, for the methods that
+read them (Medusa, EAGLE); `forget` lists the sequences still alive, so per-sequence state (a draft
+model's KV) is freed when a request ends however it ends."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..engine.sequence import Sequence
+from .config import SpeculativeConfig
+
+if TYPE_CHECKING:
+    from ..engine.llm_engine import LLMEngine
 
 
-class Proposer(Protocol):
+class Proposer:
+    needs_features = False        # observe() is called only for proposers that read features
+
     def propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:
         """Draft tokens for each sequence (possibly none), at most k each."""
-        ...
+        raise NotImplementedError
 
     def draft_probs(self) -> list[torch.Tensor | None] | None:
         """The last proposal's probabilities per sequence ([len(draft), vocab]), or None: one-hot."""
-        ...
+        return None
+
+    def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
+        """The target's features of seq's verified positions start, start+1, ..."""
+
+    def forget(self, live: set[int]) -> None:
+        """Drop the state of sequences whose seq_id is not in `live`."""
+
+    def close(self) -> None:
+        pass
 
 
-class NgramProposer:
+class NgramProposer(Proposer):
     """Prompt lookup (Saxena 2023; vLLM's ngram proposer): find the latest earlier occurrence of the
     sequence's last n tokens (n from n_max down to n_min) in its prompt and output, and propose the
     tokens that followed it. Costs no model call; pays off on text that repeats its context (code,
@@ -45,5 +66,19 @@ class NgramProposer:
                         return follow
         return []
 
-    def draft_probs(self) -> None:
-        return None
+
+def make_proposer(cfg: SpeculativeConfig, engine: LLMEngine) -> Proposer:
+    """The configured method's proposer for `engine`'s target model (checked against it)."""
+    if cfg.method == "ngram":
+        return NgramProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+    if cfg.method == "draft":
+        from .draft import DraftModelProposer
+
+        return DraftModelProposer(cfg, engine)
+    if cfg.method == "medusa":
+        from .medusa import MedusaProposer
+
+        return MedusaProposer(cfg, engine)
+    from .eagle import EagleProposer
+
+    return EagleProposer(cfg, engine)

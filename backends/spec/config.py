@@ -1,0 +1,60 @@
+"""SpeculativeConfig: the `speculative` table of an engine config (`[engine.speculative]` in a
+profile, `LLM(model, speculative_config={...})` offline, written as vLLM users write it).
+
+    method                  "ngram" (prompt lookup), "draft" (a small model), "medusa", "eagle"
+    num_speculative_tokens  k, drafts per sequence per step
+    model                   the draft model's or the heads' directory (draft, medusa, eagle)
+    max_batch               speculate only while at most this many sequences decode (2 CPU cores: the
+                            k+1 rows per sequence cost more than they save from about batch 2 up)
+    min_acceptance          a sequence whose recent acceptance rate falls below this stops drafting
+                            (it probes again every `probe_every` steps)
+    prompt_lookup_max/min   n-gram sizes of the prompt lookup
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..engine.config import ConfigError, check_types, from_table
+
+METHODS = ("ngram", "draft", "medusa", "eagle")
+NEEDS_MODEL = ("draft", "medusa", "eagle")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: Literal["ngram", "draft", "medusa", "eagle"] = "ngram"
+    num_speculative_tokens: int = 4
+    model: str = ""
+    max_batch: int = 1
+    min_acceptance: float = 0.2
+    probe_every: int = 8
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+
+    def __post_init__(self) -> None:
+        check_types(self, "speculative")
+        for name in ("num_speculative_tokens", "max_batch", "probe_every", "prompt_lookup_min"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"speculative.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ConfigError(f"speculative.prompt_lookup_max: must be >= prompt_lookup_min "
+                              f"({self.prompt_lookup_min}), got {self.prompt_lookup_max}")
+        if not 0 <= self.min_acceptance < 1:
+            raise ConfigError(f"speculative.min_acceptance: must be in [0, 1), got {self.min_acceptance}")
+        if self.method in NEEDS_MODEL:
+            if not self.model:
+                raise ConfigError(f"speculative.model: method {self.method!r} needs the directory of its "
+                                  f"{'draft model' if self.method == 'draft' else 'heads'}")
+            d = Path(self.model).expanduser()
+            for f in ("config.json", "model.safetensors"):
+                if not (d / f).is_file():
+                    raise ConfigError(f"speculative.model: {d / f} does not exist")
+
+    @classmethod
+    def from_table(cls, table: dict[str, Any]) -> SpeculativeConfig:
+        if "method" in table and table["method"] not in METHODS:
+            raise ConfigError(f"speculative.method: unknown method {table['method']!r}; one of {list(METHODS)}")
+        return from_table(cls, table, "speculative")
