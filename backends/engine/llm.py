@@ -24,6 +24,14 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: list[float] = field(default_factory=list)
     cached_by_tier: list[int] = field(default_factory=list)   # cached prompt tokens per kv.tiers.TIER_NAMES
+    num_draft_tokens: int = 0         # speculative decoding: draft tokens the target verified
+    num_accepted_tokens: int = 0      # of those, accepted
+    num_spec_steps: int = 0           # target steps that verified drafts of this request
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per target step while speculating (1 + accepted drafts per step)."""
+        return 1.0 + self.num_accepted_tokens / self.num_spec_steps if self.num_spec_steps else 1.0
 
 
 class LLM:
@@ -70,6 +78,7 @@ class LLM:
                 num_cached_tokens=max(s.num_cached_tokens, 0),
                 logprobs=s.logprobs,
                 cached_by_tier=s.cached_by_tier or [max(s.num_cached_tokens, 0), 0, 0, 0],
+                num_draft_tokens=s.spec_drafted, num_accepted_tokens=s.spec_accepted, num_spec_steps=s.spec_steps,
             )
             for s in seqs
         ]

@@ -158,6 +158,7 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
+            self._forget_ended()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -172,6 +173,8 @@ class LLMEngine:
         out = [StepOutput(s, [], True) for s in self.scheduler.take_finished()]
         for o in out:
             self.requests.pop(o.seq.request_id, None)
+        if out:
+            self._forget_ended()
         self.idle_step = not scheduled           # e.g. every sequence waits for its KV (kv.connector)
         if not scheduled:
             return out
@@ -218,6 +221,8 @@ class LLMEngine:
                 self.requests.pop(seq.request_id, None)
             out.append(StepOutput(seq, new, reason is not None, text))
         self._observe(scheduled, starts)
+        if any(o.finished for o in out):
+            self._forget_ended()
         return out
 
     def _publish(self, seq: Sequence) -> None:
@@ -241,7 +246,6 @@ class LLMEngine:
         if self.proposer is None:
             return
         sc, sched = self.spec, self.scheduler
-        self.proposer.forget({s.seq_id for s in sched.running} | {s.seq_id for s in sched.waiting})
         decoding = [s for s in sched.running
                     if not s.loading and not s.prefill_only and s.num_computed_tokens == s.num_tokens - 1]
         busy = len(decoding) > sc.max_batch
@@ -265,6 +269,11 @@ class LLMEngine:
             for t in drafts[:room]:
                 s.append(t)
             s.num_draft = len(drafts[:room])
+
+    def _forget_ended(self) -> None:
+        """A proposer's per-sequence state (a draft model's KV) goes when its request ends."""
+        if self.proposer is not None:
+            self.proposer.forget({s.seq_id for s in self.scheduler.running} | {s.seq_id for s in self.scheduler.waiting})
 
     def _trim_drafts(self, scheduled: list[tuple[Sequence, int]]) -> None:
         """Drafts the scheduler did not schedule (budget, preemption) leave their sequence."""

@@ -23,7 +23,8 @@ STREAM = [("d_token_ids", "TYPE_INT64", -1), ("d_text", "TYPE_STRING", 1), ("d_f
           ("d_prompt_tokens", "TYPE_INT32", 1), ("d_completion_tokens", "TYPE_INT32", 1),
           ("d_cached_tokens", "TYPE_INT32", 1), ("d_logprobs", "TYPE_FP32", -1),
           ("d_request_id", "TYPE_STRING", 1), ("d_num_input_tokens", "TYPE_INT32", 1),
-          ("d_num_output_tokens", "TYPE_INT32", 1), ("d_cached_tokens_by_tier", "TYPE_INT32", -1)]
+          ("d_num_output_tokens", "TYPE_INT32", 1), ("d_cached_tokens_by_tier", "TYPE_INT32", -1),
+          ("d_speculative_tokens", "TYPE_INT32", -1)]
 
 
 def pbtxt(specs: list[tuple[str, str, int]]) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..paths import data_root
 from ..engine.config import ConfigError, check_types, from_table
 
 METHODS = ("ngram", "draft", "medusa", "eagle")
@@ -49,6 +50,9 @@ class SpeculativeConfig:
                 raise ConfigError(f"speculative.model: method {self.method!r} needs the directory of its "
                                   f"{'draft model' if self.method == 'draft' else 'heads'}")
             d = Path(self.model).expanduser()
+            if not d.is_absolute() and not d.exists() and (data_root() / d).exists():
+                d = data_root() / d             # a profile's "models/baton-tiny-draft": Baton's own data
+            object.__setattr__(self, "model", str(d))
             for f in ("config.json", "model.safetensors"):
                 if not (d / f).is_file():
                     raise ConfigError(f"speculative.model: {d / f} does not exist")

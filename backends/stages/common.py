@@ -20,6 +20,8 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
     config = node.engine
     if stage == "prefill" and node.serving.prefill_chunk_tokens:
         config = config.replace(max_num_batched_tokens=node.serving.prefill_chunk_tokens)
+    if stage != "decode":                             # only decode speculates
+        config = config.replace(speculative={})
     configure_process(config.threads)
     pool = KVPool.attach(node.kv_pool)
     bm = RemoteBlockManager(node.kv_address, pool.spec.num_blocks, pool.spec.block_size)

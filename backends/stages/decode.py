@@ -205,7 +205,10 @@ class DecodeStage:
         spec = self.engine.spec_stats
         now = {"baton:decode_steps_total": self.steps, "baton:decode_step_seconds_total": self.step_s,
                "baton:generation_tokens_total": self.tokens, "baton:spec_draft_tokens_total": spec["drafted"],
-               "baton:spec_accepted_tokens_total": spec["accepted"]}
+               "baton:spec_accepted_tokens_total": spec["accepted"], "baton:spec_drafts_total": spec["drafts"]}
+        for j, (d, a) in enumerate(zip(spec["drafted_at"], spec["accepted_at"])):
+            now[f"baton:spec_draft_tokens_per_position_total|position={j + 1}"] = d
+            now[f"baton:spec_accepted_tokens_per_position_total|position={j + 1}"] = a
         now |= self.engine.connector.counters()          # PD: KV read from prefill nodes; the node's KV tiers
         out = {k: (v if DECODE[k.partition("|")[0]][0] == "gauge" else v - last.get(k, 0)) for k, v in now.items()}
         last.update(now)
@@ -219,7 +222,7 @@ def _delta(seq: Sequence, new_ids: list[int], text: str) -> TokenDelta:
     return TokenDelta(seq.request_id, list(new_ids), text, seq.finish_reason or "", seq.num_prompt_tokens,
                       seq.num_output_tokens, max(seq.num_cached_tokens, 0),
                       seq.logprobs[-len(new_ids):] if (seq.params.logprobs and new_ids) else [],
-                      list(seq.cached_by_tier or []))
+                      list(seq.cached_by_tier or []), [seq.spec_drafted, seq.spec_accepted, seq.spec_steps])
 
 
 def _log(request_id: str, what: str) -> None:

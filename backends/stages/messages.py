@@ -146,6 +146,7 @@ class TokenDelta:
     cached_tokens: int
     logprobs: list[float] = field(default_factory=list)
     cached_tokens_by_tier: list[int] = field(default_factory=list)     # kv.tiers.TIER_NAMES order
+    speculative_tokens: list[int] = field(default_factory=list)        # drafted, accepted, verify steps
 
     def merged_after(self, held: TokenDelta | None) -> TokenDelta:
         """This delta appended to one held back before it (usage and finish reason are the newest)."""
@@ -153,7 +154,7 @@ class TokenDelta:
             return self
         return TokenDelta(self.request_id, held.token_ids + self.token_ids, held.text + self.text,
                           self.finish_reason, self.prompt_tokens, self.completion_tokens, self.cached_tokens,
-                          held.logprobs + self.logprobs, self.cached_tokens_by_tier)
+                          held.logprobs + self.logprobs, self.cached_tokens_by_tier, self.speculative_tokens)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """serving.tensors.STREAM, in its order."""
@@ -170,6 +171,7 @@ class TokenDelta:
             "d_num_output_tokens": np.asarray([len(self.token_ids)], dtype=np.int32),
             "d_cached_tokens_by_tier": np.asarray(self.cached_tokens_by_tier or [self.cached_tokens, 0, 0, 0],
                                                   dtype=np.int32),
+            "d_speculative_tokens": np.asarray(self.speculative_tokens or [0, 0, 0], dtype=np.int32),
         }
 
 

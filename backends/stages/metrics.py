@@ -21,6 +21,7 @@ DECODE = {
     "baton:num_requests_waiting": ("gauge", "Requests at decode not yet stepping (waiting for blocks or their KV)."),
     "baton:kv_blocks_used": ("gauge", "KV blocks of the node's pool in use, as decode last heard from the KV manager."),
     "baton:kv_blocks_free": ("gauge", "KV blocks of the node's pool free, as decode last heard from the KV manager."),
+    "baton:spec_drafts_total": ("counter", "Speculative decoding: target steps of a request that verified drafts."),
     "baton:spec_draft_tokens_total": ("counter", "Speculative draft tokens verified by the target."),
     "baton:spec_accepted_tokens_total": ("counter", "Draft tokens accepted (acceptance rate: the rate of this "
                                                     "over the rate of baton:spec_draft_tokens_total)."),
@@ -30,6 +31,11 @@ DECODE = {
     "baton:kv_transfer_bytes_total": ("counter", "PD: bytes read from prefill nodes."),
     "baton:kv_transfer_seconds_total": ("counter", "PD: seconds spent reading and acknowledging KV blocks."),
     "baton:kv_transfer_failures_total": ("counter", "PD: transfers that failed; the prompt was recomputed here."),
+    # one series per draft position (position="1" is the first draft token after the verified ones)
+    "baton:spec_accepted_tokens_per_position_total": ("counter", "Draft tokens accepted at each draft position "
+                                                                 "(label position)."),
+    "baton:spec_draft_tokens_per_position_total": ("counter", "Draft tokens verified at each draft position "
+                                                              "(label position)."),
     # KV tiers (kv/tiers.py), one series per tier: tier="device" (the pool), "host", "store", "disk"
     "baton:kv_tier_lookups_total": ("counter", "KV tiers: blocks looked up (device: at admission; a lower tier: "
                                                "the ones the tiers above did not have)."),
@@ -42,7 +48,7 @@ DECODE = {
     "baton:kv_tier_used_bytes": ("gauge", "KV tiers: bytes the tier holds."),
 }
 # families whose every series has its own label (tier=...): created as they are first updated
-LABELLED = {n for n in DECODE if n.startswith("baton:kv_tier_")}
+LABELLED = {n for n in DECODE if n.startswith("baton:kv_tier_") or n.endswith("_per_position_total")}
 PREFILL = {
     "baton:prefill_requests_total": ("counter", "Requests prefilled."),
     "baton:prompt_tokens_total": ("counter", "Prompt tokens, computed or served from the prefix cache."),

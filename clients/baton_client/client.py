@@ -48,6 +48,13 @@ class Completion:
     cached_tokens: int
     request_id: str = ""      # the server's id for this request (in its logs too)
     cached_tokens_by_tier: list[int] = field(default_factory=list)   # schema.TIERS order
+    speculative_tokens: list[int] = field(default_factory=list)      # [drafted, accepted, verify steps]
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per target step while speculating (1.0: no drafts accepted or none made)."""
+        st = self.speculative_tokens
+        return 1.0 + st[1] / st[2] if len(st) == 3 and st[2] else 1.0
 
 
 @dataclass
@@ -66,7 +73,7 @@ def join(chunks: Iterator[Chunk]) -> Completion:
     if last is None:
         raise BatonError("empty stream")
     return Completion("".join(text), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                      last.cached_tokens, last.request_id, last.cached_tokens_by_tier)
+                      last.cached_tokens, last.request_id, last.cached_tokens_by_tier, last.speculative_tokens)
 
 
 def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
@@ -84,9 +91,11 @@ def _chunk(get) -> Chunk:  # noqa: ANN001 - get(name) -> np.ndarray | None
     ids = get("token_ids")
     lp = get("logprobs")
     tiers = get("cached_tokens_by_tier")
+    spec = get("speculative_tokens")
     return Chunk(s("text_output"), ids.astype(np.int64).tolist() if ids is not None else [], s("finish_reason"),
                  i("prompt_tokens"), i("completion_tokens"), i("cached_tokens"), s("request_id"),
                  tiers.astype(np.int64).tolist() if tiers is not None else [],
+                 spec.astype(np.int64).tolist() if spec is not None else [],
                  lp.astype(np.float32).tolist() if lp is not None else [])
 
 

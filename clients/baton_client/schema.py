@@ -34,6 +34,8 @@ USER: list[tuple[str, str, int]] = [
     ("num_input_tokens", "TYPE_INT32", 1), ("num_output_tokens", "TYPE_INT32", 1),   # NVIDIA's names:
     # the prompt's tokens, and the tokens in this response
     ("cached_tokens_by_tier", "TYPE_INT32", -1),   # cached_tokens by where they came from: TIERS
+    ("speculative_tokens", "TYPE_INT32", -1),      # speculative decoding so far: [draft tokens verified,
+    # accepted, target steps that verified drafts]; mean acceptance length = 1 + accepted / steps
 ]
 
 # The KV cache tiers, in the order of cached_tokens_by_tier: the node's pool (GPU memory on a GPU

@@ -1,0 +1,266 @@
+"""Every speculative method on the trained baton-tiny family (models/): greedy output token-exact with
+speculation off (alone, in a batch of 8, under chunked prefill, with prefix hits, under forced
+preemption), drafts accepted, no block leaked in the target's pool or the proposer's own, no
+unverified token in the prefix index; lossless sampling as a statistical test (and the same test
+catching a wrong verifier); the bad configurations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from baton import LLM, ConfigError, SamplingParams
+from baton.backends.engine.sequence import Sequence
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+TARGET = MODELS / "baton-tiny"
+HEADS = {"ngram": "", "draft": str(MODELS / "baton-tiny-draft"), "medusa": str(MODELS / "baton-tiny-medusa"),
+         "eagle": str(MODELS / "baton-tiny-eagle")}
+SLICE = (MODELS / "heldout-slice.txt").read_text()
+# held-out code: the start of each of 8 top-level definitions
+PROMPTS = [SLICE[i:i + 300] for i in [SLICE.find("\ndef ", j * 3000) + 1 for j in range(8)]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+def spec_llm(method: str, k: int = 3, **kw) -> LLM:
+    spec = {"method": method, "num_speculative_tokens": k, "model": HEADS[method], "max_batch": 64,
+            "min_acceptance": 0.0}
+    return LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=kw.pop("num_blocks", 256),
+               speculative_config=spec, **kw)
+
+
+@pytest.fixture(scope="module")
+def expected():
+    plain = LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=256)
+    try:
+        yield {p: o.token_ids for p, o in zip(PROMPTS, plain.generate(PROMPTS, GREEDY))}
+    finally:
+        plain.close()
+
+
+def used_blocks(llm: LLM) -> tuple[int, int]:
+    """Blocks in use in the target's pool and in the proposer's own (draft model, EAGLE layer)."""
+    dec = getattr(llm.engine.proposer, "dec", None)
+    return llm.engine.block_manager.num_used, dec.bm.num_used if dec is not None else 0
+
+
+MODES = {
+    "batch1": {},
+    "batch8": {},
+    "chunked": {"max_num_batched_tokens": 24},           # prompts in chunks, verify rows cut by the budget
+    "prefix": {},
+    "preemption": {"num_blocks": 24, "max_num_batched_tokens": 64},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("method", list(HEADS))
+def test_greedy_is_token_exact(method, mode, expected):
+    llm = spec_llm(method, **MODES[mode])
+    try:
+        if mode == "batch1":
+            outs = [llm.generate(p, GREEDY)[0] for p in PROMPTS[:3]]
+        elif mode == "prefix":
+            llm.generate(PROMPTS, GREEDY)
+            outs = llm.generate(PROMPTS, GREEDY)
+            assert all(o.num_cached_tokens > 0 for o in outs)
+        else:
+            outs = llm.generate(PROMPTS, GREEDY)
+        got = {p: o.token_ids for p, o in zip(PROMPTS, outs)}
+        assert got == {p: expected[p] for p in got}
+        stats = llm.engine.spec_stats
+        assert 0 < stats["accepted"] < stats["drafted"]                 # accepts and rejects both happened
+        assert sum(o.num_accepted_tokens for o in outs) <= stats["accepted"]
+        assert all(o.mean_acceptance_length >= 1.0 for o in outs)
+        if mode == "preemption":
+            assert llm.engine.scheduler.num_preemptions > 0
+        assert used_blocks(llm) == (0, 0)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("method", list(HEADS))
+def test_no_unverified_token_is_published_and_cancelling_leaks_nothing(method):
+    llm = spec_llm(method, k=3, block_size=4)
+    bm = llm.engine.block_manager
+    published = []
+    real = bm.cache_block
+    bm.cache_block = lambda block, h: (published.append(h), real(block, h))[1]
+    try:
+        outs = llm.generate(PROMPTS[:4], GREEDY)
+        final = set()
+        for o in outs:
+            final |= set(Sequence(o.prompt_token_ids + o.token_ids, SamplingParams(), 4).block_hashes)
+        assert published and set(published) <= final
+        eng = llm.engine
+        for i, p in enumerate(PROMPTS[:4]):
+            eng.add_request(p, GREEDY, request_id=f"c{i}")
+        for _ in range(6):                        # past prefill, into speculating steps
+            eng.step()
+        assert eng.spec_stats["drafted"] > 0 and used_blocks(llm) != (0, 0)
+        for i in range(4):
+            eng.abort(f"c{i}")
+        assert used_blocks(llm) == (0, 0)
+    finally:
+        llm.close()
+
+
+def test_each_request_reports_its_own_acceptance(expected):
+    llm = spec_llm("draft")
+    try:
+        outs = llm.generate(PROMPTS[:2], GREEDY)
+        for o in outs:
+            assert o.num_spec_steps > 0 and 0 < o.num_accepted_tokens < o.num_draft_tokens
+            assert o.mean_acceptance_length == pytest.approx(1 + o.num_accepted_tokens / o.num_spec_steps)
+        stats = llm.engine.spec_stats
+        assert sum(o.num_draft_tokens for o in outs) == stats["drafted"]
+        assert stats["accepted_at"][0] >= stats["accepted_at"][1] >= stats["accepted_at"][2]   # a chain
+        assert sum(stats["accepted_at"]) == stats["accepted"] and sum(stats["drafted_at"]) == stats["drafted"]
+    finally:
+        llm.close()
+
+
+def test_adaptive_speculation_stays_off_in_a_large_batch_and_for_a_sequence_that_never_accepts():
+    spec = {"method": "draft", "model": HEADS["draft"], "num_speculative_tokens": 3, "max_batch": 4}
+    llm = LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=256, speculative_config=spec)
+    try:
+        llm.generate(PROMPTS, GREEDY)                        # 8 decoding: over max_batch
+        assert llm.engine.spec_stats["drafted"] == 0
+        seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
+        llm.generate(PROMPTS, [seeded] + [GREEDY] * 7)       # a seeded sampling request ignores the batch rule
+        assert llm.engine.spec_stats["drafted"] > 0
+    finally:
+        llm.close()
+    # a sequence whose drafts are always rejected drafts only every probe_every steps
+    llm = spec_llm("ngram")
+    llm.engine.spec = llm.engine.spec.__class__(**{**llm.engine.spec.__dict__, "min_acceptance": 0.5,
+                                                   "probe_every": 8})
+    llm.engine.proposer.propose = lambda seqs, k: [[1] * k for _ in seqs]     # token 1: never the target's
+    try:
+        o = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))[0]
+        assert o.token_ids == llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=64,
+                                                                      ignore_eos=True))[0].token_ids
+        # 1.0 -> 0.7 -> 0.49: two steps to fall below 0.5, then one probe per 8 steps
+        assert o.num_spec_steps <= 2 + 64 // 8
+    finally:
+        llm.close()
+
+
+# ---- lossless sampling ------------------------------------------------------------------------
+
+def _chi2_homogeneity(a: list[int], b: list[int]) -> float:
+    """p-value of a chi-square test that two samples of categories come from one distribution
+    (categories expected under 5 times are pooled)."""
+    cats = sorted(set(a) | set(b))
+    ca = torch.tensor([a.count(c) for c in cats], dtype=torch.float64)
+    cb = torch.tensor([b.count(c) for c in cats], dtype=torch.float64)
+    tot = ca + cb
+    small = tot * min(len(a), len(b)) / (len(a) + len(b)) < 5
+    if small.any():
+        ca = torch.cat([ca[~small], ca[small].sum(0, keepdim=True)])
+        cb = torch.cat([cb[~small], cb[small].sum(0, keepdim=True)])
+        tot = ca + cb
+    na, nb = ca.sum(), cb.sum()
+    ea, eb = tot * na / (na + nb), tot * nb / (na + nb)
+    stat = float((((ca - ea) ** 2) / ea + ((cb - eb) ** 2) / eb).sum())
+    df = len(tot) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+N_SAMPLES = 600
+ALPHA = 1e-3      # per position; 3 positions: a false alarm in at most 0.3% of seed sets
+
+
+def _samples(llm: LLM, seed0: int) -> list[list[int]]:
+    params = [SamplingParams(temperature=1.0, top_k=6, max_tokens=4, seed=seed0 + i, ignore_eos=True)
+              for i in range(N_SAMPLES)]
+    return [o.token_ids for o in llm.generate([PROMPTS[1]] * N_SAMPLES, params)]
+
+
+def _p_values(spec: LLM, plain: LLM) -> list[float]:
+    on, off = _samples(spec, 0), _samples(plain, 100_000)
+    # output positions 1..3 come from verify steps (position 0 is prefill's); each token conditioned
+    # on its own prefix, so compare (previous token, token) pairs
+    return [_chi2_homogeneity([tuple(s[j - 1:j + 1]) for s in on], [tuple(s[j - 1:j + 1]) for s in off])
+            for j in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def plain_top6():
+    llm = LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=512, max_num_seqs=128)
+    yield llm
+    llm.close()
+
+
+def test_sampling_with_drafts_is_distributed_as_without(plain_top6):
+    """With a 6-token support per step, speculation (draft model, many accepts and rejects) and plain
+    sampling give the same distribution at every verified position (chi-square, alpha 1e-3)."""
+    spec = spec_llm("draft", num_blocks=512, max_num_seqs=128)
+    try:
+        ps = _p_values(spec, plain_top6)
+        st = spec.engine.spec_stats
+        assert 0.2 * st["drafted"] < st["accepted"] < 0.9 * st["drafted"]
+        assert min(ps) > ALPHA, ps
+    finally:
+        spec.close()
+
+
+def test_the_same_test_catches_a_wrong_verifier(plain_top6, monkeypatch):
+    """A classic bug: after a rejection, sample from p instead of norm(max(p - q, 0)). The rejected
+    draft then comes out too often, and the test above sees it."""
+    from baton.backends.engine.sampler import target_probs
+
+    def wrong(rows, drafts, params, gen, draft_probs=None):
+        out = []
+        for j, d in enumerate(drafts):
+            p = target_probs(rows[j], params)
+            p = p / p.sum()
+            if torch.rand((), generator=gen).item() < float(p[d]):
+                out.append(d)
+                continue
+            return out + [int(torch.multinomial(p, 1, generator=gen))]
+        p = target_probs(rows[len(drafts)], params)
+        return out + [int(torch.multinomial(p / p.sum(), 1, generator=gen))]
+
+    monkeypatch.setattr("baton.backends.engine.llm_engine.verify", wrong)
+    spec = spec_llm("draft", num_blocks=512, max_num_seqs=128)
+    try:
+        ps = _p_values(spec, plain_top6)
+        assert min(ps) < ALPHA, ps
+    finally:
+        spec.close()
+
+
+# ---- bad configurations -----------------------------------------------------------------------
+
+def test_bad_speculative_configs_name_the_field(tmp_path, qwen3_dir):
+    def bad(spec: dict, match: str) -> None:
+        with pytest.raises(ConfigError, match=match):
+            LLM(TARGET, dtype="float32", num_blocks=32, max_model_len=256, speculative_config=spec).close()
+
+    bad({"method": "ngram", "num_speculative_tokens": 0}, r"speculative\.num_speculative_tokens: must be >= 1")
+    bad({"method": "lookahead"}, r"speculative\.method: unknown method 'lookahead'")
+    bad({"method": "draft"}, r"speculative\.model: method 'draft' needs")
+    bad({"method": "eagle", "model": str(tmp_path / "nowhere")}, r"speculative\.model: .*config\.json does not exist")
+    bad({"method": "ngram", "k": 3}, r"unknown key 'k' in speculative")
+    bad({"method": "ngram", "num_speculative_tokens": "3"}, r"num_speculative_tokens: expected int")
+    bad({"method": "draft", "model": str(qwen3_dir)}, r"speculative\.model: the draft's vocab_size \d+ differs")
+    bad({"method": "medusa", "model": HEADS["medusa"], "num_speculative_tokens": 9},
+        r"speculative\.num_speculative_tokens: 9 exceeds the 4 Medusa heads")
+    bad({"method": "medusa", "model": HEADS["eagle"]}, r"speculative\.model: .* is not a Medusa checkpoint")
+    # heads of another hidden size
+    other = tmp_path / "medusa-wide"
+    shutil.copytree(HEADS["medusa"], other)
+    meta = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(meta | {"hidden_size": 512}))
+    bad({"method": "medusa", "model": str(other)}, r"speculative\.model: the heads' hidden_size 512 differs")
+    eagle = tmp_path / "eagle-wide"
+    shutil.copytree(HEADS["eagle"], eagle)
+    meta = json.loads((eagle / "config.json").read_text())
+    (eagle / "config.json").write_text(json.dumps(meta | {"vocab_size": 100}))
+    bad({"method": "eagle", "model": str(eagle)}, r"speculative\.model: the head's vocab_size 100 differs")
