@@ -264,3 +264,55 @@ def test_bad_speculative_configs_name_the_field(tmp_path, qwen3_dir):
     meta = json.loads((eagle / "config.json").read_text())
     (eagle / "config.json").write_text(json.dumps(meta | {"vocab_size": 100}))
     bad({"method": "eagle", "model": str(eagle)}, r"speculative\.model: the head's vocab_size 100 differs")
+
+
+# ---- through Triton ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(HEADS))
+def test_a_node_with_each_method_streams_the_plain_engines_tokens(method, expected):
+    """Profile spec_<method>: alone and 8 at once (max_batch raised so the batch speculates too),
+    token-exact; the final response carries the request's drafts; per-position counters on the
+    metrics port; no block left in use."""
+    import threading
+    import time
+
+    from conftest import blocks_in_use
+    from test_serving import _metrics
+
+    from baton.backends.serving.launcher import Node
+    from baton_client import BatonClient
+
+    spec = {"method": method, "num_speculative_tokens": 3, "model": HEADS[method], "max_batch": 8,
+            "min_acceptance": 0.0}
+    n = Node(str(TARGET), f"spec_{method}", overrides={"dtype": "float32", "max_model_len": 1024,
+                                                      "kv_cache_memory_mb": 16, "speculative": spec})
+    n.start(timeout=180, quiet=True)
+    try:
+        client = BatonClient(n.grpc_url)
+        for p in PROMPTS[:2]:
+            chunks = list(client.stream(p, temperature=0.0, max_tokens=40, ignore_eos=True))
+            assert [t for c in chunks for t in c.token_ids] == expected[p]
+            drafted, accepted, steps = chunks[-1].speculative_tokens
+            assert steps > 0 and drafted >= accepted >= 0
+            assert any(len(c.token_ids) > 1 for c in chunks) or accepted == 0   # accepted drafts go out together
+        got = {}
+
+        def one(p: str) -> None:
+            got[p] = client.generate(p, temperature=0.0, max_tokens=40, ignore_eos=True).token_ids
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == expected
+        assert blocks_in_use(n.manager.address) == 0
+        deadline = time.monotonic() + 10           # decode sends its counters when it goes idle
+        while not (m := _metrics(n)).get("baton:spec_accepted_tokens_total") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert 0 < m["baton:spec_accepted_tokens_total"] < m["baton:spec_draft_tokens_total"]
+        assert m["baton:spec_drafts_total"] > 0
+        assert 0 < m["baton:spec_accepted_tokens_per_position_total"] <= m["baton:spec_accepted_tokens_total"]
+    finally:
+        n.stop()
