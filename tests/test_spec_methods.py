@@ -316,3 +316,38 @@ def test_a_node_with_each_method_streams_the_plain_engines_tokens(method, expect
         assert 0 < m["baton:spec_accepted_tokens_per_position_total"] <= m["baton:spec_accepted_tokens_total"]
     finally:
         n.stop()
+
+
+@pytest.mark.slow
+def test_the_draft_stage_frees_its_blocks_and_decode_never_depends_on_it(expected):
+    """Profile spec_draft runs the draft model as the Triton model `draft`. Its own KV blocks are all
+    free once the requests end; with its process killed, decode streams the same tokens without
+    drafts (the node's supervisor is what reports the dead stage)."""
+    import subprocess
+    import time
+
+    from test_serving import _metrics
+
+    from baton.backends.serving.launcher import Node
+    from baton_client import BatonClient
+
+    n = Node(str(TARGET), "spec_draft", overrides={"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_mb": 16})
+    n.start(timeout=180, quiet=True)
+    try:
+        client = BatonClient(n.grpc_url)
+        first = client.generate(PROMPTS[0], temperature=0.0, max_tokens=40, ignore_eos=True)
+        assert first.token_ids == expected[PROMPTS[0]] and first.speculative_tokens[1] > 0
+        deadline = time.monotonic() + 10
+        while (m := _metrics(n)).get("baton:draft_calls_total", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert m["baton:draft_calls_total"] > 0 and m["baton:draft_tokens_total"] > 0
+        assert m["baton:draft_kv_blocks_used"] == 0
+        pids = subprocess.run(["pgrep", "-f", f"{n.run_dir}/models/draft/1/model.py"], capture_output=True,
+                              text=True).stdout.split()
+        assert pids
+        for pid in pids:
+            subprocess.run(["kill", "-9", pid])
+        again = client.generate(PROMPTS[0], temperature=0.0, max_tokens=40, ignore_eos=True)
+        assert again.token_ids == first.token_ids and again.speculative_tokens == [0, 0, 0]
+    finally:
+        n.stop()

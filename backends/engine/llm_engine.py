@@ -18,7 +18,7 @@ from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, prepare_weights
 from ..runtime import owned_name, remove_leftovers
 from ..spec.config import SpeculativeConfig
-from ..spec.proposer import make_proposer
+from ..spec.proposer import Proposer, make_proposer
 from ..spec.verifier import verify
 from .config import EngineConfig
 from .detokenizer import Detokenizer
@@ -45,11 +45,12 @@ class StepOutput:
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, pool: KVPool | None = None,
                  block_manager: BlockManager | None = None, weights: dict[str, torch.Tensor] | None = None,
-                 connector: KVConnector | None = None) -> None:
+                 connector: KVConnector | None = None, proposer: Proposer | None = None) -> None:
         """`pool` / `block_manager` let a serving stage run on a node's shared pool (attached by name)
         and its KV manager (over a local channel) instead of private ones; `weights` are the node's
         shared prepared tensors (loader.weight_store) instead of a private load of the checkpoint;
-        `connector` brings KV in from, and hands it on to, other engines (kv.connector)."""
+        `connector` brings KV in from, and hands it on to, other engines (kv.connector); `proposer`
+        drafts for the configured speculation instead of one built here (decode: the draft stage)."""
         self.engine_config = config
         if not config.model:
             raise InvalidRequestError("model", "no checkpoint directory given")
@@ -96,7 +97,7 @@ class LLMEngine:
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.sampler = Sampler(config.seed, frozenset(self.eos_token_ids))
         self.spec = SpeculativeConfig.from_table(config.speculative) if config.speculative else None
-        self.proposer = make_proposer(self.spec, self) if self.spec else None
+        self.proposer = proposer or (make_proposer(self.spec, self) if self.spec else None)
         k = self.spec.num_speculative_tokens if self.spec else 0
         # acceptance rate = accepted / drafted; per draft position j: accepted_at[j] / drafted_at[j]
         self.spec_stats = {"drafts": 0, "drafted": 0, "accepted": 0, "drafted_at": [0] * k, "accepted_at": [0] * k}

@@ -102,6 +102,9 @@ class NodeConfig:
     # the internal stages (preprocess, prefill, decode) answer only calls carrying stage_key(): the
     # llm front's and PD routers'. False under an ensemble, which cannot add the key
     stage_calls_keyed: bool = False
+    # the gRPC endpoint serving the `draft` model (speculative method "draft" on its own stage); "":
+    # the draft model runs inside decode
+    draft_address: str = ""
 
     @property
     def stage_key(self) -> str:

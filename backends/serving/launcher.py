@@ -111,6 +111,11 @@ class Node:
         engine = engine.replace(dtype=str(dtype).split(".")[-1],
                                 max_model_len=engine.resolved_max_model_len(cfg.max_position_embeddings))
         serving = replace(serving, share_cores=_share_cores(serving.share_cores))
+        if engine.speculative.get("model"):        # the stages read it as an absolute path
+            from ..spec.config import SpeculativeConfig
+
+            engine = engine.replace(speculative=engine.speculative | {
+                "model": SpeculativeConfig.from_table(engine.speculative).model})
         pool_name = address = ""
         if role != "router":             # a router node has no pool and no weights
             spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20)
@@ -141,7 +146,8 @@ class Node:
                           transfer_host=self.host if role == "decode" else "", transfer_protocol=self.transfer_protocol,
                           block_source=self.manager.source if role == "prefill" else "",
                           name_service=self.name_service if role == "router" else "", cluster=self.cluster,
-                          stage_calls_keyed=use_keyed_stages(prof.models, role))
+                          stage_calls_keyed=use_keyed_stages(prof.models, role),
+                          draft_address=self.grpc_url if "draft" in prof.models else "")
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")

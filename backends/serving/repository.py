@@ -31,7 +31,8 @@ def render(profile: Profile, out: Path, node_config: Path) -> Path:
         "handle_tensors": tensors.pbtxt(tensors.HANDLE), "stream_tensors": tensors.pbtxt(tensors.STREAM),
         "user_tensors": tensors.pbtxt(tensors.USER), "handle_names": [n for n, _, _ in tensors.HANDLE],
         "stream_names": [n for n, _, _ in tensors.STREAM], "user_names": [n for n, _, _ in tensors.USER],
-        "stream_to_user": RENAME,
+        "stream_to_user": RENAME, "draft_call_tensors": tensors.pbtxt(tensors.DRAFT_CALL),
+        "draft_reply_tensors": tensors.pbtxt(tensors.DRAFT_REPLY),
     }
     if out.exists():
         shutil.rmtree(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from baton_client.schema import SCALARS, STRINGS, USER
 
-__all__ = ["HANDLE", "PREFILL_REQUEST", "SCALARS", "STREAM", "STRINGS", "USER", "pbtxt"]
+__all__ = ["DRAFT_CALL", "DRAFT_REPLY", "HANDLE", "PREFILL_REQUEST", "SCALARS", "STREAM", "STRINGS", "USER", "pbtxt"]
 
 # preprocess -> prefill: stages.messages.PrefillRequest
 PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING", 1), ("sampling", "TYPE_STRING", 1)]
@@ -25,6 +25,11 @@ STREAM = [("d_token_ids", "TYPE_INT64", -1), ("d_text", "TYPE_STRING", 1), ("d_f
           ("d_request_id", "TYPE_STRING", 1), ("d_num_input_tokens", "TYPE_INT32", 1),
           ("d_num_output_tokens", "TYPE_INT32", 1), ("d_cached_tokens_by_tier", "TYPE_INT32", -1),
           ("d_speculative_tokens", "TYPE_INT32", -1)]
+
+# decode -> draft, once per decode step: stages.messages.DraftCall / DraftReply
+DRAFT_CALL = [("keys", "TYPE_INT64", -1), ("starts", "TYPE_INT64", -1), ("lengths", "TYPE_INT64", -1),
+              ("tokens", "TYPE_INT64", -1), ("k", "TYPE_INT32", 1), ("release", "TYPE_INT64", -1)]
+DRAFT_REPLY = [("drafts", "TYPE_INT64", -1), ("synced", "TYPE_INT64", -1)]
 
 
 def pbtxt(specs: list[tuple[str, str, int]]) -> str:

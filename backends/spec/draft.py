@@ -31,56 +31,81 @@ def shadow_blocks(engine: LLMEngine, k: int) -> int:
 
 
 class DraftModelProposer(Proposer):
-    def __init__(self, cfg: SpeculativeConfig, engine: LLMEngine) -> None:
+    def __init__(self, cfg: SpeculativeConfig, vocab_size: int, dtype: torch.dtype, device: torch.device,
+                 block_size: int, max_model_len: int, num_blocks: int, pack_weights: bool = True) -> None:
+        """The draft model of `cfg` for a target of `vocab_size`, its KV in `num_blocks` blocks."""
         try:
             dcfg = ModelConfig.from_dir(cfg.model)
         except ValueError as e:
             raise ConfigError(f"speculative.model: {e}") from None
-        if dcfg.vocab_size != engine.config.vocab_size:
+        if dcfg.vocab_size != vocab_size:
             raise ConfigError(f"speculative.model: the draft's vocab_size {dcfg.vocab_size} differs from the "
-                              f"target's {engine.config.vocab_size}")
+                              f"target's {vocab_size}")
         k = cfg.num_speculative_tokens
-        weights = prepare_weights(dcfg, load_state_dict(cfg.model, engine.dtype))
-        if engine.device.type != "cpu":
-            weights = {n: t.to(engine.device) for n, t in weights.items()}
-        method = select_linear_method(engine.dtype, engine.device, engine.engine_config.pack_weights)
-        model = DecoderLM(dcfg, weights, engine.max_model_len + k + 1, method)
-        self.dec = ShadowDecoder(model, shadow_blocks(engine, k), engine.block_size, engine.dtype, engine.device)
+        weights = prepare_weights(dcfg, load_state_dict(cfg.model, dtype))
+        if device.type != "cpu":
+            weights = {n: t.to(device) for n, t in weights.items()}
+        model = DecoderLM(dcfg, weights, max_model_len + k + 1, select_linear_method(dtype, device, pack_weights))
+        self.dec = ShadowDecoder(model, num_blocks, block_size, dtype, device)
+
+    @classmethod
+    def for_engine(cls, cfg: SpeculativeConfig, engine: LLMEngine) -> DraftModelProposer:
+        return cls(cfg, engine.config.vocab_size, engine.dtype, engine.device, engine.block_size,
+                   engine.max_model_len, shadow_blocks(engine, cfg.num_speculative_tokens),
+                   engine.engine_config.pack_weights)
 
     def propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:
-        dec = self.dec
-        items, out = [], {}
+        items = []
         for s in seqs:
-            sh = dec.shadow(s.seq_id)
-            verified = s.token_ids
-            # the inputs past `synced` were drafts: keep the ones the target accepted; always feed
+            start = self.dec.shadow(s.seq_id).synced
+            items.append((s.seq_id, start, s.token_ids[start:]))
+        return [d or [] for d in self.draft(items, k)]
+
+    @torch.inference_mode()
+    def draft(self, items: list[tuple[int, int, list[int]]], k: int) -> list[list[int] | None]:
+        """Drafts for (key, start, verified tokens from position `start` on) items; None for a key
+        whose shadow holds fewer than `start` tokens (the caller must resend from its `synced`)."""
+        dec = self.dec
+        live, out = [], [None] * len(items)
+        for i, (key, start, tokens) in enumerate(items):
+            sh = dec.shadow(key)
+            if sh.synced < start or not tokens:
+                continue
+            # the inputs past `start` may be drafts: keep the ones the target accepted; always feed
             # the last verified token again at least (its row predicts the first draft)
-            keep = sh.synced
-            for a, b in zip(sh.token_ids[keep:], verified[keep:]):
+            keep = start
+            for a, b in zip(sh.token_ids[start:], tokens):
                 if a != b:
                     break
                 keep += 1
-            keep = min(keep, len(verified) - 1)
+            total = start + len(tokens)
+            keep = min(keep, total - 1)
             dec.truncate(sh, keep)
-            if not dec.reserve(sh, len(verified) + k - 1):
+            out[i] = []
+            if not dec.reserve(sh, total + k - 1):
                 continue                          # the shadow pool is full: no drafts this step
-            sh.synced = len(verified)
-            items.append((s.seq_id, sh, verified[keep:]))
-            out[s.seq_id] = []
-        feed = [(sh, new) for _, sh, new in items]
+            sh.synced = total
+            live.append((i, sh, tokens[keep - start:]))
+        feed = [(sh, new) for _, sh, new in live]
         for j in range(k):
             if not feed:
                 break
-            hidden = dec.extend(feed)
-            drafts = dec.model.logits(hidden).argmax(-1).tolist()
-            for (sid, _, _), d in zip(items, drafts):
-                out[sid].append(d)
-            if j < k - 1:
-                feed = [(sh, [d]) for (_, sh, _), d in zip(items, drafts)]
-        return [out.get(s.seq_id, []) for s in seqs]
+            drafts = dec.model.logits(dec.extend(feed)).argmax(-1).tolist()
+            for (i, _, _), d in zip(live, drafts):
+                out[i].append(d)
+            feed = [(sh, [d]) for (_, sh, _), d in zip(live, drafts)]
+        return out
+
+    def synced(self, key: int) -> int:
+        sh = self.dec.shadows.get(key)
+        return sh.synced if sh is not None else 0
 
     def forget(self, live: set[int]) -> None:
         self.dec.forget(live)
+
+    def release(self, keys: list[int]) -> None:
+        for key in keys:
+            self.dec.drop(key)
 
     def close(self) -> None:
         self.dec.close()

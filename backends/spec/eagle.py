@@ -81,8 +81,7 @@ class EagleProposer(Proposer):
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
         st = self.feats.get(seq.seq_id)
         if st is None or start > st.known:         # first features, or a gap: start the head cache here
-            if st is not None:
-                self.dec.forget({s for s in self.dec.shadows if s != seq.seq_id})
+            self.dec.drop(seq.seq_id)
             st = self.feats[seq.seq_id] = _Features(start)
         features = features[st.known - start:]     # a recompute (preemption) repeats positions already seen
         if features.shape[0]:

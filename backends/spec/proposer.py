@@ -74,7 +74,7 @@ def make_proposer(cfg: SpeculativeConfig, engine: LLMEngine) -> Proposer:
     if cfg.method == "draft":
         from .draft import DraftModelProposer
 
-        return DraftModelProposer(cfg, engine)
+        return DraftModelProposer.for_engine(cfg, engine)
     if cfg.method == "medusa":
         from .medusa import MedusaProposer
 

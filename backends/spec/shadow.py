@@ -58,7 +58,12 @@ class ShadowDecoder:
     def forget(self, live: set[int]) -> None:
         """Release the shadows of sequences the engine no longer has."""
         for sid in [s for s in self.shadows if s not in live]:
-            self.bm.release(self.shadows.pop(sid).block_table)
+            self.drop(sid)
+
+    def drop(self, key: int) -> None:
+        sh = self.shadows.pop(key, None)
+        if sh is not None:
+            self.bm.release(sh.block_table)
 
     def reserve(self, sh: Shadow, n_tokens: int) -> bool:
         """Blocks for n_tokens inputs in all; False when the shadow pool is out of them."""

@@ -40,7 +40,12 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
 
         tiers = RemoteTiers(bm)
         connector = TierConnector(connector, tiers, tiers.names, bm)
-    return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector)
+    proposer = None
+    if stage == "decode" and node.draft_address and config.speculative.get("method") == "draft":
+        from ..spec.remote import RemoteDraftProposer
+
+        proposer = RemoteDraftProposer(node.draft_address, node.stage_key)
+    return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector, proposer=proposer)
 
 
 def core_share(node: NodeConfig, stage: str) -> CoreShare | None:

@@ -5,6 +5,8 @@ assigns (it is in every response the client gets, and in stage logs):
   prefill    -> decode       KVHandle         the baton: token ids, KV block table, counts, RNG state
   decode     -> client       TokenDelta       new token ids, text delta, finish reason, usage
   decode stub <-> worker     AddRequest, Cancel, Stop / Ready, StepDeltas, Failed, Stats   (decode_worker)
+  decode     -> draft        DraftCall        per sequence: the tokens verified since the last call
+  draft      -> decode       DraftReply       up to k draft tokens per sequence
 
 Between Triton models a message travels as the tensors named in serving.tensors (to_arrays /
 from_arrays); between the decode stub and its worker process, pickled."""
@@ -131,6 +133,60 @@ class KVHandle:
                    a["gen_state"].astype(np.uint8).tobytes(), a["logprobs"].astype(np.float32).tolist(),
                    _text(a["source"]), float(a["prefill_seconds"].reshape(-1)[0]),
                    a["cached_by_tier"].astype(np.int32).tolist(), a["mac"].astype(np.uint8).tobytes())
+
+
+@dataclass
+class DraftCall:
+    """Sequences to draft for (spec/remote.py): each `key`'s verified tokens from position `start`
+    on (what the draft stage does not hold yet, and the last one again), k drafts each; `release`:
+    keys whose requests ended (their draft KV is freed)."""
+
+    keys: list[int]
+    starts: list[int]
+    tokens: list[list[int]]
+    k: int
+    release: list[int] = field(default_factory=list)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"keys": np.asarray(self.keys, dtype=np.int64), "starts": np.asarray(self.starts, dtype=np.int64),
+                "lengths": np.asarray([len(t) for t in self.tokens], dtype=np.int64),
+                "tokens": np.asarray([x for t in self.tokens for x in t], dtype=np.int64),
+                "k": np.asarray([self.k], dtype=np.int32), "release": np.asarray(self.release, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> DraftCall:
+        lengths = a["lengths"].astype(np.int64).tolist()
+        flat = a["tokens"].astype(np.int64).tolist()
+        keys, starts = a["keys"].astype(np.int64).tolist(), a["starts"].astype(np.int64).tolist()
+        if not (len(keys) == len(starts) == len(lengths)) or sum(lengths) != len(flat) or min(lengths, default=1) < 1:
+            raise ValueError("draft call: keys, starts and lengths must have one entry per sequence, lengths >= 1 "
+                             "summing to the number of tokens")
+        tokens, r = [], 0
+        for n in lengths:
+            tokens.append(flat[r:r + n])
+            r += n
+        return cls(keys, starts, tokens, int(a["k"].reshape(-1)[0]), a["release"].astype(np.int64).tolist())
+
+
+@dataclass
+class DraftReply:
+    """Per key: its drafts (possibly none) and how many of its verified tokens the draft stage now
+    holds (the next call sends from there: 0 after the stage lost its state, e.g. restarted)."""
+
+    drafts: list[list[int]]
+    synced: list[int]
+
+    def to_arrays(self, k: int) -> dict[str, np.ndarray]:
+        padded = np.full((len(self.drafts), k), -1, dtype=np.int64)
+        for i, d in enumerate(self.drafts):
+            padded[i, :len(d)] = d
+        return {"drafts": padded.reshape(-1), "synced": np.asarray(self.synced, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray], k: int) -> DraftReply:
+        synced = a["synced"].astype(np.int64).tolist()
+        rows = a["drafts"].astype(np.int64).reshape(len(synced), k).tolist() if synced else []
+        return cls([[t for t in r if t >= 0] for r in rows], synced)
 
 
 @dataclass

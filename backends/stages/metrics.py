@@ -49,6 +49,11 @@ DECODE = {
 }
 # families whose every series has its own label (tier=...): created as they are first updated
 LABELLED = {n for n in DECODE if n.startswith("baton:kv_tier_") or n.endswith("_per_position_total")}
+DRAFT = {
+    "baton:draft_calls_total": ("counter", "Draft stage: calls (one per decode step that drafted)."),
+    "baton:draft_tokens_total": ("counter", "Draft stage: draft tokens proposed."),
+    "baton:draft_kv_blocks_used": ("gauge", "Draft stage: blocks of the draft model's own KV pool in use."),
+}
 PREFILL = {
     "baton:prefill_requests_total": ("counter", "Requests prefilled."),
     "baton:prompt_tokens_total": ("counter", "Prompt tokens, computed or served from the prefix cache."),
