@@ -1,93 +1,220 @@
-"""Speculative decoding A/B on the in-process engine: the same greedy requests with and without
-prompt-lookup drafts, alternating in the same process, so the ratio is what the numbers mean.
+"""Speculative decoding against no speculation, measured in the same run, in-process and through
+Triton (a node per method, beside a node without speculation; requests alternate between the two).
 
-    python benchmarks/spec.py --model models/baton-tiny [--k 4] [--rounds 3] [--batch 1,8] [--new 128]
-                              [--max-batch N]
+    python benchmarks/spec.py [--model models/baton-tiny] [--modes inproc,triton]
+                              [--methods ngram,draft,medusa,eagle] [--conc 1,4,16] [--temps 0,0.8]
+                              [--workloads completion,edit] [--new 256] [--rounds 2] [--out FILE]
 
-Prompts: Python source taken from the standard library (code repeats its own identifiers, the case
-prompt lookup is for), so the output tokens are the model's, greedy. Reports tok/s per arm, the
-speedup, and the acceptance rate (accepted / drafted) and mean tokens per step of the spec arm.
+Workloads, from the held-out files of baton-tiny's corpus (stdlib sources the family never trained on):
+  completion  a 256-token prompt starting at a top-level `def`/`class`; 256 new tokens
+  edit        a held-out function, then a comment asking for it again under a new name and the new
+              `def` line: the answer repeats most of the prompt (the case prompt lookup is for)
+Each cell (workload x temperature x concurrency) sends max(3, c) requests, c at a time; tokens/s is
+completion tokens over the cell's wall time, median of the rounds; acceptance length is 1 + accepted
+drafts per verifying step. In-process, "concurrency c" is c prompts in one generate() call. Methods
+use the repository's profiles spec_<method> (k = 3; ngram k = 4); `draft` through Triton is the
+`draft` stage, in-process the draft model inside the engine.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import re
 import statistics
+import sys
+import threading
 import time
+from pathlib import Path
 
 from baton.backends.runtime import configure_process  # isort: skip
 
 configure_process()
 
-import textwrap  # noqa: E402
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 from baton import LLM, SamplingParams  # noqa: E402
+from baton.backends.serving.config import Profile  # noqa: E402
+
+METHODS = ("ngram", "draft", "medusa", "eagle")
 
 
-def prompts(n: int) -> list[str]:
-    import json as j
-    import shutil
+def heldout_texts() -> list[str]:
+    from baton.tools.train.corpus import read_split
 
-    srcs = [inspect.getsource(f) for f in (j.dumps, shutil.copyfile, textwrap.wrap, inspect.getsource,
-                                           argparse.ArgumentParser.add_argument, statistics.median)]
-    # each prompt: a function and the start of a near-copy of it (a refactor / edit task)
+    return read_split(5).heldout
+
+
+def definitions(texts: list[str]) -> list[str]:
+    """Top-level functions and classes of the held-out files, whole (to the next top-level line)."""
     out = []
-    for i in range(n):
-        s = srcs[i % len(srcs)][:1200]
-        out.append(s + "\n\n# the same function, renamed\n" + s[:200].replace("def ", "def new_", 1))
+    for t in texts:
+        for m in re.finditer(r"^(def|class) \w+.*?(?=^\S|\Z)", t, re.S | re.M):
+            out.append(m.group(0).rstrip() + "\n")
     return out
 
 
-def run(llm: LLM, ps: list[str], new: int) -> tuple[float, int]:
-    sp = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
-    t = time.perf_counter()
-    outs = llm.generate(ps, sp)
-    return time.perf_counter() - t, sum(len(o.token_ids) for o in outs)
+def workloads(tok, new: int) -> dict[str, list[str]]:  # noqa: ANN001
+    defs = definitions(heldout_texts())
+    completion = []
+    for d in defs:
+        ids = tok.encode(d)
+        if len(ids) >= 256:
+            completion.append(tok.decode(ids[:256]))
+    edit = []
+    for d in defs:
+        n = len(tok.encode(d))
+        name = re.match(r"(?:def|class) (\w+)", d).group(1)
+        if d.startswith("def ") and 120 <= n <= 400 and not name.startswith("_"):
+            renamed = re.sub(rf"\b{name}\b", f"{name}_v2", d)
+            edit.append(d + f"\n\n# {name}_v2: the same function as {name}, renamed\n" + renamed.split("(", 1)[0] + "(")
+    return {"completion": completion, "edit": edit}
 
+
+def params(temp: float, new: int, i: int) -> dict:
+    return {"temperature": temp, "max_tokens": new, "ignore_eos": True} | ({"seed": 1000 + i} if temp else {})
+
+
+# ---- in-process ---------------------------------------------------------------------------------
+
+def spec_table(method: str) -> dict:
+    return Profile.load(f"spec_{method}").engine["speculative"]
+
+
+def inproc_cell(llm: LLM, prompts: list[str], temp: float, new: int, conc: int) -> dict:
+    n = max(3, conc)
+    ps = prompts[:n]
+    sps = [SamplingParams(**params(temp, new, i)) for i in range(n)]
+    t = time.perf_counter()
+    outs = []
+    for i in range(0, n, conc):
+        outs += llm.generate(ps[i:i + conc], sps[i:i + conc])
+    wall = time.perf_counter() - t
+    toks = sum(len(o.token_ids) for o in outs)
+    steps = sum(o.num_spec_steps for o in outs)
+    return {"tok_s": toks / wall, "acc_len": 1 + sum(o.num_accepted_tokens for o in outs) / steps if steps else 1.0,
+            "tokens": [o.token_ids for o in outs]}
+
+
+# ---- through Triton -------------------------------------------------------------------------------
+
+def triton_cell(url: str, prompts: list[str], temp: float, new: int, conc: int) -> dict:
+    from baton_client import BatonClient
+
+    n = max(3, conc)
+    todo = list(enumerate(prompts[:n]))
+    results: dict[int, object] = {}
+    lock = threading.Lock()
+
+    def worker() -> None:
+        client = BatonClient(url)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i, p = todo.pop(0)
+            results[i] = client.generate(p, **params(temp, new, i))
+
+    threads = [threading.Thread(target=worker) for _ in range(conc)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    outs = [results[i] for i in range(n)]
+    toks = sum(len(o.token_ids) for o in outs)
+    spec = [o.speculative_tokens or [0, 0, 0] for o in outs]
+    steps = sum(s[2] for s in spec)
+    return {"tok_s": toks / wall, "acc_len": 1 + sum(s[1] for s in spec) / steps if steps else 1.0,
+            "tokens": [o.token_ids for o in outs]}
+
+
+class Nodes:
+    def __init__(self, model: str, max_len: int) -> None:
+        self.model, self.max_len = model, max_len
+
+    def start(self, profile: str):  # noqa: ANN201
+        from baton.backends.serving.launcher import Node
+
+        n = Node(self.model, profile, overrides={"max_model_len": self.max_len, "kv_cache_memory_mb": 256})
+        n.start(timeout=300, quiet=True)
+        return n
+
+
+# ---- the run ------------------------------------------------------------------------------------
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="models/baton-tiny")
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--max-batch", type=int, default=None, help="speculative_max_batch (default: the engine's)")
+    ap.add_argument("--model", default=str(ROOT / "models" / "baton-tiny"))
+    ap.add_argument("--modes", default="inproc,triton")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--conc", default="1,4,16")
+    ap.add_argument("--temps", default="0,0.8")
+    ap.add_argument("--workloads", default="completion,edit")
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    kw = dict(dtype=a.dtype, max_model_len=2048, kv_cache_memory_mb=256)
-    base = LLM(a.model, **kw)
-    extra = {} if a.max_batch is None else {"speculative_max_batch": a.max_batch}
-    spec = LLM(a.model, speculative_method="ngram", num_speculative_tokens=a.k, **kw, **extra)
-    result = {"model": a.model, "k": a.k, "new": a.new, "rows": []}
-    for b in map(int, a.batch.split(",")):
-        ps = prompts(b)
-        run(base, ps, 8), run(spec, ps, 8)                          # warm up (kernels, allocator)
-        rates = {"plain": [], "ngram": []}
-        stats0 = dict(spec.engine.spec_stats)
-        same = None
-        for _ in range(a.rounds):
-            for name, llm in (("plain", base), ("ngram", spec)):
-                s, n = run(llm, ps, a.new)
-                rates[name].append(n / s)
-            if same is None:
-                sp = SamplingParams(temperature=0.0, max_tokens=a.new, ignore_eos=True)
-                same = [o.token_ids for o in base.generate(ps, sp)] == [o.token_ids for o in spec.generate(ps, sp)]
-        drafted = spec.engine.spec_stats["drafted"] - stats0["drafted"]
-        accepted = spec.engine.spec_stats["accepted"] - stats0["accepted"]
-        row = {"batch": b, "plain_tok_s": statistics.median(rates["plain"]),
-               "ngram_tok_s": statistics.median(rates["ngram"]), "runs": rates,
-               "acceptance": accepted / drafted if drafted else 0.0, "same_tokens": same}
-        row["speedup"] = row["ngram_tok_s"] / row["plain_tok_s"]
-        result["rows"].append(row)
-        print(f"batch {b}: plain {row['plain_tok_s']:.1f} tok/s, ngram k={a.k} {row['ngram_tok_s']:.1f} tok/s "
-              f"({row['speedup']:.2f}x), acceptance {row['acceptance']:.2f}, identical tokens: {same}", flush=True)
+    methods = a.methods.split(",")
+    concs = [int(c) for c in a.conc.split(",")]
+    temps = [float(t) for t in a.temps.split(",")]
+    max_len = 1024
+    result = {"model": a.model, "new": a.new, "rounds": a.rounds, "started": time.strftime("%Y-%m-%d %H:%M"),
+              "rows": []}
+
+    base = LLM(a.model, max_model_len=max_len, kv_cache_memory_mb=256)
+    loads = workloads(base.engine.tokenizer, a.new)
+    loads = {w: loads[w] for w in a.workloads.split(",")}
+    print({w: len(p) for w, p in loads.items()}, "prompts per workload", flush=True)
+
+    def measure(mode: str, method: str, run_off, run_on) -> None:  # noqa: ANN001
+        for w, prompts in loads.items():
+            for temp in temps:
+                for c in concs:
+                    off, on = [], []
+                    run_off(prompts, temp, a.new, c), run_on(prompts, temp, a.new, c)     # warm up
+                    same = None
+                    for _ in range(a.rounds):
+                        x, y = run_off(prompts, temp, a.new, c), run_on(prompts, temp, a.new, c)
+                        off.append(x["tok_s"])
+                        on.append(y["tok_s"])
+                        acc = y["acc_len"]
+                        if temp == 0 and same is None:
+                            same = x["tokens"] == y["tokens"]
+                    row = {"mode": mode, "method": method, "workload": w, "temperature": temp, "concurrency": c,
+                           "off_tok_s": statistics.median(off), "on_tok_s": statistics.median(on),
+                           "acceptance_length": acc, "identical_tokens": same, "runs": {"off": off, "on": on}}
+                    row["speedup"] = row["on_tok_s"] / row["off_tok_s"]
+                    result["rows"].append(row)
+                    print(f"{mode:7s} {method:7s} {w:10s} T={temp:.1f} c={c:2d}: off {row['off_tok_s']:7.1f} "
+                          f"on {row['on_tok_s']:7.1f} tok/s ({row['speedup']:.2f}x), acceptance length {acc:.2f}"
+                          + (f", identical {same}" if same is not None else ""), flush=True)
+                    if a.out:
+                        Path(a.out).write_text(json.dumps(result, indent=1))
+
+    if "inproc" in a.modes:
+        for method in methods:
+            spec = LLM(a.model, max_model_len=max_len, kv_cache_memory_mb=256, speculative_config=spec_table(method))
+            measure("inproc", method, lambda *x: inproc_cell(base, *x), lambda *x: inproc_cell(spec, *x))
+            spec.close()
+    base.close()
+    if "triton" in a.modes:
+        nodes = Nodes(a.model, max_len)
+        off = nodes.start("single_node")
+        try:
+            for method in methods:
+                on = nodes.start(f"spec_{method}")
+                try:
+                    measure("triton", method, lambda *x: triton_cell(off.grpc_url, *x),
+                            lambda *x, on=on: triton_cell(on.grpc_url, *x))
+                finally:
+                    on.stop()
+        finally:
+            off.stop()
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+        Path(a.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

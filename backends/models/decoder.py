@@ -65,6 +65,7 @@ def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[st
 
 
 LINEARS = ("qkv", "o", "gate_up", "down")
+_NO_NORM = torch.empty(0, dtype=torch.bfloat16)     # the fused decode step's "no final norm"
 
 
 def process_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor],
@@ -122,7 +123,7 @@ class DecoderLM:
         """Per-layer tensors for the C++ decode step (decode_forward_bf16): the fast path the weight
         method offers when every GEMM runs its bf16 kernel on packed bytes; None otherwise (the step
         then runs op by op)."""
-        if self.embed.dtype != torch.bfloat16 or self.norm is None:
+        if self.embed.dtype != torch.bfloat16:
             return None
         w, opt = [], []
         for L in self.layers:
@@ -149,7 +150,8 @@ class DecoderLM:
             d = batch.decode
             return torch.ops.baton_cpu.decode_forward_bf16(
                 h, positions, self._fused[0], self._fused[1], [t for kv in kv_layers for t in kv], d.block_tables,
-                d.context_lens, batch.slot_blocks, batch.slot_offsets, self.rope.cos, self.rope.sin_signed, self.norm,
+                d.context_lens, batch.slot_blocks, batch.slot_offsets, self.rope.cos, self.rope.sin_signed,
+                self.norm if self.norm is not None else _NO_NORM,
                 H, KV, D, cfg.intermediate_size, eps, self.scale)
         residual = h
         x = rms_norm(h, self.layers[0].input_norm, eps)

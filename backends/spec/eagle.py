@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from baton.kernels import linear
 from baton.kernels.linear import select_linear_method
 
 from ..engine.config import ConfigError
@@ -59,9 +60,9 @@ class EagleProposer(Proposer):
         for key in ("fc.weight", "fc.bias"):
             if key not in state:
                 raise ConfigError(f"speculative.model: {cfg.model} is not an EAGLE head (no {key!r})")
-        self.fc_w, self.fc_b = state.pop("fc.weight"), state.pop("fc.bias")
-        if tuple(self.fc_w.shape) != (tcfg.hidden_size, 2 * tcfg.hidden_size):
-            raise ConfigError(f"speculative.model: fc.weight has shape {tuple(self.fc_w.shape)}, expected "
+        fc_w, fc_b = state.pop("fc.weight"), state.pop("fc.bias")
+        if tuple(fc_w.shape) != (tcfg.hidden_size, 2 * tcfg.hidden_size):
+            raise ConfigError(f"speculative.model: fc.weight has shape {tuple(fc_w.shape)}, expected "
                               f"{(tcfg.hidden_size, 2 * tcfg.hidden_size)}")
         state = {"model." + n: t for n, t in state.items()}
         target = engine.model
@@ -70,8 +71,9 @@ class EagleProposer(Proposer):
         weights = prepare_weights(hcfg, state)
         if engine.device.type != "cpu":
             weights = {n: t.to(engine.device) for n, t in weights.items()}
-            self.fc_w, self.fc_b = self.fc_w.to(engine.device), self.fc_b.to(engine.device)
+            fc_w, fc_b = fc_w.to(engine.device), fc_b.to(engine.device)
         method = select_linear_method(engine.dtype, engine.device, engine.engine_config.pack_weights)
+        self.fc = method.create(method.process(fc_w), fc_b)
         k = cfg.num_speculative_tokens
         model = DecoderLM(hcfg, weights, engine.max_model_len + k + 1, method, final_norm=False)
         self.dec = ShadowDecoder(model, shadow_blocks(engine, k), engine.block_size, engine.dtype, engine.device)
@@ -90,7 +92,7 @@ class EagleProposer(Proposer):
 
     def _embed(self, tokens: list[int], features: torch.Tensor) -> torch.Tensor:
         e = F.embedding(torch.tensor(tokens, device=features.device), self.target.embed)
-        return F.linear(torch.cat([e, features.to(e.dtype)], -1), self.fc_w, self.fc_b)
+        return linear(torch.cat([e, features.to(e.dtype)], -1), self.fc)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:

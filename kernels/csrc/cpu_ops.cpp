@@ -807,7 +807,8 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 // DecoderLM.forward, so the result is bit-identical to it, without ~100 Python-level op calls per
 // step. h: the embedded tokens [T, hidden] (consumed). Per layer, `w` holds input_norm, qkv, o,
 // post_norm, gate_up, down (packed blobs) and `opt` holds qkv bias, qk_norm, o bias, gate_up bias,
-// down bias (each may be None); `kv` holds each layer's K and V cache.
+// down bias (each may be None); `kv` holds each layer's K and V cache. An empty final_norm: no final
+// norm, the residual stream is returned (an EAGLE head's predicted feature).
 at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::TensorList w,
                                const c10::List<c10::optional<at::Tensor>>& opt, at::TensorList kv,
                                const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -833,6 +834,7 @@ at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::Te
     h = linear_packed_bf16(silu_and_mul(linear_packed_bf16(x, L[4], 2 * inter, hidden, opt_at(o5 + 3))), L[5], hidden,
                            inter, opt_at(o5 + 4));
   }
+  if (final_norm.numel() == 0) return h + residual;
   return add_rms_norm(h, residual, final_norm, eps);
 }
 
