@@ -34,9 +34,9 @@ def test_verifier_greedy_takes_the_matching_prefix_then_the_targets_token():
         rows[j, t] = 5.0
     g = torch.Generator().manual_seed(0)
     greedy = SamplingParams(temperature=0)
-    assert verify(rows, [3, 4, 5], greedy, g) == [3, 4, 6]      # third draft wrong: the target's 6
-    assert verify(rows, [3, 4, 6], greedy, g) == [3, 4, 6, 1]   # all accepted, plus the bonus token
-    assert verify(rows, [0, 4, 6], greedy, g) == [3]
+    assert verify(rows, [3, 4, 5], greedy, lambda j: g) == [3, 4, 6]      # third draft wrong: the target's 6
+    assert verify(rows, [3, 4, 6], greedy, lambda j: g) == [3, 4, 6, 1]   # all accepted, plus the bonus token
+    assert verify(rows, [0, 4, 6], greedy, lambda j: g) == [3]
 
 
 def test_verifier_sampling_is_distributed_as_the_target():
@@ -50,7 +50,7 @@ def test_verifier_sampling_is_distributed_as_the_target():
     n = 20000
     counts = torch.zeros(6)
     for _ in range(n):
-        counts[verify(logits, [draft], params, g)[0]] += 1
+        counts[verify(logits, [draft], params, lambda j: g)[0]] += 1
     assert torch.allclose(counts / n, p, atol=0.015), (counts / n, p)
 
 

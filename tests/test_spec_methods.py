@@ -27,19 +27,22 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
 def spec_llm(method: str, k: int = 3, **kw) -> LLM:
-    spec = {"method": method, "num_speculative_tokens": k, "model": HEADS[method], "max_batch": 64,
+    spec = {"method": method, "num_speculative_tokens": k, "model": HEADS[method], "max_batch": 256,
             "min_acceptance": 0.0}
     return LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=kw.pop("num_blocks", 256),
                speculative_config=spec, **kw)
 
 
 @pytest.fixture(scope="module")
-def expected():
-    plain = LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=256)
-    try:
-        yield {p: o.token_ids for p, o in zip(PROMPTS, plain.generate(PROMPTS, GREEDY))}
-    finally:
-        plain.close()
+def plain():
+    llm = LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=256)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def expected(plain):
+    return {p: o.token_ids for p, o in zip(PROMPTS, plain.generate(PROMPTS, GREEDY))}
 
 
 def used_blocks(llm: LLM) -> tuple[int, int]:
@@ -79,6 +82,20 @@ def test_greedy_is_token_exact(method, mode, expected):
         if mode == "preemption":
             assert llm.engine.scheduler.num_preemptions > 0
         assert used_blocks(llm) == (0, 0)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("method", list(HEADS))
+def test_seeded_sampling_gives_the_tokens_it_gives_without_speculation(method, plain):
+    """A seeded request's draw for each position is keyed by (seed, position): a verified row draws
+    what plain decoding draws there, so speculation (in a batch of 8 here) changes no token."""
+    sp = [SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=40, ignore_eos=True) for i in range(8)]
+    llm = spec_llm(method)
+    try:
+        outs = llm.generate(PROMPTS, sp)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in plain.generate(PROMPTS, sp)]
+        assert llm.engine.spec_stats["accepted"] > 0
     finally:
         llm.close()
 
@@ -128,11 +145,11 @@ def test_adaptive_speculation_stays_off_in_a_large_batch_and_for_a_sequence_that
     spec = {"method": "draft", "model": HEADS["draft"], "num_speculative_tokens": 3, "max_batch": 4}
     llm = LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=256, speculative_config=spec)
     try:
-        llm.generate(PROMPTS, GREEDY)                        # 8 decoding: over max_batch
-        assert llm.engine.spec_stats["drafted"] == 0
         seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=20, ignore_eos=True)
-        llm.generate(PROMPTS, [seeded] + [GREEDY] * 7)       # a seeded sampling request ignores the batch rule
-        assert llm.engine.spec_stats["drafted"] > 0
+        batched = llm.generate(PROMPTS, [seeded] + [GREEDY] * 7)[0]      # 8 decoding: over max_batch
+        assert llm.engine.spec_stats["drafted"] == 0
+        alone = llm.generate(PROMPTS[0], seeded)[0]                       # alone: it speculates
+        assert alone.num_draft_tokens > 0 and alone.token_ids == batched.token_ids
     finally:
         llm.close()
     # a sequence whose drafts are always rejected drafts only every probe_every steps
@@ -204,7 +221,7 @@ def test_sampling_with_drafts_is_distributed_as_without(plain_top6):
     try:
         ps = _p_values(spec, plain_top6)
         st = spec.engine.spec_stats
-        assert 0.2 * st["drafted"] < st["accepted"] < 0.9 * st["drafted"]
+        assert st["drafts"] >= N_SAMPLES and 0.2 * st["drafted"] < st["accepted"] < 0.9 * st["drafted"]
         assert min(ps) > ALPHA, ps
     finally:
         spec.close()
@@ -215,17 +232,18 @@ def test_the_same_test_catches_a_wrong_verifier(plain_top6, monkeypatch):
     draft then comes out too often, and the test above sees it."""
     from baton.backends.engine.sampler import target_probs
 
-    def wrong(rows, drafts, params, gen, draft_probs=None):
+    def wrong(rows, drafts, params, noise, draft_probs=None):
         out = []
         for j, d in enumerate(drafts):
             p = target_probs(rows[j], params)
             p = p / p.sum()
+            gen = noise(j)
             if torch.rand((), generator=gen).item() < float(p[d]):
                 out.append(d)
                 continue
             return out + [int(torch.multinomial(p, 1, generator=gen))]
         p = target_probs(rows[len(drafts)], params)
-        return out + [int(torch.multinomial(p / p.sum(), 1, generator=gen))]
+        return out + [int(torch.multinomial(p / p.sum(), 1, generator=noise(len(drafts))))]
 
     monkeypatch.setattr("baton.backends.engine.llm_engine.verify", wrong)
     spec = spec_llm("draft", num_blocks=512, max_num_seqs=128)
@@ -272,8 +290,9 @@ def test_bad_speculative_configs_name_the_field(tmp_path, qwen3_dir):
 @pytest.mark.parametrize("method", list(HEADS))
 def test_a_node_with_each_method_streams_the_plain_engines_tokens(method, expected):
     """Profile spec_<method>: alone and 8 at once (max_batch raised so the batch speculates too),
-    token-exact; the final response carries the request's drafts; per-position counters on the
-    metrics port; no block left in use."""
+    prompts prefilled in 32-token chunks, then all 8 again (prefix hits): token-exact; the final
+    response carries the request's drafts; per-position counters on the metrics port; no block left
+    in use."""
     import threading
     import time
 
@@ -286,7 +305,8 @@ def test_a_node_with_each_method_streams_the_plain_engines_tokens(method, expect
     spec = {"method": method, "num_speculative_tokens": 3, "model": HEADS[method], "max_batch": 8,
             "min_acceptance": 0.0}
     n = Node(str(TARGET), f"spec_{method}", overrides={"dtype": "float32", "max_model_len": 1024,
-                                                      "kv_cache_memory_mb": 16, "speculative": spec})
+                                                      "kv_cache_memory_mb": 16, "speculative": spec,
+                                                      "prefill_chunk_tokens": 32})
     n.start(timeout=180, quiet=True)
     try:
         client = BatonClient(n.grpc_url)
@@ -296,17 +316,20 @@ def test_a_node_with_each_method_streams_the_plain_engines_tokens(method, expect
             drafted, accepted, steps = chunks[-1].speculative_tokens
             assert steps > 0 and drafted >= accepted >= 0
             assert any(len(c.token_ids) > 1 for c in chunks) or accepted == 0   # accepted drafts go out together
-        got = {}
+        for again in (False, True):
+            got, cached = {}, {}
 
-        def one(p: str) -> None:
-            got[p] = client.generate(p, temperature=0.0, max_tokens=40, ignore_eos=True).token_ids
+            def one(p: str) -> None:
+                r = client.generate(p, temperature=0.0, max_tokens=40, ignore_eos=True)
+                got[p], cached[p] = r.token_ids, r.cached_tokens
 
-        threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert got == expected
+            threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert got == expected
+            assert all(cached.values()) if again else True
         assert blocks_in_use(n.manager.address) == 0
         deadline = time.monotonic() + 10           # decode sends its counters when it goes idle
         while not (m := _metrics(n)).get("baton:spec_accepted_tokens_total") and time.monotonic() < deadline:

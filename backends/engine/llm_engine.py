@@ -242,20 +242,19 @@ class LLMEngine:
 
         Speculation pays only while the extra rows are cheap and accepted: it is off for the step
         when more than `max_batch` sequences decode, and off for a sequence whose recent acceptance is
-        below `min_acceptance` (it probes again every `probe_every` steps). A seeded sampling request
-        ignores the batch rule: its draws, and so its tokens, must not depend on the batch."""
+        below `min_acceptance` (it probes again every `probe_every` steps). Neither changes a
+        seeded request's tokens: its draws are keyed by position (Sampler.noise)."""
         if self.proposer is None:
             return
         sc, sched = self.spec, self.scheduler
         decoding = [s for s in sched.running
                     if not s.loading and not s.prefill_only and s.num_computed_tokens == s.num_tokens - 1]
-        busy = len(decoding) > sc.max_batch
+        if len(decoding) > sc.max_batch:
+            return
         k = sc.num_speculative_tokens
         cands = []
         for s in decoding:
             p = s.params
-            if busy and (p.greedy or p.seed is None):
-                continue
             if s.spec_recent < sc.min_acceptance:
                 s.spec_idle += 1
                 if s.spec_idle < sc.probe_every:
@@ -298,7 +297,8 @@ class LLMEngine:
             if s.num_draft:
                 drafts = s.token_ids[-s.num_draft:]
                 rows = self.sampler.adjust_draft_rows(rows, s, s.num_draft)
-                toks = verify(rows, drafts, s.params, self.sampler.generator_of(s))
+                base = s.num_tokens - s.num_draft          # position of row 0's token
+                toks = verify(rows, drafts, s.params, lambda j, s=s, base=base: self.sampler.noise(s, base + j))
                 accepted = len(toks) - 1
                 s.spec_drafted += len(drafts)
                 s.spec_accepted += accepted

@@ -8,10 +8,24 @@ from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
+MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A seeded request's draw for the token at `position`: splitmix64 of (seed, position). Keyed by
+    position, not drawn in sequence, so the token is the same whether it was sampled alone, in a
+    batch, as a speculative step's verified row or after a hand-off to another process."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
 class Sampler:
     def __init__(self, seed: int = 0, eos_token_ids: set[int] | frozenset[int] = frozenset()) -> None:
         self.generator = torch.Generator().manual_seed(seed)  # for requests without a seed
         self.eos_token_ids = eos_token_ids                    # banned before a request's min_tokens
+        self._keyed = torch.Generator()                       # re-seeded per seeded draw
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
@@ -40,10 +54,7 @@ class Sampler:
             if p.greedy:
                 out[i] = row.argmax()
                 continue
-            probs = target_probs(row, p)
-            # Exponential race == sampling from probs (normalization not needed).
-            q = torch.empty_like(probs).exponential_(generator=self.generator_of(seq))
-            out[i] = (probs / q).argmax()
+            out[i] = race(target_probs(row, p), self.noise(seq, seq.num_tokens))
         return out
 
     def adjust_draft_rows(self, rows: torch.Tensor, seq: Sequence, num_draft: int) -> torch.Tensor:
@@ -62,8 +73,17 @@ class Sampler:
                 _apply_bans(rows[j], past, self.eos_token_ids)
         return rows
 
-    def generator_of(self, seq: Sequence) -> torch.Generator:
-        return seq.generator if seq.generator is not None else self.generator
+    def noise(self, seq: Sequence, position: int) -> torch.Generator:
+        """The generator to draw the token at `position` of seq with: keyed by (seed, position) for
+        a seeded request, the engine's running one otherwise."""
+        if seq.params.seed is None:
+            return self.generator
+        return self._keyed.manual_seed(position_seed(seq.params.seed, position))
+
+
+def race(probs: torch.Tensor, gen: torch.Generator) -> int:
+    """A token sampled from (unnormalized) probs: the exponential race, argmax(p / E)."""
+    return int((probs / torch.empty_like(probs).exponential_(generator=gen)).argmax())
 
 
 def target_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:

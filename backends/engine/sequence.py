@@ -51,9 +51,6 @@ class Sequence:
         self.spec_steps = 0               # target steps that verified drafts of it
         self.spec_recent = 1.0            # moving acceptance rate: below the configured floor it stops drafting
         self.spec_idle = 0                # steps since it last drafted while below the floor
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
 
     @property
     def num_tokens(self) -> int:

@@ -14,7 +14,7 @@ PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING"
 HANDLE = [("request_id", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("num_prompt_tokens", "TYPE_INT32", 1),
           ("num_computed_tokens", "TYPE_INT32", 1), ("block_table", "TYPE_INT64", -1),
           ("num_cached_tokens", "TYPE_INT32", 1), ("finish_reason", "TYPE_STRING", 1),
-          ("sampling", "TYPE_STRING", 1), ("gen_state", "TYPE_UINT8", -1), ("logprobs", "TYPE_FP32", -1),
+          ("sampling", "TYPE_STRING", 1), ("logprobs", "TYPE_FP32", -1),
           ("source", "TYPE_STRING", 1), ("prefill_seconds", "TYPE_FP32", 1), ("cached_by_tier", "TYPE_INT32", -1),
           ("mac", "TYPE_UINT8", -1)]
 

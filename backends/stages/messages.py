@@ -59,7 +59,6 @@ class KVHandle:
     num_cached_tokens: int
     finish_reason: str            # "" unless prefill already finished it (max_tokens=1, EOS, stop)
     sampling: SamplingParams
-    gen_state: bytes = b""        # torch.Generator state of a seeded request
     logprobs: list[float] = field(default_factory=list)
     source: str = ""              # PD: where decode reads the blocks from (kv.transfer.BlockSource JSON); "": this node
     prefill_seconds: float = 0.0  # how long prefill computed the batch this request was in (the front's queue time)
@@ -87,11 +86,11 @@ class KVHandle:
     def from_sequence(cls, seq: Sequence, finish_reason: str, block_table: list[int]) -> KVHandle:
         return cls(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.num_computed_tokens,
                    list(block_table), max(seq.num_cached_tokens, 0), finish_reason, seq.params,
-                   bytes(seq.generator.get_state().numpy()) if seq.generator is not None else b"",
                    list(seq.logprobs), cached_by_tier=list(seq.cached_by_tier or []))
 
     def to_sequence(self, block_size: int) -> Sequence:
-        """The sequence decode continues: prompt, first token, RNG state; its blocks come through the
+        """The sequence decode continues: prompt and first token (a seeded request's draws are keyed by
+        position: engine.sampler.noise); its blocks come through the
         KV connector (seq.kv_transfer) when the scheduler admits it."""
         seq = Sequence(self.token_ids[: self.num_prompt_tokens], self.sampling, block_size, self.request_id)
         for t in self.token_ids[self.num_prompt_tokens:]:
@@ -99,9 +98,6 @@ class KVHandle:
         seq.num_cached_tokens = self.num_cached_tokens
         seq.cached_by_tier = list(self.cached_by_tier) or None
         seq.logprobs = list(self.logprobs)
-        if self.gen_state:
-            seq.generator = torch.Generator()
-            seq.generator.set_state(torch.frombuffer(bytearray(self.gen_state), dtype=torch.uint8))
         seq.kv_transfer = self
         return seq
 
@@ -116,7 +112,6 @@ class KVHandle:
             "num_cached_tokens": np.asarray([self.num_cached_tokens], dtype=np.int32),
             "finish_reason": _string(self.finish_reason),
             "sampling": _string(self.sampling.to_json()),
-            "gen_state": np.frombuffer(self.gen_state, dtype=np.uint8).copy() if self.gen_state else np.zeros(0, np.uint8),
             "logprobs": np.asarray(self.logprobs, dtype=np.float32),
             "source": _string(self.source),
             "prefill_seconds": np.asarray([self.prefill_seconds], dtype=np.float32),
@@ -130,7 +125,7 @@ class KVHandle:
                    int(a["num_prompt_tokens"].reshape(-1)[0]), int(a["num_computed_tokens"].reshape(-1)[0]),
                    a["block_table"].astype(np.int64).tolist(), int(a["num_cached_tokens"].reshape(-1)[0]),
                    _text(a["finish_reason"]), SamplingParams.from_json(_text(a["sampling"])),
-                   a["gen_state"].astype(np.uint8).tobytes(), a["logprobs"].astype(np.float32).tolist(),
+                   a["logprobs"].astype(np.float32).tolist(),
                    _text(a["source"]), float(a["prefill_seconds"].reshape(-1)[0]),
                    a["cached_by_tier"].astype(np.int32).tolist(), a["mac"].astype(np.uint8).tobytes())
 
