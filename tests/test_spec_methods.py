@@ -26,9 +26,9 @@ PROMPTS = [SLICE[i:i + 300] for i in [SLICE.find("\ndef ", j * 3000) + 1 for j i
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 
-def spec_llm(method: str, k: int = 3, **kw) -> LLM:
+def spec_llm(method: str, k: int = 3, spec: dict | None = None, **kw) -> LLM:
     spec = {"method": method, "num_speculative_tokens": k, "model": HEADS[method], "max_batch": 256,
-            "min_acceptance": 0.0}
+            "min_acceptance": 0.0} | (spec or {})
     return LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=kw.pop("num_blocks", 256),
                speculative_config=spec, **kw)
 
@@ -57,6 +57,7 @@ MODES = {
     "chunked": {"max_num_batched_tokens": 24},           # prompts in chunks, verify rows cut by the budget
     "prefix": {},
     "preemption": {"num_blocks": 24, "max_num_batched_tokens": 64},
+    "draft-vocab": {"spec": {"draft_vocab": 1024}},      # drafts from the first 1,024 ids only
 }
 
 

@@ -115,6 +115,9 @@ class DecoderLM:
         self.embed = w["embed"]
         self.norm = w["norm"] if final_norm else None
         self.lm_head = method.create(w.get("lm_head", self.embed))
+        # the plain tensor lm_head rows can be cut from (None: an untied head stored processed)
+        head = w.get("lm_head")
+        self._head_rows_of = self.embed if head is None else head if isinstance(head, torch.Tensor) else None
         self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype, str(self.embed.device))
         self.scale = cfg.head_dim ** -0.5
         self._fused = self._fused_decode_args()
@@ -170,10 +173,19 @@ class DecoderLM:
         x, _ = add_rms_norm(h, residual, self.norm, eps)
         return x
 
+    def head_over(self, n: int) -> LinearWeight | None:
+        """An lm_head over the first n token ids only (a drafter's vocabulary: spec/config.py
+        draft_vocab), or None when it cannot be cut (n covers the vocabulary, or the head is stored
+        processed)."""
+        if self._head_rows_of is None or not 0 < n < self._head_rows_of.shape[0]:
+            return None
+        return self.method.create(self.method.process(self._head_rows_of[:n].contiguous()))
+
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None,
+               head: LinearWeight | None = None) -> torch.Tensor:
         """fp32 logits of the given rows of `hidden` (every row when None): a sequence's last row to
-        sample from, or k+1 rows of one sequence to verify k draft tokens."""
+        sample from, or k+1 rows of one sequence to verify k draft tokens; `head`: a head_over()."""
         if rows is not None:
             hidden = hidden.index_select(0, rows)
-        return linear(hidden, self.lm_head).float()
+        return linear(hidden, head or self.lm_head).float()

@@ -47,6 +47,7 @@ class DraftModelProposer(Proposer):
             weights = {n: t.to(device) for n, t in weights.items()}
         model = DecoderLM(dcfg, weights, max_model_len + k + 1, select_linear_method(dtype, device, pack_weights))
         self.dec = ShadowDecoder(model, num_blocks, block_size, dtype, device)
+        self.head = model.head_over(cfg.draft_vocab)
 
     @classmethod
     def for_engine(cls, cfg: SpeculativeConfig, engine: LLMEngine) -> DraftModelProposer:
@@ -90,7 +91,7 @@ class DraftModelProposer(Proposer):
         for j in range(k):
             if not feed:
                 break
-            drafts = dec.model.logits(dec.extend(feed)).argmax(-1).tolist()
+            drafts = dec.model.logits(dec.extend(feed), head=self.head).argmax(-1).tolist()
             for (i, _, _), d in zip(live, drafts):
                 out[i].append(d)
             feed = [(sh, [d]) for (_, sh, _), d in zip(live, drafts)]

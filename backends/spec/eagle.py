@@ -78,6 +78,7 @@ class EagleProposer(Proposer):
         model = DecoderLM(hcfg, weights, engine.max_model_len + k + 1, method, final_norm=False)
         self.dec = ShadowDecoder(model, shadow_blocks(engine, k), engine.block_size, engine.dtype, engine.device)
         self.target = target
+        self.head = target.head_over(cfg.draft_vocab)
         self.feats: dict[int, _Features] = {}
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
@@ -118,7 +119,7 @@ class EagleProposer(Proposer):
         embeds = torch.cat([self._embed(toks, f) for _, _, toks, f in items])
         for j in range(k):
             predicted = dec.extend(feed, embeds)                       # [B, h]: features of the next positions
-            drafts = self.target.logits(predicted).argmax(-1).tolist()
+            drafts = self.target.logits(predicted, head=self.head).argmax(-1).tolist()
             for (sid, _, _, _), d in zip(items, drafts):
                 out[sid].append(d)
             if j < k - 1:

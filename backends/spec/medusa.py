@@ -40,6 +40,7 @@ class MedusaProposer(Proposer):
                               f"{meta['medusa_num_heads']} Medusa heads")
         self.heads = MedusaHeads.load(cfg.model).to(engine.dtype).to(engine.device).eval()
         self.target = engine.model
+        self.head = self.target.head_over(cfg.draft_vocab)
         self.last: dict[int, tuple[int, torch.Tensor]] = {}    # seq_id -> (position, its feature)
 
     def observe(self, seq: Sequence, start: int, features: torch.Tensor) -> None:
@@ -53,7 +54,7 @@ class MedusaProposer(Proposer):
         feats = torch.stack([self.last[s.seq_id][1] for s in ready])          # [B, h]
         guesses = self.heads.heads[:k]
         h = torch.stack([head(feats) for head in guesses])                    # [k, B, h]
-        tokens = self.target.logits(h.reshape(-1, h.shape[-1])).argmax(-1).view(len(guesses), len(ready))
+        tokens = self.target.logits(h.reshape(-1, h.shape[-1]), head=self.head).argmax(-1).view(len(guesses), len(ready))
         by_id = {s.seq_id: tokens[:, i].tolist() for i, s in enumerate(ready)}
         return [by_id.get(s.seq_id, []) for s in seqs]
 
