@@ -12,8 +12,10 @@ Workloads, from the held-out files of baton-tiny's corpus (stdlib sources the fa
 Each cell (workload x temperature x concurrency) sends max(3, c) requests, c at a time; tokens/s is
 completion tokens over the cell's wall time, median of the rounds; acceptance length is 1 + accepted
 drafts per verifying step. In-process, "concurrency c" is c prompts in one generate() call. Methods
-use the repository's profiles spec_<method> (k = 3; ngram k = 4); `draft` through Triton is the
-`draft` stage, in-process the draft model inside the engine.
+use the repository's profiles spec_<method> (k = 3 and draft_vocab = 2048; ngram k = 4); through
+Triton `draft` is the `draft` stage, `draft_inline` the draft model inside decode (in-process they
+are the same, so draft_inline runs only through Triton). Within a cell the two arms alternate, and
+which goes first alternates by round.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ ROOT = HERE.parent
 from baton import LLM, SamplingParams  # noqa: E402
 from baton.backends.serving.config import Profile  # noqa: E402
 
-METHODS = ("ngram", "draft", "medusa", "eagle")
+METHODS = ("ngram", "draft", "draft_inline", "medusa", "eagle")    # profiles spec_<method>
 
 
 def heldout_texts() -> list[str]:
@@ -154,7 +156,7 @@ def main() -> None:
     ap.add_argument("--temps", default="0,0.8")
     ap.add_argument("--workloads", default="completion,edit")
     ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     methods = a.methods.split(",")
@@ -176,8 +178,11 @@ def main() -> None:
                     off, on = [], []
                     run_off(prompts, temp, a.new, c), run_on(prompts, temp, a.new, c)     # warm up
                     same = None
-                    for _ in range(a.rounds):
-                        x, y = run_off(prompts, temp, a.new, c), run_on(prompts, temp, a.new, c)
+                    for r in range(a.rounds):
+                        if r % 2 == 0:
+                            x, y = run_off(prompts, temp, a.new, c), run_on(prompts, temp, a.new, c)
+                        else:
+                            y, x = run_on(prompts, temp, a.new, c), run_off(prompts, temp, a.new, c)
                         off.append(x["tok_s"])
                         on.append(y["tok_s"])
                         acc = y["acc_len"]
@@ -195,7 +200,7 @@ def main() -> None:
                         Path(a.out).write_text(json.dumps(result, indent=1))
 
     if "inproc" in a.modes:
-        for method in methods:
+        for method in [m for m in methods if m != "draft_inline"]:
             spec = LLM(a.model, max_model_len=max_len, kv_cache_memory_mb=256, speculative_config=spec_table(method))
             measure("inproc", method, lambda *x: inproc_cell(base, *x), lambda *x: inproc_cell(spec, *x))
             spec.close()
