@@ -47,7 +47,7 @@ def test_greedy_matches_transformers(family_case, impl, monkeypatch):
         assert o.finish_reason == "length"
 
 
-NGRAM = {"method": "ngram", "max_batch": 64, "min_acceptance": 0.0}     # speculate always
+NGRAM = {"method": "ngram", "max_batch": 64, "adaptive": False}     # speculate always
 
 
 @pytest.mark.parametrize("engine_args", [

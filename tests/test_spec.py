@@ -57,7 +57,7 @@ def test_verifier_sampling_is_distributed_as_the_target():
 def _llm(qwen3_dir, method=None, k=4, **kw):
     if method:       # speculate in batches too (the default: alone only)
         kw["speculative_config"] = {"method": method, "num_speculative_tokens": k, "max_batch": 64,
-                                    "min_acceptance": 0.0, **kw.pop("spec", {})}
+                                    "adaptive": False, **kw.pop("spec", {})}
     return LLM(qwen3_dir, dtype="float32", num_blocks=128, max_model_len=512, **kw)
 
 

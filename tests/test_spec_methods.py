@@ -28,7 +28,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
 def spec_llm(method: str, k: int = 3, spec: dict | None = None, **kw) -> LLM:
     spec = {"method": method, "num_speculative_tokens": k, "model": HEADS[method], "max_batch": 256,
-            "min_acceptance": 0.0} | (spec or {})
+            "adaptive": False} | (spec or {})
     return LLM(TARGET, dtype="float32", max_model_len=1024, num_blocks=kw.pop("num_blocks", 256),
                speculative_config=spec, **kw)
 
@@ -153,19 +153,42 @@ def test_adaptive_speculation_stays_off_in_a_large_batch_and_for_a_sequence_that
         assert alone.num_draft_tokens > 0 and alone.token_ids == batched.token_ids
     finally:
         llm.close()
-    # a sequence whose drafts are always rejected drafts only every probe_every steps
-    llm = spec_llm("ngram")
-    llm.engine.spec = llm.engine.spec.__class__(**{**llm.engine.spec.__dict__, "min_acceptance": 0.5,
-                                                   "probe_every": 8})
+    # a sequence whose drafts are always rejected stops drafting: the break-even pinned at 2 tokens
+    llm = spec_llm("ngram", spec={"adaptive": True, "probe_every": 8})
+    gov = llm.engine.governor
+    gov.tick = lambda: None
+    gov.cycle = {False: 1.0, True: 2.0}
     llm.engine.proposer.propose = lambda seqs, k: [[1] * k for _ in seqs]     # token 1: never the target's
     try:
-        o = llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))[0]
-        assert o.token_ids == llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=64,
-                                                                      ignore_eos=True))[0].token_ids
-        # 1.0 -> 0.7 -> 0.49: two steps to fall below 0.5, then one probe per 8 steps
-        assert o.num_spec_steps <= 2 + 64 // 8
+        sp = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+        o = llm.generate(PROMPTS[0], sp)[0]
+        assert o.token_ids == llm.generate(PROMPTS[0], sp)[0].token_ids
+        # the first verifying step (1 token < 2), then probes after 8, 16, 32, 64 idle steps; and
+        # one plain step in every REMEASURE
+        assert 2 <= o.num_spec_steps <= 5
     finally:
         llm.close()
+
+
+def test_the_governor_drafts_while_it_pays_and_probes_with_backoff():
+    from baton.backends.spec.adaptive import REMEASURE, Governor
+    from baton.backends.spec.config import SpeculativeConfig
+
+    gov = Governor(SpeculativeConfig(method="ngram", probe_every=4))
+    assert gov.break_even() is None and not gov.step_may_speculate()     # a plain step is measured first
+    gov.cycle = {False: 1.0, True: 2.5}
+    assert gov.break_even() == 2.5
+    assert all(gov.step_may_speculate() for _ in range(REMEASURE - 1)) and not gov.step_may_speculate()
+    gov.measured(False)                                                  # that plain step ran
+    assert gov.step_may_speculate()
+    good, bad, new = (Sequence([1, 2], SamplingParams(), 16) for _ in range(3))
+    for s, emitted in ((good, 3), (bad, 2)):
+        s.spec_steps = 1
+        Governor.verified(s, emitted)
+    assert gov.wants(new) and all(gov.wants(good) for _ in range(50))
+    probes = [i for i in range(1, 60) if gov.wants(bad)]
+    assert probes == [4, 12, 28, 60][:len(probes)] and len(probes) == 3      # backoff 4, 8, 16, 32 (cap)
+    assert Governor(SpeculativeConfig(method="ngram", adaptive=False)).wants(bad)
 
 
 # ---- lossless sampling ------------------------------------------------------------------------
@@ -304,7 +327,7 @@ def test_a_node_with_each_method_streams_the_plain_engines_tokens(method, expect
     from baton_client import BatonClient
 
     spec = {"method": method, "num_speculative_tokens": 3, "model": HEADS[method], "max_batch": 8,
-            "min_acceptance": 0.0}
+            "adaptive": False}
     n = Node(str(TARGET), f"spec_{method}", overrides={"dtype": "float32", "max_model_len": 1024,
                                                       "kv_cache_memory_mb": 16, "speculative": spec,
                                                       "prefill_chunk_tokens": 32})

@@ -17,6 +17,7 @@ from ..loader.safetensors_loader import load_state_dict
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, prepare_weights
 from ..runtime import owned_name, remove_leftovers
+from ..spec.adaptive import Governor
 from ..spec.config import SpeculativeConfig
 from ..spec.proposer import Proposer, make_proposer
 from ..spec.verifier import verify
@@ -98,6 +99,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, frozenset(self.eos_token_ids))
         self.spec = SpeculativeConfig.from_table(config.speculative) if config.speculative else None
         self.proposer = proposer or (make_proposer(self.spec, self) if self.spec else None)
+        self.governor = Governor(self.spec) if self.spec else None
         k = self.spec.num_speculative_tokens if self.spec else 0
         # acceptance rate = accepted / drafted; per draft position j: accepted_at[j] / drafted_at[j]
         self.spec_stats = {"drafts": 0, "drafted": 0, "accepted": 0, "drafted_at": [0] * k, "accepted_at": [0] * k}
@@ -167,9 +169,13 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         self.connector.between_steps()
+        if self.governor is not None:
+            self.governor.tick()
         self._propose()
         scheduled = self.scheduler.schedule()
         self._trim_drafts(scheduled)
+        if self.governor is not None:
+            self.governor.measured(self._step_kind(scheduled))
         # sequences the scheduler ended because the whole pool could not hold them
         out = [StepOutput(s, [], True) for s in self.scheduler.take_finished()]
         for o in out:
@@ -241,25 +247,22 @@ class LLMEngine:
         draft's K/V with its last token, and the runner returns a row of logits per draft.
 
         Speculation pays only while the extra rows are cheap and accepted: it is off for the step
-        when more than `max_batch` sequences decode, and off for a sequence whose recent acceptance is
-        below `min_acceptance` (it probes again every `probe_every` steps). Neither changes a
-        seeded request's tokens: its draws are keyed by position (Sampler.noise)."""
+        when more than `max_batch` sequences decode, and off for a sequence whose verifying steps
+        emit fewer tokens than the measured break-even (spec/adaptive.py). Neither changes a seeded
+        request's tokens: its draws are keyed by position (Sampler.noise)."""
         if self.proposer is None:
             return
         sc, sched = self.spec, self.scheduler
         decoding = [s for s in sched.running
                     if not s.loading and not s.prefill_only and s.num_computed_tokens == s.num_tokens - 1]
-        if len(decoding) > sc.max_batch:
+        if len(decoding) > sc.max_batch or not self.governor.step_may_speculate():
             return
         k = sc.num_speculative_tokens
         cands = []
         for s in decoding:
             p = s.params
-            if s.spec_recent < sc.min_acceptance:
-                s.spec_idle += 1
-                if s.spec_idle < sc.probe_every:
-                    continue
-                s.spec_idle = 0
+            if not self.governor.wants(s):
+                continue
             room = min(k, p.max_tokens - s.num_output_tokens - 1, self.max_model_len - s.num_tokens - 1)
             if room > 0:
                 cands.append((s, room))
@@ -269,6 +272,13 @@ class LLMEngine:
             for t in drafts[:room]:
                 s.append(t)
             s.num_draft = len(drafts[:room])
+
+    def _step_kind(self, scheduled: list[tuple[Sequence, int]]) -> bool | None:
+        """For the governor: True when the step verifies drafts, False when it is a plain step of
+        at most max_batch decoding sequences (what a speculative step is compared with), else None."""
+        if not 0 < len(scheduled) <= self.spec.max_batch or any(n != 1 + s.num_draft for s, n in scheduled):
+            return None                              # a prompt chunk in it, or a batch that never speculates
+        return any(s.num_draft for s, _ in scheduled)
 
     def _forget_ended(self) -> None:
         """A proposer's per-sequence state (a draft model's KV) goes when its request ends."""
@@ -303,7 +313,7 @@ class LLMEngine:
                 s.spec_drafted += len(drafts)
                 s.spec_accepted += accepted
                 s.spec_steps += 1
-                s.spec_recent = 0.7 * s.spec_recent + 0.3 * accepted / len(drafts)
+                self.governor.verified(s, len(toks))
                 st["drafts"] += 1
                 st["drafted"] += len(drafts)
                 st["accepted"] += accepted

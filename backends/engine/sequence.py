@@ -49,8 +49,9 @@ class Sequence:
         self.spec_drafted = 0             # draft tokens verified for this request
         self.spec_accepted = 0            # of those, accepted
         self.spec_steps = 0               # target steps that verified drafts of it
-        self.spec_recent = 1.0            # moving acceptance rate: below the configured floor it stops drafting
-        self.spec_idle = 0                # steps since it last drafted while below the floor
+        self.spec_len = 0.0               # moving average of tokens its verifying steps emitted (spec/adaptive.py)
+        self.spec_idle = 0                # steps since it last drafted while below the break-even
+        self.spec_backoff = 0             # steps between its probes while below it
 
     @property
     def num_tokens(self) -> int:

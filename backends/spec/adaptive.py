@@ -65,6 +65,7 @@ class Governor:
             seq.spec_idle, seq.spec_backoff = 0, self.cfg.probe_every
             return True
         seq.spec_idle += 1
+        seq.spec_backoff = seq.spec_backoff or self.cfg.probe_every
         if seq.spec_idle < seq.spec_backoff:
             return False
         seq.spec_idle = 0                       # probe, and wait longer before the next one

@@ -6,8 +6,9 @@ profile, `LLM(model, speculative_config={...})` offline, written as vLLM users w
     model                   the draft model's or the heads' directory (draft, medusa, eagle)
     max_batch               speculate only while at most this many sequences decode (2 CPU cores: the
                             k+1 rows per sequence cost more than they save from about batch 2 up)
-    min_acceptance          a sequence whose recent acceptance rate falls below this stops drafting
-                            (it probes again every `probe_every` steps)
+    adaptive                a sequence drafts only while its verifying steps emit more tokens than
+                            the measured break-even (spec/adaptive.py); it probes every
+                            `probe_every` steps (backing off to 8x). False: always draft
     prompt_lookup_max/min   n-gram sizes of the prompt lookup
     draft_vocab             the drafter's lm_head covers only the first N token ids (0: all). A
                             BPE vocabulary is in merge order, most frequent first, so the drafts
@@ -34,7 +35,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     model: str = ""
     max_batch: int = 1
-    min_acceptance: float = 0.2
+    adaptive: bool = True
     probe_every: int = 8
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
@@ -50,8 +51,6 @@ class SpeculativeConfig:
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ConfigError(f"speculative.prompt_lookup_max: must be >= prompt_lookup_min "
                               f"({self.prompt_lookup_min}), got {self.prompt_lookup_max}")
-        if not 0 <= self.min_acceptance < 1:
-            raise ConfigError(f"speculative.min_acceptance: must be in [0, 1), got {self.min_acceptance}")
         if self.method in NEEDS_MODEL:
             if not self.model:
                 raise ConfigError(f"speculative.model: method {self.method!r} needs the directory of its "
