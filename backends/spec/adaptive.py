@@ -28,6 +28,7 @@ class Governor:
         self._started: float | None = None
         self._kind: bool | None = None       # what the running step is: True speculative, False plain, None neither
         self._since_plain = 0
+        self._last_kind: bool | None = None
 
     def tick(self) -> None:
         """A step starts: the one before it ends."""
@@ -39,8 +40,11 @@ class Governor:
         self._started, self._kind = now, None
 
     def measured(self, kind: bool | None) -> None:
-        """What the step just scheduled is: speculative, comparable plain, or neither."""
-        self._kind = kind
+        """What the step just scheduled is: speculative, comparable plain, or neither. A speculative
+        step right after a plain one is not timed: its proposer catches up on what it did not see
+        (a probe's cost, not the cost of speculating step after step)."""
+        self._kind = None if kind and self._last_kind is not True else kind
+        self._last_kind = kind
         if kind is False:
             self._since_plain = 0
 

@@ -7,7 +7,8 @@ Entry t of a sequence's head cache needs the target's real feature t: entries fo
 positions are kept, entries made from predicted features are dropped after each proposal. A
 sequence whose early features the engine never saw (its prompt was computed in another process, or
 served from the prefix cache) starts its head cache at the first feature seen: rotary positions are
-relative, so the head then attends over a shorter past."""
+relative, so the head then attends over a shorter past. So does one back from a pause longer than
+MAX_CATCH_UP positions (the catch-up would cost more than it buys)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ from .shadow import ShadowDecoder
 
 if TYPE_CHECKING:
     from ..engine.llm_engine import LLMEngine
+
+
+# A sequence that did not draft for a while (the governor paused it) would first feed its head every
+# position it skipped; past MAX_CATCH_UP of them the head cache restarts over the last RESTART_WINDOW.
+MAX_CATCH_UP = 16
+RESTART_WINDOW = 8
 
 
 class _Features:
@@ -104,6 +111,11 @@ class EagleProposer(Proposer):
             m = s.num_tokens - 1                   # position of the last verified token (no feature yet)
             if st is None or st.known != m or not st.pending:
                 continue
+            if sum(f.shape[0] for f in st.pending) > MAX_CATCH_UP:   # back from a pause: restart the head cache
+                recent = torch.cat(st.pending)[-RESTART_WINDOW:]      # over the latest positions only
+                dec.drop(s.seq_id)
+                st = self.feats[s.seq_id] = _Features(st.known - recent.shape[0])
+                st.known, st.pending = st.offset + recent.shape[0], [recent]
             sh = dec.shadow(s.seq_id)
             first = st.known - sum(f.shape[0] for f in st.pending)    # target position of the first new entry
             dec.truncate(sh, first - st.offset)    # entries past it were made from predicted features
