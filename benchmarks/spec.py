@@ -24,7 +24,6 @@ import argparse
 import json
 import re
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -202,7 +201,7 @@ def main() -> None:
     if "inproc" in a.modes:
         for method in [m for m in methods if m != "draft_inline"]:
             spec = LLM(a.model, max_model_len=max_len, kv_cache_memory_mb=256, speculative_config=spec_table(method))
-            measure("inproc", method, lambda *x: inproc_cell(base, *x), lambda *x: inproc_cell(spec, *x))
+            measure("inproc", method, lambda *x: inproc_cell(base, *x), lambda *x, spec=spec: inproc_cell(spec, *x))
             spec.close()
     base.close()
     if "triton" in a.modes:

@@ -343,7 +343,7 @@ def test_a_node_with_each_method_streams_the_plain_engines_tokens(method, expect
         for again in (False, True):
             got, cached = {}, {}
 
-            def one(p: str) -> None:
+            def one(p: str, got: dict = got, cached: dict = cached) -> None:
                 r = client.generate(p, temperature=0.0, max_tokens=40, ignore_eos=True)
                 got[p], cached[p] = r.token_ids, r.cached_tokens
 

@@ -7,7 +7,6 @@ import torch
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 
-
 MASK64 = (1 << 64) - 1
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 from enum import Enum
 
-import torch
-
 from ..kv.hashing import ROOT, hash_blocks
 from .sampling_params import SamplingParams
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..paths import data_root
 from ..engine.config import ConfigError, check_types, from_table
+from ..paths import data_root
 
 METHODS = ("ngram", "draft", "medusa", "eagle")
 NEEDS_MODEL = ("draft", "medusa", "eagle")

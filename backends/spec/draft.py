@@ -88,7 +88,7 @@ class DraftModelProposer(Proposer):
             sh.synced = total
             live.append((i, sh, tokens[keep - start:]))
         feed = [(sh, new) for _, sh, new in live]
-        for j in range(k):
+        for _ in range(k):
             if not feed:
                 break
             drafts = dec.model.logits(dec.extend(feed), head=self.head).argmax(-1).tolist()

@@ -18,7 +18,6 @@ import hmac
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import Sequence
