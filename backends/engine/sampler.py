@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .sampling_params import SamplingParams
-from .sequence import Sequence
+from .sequence import Sequence, TokenHistory
 
 MASK64 = (1 << 64) - 1
 
@@ -65,7 +65,7 @@ class Sampler:
         rows = rows.clone()
         verified = seq.num_tokens - num_draft
         for j in range(rows.shape[0]):
-            past = _History(seq.token_ids[:verified + j], seq.num_prompt_tokens, p)
+            past = TokenHistory(seq.token_ids[:verified + j], seq.num_prompt_tokens, p)
             if p.has_penalties:
                 _apply_penalties(rows[j], past, rows.shape[1])
             if p.has_bans:
@@ -104,22 +104,7 @@ def target_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-class _History:
-    """What penalties and bans read of a sequence, as of an earlier length."""
-
-    def __init__(self, token_ids: list[int], num_prompt_tokens: int, params: SamplingParams) -> None:
-        self.token_ids, self.num_prompt_tokens, self.params = token_ids, num_prompt_tokens, params
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-
-def _apply_bans(row: torch.Tensor, seq: Sequence, eos_token_ids: set[int] | frozenset[int]) -> None:
+def _apply_bans(row: torch.Tensor, seq: TokenHistory, eos_token_ids: set[int] | frozenset[int]) -> None:
     """min_tokens: no EOS or stop token yet; bad_words: never the token that would complete one."""
     p = seq.params
     if seq.num_output_tokens < p.min_tokens:
@@ -131,7 +116,7 @@ def _apply_bans(row: torch.Tensor, seq: Sequence, eos_token_ids: set[int] | froz
             row[w[-1]] = float("-inf")
 
 
-def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab: int) -> None:
+def _apply_penalties(row: torch.Tensor, seq: TokenHistory, vocab: int) -> None:
     p = seq.params
     if p.repetition_penalty != 1:
         seen = torch.tensor(sorted({t for t in seq.token_ids if t < vocab}), dtype=torch.int64)

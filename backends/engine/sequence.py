@@ -15,16 +15,30 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-class Sequence:
+class TokenHistory:
+    """A request's tokens and parameters: what sampling reads (penalties, bans), also of an earlier
+    length of a sequence (a speculative step's draft rows)."""
+
+    def __init__(self, token_ids: list[int], num_prompt_tokens: int, params: SamplingParams) -> None:
+        self.token_ids, self.num_prompt_tokens, self.params = token_ids, num_prompt_tokens, params
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+class Sequence(TokenHistory):
     _ids = itertools.count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int,
                  request_id: str | None = None, extra_keys: tuple = ()) -> None:
+        super().__init__(list(token_ids), len(token_ids), params)
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
-        self.token_ids = list(token_ids)
-        self.num_prompt_tokens = len(token_ids)
-        self.params = params
         self.block_size = block_size
         self.extra_keys = extra_keys
         self.status = Status.WAITING
@@ -54,14 +68,6 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def is_finished(self) -> bool:
