@@ -64,6 +64,37 @@ def test_host_tier_token_exact(qwen3_dir, prompts, expected):
         llm.close()
 
 
+def test_a_block_still_being_written_back_is_found(qwen3_dir, prompts, expected):
+    """A prefix the pool evicted a moment ago is in its tier's write queue, not yet in the tier: a
+    lookup counts it as there (the load queued after the write runs after it). It used to miss,
+    now and then, when the copy thread was slow (seen under CI load)."""
+    import threading
+
+    from baton.backends.engine.sequence import Sequence
+
+    llm = LLM(qwen3_dir, **SMALL_POOL, kv_tiers={"host_mb": 16})
+    stack = llm.engine.tiers
+    host = stack.tiers[0]
+    gate = threading.Event()
+    real = host.put
+    host.put = lambda h, data: (gate.wait(30), real(h, data))[1]    # the copy thread stalls
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+        hashes = Sequence(prompts[0], GREEDY, 16).block_hashes[:(len(prompts[0]) - 1) // 16]
+        assert not any(host.contains(hashes))                            # evicted, not written yet
+        found = stack.lookup(hashes)
+        assert found.pool_blocks == 0 and found.tiers == [0] * len(hashes)
+        gate.set()
+        second = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in second] == expected
+        assert second[0].cached_by_tier[TIER_NAMES.index("host")] == len(hashes) * 16
+        stack.flush()
+        assert llm.engine.block_manager.num_used == 0
+    finally:
+        gate.set()
+        llm.close()
+
+
 def test_file_tier_token_exact_and_persists_across_restart(qwen3_dir, prompts, expected, tmp_path):
     llm = LLM(qwen3_dir, **SMALL_POOL, kv_tiers={"disk_dir": str(tmp_path)})
     try:

@@ -416,6 +416,10 @@ class TierStack:
         self.results: dict[str, tuple[int, float]] = {}          # load id -> (leading blocks loaded, when)
         self.hit_counts: dict[int, int] = {}
         self.pool_stats = {"lookups": 0, "hits": 0, "dropped_writes": 0}
+        # hash -> tiers a queued write will put it in: a lookup counts them as there (a load queued
+        # after the write runs after it), or a block evicted a moment ago would miss until written
+        self.pending: dict[int, list[int]] = {}
+        self._pending_lock = threading.Lock()
         self.closed = False
         bm.on_evict = self.on_evict
         bm.on_cache = self.on_cache
@@ -435,6 +439,8 @@ class TierStack:
         self.pool_stats["hits"] += n
         rest = hashes[n:]
         where: list[int | None] = [None] * len(rest)
+        with self._pending_lock:
+            queued = [self.pending.get(h, ()) for h in rest]
         for i, tier in enumerate(self.tiers):
             ask = [j for j, w in enumerate(where) if w is None]
             if not ask:
@@ -448,7 +454,7 @@ class TierStack:
                 found = [False] * len(ask)
             tier.stats["lookups"] += len(ask)
             for j, f in zip(ask, found):
-                if f:
+                if f or i in queued[j]:
                     where[j] = i
             log.debug("tier %s: %d keys in %.2f ms", tier.name, len(ask), 1e3 * (time.perf_counter() - t))
         run = []
@@ -491,6 +497,8 @@ class TierStack:
         if self.jobs.qsize() >= MAX_QUEUED_WRITES:
             self.pool_stats["dropped_writes"] += 1
             return
+        with self._pending_lock:
+            self.pending[h] = sorted(set(self.pending.get(h, [])) | set(targets))
         self.jobs.put(("write", h, targets, self.blocks[block].clone()))
 
     def collect(self) -> None:
@@ -580,6 +588,15 @@ class TierStack:
             self.unpin.put(blocks)
 
     def _write(self, h: int, targets: list[int], data: torch.Tensor) -> None:
+        try:
+            self._put(h, targets, data)
+        finally:
+            with self._pending_lock:
+                left = [i for i in self.pending.pop(h, []) if i not in targets]
+                if left:                     # another write of h, to other tiers, is still queued
+                    self.pending[h] = left
+
+    def _put(self, h: int, targets: list[int], data: torch.Tensor) -> None:
         for i in targets:
             tier = self.tiers[i]
             try:
