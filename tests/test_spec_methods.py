@@ -398,3 +398,21 @@ def test_the_draft_stage_frees_its_blocks_and_decode_never_depends_on_it(expecte
         assert again.token_ids == first.token_ids and again.speculative_tokens == [0, 0, 0]
     finally:
         n.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's CUDA path needs a GPU")
+@pytest.mark.parametrize("method", list(HEADS))
+def test_each_method_on_cuda_is_token_exact(method):
+    """The offline engine on a GPU (benchmarks/gpu_check.sh runs this): the proposers' own KV pools
+    and heads live on the device too."""
+    kw = dict(dtype="float32", device="cuda", max_model_len=1024, num_blocks=256)
+    plain = LLM(TARGET, **kw)
+    want = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+    plain.close()
+    spec = LLM(TARGET, **kw, speculative_config={"method": method, "model": HEADS[method], "max_batch": 256,
+                                                 "adaptive": False, "num_speculative_tokens": 3})
+    try:
+        assert [o.token_ids for o in spec.generate(PROMPTS, GREEDY)] == want
+        assert spec.engine.spec_stats["accepted"] > 0 and used_blocks(spec) == (0, 0)
+    finally:
+        spec.close()
