@@ -185,7 +185,9 @@ class LLMEngine:
         self.idle_step = not scheduled           # e.g. every sequence waits for its KV (kv.connector)
         if not scheduled:
             return out
-        starts = {s.seq_id: s.num_computed_tokens for s, _ in scheduled}
+        # where each sequence's rows start, for a proposer that reads the target's features
+        starts = {s.seq_id: s.num_computed_tokens for s, _ in scheduled} \
+            if self.proposer is not None and self.proposer.needs_features else {}
         seqs, logits = self.runner.run(scheduled)
         for seq, n in scheduled:
             seq.num_computed_tokens += n

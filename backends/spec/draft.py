@@ -24,10 +24,9 @@ if TYPE_CHECKING:
     from ..engine.llm_engine import LLMEngine
 
 
-def shadow_blocks(engine: LLMEngine, k: int) -> int:
+def shadow_blocks(target_blocks: int, max_num_seqs: int, block_size: int, k: int) -> int:
     """Blocks for every position the target's pool can hold, plus k drafts per sequence."""
-    bs = engine.block_size
-    return engine.block_manager.num_blocks + engine.engine_config.max_num_seqs * (-(-(k + 1) // bs) + 1)
+    return target_blocks + max_num_seqs * (-(-(k + 1) // block_size) + 1)
 
 
 class DraftModelProposer(Proposer):
@@ -52,7 +51,8 @@ class DraftModelProposer(Proposer):
     @classmethod
     def for_engine(cls, cfg: SpeculativeConfig, engine: LLMEngine) -> DraftModelProposer:
         return cls(cfg, engine.config.vocab_size, engine.dtype, engine.device, engine.block_size,
-                   engine.max_model_len, shadow_blocks(engine, cfg.num_speculative_tokens),
+                   engine.max_model_len, shadow_blocks(engine.block_manager.num_blocks, engine.engine_config.max_num_seqs,
+                                                       engine.block_size, cfg.num_speculative_tokens),
                    engine.engine_config.pack_weights)
 
     def propose(self, seqs: list[Sequence], k: int) -> list[list[int]]:

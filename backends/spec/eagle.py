@@ -83,7 +83,8 @@ class EagleProposer(Proposer):
         self.fc = method.create(method.process(fc_w), fc_b)
         k = cfg.num_speculative_tokens
         model = DecoderLM(hcfg, weights, engine.max_model_len + k + 1, method, final_norm=False)
-        self.dec = ShadowDecoder(model, shadow_blocks(engine, k), engine.block_size, engine.dtype, engine.device)
+        self.dec = ShadowDecoder(model, shadow_blocks(engine.block_manager.num_blocks, engine.engine_config.max_num_seqs,
+                                                      engine.block_size, k), engine.block_size, engine.dtype, engine.device)
         self.target = target
         self.head = target.head_over(cfg.draft_vocab)
         self.feats: dict[int, _Features] = {}

@@ -17,7 +17,7 @@ from ..models.config import ModelConfig
 from ..runtime import configure_process
 from ..serving.config import NodeConfig
 from ..spec.config import SpeculativeConfig
-from ..spec.draft import DraftModelProposer
+from ..spec.draft import DraftModelProposer, shadow_blocks
 from .messages import DraftCall, DraftReply
 
 log = logging.getLogger("baton.draft")
@@ -32,8 +32,8 @@ class DraftStage:
         configure_process(eng.threads)
         target = ModelConfig.from_dir(eng.model)
         pool = KVPool.attach(node.kv_pool)       # as many blocks as the target's pool (plus k per sequence)
-        num_blocks = pool.spec.num_blocks + eng.max_num_seqs * (-(-(self.cfg.num_speculative_tokens + 1)
-                                                                  // eng.block_size) + 1)
+        num_blocks = shadow_blocks(pool.spec.num_blocks, eng.max_num_seqs, eng.block_size,
+                                   self.cfg.num_speculative_tokens)
         pool.close()
         self.proposer = DraftModelProposer(self.cfg, target.vocab_size, resolve_dtype(eng.dtype, target.torch_dtype),
                                            torch.device(eng.device), eng.block_size,
