@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu_ext
+
+if TYPE_CHECKING:
+    from .int8_linear import Int8Linear, Int8Weight
 
 # oneDNN's bf16 weight blocking that linear_packed_bf16 reads: [N/64][K/32][16 k-pairs][64 n][2 k].
 PACKED_LAYOUT = "n64k32p2"
@@ -104,10 +108,13 @@ class LinearWeight:
 
     __slots__ = ("weight", "bias", "packed", "out_features", "in_features", "direct", "_blob")
 
-    def __init__(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None, pack: bool = True,
-                 keep_weight: bool = True) -> None:
+    def __init__(self, weight: torch.Tensor | PackedWeight | Int8Weight, bias: torch.Tensor | None = None,
+                 pack: bool = True, keep_weight: bool = True) -> None:
         """keep_weight=False drops the plain tensor once packed (the model does: one copy in memory).
         A PackedWeight is wrapped as is (its blob must outlive this object; we keep a reference)."""
+        if not isinstance(weight, (torch.Tensor, PackedWeight)):
+            raise TypeError(f"a float linear cannot wrap a {type(weight).__name__} (a quantized weight needs its "
+                            "quantization's method)")
         self.bias = bias
         self._blob = None
         self.direct = False
@@ -139,7 +146,9 @@ def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
     return F.linear(x, w.weight, w.bias)
 
 
-def linear(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
+def linear(x: torch.Tensor, w: LinearWeight | Int8Linear) -> torch.Tensor:
+    if not isinstance(w, LinearWeight):       # a quantized weight multiplies itself
+        return w.apply(x)
     if w.direct and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
         return torch.ops.baton_cpu.linear_packed_bf16(x, w._blob, w.out_features, w.in_features, w.bias)
     if w.packed is not None:
@@ -152,18 +161,24 @@ class LinearMethod:
     (`select_linear_method`) instead of special cases in the loader: `process` turns a checkpoint
     weight into what a node publishes in its shared weight file, `create` wraps a published (or
     private) weight for this process. This base method is plain F.linear on the tensor as it is;
-    quantized methods (int8/int4) plug in here."""
+    `head` is the method of the lm_head (a pre-quantized checkpoint's own, usually unquantized)."""
 
     name = "plain"
 
-    def process(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight:
+    @property
+    def head(self) -> LinearMethod:
+        return self
+
+    def process(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight | Int8Weight:
         return weight
 
-    def create(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> LinearWeight:
+    def create(self, weight: torch.Tensor | PackedWeight | Int8Weight,
+               bias: torch.Tensor | None = None) -> LinearWeight | Int8Linear:
         return LinearWeight(weight, bias, pack=False, keep_weight=True)
 
-    def fused_decode_blob(self, lw: LinearWeight) -> torch.Tensor | None:
-        """The bytes the fused C++ decode step multiplies, when this method's weight runs its kernel."""
+    def fused_decode_weight(self, lw: LinearWeight | Int8Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """What the fused C++ decode step multiplies, when this method's weight runs one of its
+        kernels: a bf16 packed blob (scale None) or an int8 packed weight and its per-channel scale."""
         return None
 
 
@@ -175,20 +190,32 @@ class PackedLinearMethod(LinearMethod):
 
     name = "onednn_packed"
 
-    def process(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight:
+    def process(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight | Int8Weight:
         return pack_weight(weight) if can_share_packed(weight.dtype) else weight
 
-    def create(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> LinearWeight:
+    def create(self, weight: torch.Tensor | PackedWeight | Int8Weight,
+               bias: torch.Tensor | None = None) -> LinearWeight | Int8Linear:
         return LinearWeight(weight, bias, pack=True, keep_weight=False)
 
-    def fused_decode_blob(self, lw: LinearWeight) -> torch.Tensor | None:
-        return lw._blob if lw.direct else None
+    def fused_decode_weight(self, lw: LinearWeight | Int8Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return (lw._blob, None) if isinstance(lw, LinearWeight) and lw.direct else None
 
 
-def select_linear_method(dtype: torch.dtype, device: torch.device | str, pack: bool = True) -> LinearMethod:
+QUANTIZATIONS = ("int8",)
+
+
+def select_linear_method(dtype: torch.dtype, device: torch.device | str, pack: bool = True,
+                         quantization: str | None = None) -> LinearMethod:
     """oneDNN-packed where its bytes can be shared (CPU, a dtype oneDNN packs, the C++ extension)
-    unless pack=False; plain otherwise. A node and its stages call this with the same arguments, so
-    the stages wrap exactly what the node published."""
-    if pack and torch.device(device).type == "cpu" and can_share_packed(dtype):
-        return PackedLinearMethod()
-    return LinearMethod()
+    unless pack=False; plain otherwise; `quantization` ("int8") quantizes every layer's GEMM weights
+    at load. A node and its stages call this with the same arguments, so the stages wrap exactly
+    what the node published."""
+    if not quantization:
+        if pack and torch.device(device).type == "cpu" and can_share_packed(dtype):
+            return PackedLinearMethod()
+        return LinearMethod()
+    if quantization == "int8":
+        from .int8_linear import Int8LinearMethod
+
+        return Int8LinearMethod(dtype, device)
+    raise ValueError(f"quantization: unknown method {quantization!r}; known: {', '.join(QUANTIZATIONS)}")

@@ -33,6 +33,9 @@ class EngineConfig:
     threads: int = 0                     # torch intra-op threads, set by the entry point (LLM, a stage); 0: torch's
     seed: int = 0                        # sampling seed of requests without their own
     pack_weights: bool = True            # oneDNN-pack bf16/fp16 linear weights on CPU (the fast GEMV path)
+    # weight-only quantization at load (kernels/linear.py select_linear_method): "" (none) or "int8"
+    # (per-channel, every layer's GEMMs; lm_head and embedding stay in `dtype`)
+    quantization: str = ""
     # speculative decoding (spec/config.py SpeculativeConfig: method, num_speculative_tokens, model,
     # max_batch, ...); {}: off. Offline: LLM(model, speculative_config={...}) as in vLLM
     speculative: dict = dataclasses.field(default_factory=dict)
@@ -53,6 +56,11 @@ class EngineConfig:
             from ..kv.tiers import TiersConfig
 
             TiersConfig.from_table(self.kv_tiers)
+        from baton.kernels.linear import QUANTIZATIONS
+
+        if self.quantization and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization: unknown method {self.quantization!r}; known: "
+                              f"{', '.join(QUANTIZATIONS)} (or \"\" for none)")
         for name in ("num_blocks", "kv_cache_memory_mb", "max_model_len", "max_num_batched_tokens", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

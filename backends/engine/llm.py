@@ -42,6 +42,8 @@ class LLM:
         node's shared prepared tensors (loader.weight_store.attach) instead of loading the checkpoint."""
         if "speculative_config" in engine_args:   # vLLM's name for the table
             engine_args["speculative"] = engine_args.pop("speculative_config") or {}
+        if engine_args.get("quantization", "") is None:    # vLLM's "not quantized"
+            engine_args["quantization"] = ""
         config = from_table(EngineConfig, {"model": str(model)} | engine_args, "LLM()")
         if config.threads:                    # the offline API is an entry point: it sets what it needs
             torch.set_num_threads(config.threads)

@@ -68,7 +68,7 @@ class LLMEngine:
             weights = prepare_weights(cfg, load_state_dict(config.model, self.dtype))
         if self.device.type != "cpu":
             weights = {k: v.to(self.device) for k, v in weights.items()}
-        method = select_linear_method(self.dtype, self.device, config.pack_weights)
+        method = select_linear_method(self.dtype, self.device, config.pack_weights, config.quantization)
         self.model = DecoderLM(cfg, weights, self.max_model_len, method)
         self.tokenizer = Tokenizer.from_dir(config.model)
 

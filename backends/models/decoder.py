@@ -14,6 +14,7 @@ from baton.kernels import (
     AttentionBatch, LinearWeight, RotaryCache, add_rms_norm, linear, paged_attention, qk_norm_rope_, rms_norm,
     silu_and_mul,
 )
+from baton.kernels.int8_linear import Int8Linear, Int8Weight
 from baton.kernels.linear import LinearMethod, PackedWeight
 
 from ..loader.safetensors_loader import take
@@ -23,12 +24,12 @@ from .config import ModelConfig
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: LinearWeight
+    qkv: LinearWeight | Int8Linear
     qk_norm: torch.Tensor | None   # [Hq + Hkv, D]: q_norm repeated per q head, then k_norm per kv head
-    o: LinearWeight
+    o: LinearWeight | Int8Linear
     post_norm: torch.Tensor
-    gate_up: LinearWeight
-    down: LinearWeight
+    gate_up: LinearWeight | Int8Linear
+    down: LinearWeight | Int8Linear
 
 
 def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,21 +70,21 @@ _NO_NORM = torch.empty(0, dtype=torch.bfloat16)     # the fused decode step's "n
 
 
 def process_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor],
-                    method: LinearMethod) -> dict[str, torch.Tensor | PackedWeight]:
+                    method: LinearMethod) -> dict[str, torch.Tensor | PackedWeight | Int8Weight]:
     """prepare_weights' output with every GEMM weight in the form `method` stores it (oneDNN-packed
-    bytes, later quantized ones), for a node to publish: stages then run on the shared copy. A tied
-    lm_head gets its own processed copy unless the method keeps weights as they are (the embedding
-    stays plain for the lookup). Consumes `weights`: each input tensor is dropped as soon as it is
+    bytes, int8), for a node to publish: stages then run on the shared copy. The lm_head is processed
+    by `method.head`; a tied one gets its own processed copy unless that method keeps weights as they
+    are (the embedding stays plain for the lookup). Consumes `weights`: each input tensor is dropped as soon as it is
     processed, so this never holds two copies of the model."""
-    out: dict[str, torch.Tensor | PackedWeight] = {}
+    out: dict[str, torch.Tensor | PackedWeight | Int8Weight] = {}
     for i in range(cfg.num_layers):
         for n in LINEARS:
             name = f"layers.{i}.{n}.weight"
             out[name] = method.process(weights.pop(name))
     if "lm_head" in weights:
-        out["lm_head"] = method.process(weights.pop("lm_head"))
+        out["lm_head"] = method.head.process(weights.pop("lm_head"))
     else:
-        head = method.process(weights["embed"])
+        head = method.head.process(weights["embed"])
         if head is not weights["embed"]:
             out["lm_head"] = head
     out.update(weights)
@@ -92,7 +93,8 @@ def process_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor],
 
 
 class DecoderLM:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor | PackedWeight], max_positions: int,
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor | PackedWeight | Int8Weight],
+                 max_positions: int,
                  method: LinearMethod, final_norm: bool = True) -> None:
         """`weights` from prepare_weights or process_linears (possibly views into a node's shared
         weight file); `method` wraps each linear weight (and processes plain ones it is given).
@@ -102,7 +104,7 @@ class DecoderLM:
         self.method = method
         w = weights
 
-        def lin(name: str) -> LinearWeight:
+        def lin(name: str) -> LinearWeight | Int8Linear:
             return method.create(w[name + ".weight"], w.get(name + ".bias"))
 
         self.layers = [
@@ -114,7 +116,7 @@ class DecoderLM:
         ]
         self.embed = w["embed"]
         self.norm = w["norm"] if final_norm else None
-        self.lm_head = method.create(w.get("lm_head", self.embed))
+        self.lm_head = method.head.create(w.get("lm_head", self.embed))
         # the plain tensor lm_head rows can be cut from (None: an untied head stored processed)
         head = w.get("lm_head")
         self._head_rows_of = self.embed if head is None else head if isinstance(head, torch.Tensor) else None
@@ -124,17 +126,18 @@ class DecoderLM:
 
     def _fused_decode_args(self) -> tuple[list, list] | None:
         """Per-layer tensors for the C++ decode step (decode_forward_bf16): the fast path the weight
-        method offers when every GEMM runs its bf16 kernel on packed bytes; None otherwise (the step
-        then runs op by op)."""
+        method offers when every GEMM runs one of its kernels (bf16 or int8, on packed bytes); None
+        otherwise (the step then runs op by op)."""
         if self.embed.dtype != torch.bfloat16:
             return None
         w, opt = [], []
         for L in self.layers:
-            blobs = [self.method.fused_decode_blob(lw) for lw in (L.qkv, L.o, L.gate_up, L.down)]
-            if any(b is None for b in blobs):
+            fw = [self.method.fused_decode_weight(lw) for lw in (L.qkv, L.o, L.gate_up, L.down)]
+            if any(f is None for f in fw):
                 return None
-            w += [L.input_norm, blobs[0], blobs[1], L.post_norm, blobs[2], blobs[3]]
-            opt += [L.qkv.bias, L.qk_norm, L.o.bias, L.gate_up.bias, L.down.bias]
+            (qkv, s0), (o, s1), (gate_up, s2), (down, s3) = fw   # type: ignore[misc]
+            w += [L.input_norm, qkv, o, L.post_norm, gate_up, down]
+            opt += [L.qkv.bias, L.qk_norm, L.o.bias, L.gate_up.bias, L.down.bias, s0, s1, s2, s3]
         return w, opt
 
     @torch.inference_mode()
@@ -173,17 +176,17 @@ class DecoderLM:
         x, _ = add_rms_norm(h, residual, self.norm, eps)
         return x
 
-    def head_over(self, n: int) -> LinearWeight | None:
+    def head_over(self, n: int) -> LinearWeight | Int8Linear | None:
         """An lm_head over the first n token ids only (a drafter's vocabulary: spec/config.py
         draft_vocab), or None when it cannot be cut (n covers the vocabulary, or the head is stored
         processed)."""
         if self._head_rows_of is None or not 0 < n < self._head_rows_of.shape[0]:
             return None
-        return self.method.create(self.method.process(self._head_rows_of[:n].contiguous()))
+        return self.method.head.create(self.method.head.process(self._head_rows_of[:n].contiguous()))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None,
-               head: LinearWeight | None = None) -> torch.Tensor:
+               head: LinearWeight | Int8Linear | None = None) -> torch.Tensor:
         """fp32 logits of the given rows of `hidden` (every row when None): a sequence's last row to
         sample from, or k+1 rows of one sequence to verify k draft tokens; `head`: a head_over()."""
         if rows is not None:

@@ -131,7 +131,7 @@ class Node:
             # weights: loaded, fused and processed by the linear method once here, mapped by every stage
             t = time.monotonic()
             self.weights_name = pool_name
-            method = select_linear_method(dtype, engine.device, engine.pack_weights)
+            method = select_linear_method(dtype, engine.device, engine.pack_weights, engine.quantization)
             size = weight_store.publish(pool_name, process_linears(cfg, prepare_weights(cfg, load_state_dict(model_dir, dtype)),
                                                                    method))
             if not quiet:

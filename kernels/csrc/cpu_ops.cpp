@@ -768,6 +768,101 @@ at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& blob, int64
   return out;
 }
 
+// y[M, N] = (x[M, K] @ Q^T) * scale[N] for a weight-only INT8 weight (symmetric, one scale per output
+// channel) packed by kernels/int8_linear.py as [N/64][K/2][64 n][2 k] int8 (K padded to even, N to
+// 64 with zeros). Each 32-weight slice is widened to bf16 in registers (exact: |q| <= 127) and
+// multiplied two k at a time with VDPBF16PS, the same accumulation as linear_packed_bf16: one fp32
+// chain per output over k from zero, whatever M is (batch-invariant), then one multiply by the
+// channel's scale. Half the bytes of the bf16 weight: decode, bound by memory bandwidth, reads half.
+constexpr int64_t kPrefetchBytes = 16384;
+
+#if defined(__AVX512BF16__)
+template <int R>
+inline void int8_rows(const int8_t* wb, int64_t kpairs, const u32_alias* xpairs, int64_t xstride, float* y) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < kpairs; ++kp) {
+    const int8_t* p = wb + kp * kPackNB * 2;
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes + 64), _MM_HINT_T1);
+    __m512bh w[4];
+    for (int j = 0; j < 4; ++j) {   // 16 n x 2 k: int8 -> int32 -> fp32 -> bf16, pairs kept in order
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * j))));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * j + 16))));
+      w[j] = _mm512_cvtne2ps_pbh(hi, lo);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * xstride + kp]));
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kPackNB + 16 * j, acc[r][j]);
+}
+#endif
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& scale, int64_t N, int64_t K,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
+              "linear_int8: x must be a contiguous bf16 [M, K]");
+  const int64_t M = x.size(0), nblocks = (N + kPackNB - 1) / kPackNB, kp_all = (K + 1) / 2;
+  TORCH_CHECK(qw.scalar_type() == at::kChar && qw.numel() >= nblocks * kp_all * kPackNB * 2,
+              "linear_int8: the packed int8 weight is too small for [", N, ", ", K, "]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() >= N, "linear_int8: scale must be fp32 [N]");
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+#if defined(__AVX512BF16__)
+  std::vector<uint16_t> xp;
+  const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(x.data_ptr());
+  if (kp_all * 2 != K) {           // odd K: pad each row with a zero
+    xp.assign(M * kp_all * 2, 0);
+    for (int64_t m = 0; m < M; ++m)
+      std::memcpy(xp.data() + m * kp_all * 2, static_cast<const uint16_t*>(x.data_ptr()) + m * K, K * 2);
+    xpairs = reinterpret_cast<const u32_alias*>(xp.data());
+  }
+  const int8_t* w = qw.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t tile = std::max<int64_t>(kMaxGroup, (256 * 1024 / (kp_all * 4)) / kMaxGroup * kMaxGroup);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float y[kMaxGroup * kPackNB];
+    for (int64_t t0 = 0; t0 < M; t0 += tile) {
+      const int64_t t1 = std::min(M, t0 + tile);
+      for (int64_t nb = b0; nb < b1; ++nb) {
+        const int8_t* wb = w + nb * kp_all * kPackNB * 2;
+        const int64_t n0 = nb * kPackNB, nn = std::min(kPackNB, N - n0);
+        for (int64_t m0 = t0; m0 < t1;) {
+          const int64_t left = t1 - m0, groups = (left + kMaxGroup - 1) / kMaxGroup;
+          const int64_t rows = (left + groups - 1) / groups;
+          const u32_alias* xr = xpairs + m0 * kp_all;
+          switch (rows) {
+            case 6: int8_rows<6>(wb, kp_all, xr, kp_all, y); break;
+            case 5: int8_rows<5>(wb, kp_all, xr, kp_all, y); break;
+            case 4: int8_rows<4>(wb, kp_all, xr, kp_all, y); break;
+            case 3: int8_rows<3>(wb, kp_all, xr, kp_all, y); break;
+            case 2: int8_rows<2>(wb, kp_all, xr, kp_all, y); break;
+            default: int8_rows<1>(wb, kp_all, xr, kp_all, y);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            float* yr = y + r * kPackNB;
+            for (int64_t i = 0; i < nn; ++i) yr[i] *= sp[n0 + i];
+            if (bp)
+              for (int64_t i = 0; i < nn; ++i) yr[i] += static_cast<float>(bp[n0 + i]);
+            store_row(yr, op + (m0 + r) * N + n0, nn);
+          }
+          m0 += rows;
+        }
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "linear_int8: built without AVX512-BF16");
+#endif
+  return out;
+}
+
 // One row of silu(gate) * up. silu(gate) is rounded to the storage type first, as F.silu(gate) * up does.
 template <typename T>
 void silu_mul_row(const T* g, const T* u, T* out, int64_t n, float* gb, float* ub, T* tmp) {
@@ -806,8 +901,9 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 // bf16 weights the linear kernel reads in place: the same kernels in the same order as
 // DecoderLM.forward, so the result is bit-identical to it, without ~100 Python-level op calls per
 // step. h: the embedded tokens [T, hidden] (consumed). Per layer, `w` holds input_norm, qkv, o,
-// post_norm, gate_up, down (packed blobs) and `opt` holds qkv bias, qk_norm, o bias, gate_up bias,
-// down bias (each may be None); `kv` holds each layer's K and V cache. An empty final_norm: no final
+// post_norm, gate_up, down (packed bf16 blobs or packed int8 weights) and `opt` holds qkv bias,
+// qk_norm, o bias, gate_up bias, down bias, then the int8 scales of qkv, o, gate_up, down (each may
+// be None; a scale marks its weight int8); `kv` holds each layer's K and V cache. An empty final_norm: no final
 // norm, the residual stream is returned (an EAGLE head's predicted feature).
 at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::TensorList w,
                                const c10::List<c10::optional<at::Tensor>>& opt, at::TensorList kv,
@@ -816,23 +912,26 @@ at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::Te
                                const at::Tensor& cos, const at::Tensor& sin_signed, const at::Tensor& final_norm,
                                int64_t H, int64_t KV, int64_t D, int64_t inter, double eps, double scale) {
   const int64_t layers = kv.size() / 2, T = h.size(0), hidden = h.size(1), nqkv = (H + 2 * KV) * D;
-  TORCH_CHECK(static_cast<int64_t>(w.size()) == 6 * layers && static_cast<int64_t>(opt.size()) == 5 * layers,
-              "decode_forward_bf16: 6 weights and 5 optional tensors per layer expected");
-  auto opt_at = [&](int64_t i) { return opt.get(i); };   // a bias or the qk norm; may be None
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == 6 * layers && static_cast<int64_t>(opt.size()) == 9 * layers,
+              "decode_forward_bf16: 6 weights and 9 optional tensors per layer expected");
+  auto opt_at = [&](int64_t i) { return opt.get(i); };   // a bias, the qk norm or a scale; may be None
+  auto lin = [&](const at::Tensor& x, const at::Tensor& wt, int64_t si, int64_t N, int64_t K, int64_t bi) {
+    const c10::optional<at::Tensor> s = opt_at(si);
+    return s.has_value() ? linear_int8(x, wt, *s, N, K, opt_at(bi)) : linear_packed_bf16(x, wt, N, K, opt_at(bi));
+  };
   at::Tensor residual = h, x = rms_norm(h, w[0], eps);
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* L = w.data() + 6 * l;
-    const int64_t o5 = 5 * l;
+    const int64_t o9 = 9 * l, s4 = o9 + 5;
     if (l) x = add_rms_norm(h, residual, L[0], eps);
-    at::Tensor qkv = linear_packed_bf16(x, L[1], nqkv, hidden, opt_at(o5)).view({T, H + 2 * KV, D});
-    qk_norm_rope(qkv.narrow(1, 0, H + KV), opt_at(o5 + 1), cos, sin_signed, positions, eps);
+    at::Tensor qkv = lin(x, L[1], s4, nqkv, hidden, o9).view({T, H + 2 * KV, D});
+    qk_norm_rope(qkv.narrow(1, 0, H + KV), opt_at(o9 + 1), cos, sin_signed, positions, eps);
     const at::Tensor &kc = kv[2 * l], &vc = kv[2 * l + 1];
     store_kv(qkv.narrow(1, H, KV), qkv.narrow(1, H + KV, KV), kc, vc, slot_blocks, slot_offsets);
     at::Tensor o = paged_decode_attention(qkv.narrow(1, 0, H), kc, vc, block_tables, context_lens, scale);
-    h = linear_packed_bf16(o.view({T, H * D}), L[2], hidden, H * D, opt_at(o5 + 2));
+    h = lin(o.view({T, H * D}), L[2], s4 + 1, hidden, H * D, o9 + 2);
     x = add_rms_norm(h, residual, L[3], eps);
-    h = linear_packed_bf16(silu_and_mul(linear_packed_bf16(x, L[4], 2 * inter, hidden, opt_at(o5 + 3))), L[5], hidden,
-                           inter, opt_at(o5 + 4));
+    h = lin(silu_and_mul(lin(x, L[4], s4 + 2, 2 * inter, hidden, o9 + 3)), L[5], s4 + 3, hidden, inter, o9 + 4);
   }
   if (final_norm.numel() == 0) return h + residual;
   return add_rms_norm(h, residual, final_norm, eps);
@@ -865,6 +964,7 @@ at::Tensor mkldnn_from_blob(const at::Tensor& blob, at::IntArrayRef dims, at::Sc
 TORCH_LIBRARY(baton_cpu, m) {
   m.def("mkldnn_from_blob", &mkldnn_from_blob);
   m.def("linear_packed_bf16", &linear_packed_bf16);
+  m.def("linear_int8", &linear_int8);
   m.def("packed_bf16_supported", &packed_bf16_supported);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);

@@ -1,0 +1,110 @@
+"""Weight-only INT8 linears on CPU: symmetric per-output-channel int8 weights, bf16 activations.
+
+The weight is stored in the blocked layout Baton's kernel (csrc/cpu_ops.cpp linear_int8) reads:
+[N/64][K/2][64 n][2 k] int8, zero-padded to whole blocks. A k-pair of 64 columns is one 128-byte
+run, widened to bf16 in registers and multiplied with VDPBF16PS like the bf16 kernel: batch-invariant
+rows, half the bytes streamed per decode step. torch's own `_weight_int8pack_mm` was measured
+slower than the bf16 kernel at batch 1 and 2.4x slower at batch 8 here (benchmarks/quant.py
+--kernels), so it is only the fallback where the extension is missing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_ext
+from .linear import LinearMethod, LinearWeight, PackedWeight
+from .quant import quantize_int8
+
+NB = 64
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K] -> the kernel's blocked layout, flat int8."""
+    N, K = q.shape
+    Np, Kp = -(-N // NB) * NB, K + K % 2
+    padded = torch.zeros(Np, Kp, dtype=torch.int8)
+    padded[:N, :K] = q
+    return padded.view(Np // NB, NB, Kp // 2, 2).permute(0, 2, 1, 3).contiguous().view(-1)
+
+
+def unpack_int8(blob: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    Np, Kp = -(-N // NB) * NB, K + K % 2
+    return blob.view(Np // NB, Kp // 2, NB, 2).permute(0, 2, 1, 3).reshape(Np, Kp)[:N, :K].contiguous()
+
+
+def kernel_supported() -> bool:
+    return cpu_ext.available() and torch.ops.baton_cpu.packed_bf16_supported()
+
+
+@dataclass
+class Int8Weight:
+    """A quantized [out, in] weight as a node publishes it: `qweight` int8 (the kernel's blocked
+    layout when `packed`, plain [N, K] otherwise) and fp32 per-channel `scale` [N]."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, int]
+    packed: bool
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, packed: bool) -> Int8Weight:
+        q, scale = quantize_int8(w)
+        return cls(pack_int8(q) if packed else q, scale.float().contiguous(), tuple(w.shape), packed)
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_int8(self.qweight, *self.shape) if self.packed else self.qweight
+        return q.float() * self.scale[:, None]
+
+
+class Int8Linear:
+    """An Int8Weight (+ bias) ready to multiply: Baton's kernel for bf16 activations on a packed
+    weight; torch's int8 GEMM (CPU) or the Triton kernel (CUDA) on a plain one."""
+
+    __slots__ = ("w", "bias", "out_features", "in_features")
+
+    def __init__(self, w: Int8Weight, bias: torch.Tensor | None) -> None:
+        self.w, self.bias = w, bias
+        self.out_features, self.in_features = w.shape
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        if w.packed and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
+            return torch.ops.baton_cpu.linear_int8(x, w.qweight, w.scale, self.out_features, self.in_features,
+                                                   self.bias)
+        if w.packed:
+            return F.linear(x, w.dequantize().to(x.dtype), self.bias)
+        from .quant import int8_linear
+
+        return int8_linear(x, w.qweight, w.scale, self.bias)
+
+
+class Int8LinearMethod(LinearMethod):
+    """Weight-only INT8, quantized at load from the checkpoint's weights (any float dtype): every
+    layer's GEMMs and the lm_head (measured on baton-tiny's held-out slice: +0.03% perplexity with the
+    head quantized, against +0.01% without; at batch-1 decode on `medium` the bf16 head was 13% of
+    the bytes an int8 step reads). The embedding lookup stays in the model's dtype. Packed for Baton's
+    kernel when activations are bf16 on a CPU that runs it (the fused decode step then runs on the
+    int8 weights too); plain [N, K] int8 otherwise (torch's int8 GEMM, Triton on CUDA)."""
+
+    name = "int8"
+
+    def __init__(self, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.packed = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and kernel_supported()
+
+    def process(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight | Int8Weight:
+        w = Int8Weight.quantize(weight.cpu() if self.packed else weight, self.packed)
+        return w if self.packed or weight.device.type == "cpu" else \
+            Int8Weight(w.qweight.to(weight.device), w.scale.to(weight.device), w.shape, False)
+
+    def create(self, weight: torch.Tensor | PackedWeight | Int8Weight,
+               bias: torch.Tensor | None = None) -> LinearWeight | Int8Linear:
+        if isinstance(weight, torch.Tensor):       # a private (unpublished) checkpoint weight
+            weight = self.process(weight)
+        assert isinstance(weight, Int8Weight), "an int8 linear takes an Int8Weight"
+        return Int8Linear(weight, bias)
+
+    def fused_decode_weight(self, lw: LinearWeight | Int8Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        return (lw.w.qweight, lw.w.scale) if isinstance(lw, Int8Linear) and lw.w.packed else None
