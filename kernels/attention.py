@@ -109,9 +109,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
         return gpu(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                    meta.num_blocks * meta.block_size, k_scale, v_scale)
-    if k_scale is None and cpu_ext.available():
+    if cpu_ext.available():
         return torch.ops.baton_cpu.paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, k_scale, v_scale)
     B, H, D = q.shape
     kvh = k_cache.shape[2]
     span = meta.num_blocks * meta.block_size
@@ -140,13 +140,14 @@ def _causal_mask(n: int, prefix: int) -> torch.Tensor:
 
 def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          meta: PrefillMeta, scale: float) -> torch.Tensor:
+                          meta: PrefillMeta, scale: float, k_scale: torch.Tensor | None = None,
+                          v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; k/v: the chunk's own [T, Hkv, D] (already stored in the cache)."""
     out = torch.empty_like(q)
     for s, e, p, bt in zip(meta.q_starts, meta.q_ends, meta.prefix_lens, meta.block_tables):
         n = e - s
-        kk = _gather(k_cache, bt, p + n).float()
-        vv = _gather(v_cache, bt, p + n).float()
+        kk = _gather(k_cache, bt, p + n, k_scale).float()
+        vv = _gather(v_cache, bt, p + n, v_scale).float()
         g = q.shape[1] // kk.shape[1]
         kk, vv = kk.repeat_interleave(g, 1), vv.repeat_interleave(g, 1)
         sc = torch.einsum("qhd,khd->hqk", q[s:e].float(), kk) * scale
@@ -157,13 +158,18 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: PrefillMeta, scale: float) -> torch.Tensor:
-    if q.is_cuda:
-        return _prefill_cuda(q, k_cache, v_cache, meta, scale)
-    if cpu_ext.available():
+                      meta: PrefillMeta, scale: float, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """k/v_scale: per (block, slot, kv head) for an INT8/FP8 cache."""
+    if not q.is_cuda and cpu_ext.available():
         lens = meta.lens
         return torch.ops.baton_cpu.paged_prefill_attention(q, k_cache, v_cache, meta.padded_tables,
-                                                           lens[0], lens[1], lens[2], scale)
+                                                           lens[0], lens[1], lens[2], scale, k_scale, v_scale)
+    if k_scale is not None:     # no other kernel reads scales: attend over the chunk's blocks dequantized
+        assert v_scale is not None
+        return prefill_attention_ref(q, k, v, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    if q.is_cuda:
+        return _prefill_cuda(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     for s, e, p, bt in zip(meta.q_starts, meta.q_ends, meta.prefix_lens, meta.block_tables):
         n = e - s
@@ -230,17 +236,19 @@ class AttentionBatch:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """Stores the batch's K/V into the pool, then attends. q: [T, Hq, D], k/v: [T, Hkv, D]."""
+                    batch: AttentionBatch, scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Stores the batch's K/V into the pool (quantized, with k/v_scale, for an INT8/FP8 cache), then
+    attends. q: [T, Hq, D], k/v: [T, Hkv, D]."""
     from .kv_cache import store_kv
 
-    store_kv(k, v, k_cache, v_cache, batch.slot_blocks, batch.slot_offsets)
+    store_kv(k, v, k_cache, v_cache, batch.slot_blocks, batch.slot_offsets, k_scale, v_scale)
     nd = batch.num_decode
     if batch.prefill is None:
-        return decode_attention(q, k_cache, v_cache, batch.decode, scale)
+        return decode_attention(q, k_cache, v_cache, batch.decode, scale, k_scale, v_scale)
     if nd == 0:
-        return prefill_attention(q, k, v, k_cache, v_cache, batch.prefill, scale)
+        return prefill_attention(q, k, v, k_cache, v_cache, batch.prefill, scale, k_scale, v_scale)
     out = torch.empty_like(q)
-    out[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch.decode, scale)
-    out[nd:] = prefill_attention(q[nd:], k[nd:], v[nd:], k_cache, v_cache, batch.prefill, scale)
+    out[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch.decode, scale, k_scale, v_scale)
+    out[nd:] = prefill_attention(q[nd:], k[nd:], v[nd:], k_cache, v_cache, batch.prefill, scale, k_scale, v_scale)
     return out

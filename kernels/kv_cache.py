@@ -51,6 +51,10 @@ def store_kv(
         gpu(k, v, k_cache, v_cache, slot_blocks, slot_offsets, k_scale, v_scale)
         return
     idx = (slot_blocks, slot_offsets)
+    if k_scale is not None and cpu_ext.available():
+        assert v_scale is not None
+        torch.ops.baton_cpu.store_kv_quant(k, v, k_cache, v_cache, k_scale, v_scale, slot_blocks, slot_offsets)
+        return
     if k_scale is not None:
         (kq, ks), (vq, vs) = quantize_rows(k, k_cache.dtype), quantize_rows(v, v_cache.dtype)
         k_cache.index_put_(idx, kq)

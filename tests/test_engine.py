@@ -294,19 +294,21 @@ def test_bf16_outputs_do_not_depend_on_caching_chunking_or_batch(checkpoint):
         assert (out.token_ids, out.logprobs) == (ref.token_ids, ref.logprobs), name
 
 
-@pytest.mark.parametrize("preset,quantization", [("mini-qwen3", ""), ("tiny-qwen2", ""), ("tiny-llama", ""),
-                                                 ("mini-qwen3", "int8"), ("tiny-qwen2", "int8")])
-def test_fused_decode_step_equals_op_by_op(checkpoint, preset, quantization, monkeypatch):
+@pytest.mark.parametrize("preset,quantization,kv", [("mini-qwen3", "", "auto"), ("tiny-qwen2", "", "auto"),
+                                                    ("tiny-llama", "", "auto"), ("mini-qwen3", "int8", "auto"),
+                                                    ("tiny-qwen2", "int8", "int8"), ("mini-qwen3", "", "fp8")])
+def test_fused_decode_step_equals_op_by_op(checkpoint, preset, quantization, kv, monkeypatch):
     """decode_forward_bf16 runs a pure-decode step's whole stack in one C++ call; it must give the same
     tokens and logprobs, bit for bit, as the op-by-op forward (Qwen2's biases, Llama's untied head
-    and GQA included), on bf16 and on int8 weights."""
+    and GQA included), on bf16 and int8 weights, over a bf16, int8 or fp8 KV cache."""
     import torch
 
     from baton.kernels import cpu_ext
 
     if not cpu_ext.available():
         pytest.skip("the fused step is part of the C++ extension")
-    llm = LLM(checkpoint(preset), max_model_len=256, enable_prefix_caching=False, quantization=quantization)
+    llm = LLM(checkpoint(preset), max_model_len=256, enable_prefix_caching=False, quantization=quantization,
+              kv_cache_dtype=kv)
     try:
         model = llm.engine.model
         if model._fused is None:

@@ -149,3 +149,195 @@ def test_bad_quantization_settings_are_errors_naming_the_field():
         EngineConfig(model=str(TARGET), quantization=8)     # type: ignore[arg-type]
     llm = LLM(TARGET, dtype="float32", quantization=None, max_model_len=64)   # vLLM's "not quantized"
     llm.close()
+
+
+# ---- INT8 / FP8 KV cache ---------------------------------------------------------------------------
+KV_DTYPES = [torch.int8, torch.float8_e4m3fn]
+
+
+def _quantized_pool(dtype: torch.dtype, num_blocks: int = 12, bs: int = 16, kvh: int = 2, D: int = 64):
+    from baton.backends.kv.pool import PoolSpec
+
+    spec = PoolSpec(num_blocks, 3, bs, kvh, D, str(dtype).split(".")[-1])
+    tensor = torch.zeros(spec.shape, dtype=spec.storage_dtype)
+    return spec, tensor, spec.views(tensor)
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+def test_kv_quantization_stores_what_its_definition_says(dtype, act):
+    """store_kv into an int8/fp8 cache: per (token, kv head) scale = amax / qmax, element = x / scale
+    rounded (int8: half up; fp8: torch's conversion), in the C++ kernel and the torch path alike."""
+    from baton.kernels.kv_cache import QMAX, store_kv, store_kv_ref
+
+    _, _, layers = _quantized_pool(dtype)
+    _, _, ref_layers = _quantized_pool(dtype)
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(40, 2, 64, generator=g) * 4).to(act), torch.randn(40, 2, 64, generator=g).to(act)
+    blocks, offsets = torch.tensor([5] * 16 + [2] * 16 + [9] * 8), torch.tensor(list(range(16)) * 2 + list(range(8)))
+    store_kv(k, v, *layers[1][:2], blocks, offsets, *layers[1][2:])
+    store_kv_ref(k, v, *ref_layers[1][:2], blocks, offsets, *ref_layers[1][2:])
+    for a, b in zip(layers[1], ref_layers[1]):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == dtype else a, b.view(torch.uint8) if b.dtype == dtype else b)
+    kc, _, ks, _ = layers[1]
+    for i in (0, 17, 39):
+        for h in range(2):
+            x = k[i, h].float()
+            scale = x.abs().max() / QMAX[dtype]
+            assert float(ks[blocks[i], offsets[i], h]) == pytest.approx(float(scale), rel=1e-6)
+            row = kc[blocks[i], offsets[i], h].float() * ks[blocks[i], offsets[i], h]
+            step = scale if dtype == torch.int8 else x.abs() * 2**-3 + scale * 2**-9   # int8 step; fp8: 3 mantissa bits
+            assert ((row - x).abs() <= step / 2 + 1e-6).all()
+    assert not layers[0][0].any() and not layers[2][2].any()       # other layers untouched
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+def test_quantized_kv_attention_equals_attention_over_the_dequantized_cache(dtype, act):
+    """Decode and prefill attention reading an int8/fp8 cache (C++ kernels) equal the reference over
+    the dequantized fp32 cache; a decode row equals the same row computed by prefill, bit for bit (a
+    prefix cached by decode and recomputed by prefill must not differ)."""
+    from baton.kernels.attention import (
+        DecodeMeta,
+        PrefillMeta,
+        decode_attention,
+        decode_attention_ref,
+        prefill_attention,
+        prefill_attention_ref,
+    )
+    from baton.kernels.kv_cache import store_kv
+
+    _, _, layers = _quantized_pool(dtype)
+    kc, vc, ks, vs = layers[0]
+    g = torch.Generator().manual_seed(2)
+    T, H = 45, 6
+    k, v = (torch.randn(T, 2, 64, generator=g) * 3).to(act), torch.randn(T, 2, 64, generator=g).to(act)
+    table = [7, 3, 10]
+    blocks = torch.tensor([table[t // 16] for t in range(T)])
+    store_kv(k, v, kc, vc, blocks, torch.arange(T) % 16, ks, vs)
+    deq_k, deq_v = kc.float() * ks[..., None], vc.float() * vs[..., None]       # the dequantized cache
+    q = torch.randn(T, H, 64, generator=g).to(act)
+    pm = PrefillMeta.build([0], [T], [0], [table], 16)
+    got = prefill_attention(q, k, v, kc, vc, pm, 0.125, ks, vs)
+    want = prefill_attention_ref(q, k, v, deq_k, deq_v, pm, 0.125)
+    tol = 1e-5 if act == torch.float32 else 2**-7
+    assert ((got.float() - want.float()).abs() <= tol * (1 + want.float().abs())).all()
+    for n in (1, 16, 17, T):
+        dm = DecodeMeta.build([table], [n], 16)
+        d = decode_attention(q[n - 1:n].contiguous(), kc, vc, dm, 0.125, ks, vs)
+        ref = decode_attention_ref(q[n - 1:n].contiguous(), deq_k, deq_v, dm, 0.125)
+        assert ((d.float() - ref.float()).abs() <= tol * (1 + ref.float().abs())).all()
+        if n == T:
+            assert torch.equal(d[0], got[T - 1])
+
+
+@pytest.mark.parametrize("dtype", KV_DTYPES)
+def test_a_quantized_block_carries_its_scales(dtype):
+    """A block's bytes are its K, V and scales: copying one block's span over another (what the
+    hand-off, the transfer engine and the tiers do) reproduces its attention exactly. The pool holds
+    1.88x (head_dim 64) / 1.94x (128) the blocks of bf16 in the same memory."""
+    from baton.backends.kv.pool import PoolSpec
+    from baton.kernels.attention import DecodeMeta, decode_attention
+    from baton.kernels.kv_cache import store_kv
+
+    spec, tensor, layers = _quantized_pool(dtype)
+    g = torch.Generator().manual_seed(3)
+    for kc, vc, ks, vs in layers:
+        store_kv(torch.randn(16, 2, 64, generator=g), torch.randn(16, 2, 64, generator=g), kc, vc,
+                 torch.full((16,), 4), torch.arange(16), ks, vs)
+    tensor[9] = tensor[4]
+    q = torch.randn(1, 6, 64, generator=g)
+    for kc, vc, ks, vs in layers:
+        a, b = (decode_attention(q, kc, vc, DecodeMeta.build([[blk]], [16], 16), 0.125, ks, vs) for blk in (4, 9))
+        assert torch.equal(a, b) and a.abs().sum() > 0
+    for D, ratio in ((64, 1.88), (128, 1.93)):
+        plain, quant = (PoolSpec(1, 28, 16, 8, D, dt).block_bytes for dt in ("bfloat16", str(dtype).split(".")[-1]))
+        assert plain / quant >= ratio
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_kv_outputs_do_not_depend_on_caching_chunking_or_batching(qwen3_dir, kv):
+    """Over an int8/fp8 cache, greedy tokens are the same alone or batched, with prompts prefilled
+    whole or in 16-token chunks, and with their prefix read back from the cache."""
+    from conftest import prompts_of
+
+    from baton import LLM, SamplingParams
+
+    prompts = prompts_of(512, [40, 70, 23], seed=5)
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    base = LLM(qwen3_dir, dtype="float32", kv_cache_dtype=kv, enable_prefix_caching=False, max_model_len=256)
+    chunked = LLM(qwen3_dir, dtype="float32", kv_cache_dtype=kv, max_num_batched_tokens=16, max_model_len=256)
+    try:
+        alone = [base.generate([p], sp)[0].token_ids for p in prompts]
+        assert [o.token_ids for o in base.generate(prompts, sp)] == alone
+        assert [o.token_ids for o in chunked.generate(prompts, sp)] == alone
+        again = chunked.generate(prompts, sp)                      # prefixes now cached
+        assert [o.token_ids for o in again] == alone and all(o.num_cached_tokens for o in again)
+    finally:
+        base.close()
+        chunked.close()
+
+
+def test_kv_quantization_perplexity_stays_close(windows):
+    """baton-tiny's held-out text: INT8 KV within +0.5% of bf16's perplexity, FP8 within +1.5%."""
+    from baton import LLM
+    from baton.backends.engine.scoring import score
+
+    ppl = {}
+    for kv in ("auto", "int8", "fp8"):
+        llm = LLM(TARGET, dtype="bfloat16", kv_cache_dtype=kv)
+        try:
+            ppl[kv] = score(llm.engine, windows).perplexity
+        finally:
+            llm.close()
+    assert ppl["int8"] <= ppl["auto"] * 1.005 and ppl["fp8"] <= ppl["auto"] * 1.015
+    assert ppl["int8"] != ppl["auto"] != ppl["fp8"]            # the caches really were quantized
+
+
+def test_bad_kv_cache_dtype_is_an_error_naming_the_field():
+    from baton.backends.engine.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match="kv_cache_dtype: expected 'auto' or 'int8'"):
+        EngineConfig(model=str(TARGET), kv_cache_dtype="int4")
+
+
+@pytest.mark.slow
+def test_a_node_serves_int8_weights_over_an_int8_kv_cache():
+    """Profile single_node_int8 through Triton: streamed tokens equal the offline engine's with the
+    same quantization (prefill -> decode hand-off through the shared int8 pool, blocks with their
+    scales), alone and 6 at once with shared prefixes; no block left in use."""
+    import threading
+
+    from conftest import blocks_in_use
+
+    from baton import LLM, SamplingParams
+    from baton.backends.serving.launcher import Node
+    from baton_client import BatonClient
+
+    prompts = ["def fibonacci(n):", "import os\nimport sys\n\nclass Config:", "    def __init__(self, path):"]
+    prompts += [p + "\n    return" for p in prompts]
+    llm = LLM(TARGET, dtype="bfloat16", quantization="int8", kv_cache_dtype="int8")
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = {p: o.token_ids for p, o in zip(prompts, llm.generate(prompts, sp))}
+    llm.close()
+    n = Node(str(TARGET), "single_node_int8", overrides={"max_model_len": 512, "kv_cache_memory_mb": 8})
+    n.start(timeout=180, quiet=True)
+    try:
+        assert n.manager is not None
+        client = BatonClient(n.grpc_url)
+        chunks = list(client.stream(prompts[0], temperature=0.0, max_tokens=24, ignore_eos=True))
+        assert [t for c in chunks for t in c.token_ids] == expected[prompts[0]]
+        got: dict[str, list[int]] = {}
+
+        def one(p: str) -> None:
+            got[p] = client.generate(p, temperature=0.0, max_tokens=24, ignore_eos=True).token_ids
+
+        threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == expected
+        assert blocks_in_use(n.manager.address) == 0
+    finally:
+        n.stop()

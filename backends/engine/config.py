@@ -36,6 +36,9 @@ class EngineConfig:
     # weight-only quantization at load (kernels/linear.py select_linear_method): "" (none) or "int8"
     # (per-channel, every layer's GEMMs; lm_head and embedding stay in `dtype`)
     quantization: str = ""
+    # KV cache storage: "auto" (the model's dtype), "int8" or "fp8" (e4m3; "fp8_e4m3" too), one fp32 scale
+    # per (token, kv head) inside each block: 1.88x (head_dim 64) or 1.94x (128) the blocks of bf16
+    kv_cache_dtype: Literal["auto", "int8", "fp8", "fp8_e4m3"] = "auto"
     # speculative decoding (spec/config.py SpeculativeConfig: method, num_speculative_tokens, model,
     # max_batch, ...); {}: off. Offline: LLM(model, speculative_config={...}) as in vLLM
     speculative: dict = dataclasses.field(default_factory=dict)

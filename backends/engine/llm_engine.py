@@ -73,7 +73,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(config.model)
 
         if pool is None:
-            spec = pool_spec(cfg, self.dtype, config.block_size, config.num_blocks, config.kv_cache_memory_mb << 20)
+            spec = pool_spec(cfg, self.dtype, config.block_size, config.num_blocks, config.kv_cache_memory_mb << 20,
+                             config.kv_cache_dtype)
             remove_leftovers(SHM_DIR)           # pools of engines whose process was killed
             name = owned_name(uuid.uuid4().hex[:8])
             pool = KVPool.create(name, spec) if self.device.type == "cpu" else \
@@ -366,10 +367,15 @@ class LLMEngine:
         self.close()
 
 
+KV_DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn"}
+
+
 def pool_spec(cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
-              kv_cache_memory: int) -> PoolSpec:
-    """num_blocks, or (when 0) as many blocks as kv_cache_memory bytes hold."""
-    spec = PoolSpec(0, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, str(dtype).split(".")[-1])
+              kv_cache_memory: int, kv_cache_dtype: str = "auto") -> PoolSpec:
+    """num_blocks, or (when 0) as many blocks as kv_cache_memory bytes hold; K/V stored in the
+    model's dtype, or quantized (kv_cache_dtype int8 / fp8)."""
+    kv = KV_DTYPES.get(kv_cache_dtype) or str(dtype).split(".")[-1]
+    spec = PoolSpec(0, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, kv)
     if not num_blocks:
         num_blocks = kv_cache_memory // spec.block_bytes
     if num_blocks < 1:

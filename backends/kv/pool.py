@@ -2,7 +2,12 @@
 
 Layout is block-major: [num_blocks, num_layers, 2 (K/V), block_size, kv_heads, head_dim], so a block
 (every layer's K and V for `block_size` tokens) is one contiguous span: the unit that later moves
-between tiers and nodes. Another process maps the same pool with `KVPool.attach(name)`."""
+between tiers and nodes. Another process maps the same pool with `KVPool.attach(name)`.
+
+A quantized pool (dtype int8 or float8_e4m3fn: `kv_cache_dtype`) is bytes, [num_blocks, block_bytes]:
+each block holds every layer's int8/fp8 K and V as above, then their fp32 scales, one per (layer,
+K/V, slot, kv head), [num_layers, 2, block_size, kv_heads]. The scales live inside the block's span,
+so whatever moves blocks (prefill -> decode, the transfer engine, the tiers) moves them too."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+QUANTIZED = ("int8", "float8_e4m3fn")
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
 PREFIX = "baton-kv-"
 
@@ -28,16 +34,50 @@ class PoolSpec:
     dtype: str  # torch dtype name, e.g. "bfloat16"
 
     @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED
+
+    @property
     def shape(self) -> tuple[int, ...]:
+        """The pool tensor's shape: per-element for a plain pool, bytes per block for a quantized one."""
+        if self.quantized:
+            return (self.num_blocks, self.block_bytes)
         return (self.num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The K/V elements' dtype."""
         return getattr(torch, self.dtype)
 
     @property
+    def storage_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.quantized else self.torch_dtype
+
+    @property
+    def _rows(self) -> int:          # (layer, K/V, slot, kv head) rows per block
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads
+
+    @property
     def block_bytes(self) -> int:
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
+        scales = self._rows * 4 if self.quantized else 0
+        return self._rows * self.head_dim * self.torch_dtype.itemsize + scales
+
+    def views(self, tensor: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer: its K and V caches [num_blocks, block_size, kv_heads, head_dim] (and, quantized,
+        their fp32 scales [num_blocks, block_size, kv_heads]), strided views of the pool tensor."""
+        L, bs, kvh, D = self.num_layers, self.block_size, self.num_kv_heads, self.head_dim
+        if not self.quantized:
+            return [(tensor[:, i, 0], tensor[:, i, 1]) for i in range(L)]
+        data, span = bs * kvh * D, bs * kvh * 4      # bytes of one layer's K (or V) and of its scales
+        scales0 = L * 2 * data
+
+        def cache(j: int) -> torch.Tensor:
+            return tensor[:, j * data:(j + 1) * data].view(self.torch_dtype).view(-1, bs, kvh, D)
+
+        def scales(j: int) -> torch.Tensor:
+            return tensor[:, scales0 + j * span:scales0 + (j + 1) * span].view(torch.float32).view(-1, bs, kvh)
+
+        return [(cache(2 * i), cache(2 * i + 1), scales(2 * i), scales(2 * i + 1)) for i in range(L)]
 
 
 def _unlink(*paths: Path) -> None:
@@ -54,8 +94,8 @@ class KVPool:
         self.spec = spec
         self.tensor = tensor
         self.owner = owner
-        # Per-layer [num_blocks, block_size, kv_heads, head_dim] views, built once.
-        self.layers = [(tensor[:, i, 0], tensor[:, i, 1]) for i in range(spec.num_layers)]
+        # Per-layer K, V (+ scales) views, built once.
+        self.layers = spec.views(tensor)
         paths = (self.data_path(name), self.meta_path(name))
         self._finalizer = weakref.finalize(self, _unlink, *paths) if owner else None
 
@@ -73,15 +113,16 @@ class KVPool:
         numel = 1
         for s in spec.shape:
             numel *= s
+        dtype = spec.storage_dtype
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, numel * spec.torch_dtype.itemsize)
+            os.ftruncate(fd, numel * dtype.itemsize)
         finally:
             os.close(fd)
-        tensor = torch.from_file(str(path), shared=True, size=numel, dtype=spec.torch_dtype).view(spec.shape)
+        tensor = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(spec.shape)
         # Touch every page now: a first write to a tmpfs page faults (~0.5 us/KiB measured), which
         # otherwise lands on the first prefills that use fresh blocks.
-        tensor.view(-1)[:: 4096 // spec.torch_dtype.itemsize].zero_()
+        tensor.view(-1)[:: 4096 // dtype.itemsize].zero_()
         cls.meta_path(name).write_text(json.dumps(asdict(spec)))
         return cls(name, spec, tensor, owner=True)
 
@@ -89,7 +130,7 @@ class KVPool:
     def create_on_device(cls, name: str, spec: PoolSpec, device: str) -> KVPool:
         """A pool in GPU memory, private to this process (sharing it across stage processes needs
         CUDA IPC, not done yet)."""
-        tensor = torch.zeros(spec.shape, dtype=spec.torch_dtype, device=device)
+        tensor = torch.zeros(spec.shape, dtype=spec.storage_dtype, device=device)
         return cls(name, spec, tensor, owner=False)
 
     @classmethod
@@ -101,7 +142,7 @@ class KVPool:
         numel = 1
         for s in spec.shape:
             numel *= s
-        tensor = torch.from_file(str(cls.data_path(name)), shared=True, size=numel, dtype=spec.torch_dtype)
+        tensor = torch.from_file(str(cls.data_path(name)), shared=True, size=numel, dtype=spec.storage_dtype)
         return cls(name, spec, tensor.view(spec.shape), owner=False)
 
     def close(self) -> None:

@@ -142,10 +142,11 @@ class DecoderLM:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, batch: AttentionBatch,
-                kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                kv_layers: list[tuple[torch.Tensor, ...]],
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [T], or their embeddings [T, hidden] (inputs_embeds: e.g. with visual features
-        spliced in), at explicit positions [T] -> final-normed hidden states [T, hidden]."""
+        spliced in), at explicit positions [T] -> final-normed hidden states [T, hidden]. kv_layers: per
+        layer its K and V caches, and their scales when the cache is INT8/FP8 (KVPool.layers)."""
         cfg = self.cfg
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -166,8 +167,9 @@ class DecoderLM:
                 x, residual = add_rms_norm(h, residual, L.input_norm, eps)
             qkv = linear(x, L.qkv).view(T, H + 2 * KV, D)
             qk_norm_rope_(qkv[:, : H + KV], L.qk_norm, positions, self.rope, eps)
-            k_cache, v_cache = kv_layers[i]
-            o = paged_attention(qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:], k_cache, v_cache, batch, self.scale)
+            k_cache, v_cache, *scales = kv_layers[i]
+            o = paged_attention(qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:], k_cache, v_cache, batch, self.scale,
+                                *scales)
             h = linear(o.view(T, H * D), L.o)
             x, residual = add_rms_norm(h, residual, L.post_norm, eps)
             h = linear(silu_and_mul(linear(x, L.gate_up)), L.down)

@@ -118,7 +118,8 @@ class Node:
                 "model": SpeculativeConfig.from_table(engine.speculative).model})
         pool_name = address = ""
         if role != "router":             # a router node has no pool and no weights
-            spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20)
+            spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20,
+                             engine.kv_cache_dtype)
             pool_name = self.node_id
             address = f"ipc://{self.run_dir}/kv.sock"
             serve_blocks = (self.host, self.transfer_protocol, self.cluster_key_file, self.node_id) if role == "prefill" else None

@@ -38,6 +38,51 @@ inline void load_row<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t 
   for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
 }
 
+// fp8 e4m3 -> fp32, exactly: its sign, exponent and mantissa bits placed where fp32 keeps them read
+// as an fp32 that is 2^120 too small (e4m3's bias is 7, fp32's 127; e4m3 subnormals land on fp32
+// subnormals), then one exact multiply. torch converts the same way (bit-exact); NaN is never stored.
+inline float fp8_bits_to_f32(uint32_t b) {
+  const uint32_t u = ((b & 0x7fu) << 20) | ((b & 0x80u) << 24);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f * 0x1p120f;
+}
+
+template <>
+inline void load_row<c10::Float8_e4m3fn>(const c10::Float8_e4m3fn* src, float* dst, int64_t n) {
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = fp8_bits_to_f32(s[i]);
+}
+
+// A quantized KV cache (int8 or fp8 e4m3) holds one fp32 scale per (block, slot, kv head): a token
+// row of one head is q * scale. Every kernel dequantizes an element the same way, exact conversion
+// then ONE multiply by the row's scale, so decode and prefill read identical fp32 K/V.
+template <typename T>
+struct KVQuant {
+  static constexpr bool quantized = false;
+};
+template <>
+struct KVQuant<int8_t> {
+  static constexpr bool quantized = true;
+  static constexpr float qmax = 127.f;
+};
+template <>
+struct KVQuant<c10::Float8_e4m3fn> {
+  static constexpr bool quantized = true;
+  static constexpr float qmax = 448.f;
+};
+
+// A K or V row of the cache -> fp32 (dequantized with `scale` when the cache is quantized).
+template <typename T>
+inline void load_kv_row(const T* src, float* dst, int64_t n, float scale) {
+  load_row(src, dst, n);
+  if constexpr (KVQuant<T>::quantized) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] *= scale;
+  }
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -212,6 +257,79 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor kc, at::Tenso
   }
 }
 
+// store_kv into an int8 / fp8 cache: each (token, kv head) row is quantized with its own scale,
+// amax / qmax (at least 1e-8 / qmax), written to ksc/vsc [num_blocks, bs, kvh] (fp32 views into the
+// same blocks). The arithmetic is kernels/kv_cache.py quantize_rows', so both paths store the same
+// bytes: y = x / scale, int8 = floor(y + 0.5), fp8 = y rounded to nearest even.
+template <typename T, typename Q>
+void quantize_kv_row(const T* x, Q* out, float* scale, int64_t D, float* buf) {
+  load_row(x, buf, D);
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(buf[d]));
+  const float s = std::max(amax, 1e-8f) / KVQuant<Q>::qmax;
+  *scale = s;
+  for (int64_t d = 0; d < D; ++d) {
+    const float y = buf[d] / s;
+    if constexpr (std::is_same_v<Q, int8_t>)
+      out[d] = static_cast<int8_t>(std::floor(y + 0.5f));
+    else
+      out[d] = static_cast<Q>(y);
+  }
+}
+
+void store_kv_quant(const at::Tensor& k, const at::Tensor& v, at::Tensor kc, at::Tensor vc, at::Tensor ksc,
+                    at::Tensor vsc, const at::Tensor& blocks, const at::Tensor& offsets) {
+  const int64_t T = k.size(0), KV = k.size(1), D = k.size(2);
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1,
+              "store_kv_quant: rows must be contiguous");
+  TORCH_CHECK(ksc.scalar_type() == at::kFloat && vsc.scalar_type() == at::kFloat && ksc.stride(2) == 1,
+              "store_kv_quant: scales must be fp32 [num_blocks, bs, kvh]");
+  const int64_t* bp = blocks.data_ptr<int64_t>();
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  auto run = [&](auto qtag) {
+    using Q = decltype(qtag);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "store_kv_quant", [&] {
+      at::parallel_for(0, T * KV, kRowGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf(D);
+        for (int64_t it = begin; it < end; ++it) {
+          const int64_t i = it / KV, h = it % KV, b = bp[i], o = op[i];
+          quantize_kv_row(k.data_ptr<scalar_t>() + i * k.stride(0) + h * k.stride(1),
+                          static_cast<Q*>(kc.data_ptr()) + b * kc.stride(0) + o * kc.stride(1) + h * kc.stride(2),
+                          ksc.data_ptr<float>() + b * ksc.stride(0) + o * ksc.stride(1) + h, D, buf.data());
+          quantize_kv_row(v.data_ptr<scalar_t>() + i * v.stride(0) + h * v.stride(1),
+                          static_cast<Q*>(vc.data_ptr()) + b * vc.stride(0) + o * vc.stride(1) + h * vc.stride(2),
+                          vsc.data_ptr<float>() + b * vsc.stride(0) + o * vsc.stride(1) + h, D, buf.data());
+        }
+      });
+    });
+  };
+  if (kc.scalar_type() == at::kChar)
+    run(int8_t{});
+  else if (kc.scalar_type() == at::kFloat8_e4m3fn)
+    run(c10::Float8_e4m3fn{});
+  else
+    TORCH_CHECK(false, "store_kv_quant: the cache must be int8 or float8_e4m3fn");
+}
+
+// One kv head's scales in a quantized cache's [num_blocks, bs, kvh] fp32 view: at(block) is the
+// block's first row, row t at at(block)[t * s1]. Empty (ptr null) for a plain cache.
+struct ScaleView {
+  const float* ptr = nullptr;
+  int64_t s0 = 0, s1 = 0;
+  const float* at(int64_t block) const { return ptr ? ptr + block * s0 : nullptr; }
+  float row(int64_t block, int64_t t) const { return ptr ? ptr[block * s0 + t * s1] : 1.f; }
+  static ScaleView of(const c10::optional<at::Tensor>& s, int64_t head) {
+    ScaleView v;
+    if (s.has_value()) {
+      TORCH_CHECK(s->scalar_type() == at::kFloat, "KV scales must be fp32 [num_blocks, bs, kvh]");
+      v.ptr = s->data_ptr<float>() + head * s->stride(2);
+      v.s0 = s->stride(0);
+      v.s1 = s->stride(1);
+    }
+    return v;
+  }
+};
+
 // Asks for the next block's rows while this one is computed: blocks are scattered through the
 // pool and each row is short, so the hardware prefetcher does not follow and every row missed to
 // DRAM in turn (measured: 2.5 GB/s at batch 32).
@@ -309,6 +427,27 @@ inline __m512 load16<at::Half>(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+template <>
+inline __m512 load16<int8_t>(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+template <>
+inline __m512 load16<c10::Float8_e4m3fn>(const c10::Float8_e4m3fn* p) {   // fp8_bits_to_f32 on 16 lanes
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i u = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)), 20),
+                                    _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24));
+  return _mm512_mul_ps(_mm512_castsi512_ps(u), _mm512_set1_ps(0x1p120f));
+}
+
+// 16 elements of a K/V row (dequantized: times the row's scale, as load_kv_row does)
+template <typename T>
+inline __m512 load16_kv(const T* p, float scale) {
+  if constexpr (KVQuant<T>::quantized)
+    return _mm512_mul_ps(load16(p), _mm512_set1_ps(scale));
+  else
+    return load16(p);
+}
+
 // ---- attention arithmetic shared by decode and prefill ----------------------------------------
 // A query's output must not depend on which kernel computes it: a token's K/V computed by decode
 // is later read as a cached prefix that prefill would otherwise recompute, and a one-token prefill
@@ -322,13 +461,15 @@ inline __m512 load16<at::Half>(const at::Half* p) {
 
 // scores[g * ld + t] = q_g . K_t for the `rows` keys of one block (D a multiple of 16, <= 256).
 // Each key row is converted once and used by the G query heads that share it.
+// ksb: the block's scales for this head (row t at ksb[t * ss1]; unused for a plain cache).
 template <typename T>
 inline void decode_scores(const float* qf, int64_t G, int64_t D, const T* kb, int64_t ks1, int64_t rows,
-                          float* scores, int64_t ld) {
+                          float* scores, int64_t ld, const float* ksb, int64_t ss1) {
   const int64_t C = D / 16;
   __m512 k[16];
   for (int64_t t = 0; t < rows; ++t) {
-    for (int64_t c = 0; c < C; ++c) k[c] = load16(kb + t * ks1 + 16 * c);
+    const float st = KVQuant<T>::quantized ? ksb[t * ss1] : 1.f;
+    for (int64_t c = 0; c < C; ++c) k[c] = load16_kv(kb + t * ks1 + 16 * c, st);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
       __m512 a = _mm512_setzero_ps();
@@ -344,12 +485,13 @@ inline void decode_scores(const float* qf, int64_t G, int64_t D, const T* kb, in
 template <int NG, int W, typename T>
 inline void decode_pv(const float* p, int64_t ld, const float* corr, int64_t cld, int64_t n, const T* vp,
                       const int64_t* table, int64_t bs, int64_t vs0, int64_t vs1, int64_t voff, int64_t d0,
-                      float* acc, int64_t D) {
+                      float* acc, int64_t D, const ScaleView& vsc) {
   __m512 a[NG][W];
   for (int g = 0; g < NG; ++g)
     for (int c = 0; c < W; ++c) a[g][c] = _mm512_setzero_ps();
   for (int64_t t0 = 0; t0 < n; t0 += bs) {
     const T* vb = vp + table[t0 / bs] * vs0 + voff + d0;
+    const float* vsb = vsc.at(table[t0 / bs]);
     const int64_t rows = std::min(bs, n - t0);
     for (int g = 0; g < NG; ++g) {
       const __m512 cg = _mm512_set1_ps(corr[g * cld + t0 / bs]);
@@ -357,7 +499,8 @@ inline void decode_pv(const float* p, int64_t ld, const float* corr, int64_t cld
     }
     for (int64_t t = 0; t < rows; ++t) {
       __m512 v[W];
-      for (int c = 0; c < W; ++c) v[c] = load16(vb + t * vs1 + 16 * c);
+      const float st = KVQuant<T>::quantized ? vsb[t * vsc.s1] : 1.f;
+      for (int c = 0; c < W; ++c) v[c] = load16_kv(vb + t * vs1 + 16 * c, st);
       for (int g = 0; g < NG; ++g) {
         const __m512 pg = _mm512_set1_ps(p[g * ld + t0 + t]);
         for (int c = 0; c < W; ++c) a[g][c] = _mm512_fmadd_ps(pg, v[c], a[g][c]);
@@ -371,12 +514,12 @@ inline void decode_pv(const float* p, int64_t ld, const float* corr, int64_t cld
 template <int W, typename T>
 inline void decode_pv_cols(const float* p, int64_t ld, const float* corr, int64_t cld, int64_t n, int64_t G,
                            const T* vp, const int64_t* table, int64_t bs, int64_t vs0, int64_t vs1, int64_t voff,
-                           int64_t d0, float* acc, int64_t D) {
+                           int64_t d0, float* acc, int64_t D, const ScaleView& vsc) {
   int64_t g = 0;
   for (; g + 4 <= G; g += 4)
-    decode_pv<4, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D);
+    decode_pv<4, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D, vsc);
   for (; g < G; ++g)
-    decode_pv<1, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D);
+    decode_pv<1, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D, vsc);
 }
 #endif
 
@@ -386,12 +529,14 @@ inline void decode_pv_cols(const float* p, int64_t ld, const float* corr, int64_
 template <typename T>
 bool decode_item_avx512(const float* qf, int64_t G, int64_t D, int64_t n, const T* kp, const T* vp,
                         const int64_t* table, int64_t bs, int64_t ks0, int64_t ks1, int64_t koff, int64_t vs0,
-                        int64_t vs1, int64_t voff, float* scores, float* corr, float* acc) {
+                        int64_t vs1, int64_t voff, float* scores, float* corr, float* acc, const ScaleView& ksc,
+                        const ScaleView& vsc) {
 #ifdef __AVX512F__
   if (D % 16 != 0 || D > 256 || G > 256) return false;   // decode_scores' k[16]; inv[256]
   for (int64_t t0 = 0; t0 < n; t0 += bs) {
     if (t0 + bs < n) prefetch_rows(kp + table[t0 / bs + 1] * ks0 + koff, ks1, bs, D);
-    decode_scores(qf, G, D, kp + table[t0 / bs] * ks0 + koff, ks1, std::min(bs, n - t0), scores + t0, n);
+    decode_scores(qf, G, D, kp + table[t0 / bs] * ks0 + koff, ks1, std::min(bs, n - t0), scores + t0, n,
+                  ksc.at(table[t0 / bs]), ksc.s1);
   }
   const int64_t nblk = (n + bs - 1) / bs;
   float inv[256];
@@ -403,9 +548,9 @@ bool decode_item_avx512(const float* qf, int64_t G, int64_t D, int64_t n, const 
   }
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64)
-    decode_pv_cols<4>(scores, n, corr, nblk, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D);
+    decode_pv_cols<4>(scores, n, corr, nblk, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D, vsc);
   for (; d0 < D; d0 += 16)
-    decode_pv_cols<1>(scores, n, corr, nblk, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D);
+    decode_pv_cols<1>(scores, n, corr, nblk, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D, vsc);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) acc[g * D + d] *= inv[g];
   return true;
@@ -414,10 +559,28 @@ bool decode_item_avx512(const float* qf, int64_t G, int64_t D, int64_t n, const 
 #endif
 }
 
-// One query token per sequence over its paged context. q: [B, Hq, D]; caches [NB, bs, kvh, D];
-// block_tables [B, max_blocks] int64; context_lens [B] int64. Parallel over (sequence, kv head).
+// Calls body(tag) with a value of the cache's element type: q's own type for a plain cache, int8_t
+// or c10::Float8_e4m3fn for a quantized one (which then has scales).
+template <typename Q, typename F>
+void with_kv_type(const at::Tensor& kc, bool has_scales, const char* who, F&& body) {
+  if (kc.scalar_type() == at::kChar) {
+    TORCH_CHECK(has_scales, who, ": an int8 KV cache needs its scales");
+    body(int8_t{});
+  } else if (kc.scalar_type() == at::kFloat8_e4m3fn) {
+    TORCH_CHECK(has_scales, who, ": an fp8 KV cache needs its scales");
+    body(c10::Float8_e4m3fn{});
+  } else {
+    TORCH_CHECK(kc.scalar_type() == c10::CppTypeToScalarType<Q>::value, who, ": K/V must have q's dtype");
+    body(Q{});
+  }
+}
+
+// One query token per sequence over its paged context. q: [B, Hq, D]; caches [NB, bs, kvh, D] of
+// q's dtype, or int8 / fp8 with k/v_scale [NB, bs, kvh] fp32; block_tables [B, max_blocks] int64;
+// context_lens [B] int64. Parallel over (sequence, kv head).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_decode_attention: q heads must be contiguous");
   TORCH_CHECK(kc.stride(3) == 1 && vc.stride(3) == 1, "paged_decode_attention: head_dim must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), qs = q.stride(0);
@@ -429,38 +592,43 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
   const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2);
   const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
+   with_kv_type<scalar_t>(kc, k_scale.has_value() && v_scale.has_value(), "paged_decode_attention", [&](auto tag) {
+    using KT = decltype(tag);
     const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = kc.data_ptr<scalar_t>();
-    const scalar_t* vp = vc.data_ptr<scalar_t>();
+    const KT* kp = static_cast<const KT*>(kc.data_ptr());
+    const KT* vp = static_cast<const KT*>(vc.data_ptr());
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(G * D), acc(G * D), row(D), scores, corr;
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / KV, h = idx % KV, n = lens[b];
+        const ScaleView ksc = ScaleView::of(k_scale, h), vsc = ScaleView::of(v_scale, h);
         scores.resize(G * n);
         corr.resize(G * ((n + bs - 1) / bs));
         for (int64_t g = 0; g < G; ++g)
           for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f32(qp[b * qs + (h * G + g) * D + d]) * (float)scale;
         if (decode_item_avx512(qf.data(), G, D, n, kp, vp, bt + b * maxb, bs, ks0, ks1, h * ks2, vs0, vs1,
-                               h * vs2, scores.data(), corr.data(), acc.data())) {
+                               h * vs2, scores.data(), corr.data(), acc.data(), ksc, vsc)) {
           for (int64_t g = 0; g < G; ++g) store_row(acc.data() + g * D, op + (b * H + h * G + g) * D, D);
           continue;
         }
         for (int64_t t0 = 0; t0 < n; t0 += bs) {  // block by block: one table lookup per block
-          const scalar_t* kb = kp + bt[b * maxb + t0 / bs] * ks0 + h * ks2;
+          const int64_t id = bt[b * maxb + t0 / bs];
+          const KT* kb = kp + id * ks0 + h * ks2;
           if (t0 + bs < n) prefetch_rows(kp + bt[b * maxb + t0 / bs + 1] * ks0 + h * ks2, ks1, bs, D);
           for (int64_t t = t0; t < std::min(n, t0 + bs); ++t) {
-            load_row(kb + (t - t0) * ks1, row.data(), D);
+            load_kv_row(kb + (t - t0) * ks1, row.data(), D, ksc.row(id, t - t0));
             for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot(qf.data() + g * D, row.data(), D);
           }
         }
         for (int64_t g = 0; g < G; ++g) softmax_row(scores.data() + g * n, n);
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t t0 = 0; t0 < n; t0 += bs) {
-          const scalar_t* vb = vp + bt[b * maxb + t0 / bs] * vs0 + h * vs2;
+          const int64_t id = bt[b * maxb + t0 / bs];
+          const KT* vb = vp + id * vs0 + h * vs2;
           if (t0 + bs < n) prefetch_rows(vp + bt[b * maxb + t0 / bs + 1] * vs0 + h * vs2, vs1, bs, D);
           for (int64_t t = t0; t < std::min(n, t0 + bs); ++t) {
-            load_row(vb + (t - t0) * vs1, row.data(), D);
+            load_kv_row(vb + (t - t0) * vs1, row.data(), D, vsc.row(id, t - t0));
             for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + t], row.data(), acc.data() + g * D, D);
           }
         }
@@ -468,6 +636,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
           for (int64_t d = 0; d < D; ++d) op[(b * H + h * G + g) * D + d] = static_cast<scalar_t>(acc[g * D + d]);
       }
     });
+   });
   });
   return out;
 }
@@ -553,7 +722,8 @@ inline void softmax_pv(float* sc, int64_t n, const float* vf, int64_t D, float& 
 //     block_softmax, pv_rows).
 at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                                    const at::Tensor& block_tables, const at::Tensor& q_starts,
-                                   const at::Tensor& q_lens, const at::Tensor& prefix_lens, double scale) {
+                                   const at::Tensor& q_lens, const at::Tensor& prefix_lens, double scale,
+                                   const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& v_scale) {
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "paged_prefill_attention: q heads must be contiguous");
   TORCH_CHECK(kc.stride(3) == 1 && vc.stride(3) == 1, "paged_prefill_attention: head_dim must be contiguous");
   TORCH_CHECK(block_tables.is_contiguous() && q_starts.is_contiguous() && q_lens.is_contiguous() &&
@@ -581,25 +751,29 @@ at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& kc, co
   std::vector<float> kf(nblk_all * KV * blk), vf(nblk_all * KV * blk);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_prefill_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = kc.data_ptr<scalar_t>();
-    const scalar_t* vp = vc.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, nblk_all * KV, 4, [&](int64_t begin, int64_t end) {
-      for (int64_t it = begin; it < end; ++it) {
-        const int64_t b = it / KV, h = it % KV, i = blk_seq[b], j = b - first_blk[i];
-        const int64_t nb = std::min(bs, pre[i] + qln[i] - j * bs), id = bt[i * maxb + j];
-        float* kfo = kf.data() + it * blk;
-        float* vfo = vf.data() + it * blk;
-        for (int64_t t = 0; t < ldk; ++t) {      // padding keys: zeros (finite scores, never read)
-          if (t < nb) {
-            load_row(kp + id * ks0 + t * ks1 + h * ks2, kfo + t * D, D);
-            load_row(vp + id * vs0 + t * vs1 + h * vs2, vfo + t * D, D);
-          } else {
-            std::fill(kfo + t * D, kfo + (t + 1) * D, 0.f);
-            std::fill(vfo + t * D, vfo + (t + 1) * D, 0.f);
+    with_kv_type<scalar_t>(kc, k_scale.has_value() && v_scale.has_value(), "paged_prefill_attention", [&](auto tag) {
+      using KT = decltype(tag);
+      const KT* kp = static_cast<const KT*>(kc.data_ptr());
+      const KT* vp = static_cast<const KT*>(vc.data_ptr());
+      at::parallel_for(0, nblk_all * KV, 4, [&](int64_t begin, int64_t end) {
+        for (int64_t it = begin; it < end; ++it) {
+          const int64_t b = it / KV, h = it % KV, i = blk_seq[b], j = b - first_blk[i];
+          const int64_t nb = std::min(bs, pre[i] + qln[i] - j * bs), id = bt[i * maxb + j];
+          const ScaleView ksc = ScaleView::of(k_scale, h), vsc = ScaleView::of(v_scale, h);
+          float* kfo = kf.data() + it * blk;
+          float* vfo = vf.data() + it * blk;
+          for (int64_t t = 0; t < ldk; ++t) {      // padding keys: zeros (finite scores, never read)
+            if (t < nb) {
+              load_kv_row(kp + id * ks0 + t * ks1 + h * ks2, kfo + t * D, D, ksc.row(id, t));
+              load_kv_row(vp + id * vs0 + t * vs1 + h * vs2, vfo + t * D, D, vsc.row(id, t));
+            } else {
+              std::fill(kfo + t * D, kfo + (t + 1) * D, 0.f);
+              std::fill(vfo + t * D, vfo + (t + 1) * D, 0.f);
+            }
           }
         }
-      }
+      });
     });
     const int64_t items = static_cast<int64_t>(item_seq.size()) * KV, nq_max = kPrefillTile * G;
 #ifdef __AVX512F__
@@ -903,7 +1077,8 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 // step. h: the embedded tokens [T, hidden] (consumed). Per layer, `w` holds input_norm, qkv, o,
 // post_norm, gate_up, down (packed bf16 blobs or packed int8 weights) and `opt` holds qkv bias,
 // qk_norm, o bias, gate_up bias, down bias, then the int8 scales of qkv, o, gate_up, down (each may
-// be None; a scale marks its weight int8); `kv` holds each layer's K and V cache. An empty final_norm: no final
+// be None; a scale marks its weight int8); `kv` holds each layer's K and V cache, followed by their
+// scales for an int8 / fp8 cache. An empty final_norm: no final
 // norm, the residual stream is returned (an EAGLE head's predicted feature).
 at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::TensorList w,
                                const c10::List<c10::optional<at::Tensor>>& opt, at::TensorList kv,
@@ -911,7 +1086,10 @@ at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::Te
                                const at::Tensor& slot_blocks, const at::Tensor& slot_offsets,
                                const at::Tensor& cos, const at::Tensor& sin_signed, const at::Tensor& final_norm,
                                int64_t H, int64_t KV, int64_t D, int64_t inter, double eps, double scale) {
-  const int64_t layers = kv.size() / 2, T = h.size(0), hidden = h.size(1), nqkv = (H + 2 * KV) * D;
+  const int64_t layers = w.size() / 6, T = h.size(0), hidden = h.size(1), nqkv = (H + 2 * KV) * D;
+  const int64_t per = static_cast<int64_t>(kv.size()) / std::max<int64_t>(layers, 1);   // K, V (+ their scales)
+  TORCH_CHECK(per * layers == static_cast<int64_t>(kv.size()) && (per == 2 || per == 4),
+              "decode_forward_bf16: K and V (and, for a quantized cache, their scales) per layer expected");
   TORCH_CHECK(static_cast<int64_t>(w.size()) == 6 * layers && static_cast<int64_t>(opt.size()) == 9 * layers,
               "decode_forward_bf16: 6 weights and 9 optional tensors per layer expected");
   auto opt_at = [&](int64_t i) { return opt.get(i); };   // a bias, the qk norm or a scale; may be None
@@ -926,9 +1104,16 @@ at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::Te
     if (l) x = add_rms_norm(h, residual, L[0], eps);
     at::Tensor qkv = lin(x, L[1], s4, nqkv, hidden, o9).view({T, H + 2 * KV, D});
     qk_norm_rope(qkv.narrow(1, 0, H + KV), opt_at(o9 + 1), cos, sin_signed, positions, eps);
-    const at::Tensor &kc = kv[2 * l], &vc = kv[2 * l + 1];
-    store_kv(qkv.narrow(1, H, KV), qkv.narrow(1, H + KV, KV), kc, vc, slot_blocks, slot_offsets);
-    at::Tensor o = paged_decode_attention(qkv.narrow(1, 0, H), kc, vc, block_tables, context_lens, scale);
+    const at::Tensor &kc = kv[per * l], &vc = kv[per * l + 1];
+    c10::optional<at::Tensor> ksc, vsc;
+    if (per == 4) {
+      ksc = kv[per * l + 2];
+      vsc = kv[per * l + 3];
+      store_kv_quant(qkv.narrow(1, H, KV), qkv.narrow(1, H + KV, KV), kc, vc, *ksc, *vsc, slot_blocks, slot_offsets);
+    } else {
+      store_kv(qkv.narrow(1, H, KV), qkv.narrow(1, H + KV, KV), kc, vc, slot_blocks, slot_offsets);
+    }
+    at::Tensor o = paged_decode_attention(qkv.narrow(1, 0, H), kc, vc, block_tables, context_lens, scale, ksc, vsc);
     h = lin(o.view({T, H * D}), L[2], s4 + 1, hidden, H * D, o9 + 2);
     x = add_rms_norm(h, residual, L[3], eps);
     h = lin(silu_and_mul(lin(x, L[4], s4 + 2, 2 * inter, hidden, o9 + 3)), L[5], s4 + 3, hidden, inter, o9 + 4);
@@ -970,6 +1155,7 @@ TORCH_LIBRARY(baton_cpu, m) {
   m.def("add_rms_norm", &add_rms_norm);
   m.def("qk_norm_rope", &qk_norm_rope);
   m.def("store_kv", &store_kv);
+  m.def("store_kv_quant", &store_kv_quant);
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("paged_prefill_attention", &paged_prefill_attention);
   m.def("silu_and_mul", &silu_and_mul);
