@@ -3,9 +3,10 @@
 The weight is stored in the blocked layout Baton's kernel (csrc/cpu_ops.cpp linear_int8) reads:
 [N/64][K/2][64 n][2 k] int8, zero-padded to whole blocks. A k-pair of 64 columns is one 128-byte
 run, widened to bf16 in registers and multiplied with VDPBF16PS like the bf16 kernel: batch-invariant
-rows, half the bytes streamed per decode step. torch's own `_weight_int8pack_mm` was measured
-slower than the bf16 kernel at batch 1 and 2.4x slower at batch 8 here (benchmarks/quant.py
---kernels), so it is only the fallback where the extension is missing."""
+rows, half the bytes streamed per decode step. Measured on medium's GEMMs streaming from DRAM
+(benchmarks/quant.py kernels): 1.9x the bf16 kernel at 1 row; torch's `_weight_int8pack_mm` is 1.5x
+slower than this kernel at 1 row and 2.2x at 8, so it is only the fallback where the extension is
+missing."""
 
 from __future__ import annotations
 

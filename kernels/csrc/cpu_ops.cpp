@@ -448,6 +448,12 @@ inline __m512 load16_kv(const T* p, float scale) {
     return load16(p);
 }
 
+constexpr int64_t kPrefillTile = 16;   // query rows per work item
+constexpr int64_t kKeys = 16;          // keys per score micro-tile: one AVX-512 register of fp32
+
+template <int NV>
+inline void qk_rows16(const float* q, int64_t D, const float* kr, float* sc, int64_t ldsc);
+
 // ---- attention arithmetic shared by decode and prefill ----------------------------------------
 // A query's output must not depend on which kernel computes it: a token's K/V computed by decode
 // is later read as a cached prefix that prefill would otherwise recompute, and a one-token prefill
@@ -459,23 +465,30 @@ inline __m512 load16_kv(const T* p, float scale) {
 // with the score vectorized along d in decode and along keys in prefill. The extension is built
 // with -ffp-contract=off, so inlining cannot fuse a multiply-add differently at the two sites.
 
-// scores[g * ld + t] = q_g . K_t for the `rows` keys of one block (D a multiple of 16, <= 256).
-// Each key row is converted once and used by the G query heads that share it.
+// scores[g * ld + t] = q_g . K_t for the `rows` keys of one block (D a multiple of 16, <= 256):
+// 16 keys at a time are converted to fp32 rows (kr: [16][D] scratch; sc: [G][16] scratch) and
+// scored by qk_rows16, prefill's micro-kernel, so both kernels do the very same arithmetic; it
+// keeps several independent FMA chains in flight where a key-at-a-time loop waited on one.
 // ksb: the block's scales for this head (row t at ksb[t * ss1]; unused for a plain cache).
 template <typename T>
 inline void decode_scores(const float* qf, int64_t G, int64_t D, const T* kb, int64_t ks1, int64_t rows,
-                          float* scores, int64_t ld, const float* ksb, int64_t ss1) {
-  const int64_t C = D / 16;
-  __m512 k[16];
-  for (int64_t t = 0; t < rows; ++t) {
-    const float st = KVQuant<T>::quantized ? ksb[t * ss1] : 1.f;
-    for (int64_t c = 0; c < C; ++c) k[c] = load16_kv(kb + t * ks1 + 16 * c, st);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf + g * D;
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t c = 0; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], a);
-      scores[g * ld + t] = hsum16(a);
+                          float* scores, int64_t ld, const float* ksb, int64_t ss1, float* kr, float* sc) {
+  for (int64_t c0 = 0; c0 < rows; c0 += kKeys) {
+    const int64_t nk = std::min(kKeys, rows - c0);
+    for (int64_t t = 0; t < kKeys; ++t) {
+      float* dst = kr + t * D;
+      if (t < nk) {
+        const float st = KVQuant<T>::quantized ? ksb[(c0 + t) * ss1] : 1.f;
+        for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(dst + c, load16_kv(kb + (c0 + t) * ks1 + c, st));
+      } else {
+        std::fill(dst, dst + D, 0.f);
+      }
     }
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) qk_rows16<4>(qf + g * D, D, kr, sc + g * kKeys, kKeys);
+    for (; g + 2 <= G; g += 2) qk_rows16<2>(qf + g * D, D, kr, sc + g * kKeys, kKeys);
+    for (; g < G; ++g) qk_rows16<1>(qf + g * D, D, kr, sc + g * kKeys, kKeys);
+    for (g = 0; g < G; ++g) std::memcpy(scores + g * ld + c0, sc + g * kKeys, nk * sizeof(float));
   }
 }
 
@@ -493,6 +506,8 @@ inline void decode_pv(const float* p, int64_t ld, const float* corr, int64_t cld
     const T* vb = vp + table[t0 / bs] * vs0 + voff + d0;
     const float* vsb = vsc.at(table[t0 / bs]);
     const int64_t rows = std::min(bs, n - t0);
+    // the rows two blocks ahead (scattered blocks: the hardware prefetcher does not follow them)
+    if (t0 + 2 * bs < n) prefetch_rows(vp + table[t0 / bs + 2] * vs0 + voff + d0, vs1, bs, 16 * W);
     for (int g = 0; g < NG; ++g) {
       const __m512 cg = _mm512_set1_ps(corr[g * cld + t0 / bs]);
       for (int c = 0; c < W; ++c) a[g][c] = _mm512_mul_ps(a[g][c], cg);
@@ -518,6 +533,8 @@ inline void decode_pv_cols(const float* p, int64_t ld, const float* corr, int64_
   int64_t g = 0;
   for (; g + 4 <= G; g += 4)
     decode_pv<4, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D, vsc);
+  for (; g + 2 <= G; g += 2)     // each V row loaded once for both heads (GQA groups of 2)
+    decode_pv<2, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D, vsc);
   for (; g < G; ++g)
     decode_pv<1, W>(p + g * ld, ld, corr + g * cld, cld, n, vp, table, bs, vs0, vs1, voff, d0, acc + g * D, D, vsc);
 }
@@ -530,13 +547,14 @@ template <typename T>
 bool decode_item_avx512(const float* qf, int64_t G, int64_t D, int64_t n, const T* kp, const T* vp,
                         const int64_t* table, int64_t bs, int64_t ks0, int64_t ks1, int64_t koff, int64_t vs0,
                         int64_t vs1, int64_t voff, float* scores, float* corr, float* acc, const ScaleView& ksc,
-                        const ScaleView& vsc) {
+                        const ScaleView& vsc, float* kr, float* sc) {
 #ifdef __AVX512F__
   if (D % 16 != 0 || D > 256 || G > 256) return false;   // decode_scores' k[16]; inv[256]
   for (int64_t t0 = 0; t0 < n; t0 += bs) {
-    if (t0 + bs < n) prefetch_rows(kp + table[t0 / bs + 1] * ks0 + koff, ks1, bs, D);
+    if (t0 == 0 && bs < n) prefetch_rows(kp + table[1] * ks0 + koff, ks1, bs, D);
+    if (t0 + 2 * bs < n) prefetch_rows(kp + table[t0 / bs + 2] * ks0 + koff, ks1, bs, D);
     decode_scores(qf, G, D, kp + table[t0 / bs] * ks0 + koff, ks1, std::min(bs, n - t0), scores + t0, n,
-                  ksc.at(table[t0 / bs]), ksc.s1);
+                  ksc.at(table[t0 / bs]), ksc.s1, kr, sc);
   }
   const int64_t nblk = (n + bs - 1) / bs;
   float inv[256];
@@ -547,6 +565,9 @@ bool decode_item_avx512(const float* qf, int64_t G, int64_t D, int64_t n, const 
     inv[g] = 1.f / l;
   }
   int64_t d0 = 0;
+  if (G <= 2)                  // a whole 128-column row per pass: each V row streams in once
+    for (; d0 + 128 <= D; d0 += 128)
+      decode_pv_cols<8>(scores, n, corr, nblk, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D, vsc);
   for (; d0 + 64 <= D; d0 += 64)
     decode_pv_cols<4>(scores, n, corr, nblk, n, G, vp, table, bs, vs0, vs1, voff, d0, acc, D, vsc);
   for (; d0 < D; d0 += 16)
@@ -599,7 +620,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
     const KT* vp = static_cast<const KT*>(vc.data_ptr());
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(G * D), acc(G * D), row(D), scores, corr;
+      std::vector<float> qf(G * D), acc(G * D), row(D), scores, corr, kr(kKeys * D), sc(G * kKeys);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / KV, h = idx % KV, n = lens[b];
         const ScaleView ksc = ScaleView::of(k_scale, h), vsc = ScaleView::of(v_scale, h);
@@ -608,7 +629,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
         for (int64_t g = 0; g < G; ++g)
           for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f32(qp[b * qs + (h * G + g) * D + d]) * (float)scale;
         if (decode_item_avx512(qf.data(), G, D, n, kp, vp, bt + b * maxb, bs, ks0, ks1, h * ks2, vs0, vs1,
-                               h * vs2, scores.data(), corr.data(), acc.data(), ksc, vsc)) {
+                               h * vs2, scores.data(), corr.data(), acc.data(), ksc, vsc, kr.data(), sc.data())) {
           for (int64_t g = 0; g < G; ++g) store_row(acc.data() + g * D, op + (b * H + h * G + g) * D, D);
           continue;
         }
@@ -641,8 +662,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
   return out;
 }
 
-constexpr int64_t kPrefillTile = 16;   // query rows per work item
-constexpr int64_t kKeys = 16;          // keys per score micro-tile: one AVX-512 register of fp32
 
 // sc[v][0:16] = q_v . K_t for NV query vectors and 16 keys (kr: fp32 K rows, [16][D]), in the shared
 // arithmetic: per (vector, key) the 16-lane fma chain along d that decode runs, then hsum16's tree
@@ -1037,6 +1056,121 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   return out;
 }
 
+// y[M, N] = x[M, K] @ W^T for a 4-bit group-quantized weight, W[n, k] = (q - z) * s with q, z in
+// 0..15 and (z, s) per (group of G consecutive k, n) (act-order checkpoints are permuted along K at
+// load, kernels/int4_linear.py, and x with them). Packed as [N/64][K/2][64 n] bytes, k even in the
+// low nibble; sz as [N/64][K/G][s[64], z*s[64]] fp32. A 16-column slice of a k-pair is widened to 32
+// bf16 (q, exact) with one VPERMW table lookup; per group the fp32 partial sum of x * q (VDPBF16PS,
+// one chain per output from zero) is folded in as acc += partial * s - sum(x over the group) * z*s.
+// The order never depends on M: batch-invariant rows. A quarter of bf16's bytes per decode step.
+#if defined(__AVX512BF16__)
+template <int R>
+inline void int4_rows(const uint8_t* wb, const float* szb, int64_t gpairs, int64_t ngroups, const u32_alias* xpairs,
+                      int64_t xstride, const float* xsum, float* y) {
+  alignas(64) static const uint16_t kTable[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                                  0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+  const __m512i table = _mm512_load_si512(kTable);
+  const __m512i lo_mask = _mm512_set1_epi32(0x0f);
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kPackNB + 16 * j, _mm512_setzero_ps());
+  for (int64_t g = 0; g < ngroups; ++g) {
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t kp = g * gpairs; kp < (g + 1) * gpairs; ++kp) {
+      const uint8_t* p = wb + kp * kPackNB;
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T1);
+      __m512bh w[4];
+      for (int j = 0; j < 4; ++j) {   // 16 bytes = 16 n x (k, k+1) -> 32 bf16 in pair order
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
+        const __m512i idx = _mm512_or_si512(_mm512_and_si512(b, lo_mask), _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16));
+        w[j] = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * xstride + kp]));
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
+      }
+    }
+    const float* sg = szb + g * 2 * kPackNB;
+    for (int r = 0; r < R; ++r) {
+      const __m512 xs = _mm512_set1_ps(xsum[r * ngroups + g]);
+      for (int j = 0; j < 4; ++j) {
+        float* yr = y + r * kPackNB + 16 * j;
+        __m512 v = _mm512_fmadd_ps(acc[r][j], _mm512_loadu_ps(sg + 16 * j), _mm512_loadu_ps(yr));
+        _mm512_storeu_ps(yr, _mm512_fnmadd_ps(xs, _mm512_loadu_ps(sg + kPackNB + 16 * j), v));
+      }
+    }
+  }
+}
+#endif
+
+at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qw, const at::Tensor& sz, int64_t N, int64_t K,
+                       int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
+              "linear_int4: x must be a contiguous bf16 [M, K]");
+  TORCH_CHECK(group_size % 2 == 0 && K % group_size == 0, "linear_int4: K must be a multiple of an even group size");
+  const int64_t M = x.size(0), nblocks = (N + kPackNB - 1) / kPackNB, kp_all = K / 2, ngroups = K / group_size;
+  TORCH_CHECK(qw.scalar_type() == at::kByte && qw.numel() >= nblocks * kp_all * kPackNB,
+              "linear_int4: the packed weight is too small for [", N, ", ", K, "]");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.numel() >= nblocks * ngroups * 2 * kPackNB,
+              "linear_int4: scales must be fp32 [N/64][K/G][2][64]");
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+#if defined(__AVX512BF16__)
+  // each row's sum over every group, of the bf16 values the products use
+  std::vector<float> xsum(M * ngroups, 0.f);
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ngroups; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) acc += static_cast<float>(xp[m * K + k]);
+      xsum[m * ngroups + g] = acc;
+    }
+  const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(x.data_ptr());
+  const uint8_t* w = qw.data_ptr<uint8_t>();
+  const float* szp = sz.data_ptr<float>();
+  const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t tile = std::max<int64_t>(kMaxGroup, (256 * 1024 / (kp_all * 4)) / kMaxGroup * kMaxGroup);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float y[kMaxGroup * kPackNB];
+    for (int64_t t0 = 0; t0 < M; t0 += tile) {
+      const int64_t t1 = std::min(M, t0 + tile);
+      for (int64_t nb = b0; nb < b1; ++nb) {
+        const uint8_t* wb = w + nb * kp_all * kPackNB;
+        const float* szb = szp + nb * ngroups * 2 * kPackNB;
+        const int64_t n0 = nb * kPackNB, nn = std::min(kPackNB, N - n0);
+        for (int64_t m0 = t0; m0 < t1;) {
+          const int64_t left = t1 - m0, groups = (left + kMaxGroup - 1) / kMaxGroup;
+          const int64_t rows = (left + groups - 1) / groups;
+          const u32_alias* xr = xpairs + m0 * kp_all;
+          const float* xs = xsum.data() + m0 * ngroups;
+          const int64_t gp = group_size / 2;
+          switch (rows) {
+            case 6: int4_rows<6>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
+            case 5: int4_rows<5>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
+            case 4: int4_rows<4>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
+            case 3: int4_rows<3>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
+            case 2: int4_rows<2>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
+            default: int4_rows<1>(wb, szb, gp, ngroups, xr, kp_all, xs, y);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            float* yr = y + r * kPackNB;
+            if (bp)
+              for (int64_t i = 0; i < nn; ++i) yr[i] += static_cast<float>(bp[n0 + i]);
+            store_row(yr, op + (m0 + r) * N + n0, nn);
+          }
+          m0 += rows;
+        }
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "linear_int4: built without AVX512-BF16");
+#endif
+  return out;
+}
+
 // One row of silu(gate) * up. silu(gate) is rounded to the storage type first, as F.silu(gate) * up does.
 template <typename T>
 void silu_mul_row(const T* g, const T* u, T* out, int64_t n, float* gb, float* ub, T* tmp) {
@@ -1150,6 +1284,7 @@ TORCH_LIBRARY(baton_cpu, m) {
   m.def("mkldnn_from_blob", &mkldnn_from_blob);
   m.def("linear_packed_bf16", &linear_packed_bf16);
   m.def("linear_int8", &linear_int8);
+  m.def("linear_int4", &linear_int4);
   m.def("packed_bf16_supported", &packed_bf16_supported);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
