@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .int8_linear import Int8Linear, Int8Weight, kernel_supported
-from .linear import LinearMethod, LinearWeight, PackedWeight
+from .int8_linear import Int8Weight, kernel_supported
+from .linear import Linear, LinearMethod, StoredWeight
 from .quant import Int4Weight, int4_linear, pack_gptq
 
 NB = 64
@@ -148,20 +148,23 @@ class Int4LinearMethod(LinearMethod):
     def head(self) -> LinearMethod:
         return self._head
 
-    def process(self, weight: torch.Tensor | Int4Data) -> torch.Tensor | PackedWeight | Int8Weight | Int4Packed | Int4Weight:
+    def process(self, weight: torch.Tensor | Int4Data | Int8Weight) -> StoredWeight:
         if not isinstance(weight, Int4Data):
             raise TypeError("an int4 method takes the checkpoint's 4-bit weights (Int4Data)")
         if self.packed:
             return Int4Packed.pack(weight)
-        # the GPTQ layout (v2 zeros): Triton's kernel on CUDA, torch's int4 op on CPU
+        # the GPTQ layout: Triton's kernel on CUDA, torch's int4 op on CPU. Zeros span 0..16 (GPTQ v1
+        # can hold 16): stored minus 1 when none is 0, as they are when none is 16
+        offset = 1 if int(weight.zero.min()) >= 1 else 0
+        if int(weight.zero.max()) - offset > 15:
+            raise ValueError("4-bit zero points span 0..16: no 4-bit GPTQ layout holds them")
         w = pack_gptq(weight.q.to(torch.int32), weight.zero.T.to(torch.int32).contiguous(), weight.scale.T.contiguous(),
-                      weight.group_size, zero_offset=0)
+                      weight.group_size, zero_offset=offset)
         w.g_idx = weight.g_idx.to(torch.int32) if weight.g_idx is not None else None
         return Int4Weight(*(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in
                             (w.qweight, w.qzeros, w.scales, w.group_size, w.fmt, w.g_idx, w.zero_offset)))
 
-    def create(self, weight: torch.Tensor | PackedWeight | Int8Weight | Int4Packed | Int4Weight | Int4Data,
-               bias: torch.Tensor | None = None) -> LinearWeight | Int8Linear | Int4Linear:
+    def create(self, weight: StoredWeight | Int4Data, bias: torch.Tensor | None = None) -> Linear:
         if isinstance(weight, Int4Data):
             weight = self.process(weight)
         if not isinstance(weight, (Int4Packed, Int4Weight)):

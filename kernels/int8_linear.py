@@ -11,13 +11,17 @@ missing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu_ext
-from .linear import LinearMethod, LinearWeight, PackedWeight
+from .linear import Linear, LinearMethod, StoredWeight
 from .quant import quantize_int8
+
+if TYPE_CHECKING:
+    from .int4_linear import Int4Data
 
 NB = 64
 
@@ -92,20 +96,34 @@ class Int8LinearMethod(LinearMethod):
 
     name = "int8"
 
-    def __init__(self, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device | str, head: LinearMethod | None = None) -> None:
+        """head: the lm_head's method; None quantizes it too (a pre-quantized checkpoint's own float
+        head keeps its float method)."""
         self.packed = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and kernel_supported()
+        self._head = head or self
 
-    def process(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight | Int8Weight:
+    @property
+    def head(self) -> LinearMethod:
+        return self._head
+
+    def process(self, weight: torch.Tensor | Int4Data | Int8Weight) -> StoredWeight:
+        """A float weight is quantized; a checkpoint's int8 one (compressed-tensors W8A16) is packed."""
+        if isinstance(weight, Int8Weight):
+            if not self.packed or weight.packed:
+                return weight
+            return Int8Weight(pack_int8(weight.qweight), weight.scale.float().contiguous(), weight.shape, True)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"an int8 method cannot take a {type(weight).__name__}")
         w = Int8Weight.quantize(weight.cpu() if self.packed else weight, self.packed)
         return w if self.packed or weight.device.type == "cpu" else \
             Int8Weight(w.qweight.to(weight.device), w.scale.to(weight.device), w.shape, False)
 
-    def create(self, weight: torch.Tensor | PackedWeight | Int8Weight,
-               bias: torch.Tensor | None = None) -> LinearWeight | Int8Linear:
-        if isinstance(weight, torch.Tensor):       # a private (unpublished) checkpoint weight
-            weight = self.process(weight)
-        assert isinstance(weight, Int8Weight), "an int8 linear takes an Int8Weight"
+    def create(self, weight: StoredWeight | Int4Data, bias: torch.Tensor | None = None) -> Linear:
+        if isinstance(weight, torch.Tensor) or (isinstance(weight, Int8Weight) and weight.packed != self.packed):
+            weight = self.process(weight)            # a private (unpublished) checkpoint weight
+        if not isinstance(weight, Int8Weight):
+            raise TypeError(f"an int8 linear cannot wrap a {type(weight).__name__}")
         return Int8Linear(weight, bias)
 
-    def fused_decode_weight(self, lw: LinearWeight | Int8Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         return (lw.w.qweight, lw.w.scale) if isinstance(lw, Int8Linear) and lw.w.packed else None

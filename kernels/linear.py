@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from . import cpu_ext
 
 if TYPE_CHECKING:
+    from baton.backends.loader.quantized import QuantConfig
+
+    from .int4_linear import Int4Data, Int4Linear
     from .int8_linear import Int8Linear, Int8Weight
 
 # oneDNN's bf16 weight blocking that linear_packed_bf16 reads: [N/64][K/32][16 k-pairs][64 n][2 k].
@@ -108,7 +111,7 @@ class LinearWeight:
 
     __slots__ = ("weight", "bias", "packed", "out_features", "in_features", "direct", "_blob")
 
-    def __init__(self, weight: torch.Tensor | PackedWeight | Int8Weight, bias: torch.Tensor | None = None,
+    def __init__(self, weight: StoredWeight | Int4Data, bias: torch.Tensor | None = None,
                  pack: bool = True, keep_weight: bool = True) -> None:
         """keep_weight=False drops the plain tensor once packed (the model does: one copy in memory).
         A PackedWeight is wrapped as is (its blob must outlive this object; we keep a reference)."""
@@ -146,7 +149,12 @@ def linear_ref(x: torch.Tensor, w: LinearWeight) -> torch.Tensor:
     return F.linear(x, w.weight, w.bias)
 
 
-def linear(x: torch.Tensor, w: LinearWeight | Int8Linear) -> torch.Tensor:
+# A linear weight as a node stores it (weight_store), and as a process multiplies it.
+StoredWeight = "torch.Tensor | PackedWeight | Int8Weight | Int4Packed | Int4Weight"
+Linear = "LinearWeight | Int8Linear | Int4Linear"
+
+
+def linear(x: torch.Tensor, w: LinearWeight | Int8Linear | Int4Linear) -> torch.Tensor:
     if not isinstance(w, LinearWeight):       # a quantized weight multiplies itself
         return w.apply(x)
     if w.direct and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
@@ -169,14 +177,13 @@ class LinearMethod:
     def head(self) -> LinearMethod:
         return self
 
-    def process(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight | Int8Weight:
+    def process(self, weight: torch.Tensor | Int4Data | Int8Weight) -> StoredWeight:
         return weight
 
-    def create(self, weight: torch.Tensor | PackedWeight | Int8Weight,
-               bias: torch.Tensor | None = None) -> LinearWeight | Int8Linear:
+    def create(self, weight: StoredWeight | Int4Data, bias: torch.Tensor | None = None) -> Linear:
         return LinearWeight(weight, bias, pack=False, keep_weight=True)
 
-    def fused_decode_weight(self, lw: LinearWeight | Int8Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """What the fused C++ decode step multiplies, when this method's weight runs one of its
         kernels: a bf16 packed blob (scale None) or an int8 packed weight and its per-channel scale."""
         return None
@@ -190,32 +197,43 @@ class PackedLinearMethod(LinearMethod):
 
     name = "onednn_packed"
 
-    def process(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight | Int8Weight:
+    def process(self, weight: torch.Tensor | Int4Data | Int8Weight) -> StoredWeight:
         return pack_weight(weight) if can_share_packed(weight.dtype) else weight
 
-    def create(self, weight: torch.Tensor | PackedWeight | Int8Weight,
-               bias: torch.Tensor | None = None) -> LinearWeight | Int8Linear:
+    def create(self, weight: StoredWeight | Int4Data, bias: torch.Tensor | None = None) -> Linear:
         return LinearWeight(weight, bias, pack=True, keep_weight=False)
 
-    def fused_decode_weight(self, lw: LinearWeight | Int8Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         return (lw._blob, None) if isinstance(lw, LinearWeight) and lw.direct else None
 
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "gptq", "awq", "compressed-tensors")
 
 
 def select_linear_method(dtype: torch.dtype, device: torch.device | str, pack: bool = True,
-                         quantization: str | None = None) -> LinearMethod:
+                         quantization: str = "", checkpoint: QuantConfig | None = None) -> LinearMethod:
     """oneDNN-packed where its bytes can be shared (CPU, a dtype oneDNN packs, the C++ extension)
-    unless pack=False; plain otherwise; `quantization` ("int8") quantizes every layer's GEMM weights
-    at load. A node and its stages call this with the same arguments, so the stages wrap exactly
-    what the node published."""
+    unless pack=False; plain otherwise. A pre-quantized `checkpoint` (loader/quantized.py) runs its
+    4-bit or 8-bit weights, its unquantized lm_head with that float method; quantization="int8"
+    quantizes a float checkpoint's GEMM weights at load. A node and its stages call this with the
+    same arguments, so the stages wrap exactly what the node published."""
+    if pack and torch.device(device).type == "cpu" and can_share_packed(dtype):
+        plain: LinearMethod = PackedLinearMethod()
+    else:
+        plain = LinearMethod()
+    if checkpoint is not None:
+        if checkpoint.bits == 4:
+            from .int4_linear import Int4LinearMethod
+
+            return Int4LinearMethod(dtype, device, plain)
+        from .int8_linear import Int8LinearMethod
+
+        return Int8LinearMethod(dtype, device, plain)
     if not quantization:
-        if pack and torch.device(device).type == "cpu" and can_share_packed(dtype):
-            return PackedLinearMethod()
-        return LinearMethod()
+        return plain
     if quantization == "int8":
         from .int8_linear import Int8LinearMethod
 
         return Int8LinearMethod(dtype, device)
-    raise ValueError(f"quantization: unknown method {quantization!r}; known: {', '.join(QUANTIZATIONS)}")
+    raise ValueError(f"quantization: {quantization!r} needs a {quantization} checkpoint (known: "
+                     f"{', '.join(QUANTIZATIONS)})")

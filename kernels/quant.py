@@ -105,7 +105,12 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     if w.g_idx is not None:            # act-order permutes groups: no packed CPU kernel for it
         return int4_linear_ref(x, w, bias)
     if w._cpu is None:
-        w._cpu = _to_cpu_int4pack(w, x.dtype)
+        try:
+            w._cpu = _to_cpu_int4pack(w, x.dtype)
+        except RuntimeError:           # shapes torch's packed op does not take (N % 16, ...)
+            w._cpu = ()
+    if not w._cpu:
+        return int4_linear_ref(x, w, bias)
     packed, scale_zero = w._cpu
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, w.group_size, scale_zero)

@@ -13,9 +13,9 @@ from baton.kernels.linear import select_linear_method
 from ..kv.block_manager import BlockManager
 from ..kv.connector import HANDOFF, KVConnector
 from ..kv.pool import SHM_DIR, KVPool, PoolSpec
-from ..loader.safetensors_loader import load_state_dict
+from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
-from ..models.decoder import DecoderLM, prepare_weights
+from ..models.decoder import DecoderLM, load_weights
 from ..runtime import owned_name, remove_leftovers
 from ..spec.adaptive import Governor
 from ..spec.config import SpeculativeConfig
@@ -64,11 +64,13 @@ class LLMEngine:
                                       f"max_position_embeddings={cfg.max_position_embeddings}")
         self.block_size = config.block_size
         self.device = torch.device(config.device)
+        # a pre-quantized checkpoint (GPTQ, AWQ, compressed-tensors), checked against `quantization`
+        self.quant = checkpoint_quantization(config.quantization, config.model)
         if weights is None:
-            weights = prepare_weights(cfg, load_state_dict(config.model, self.dtype))
-        if self.device.type != "cpu":
-            weights = {k: v.to(self.device) for k, v in weights.items()}
-        method = select_linear_method(self.dtype, self.device, config.pack_weights, config.quantization)
+            weights = load_weights(cfg, config.model, self.dtype, self.quant)
+        if self.device.type != "cpu":     # quantized weights move when their method processes them
+            weights = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+        method = select_linear_method(self.dtype, self.device, config.pack_weights, config.quantization, self.quant)
         self.model = DecoderLM(cfg, weights, self.max_model_len, method)
         self.tokenizer = Tokenizer.from_dir(config.model)
 

@@ -29,14 +29,17 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def load_state_dict(model_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors, cast to `dtype`, read file by file in the order they are stored."""
+def load_state_dict(model_dir: str | Path, dtype: torch.dtype,
+                    raw_suffixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """All tensors, read file by file in the order they are stored; floating ones cast to `dtype`
+    except those whose name ends with one of `raw_suffixes` (a quantized linear's own tensors)."""
     out: dict[str, torch.Tensor] = {}
     for f in checkpoint_files(model_dir):
         with safe_open(str(f), framework="pt") as sf:
             for name in sf.keys():
                 t = sf.get_tensor(name)
-                out[name] = t if t.dtype == dtype else t.to(dtype)
+                keep = t.dtype == dtype or not t.is_floating_point() or name.endswith(raw_suffixes)
+                out[name] = t if keep else t.to(dtype)
     return out
 
 

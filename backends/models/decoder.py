@@ -6,6 +6,7 @@ are fused at load (q|k|v and gate|up) so each layer runs 4 GEMMs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,42 +15,75 @@ from baton.kernels import (
     AttentionBatch, LinearWeight, RotaryCache, add_rms_norm, linear, paged_attention, qk_norm_rope_, rms_norm,
     silu_and_mul,
 )
-from baton.kernels.int8_linear import Int8Linear, Int8Weight
-from baton.kernels.linear import LinearMethod, PackedWeight
+from baton.kernels.int4_linear import Int4Data
+from baton.kernels.int8_linear import Int8Weight
+from baton.kernels.linear import Linear, LinearMethod, StoredWeight
 
-from ..loader.safetensors_loader import take
+from ..loader.quantized import RAW_SUFFIXES, QuantConfig, read_linear
+from ..loader.safetensors_loader import load_state_dict, take
 from .config import ModelConfig
+
+Checkpoint = torch.Tensor | Int4Data | Int8Weight     # a linear weight as prepare_weights gives it
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: LinearWeight | Int8Linear
+    qkv: Linear
     qk_norm: torch.Tensor | None   # [Hq + Hkv, D]: q_norm repeated per q head, then k_norm per kv head
-    o: LinearWeight | Int8Linear
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: LinearWeight | Int8Linear
-    down: LinearWeight | Int8Linear
+    gate_up: Linear
+    down: Linear
 
 
-def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fuse(parts: list[Checkpoint], name: str) -> Checkpoint:
+    """Projections that share their input, stacked along the output dimension (one GEMM)."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)                                        # type: ignore[arg-type]
+    if all(isinstance(p, Int4Data) for p in parts):
+        return Int4Data.cat(parts, name)                               # type: ignore[arg-type]
+    if all(isinstance(p, Int8Weight) and not p.packed for p in parts):
+        q = torch.cat([p.qweight for p in parts])                      # type: ignore[union-attr]
+        return Int8Weight(q, torch.cat([p.scale for p in parts]), tuple(q.shape), False)  # type: ignore[union-attr]
+    raise ValueError(f"{name}: its projections are stored in different forms (some quantized, some not)")
+
+
+def load_weights(cfg: ModelConfig, model_dir: str | Path, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> dict[str, Checkpoint]:
+    """A checkpoint directory -> prepare_weights' output (a pre-quantized one read as `quant` says)."""
+    return prepare_weights(cfg, load_state_dict(model_dir, dtype, RAW_SUFFIXES if quant else ()), quant)
+
+
+def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor],
+                    quant: QuantConfig | None = None) -> dict[str, Checkpoint]:
     """Checkpoint tensors -> the fused tensors the model runs on (q|k|v, gate|up, stacked q/k norms),
-    under flat names. This is what a node publishes once in shared memory for all its stages."""
-    out: dict[str, torch.Tensor] = {}
+    under flat names. This is what a node publishes once in shared memory for all its stages. A
+    pre-quantized checkpoint's linears come out as its quantized data (Int4Data / Int8Weight)."""
+    H, KV, D, hidden, inter = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+
+    def lin(prefix: str, n: int, k: int) -> Checkpoint:
+        if quant is not None and quant.quantized(prefix):
+            return read_linear(state, prefix, n, k, quant)
+        return take(state, prefix + ".weight")
+
+    out: dict[str, Checkpoint] = {}
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        out[o + "qkv.weight"] = torch.cat([take(state, a + f"{n}_proj.weight") for n in "qkv"])
+        out[o + "qkv.weight"] = _fuse([lin(a + f"{n}_proj", r * D, hidden) for n, r in zip("qkv", (H, KV, KV))],
+                                      a + "q|k|v_proj")
         if cfg.qkv_bias:
             out[o + "qkv.bias"] = torch.cat([take(state, a + f"{n}_proj.bias") for n in "qkv"])
         if cfg.qk_norm:
             qn, kn = take(state, a + "q_norm.weight"), take(state, a + "k_norm.weight")
             out[o + "qk_norm"] = torch.cat([qn.expand(cfg.num_heads, -1), kn.expand(cfg.num_kv_heads, -1)]).contiguous()
-        out[o + "o.weight"] = take(state, a + "o_proj.weight")
+        out[o + "o.weight"] = lin(a + "o_proj", hidden, H * D)
         if cfg.o_bias:
             out[o + "o.bias"] = take(state, a + "o_proj.bias")
-        out[o + "gate_up.weight"] = torch.cat([take(state, m + "gate_proj.weight"), take(state, m + "up_proj.weight")])
-        out[o + "down.weight"] = take(state, m + "down_proj.weight")
+        out[o + "gate_up.weight"] = _fuse([lin(m + "gate_proj", inter, hidden), lin(m + "up_proj", inter, hidden)],
+                                          m + "gate|up_proj")
+        out[o + "down.weight"] = lin(m + "down_proj", hidden, inter)
         if cfg.mlp_bias:
             out[o + "gate_up.bias"] = torch.cat([take(state, m + "gate_proj.bias"), take(state, m + "up_proj.bias")])
             out[o + "down.bias"] = take(state, m + "down_proj.bias")
@@ -57,6 +91,8 @@ def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[st
         out[o + "post_norm"] = take(state, p + "post_attention_layernorm.weight")
     out["embed"] = take(state, "model.embed_tokens.weight")
     out["norm"] = take(state, "model.norm.weight")
+    if quant is not None and quant.quantized("lm_head") and "lm_head.weight" not in state:
+        raise ValueError(f"{quant.source}: the lm_head is quantized; Baton reads a float lm_head only")
     head = state.pop("lm_head.weight", None)
     if head is None and not cfg.tie_word_embeddings:
         raise ValueError("checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
@@ -69,14 +105,13 @@ LINEARS = ("qkv", "o", "gate_up", "down")
 _NO_NORM = torch.empty(0, dtype=torch.bfloat16)     # the fused decode step's "no final norm"
 
 
-def process_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor],
-                    method: LinearMethod) -> dict[str, torch.Tensor | PackedWeight | Int8Weight]:
+def process_linears(cfg: ModelConfig, weights: dict[str, Checkpoint], method: LinearMethod) -> dict[str, StoredWeight]:
     """prepare_weights' output with every GEMM weight in the form `method` stores it (oneDNN-packed
     bytes, int8), for a node to publish: stages then run on the shared copy. The lm_head is processed
     by `method.head`; a tied one gets its own processed copy unless that method keeps weights as they
     are (the embedding stays plain for the lookup). Consumes `weights`: each input tensor is dropped as soon as it is
     processed, so this never holds two copies of the model."""
-    out: dict[str, torch.Tensor | PackedWeight | Int8Weight] = {}
+    out: dict[str, StoredWeight] = {}
     for i in range(cfg.num_layers):
         for n in LINEARS:
             name = f"layers.{i}.{n}.weight"
@@ -93,7 +128,7 @@ def process_linears(cfg: ModelConfig, weights: dict[str, torch.Tensor],
 
 
 class DecoderLM:
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor | PackedWeight | Int8Weight],
+    def __init__(self, cfg: ModelConfig, weights: dict[str, StoredWeight] | dict[str, Checkpoint],
                  max_positions: int,
                  method: LinearMethod, final_norm: bool = True) -> None:
         """`weights` from prepare_weights or process_linears (possibly views into a node's shared
@@ -104,7 +139,7 @@ class DecoderLM:
         self.method = method
         w = weights
 
-        def lin(name: str) -> LinearWeight | Int8Linear:
+        def lin(name: str) -> Linear:
             return method.create(w[name + ".weight"], w.get(name + ".bias"))
 
         self.layers = [
@@ -178,7 +213,7 @@ class DecoderLM:
         x, _ = add_rms_norm(h, residual, self.norm, eps)
         return x
 
-    def head_over(self, n: int) -> LinearWeight | Int8Linear | None:
+    def head_over(self, n: int) -> Linear | None:
         """An lm_head over the first n token ids only (a drafter's vocabulary: spec/config.py
         draft_vocab), or None when it cannot be cut (n covers the vocabulary, or the head is stored
         processed)."""
@@ -188,7 +223,7 @@ class DecoderLM:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None,
-               head: LinearWeight | Int8Linear | None = None) -> torch.Tensor:
+               head: Linear | None = None) -> torch.Tensor:
         """fp32 logits of the given rows of `hidden` (every row when None): a sequence's last row to
         sample from, or k+1 rows of one sequence to verify k draft tokens; `head`: a head_over()."""
         if rows is not None:

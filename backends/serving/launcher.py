@@ -27,9 +27,9 @@ from ..kv.node import KVManagerProcess
 from ..kv.pool import SHM_DIR
 from ..kv.services import free_port  # noqa: F401 - also imported from here by cluster/ and the tests
 from ..loader import weight_store
-from ..loader.safetensors_loader import load_state_dict
+from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
-from ..models.decoder import prepare_weights, process_linears
+from ..models.decoder import load_weights, process_linears
 from ..runtime import owned_name, process_env, remove_leftovers, stop_process
 from ..stages.cores import CoreShare
 from ..stages.front import requests_in_fronts
@@ -106,6 +106,7 @@ class Node:
         self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg = ModelConfig.from_dir(model_dir)
+        quant = checkpoint_quantization(engine.quantization, model_dir)     # before anything starts
         dtype = resolve_dtype(engine.dtype, cfg.torch_dtype)
         # resolved once here, so every stage sees the same numbers
         engine = engine.replace(dtype=str(dtype).split(".")[-1],
@@ -132,9 +133,8 @@ class Node:
             # weights: loaded, fused and processed by the linear method once here, mapped by every stage
             t = time.monotonic()
             self.weights_name = pool_name
-            method = select_linear_method(dtype, engine.device, engine.pack_weights, engine.quantization)
-            size = weight_store.publish(pool_name, process_linears(cfg, prepare_weights(cfg, load_state_dict(model_dir, dtype)),
-                                                                   method))
+            method = select_linear_method(dtype, engine.device, engine.pack_weights, engine.quantization, quant)
+            size = weight_store.publish(pool_name, process_linears(cfg, load_weights(cfg, model_dir, dtype, quant), method))
             if not quiet:
                 print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory ({method.name}, "
                       f"{time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
