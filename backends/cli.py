@@ -304,6 +304,7 @@ def _kv(argv: list[str]) -> None:
 
 COMMANDS = {
     "make-checkpoint": lambda argv: __import__("baton.tools.make_checkpoint", fromlist=["main"]).main(argv),
+    "quantize-rtn": lambda argv: __import__("baton.tools.quantize_rtn", fromlist=["main"]).main(argv),
     "train-tiny": lambda argv: __import__("baton.tools.train.tiny", fromlist=["main"]).main(argv),
     "generate": _generate,
     "serve": _serve,

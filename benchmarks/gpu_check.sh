@@ -15,8 +15,10 @@ if ! "$PY" -c "import baton, torch; assert torch.cuda.is_available()" 2>/dev/nul
   "$PY" -m pip install -q --no-deps -e .
   "$PY" -m pip install -q numpy safetensors tokenizers jinja2 xxhash pyzmq ninja pytest transformers tritonclient
 fi
-# GPU kernels against their references, the engine's CUDA path token-exact with transformers, and
-# each speculative method on CUDA token-exact with speculation off
-"$PY" -m pytest -q tests/test_gpu_kernels.py tests/test_parity.py tests/test_spec_methods.py -k "gpu_kernels or cuda" 2>&1 | tee "$OUT/tests.log"
+# GPU kernels against their references, the engine's CUDA path token-exact with transformers, each
+# speculative method on CUDA token-exact with speculation off, INT8 weights and INT8/FP8 KV on CUDA
+# against the CPU engine
+"$PY" -m pytest -q tests/test_gpu_kernels.py tests/test_parity.py tests/test_spec_methods.py tests/test_quant.py \
+  -k "gpu_kernels or cuda" 2>&1 | tee "$OUT/tests.log"
 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 echo "results in $OUT"

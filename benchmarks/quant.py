@@ -39,8 +39,30 @@ import torch  # noqa: E402
 from baton import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-WEIGHT_FORMS = {"bf16": {}, "int8": {"quantization": "int8"}}
+CACHE = ROOT / ".cache" / "quantized"
+# weight forms: engine arguments, or a checkpoint written by tools/quantize_rtn.py (format, group, sym, bits)
+WEIGHT_FORMS: dict[str, dict | tuple] = {
+    "bf16": {}, "int8": {"quantization": "int8"},
+    "gptq-rtn int4 g128": ("gptq", 128, True, 4), "awq-rtn int4 g128": ("awq", 128, False, 4),
+    "compressed-tensors-rtn w4a16 g128": ("compressed-tensors", 128, True, 4),
+    "compressed-tensors-rtn w8a16": ("compressed-tensors", 0, True, 8),
+}
+SPEED_FORMS = ("bf16", "int8", "gptq-rtn int4 g128")
 KV_FORMS = {"bf16": "auto", "int8": "int8", "fp8": "fp8"}
+
+
+def engine_args(model: Path, form: str) -> dict:
+    """EngineConfig fields for a weight form (writing its quantized checkpoint once, if it has one)."""
+    spec = WEIGHT_FORMS[form]
+    if isinstance(spec, dict):
+        return {"model": str(model)} | spec
+    from baton.tools.quantize_rtn import quantize_checkpoint
+
+    fmt, group, sym, bits = spec
+    out = CACHE / f"{model.name}-{fmt}-g{group}-{'sym' if sym else 'asym'}-{bits}bit"
+    if not (out / "config.json").is_file():
+        quantize_checkpoint(model, out, fmt, group, sym, bits)
+    return {"model": str(out)}
 
 
 def weight_bytes(engine: LLMEngine) -> int:
@@ -52,7 +74,7 @@ def weight_bytes(engine: LLMEngine) -> int:
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
         elif t is not None:
-            for name in ("weight", "bias", "_blob", "w", "qweight", "scale"):
+            for name in ("weight", "bias", "_blob", "w", "qweight", "scale", "sz", "qzeros", "scales"):
                 add(getattr(t, name, None))
 
     m = engine.model
@@ -79,18 +101,19 @@ def quality(a: argparse.Namespace) -> dict:
     tok = AutoTokenizer.from_pretrained(str(a.model))
     text = (ROOT / "models" / "heldout-slice.txt").read_text(encoding="utf-8")
     windows = [list(map(int, w)) for w in heldout_slice_windows(tok, text, 512, 8)]
-    forms = {f"weights {k}": v for k, v in WEIGHT_FORMS.items()}
-    forms |= {f"kv {k}": {"kv_cache_dtype": v} for k, v in KV_FORMS.items() if v != "auto"}
-    forms = {"bf16": {}} | {k: v for k, v in forms.items() if k != "weights bf16"}
+    forms = {f"weights {k}": engine_args(a.model, k) for k in WEIGHT_FORMS}
+    forms |= {f"weights {Path(p).name}": {"model": p} for p in a.extra}    # e.g. a real producer's checkpoints
+    forms |= {f"kv {k}": {"model": str(a.model), "kv_cache_dtype": v} for k, v in KV_FORMS.items() if v != "auto"}
+    forms = {"bf16": forms.pop("weights bf16")} | forms
     out, ref = {}, None
     for name, kw in forms.items():
-        engine = LLMEngine(EngineConfig(model=str(a.model), dtype="bfloat16", **kw))
+        engine = LLMEngine(EngineConfig(dtype="bfloat16", **kw))
         s = score(engine, windows)
         engine.close()
         ref = ref or s
         out[name] = {"perplexity": round(s.perplexity, 3), "delta_pct": round(100 * (s.perplexity / ref.perplexity - 1), 3),
                      "top1_agreement_with_bf16": round(float((s.argmax == ref.argmax).float().mean()), 4)}
-        print(f"{name:14s} perplexity {s.perplexity:8.3f} ({out[name]['delta_pct']:+.2f}%)  "
+        print(f"{name:40s} perplexity {s.perplexity:8.3f} ({out[name]['delta_pct']:+.2f}%)  "
               f"top-1 agreement {out[name]['top1_agreement_with_bf16']:.4f}", flush=True)
     return {"quality": out, "tokens": s.tokens}
 
@@ -116,12 +139,13 @@ def run(engine: LLMEngine, batch: list[list[int]], new: int) -> tuple[float, flo
 
 
 def speed(a: argparse.Namespace) -> dict:
-    samples: dict[str, dict[str, list[float]]] = {f: {} for f in WEIGHT_FORMS}
+    samples: dict[str, dict[str, list[float]]] = {f: {} for f in SPEED_FORMS}
+    args = {f: engine_args(a.model, f) for f in SPEED_FORMS}
     for r in range(a.repeats):
-        for form, kw in WEIGHT_FORMS.items():
+        for form in SPEED_FORMS:
             gc.collect()
-            engine = LLMEngine(EngineConfig(model=str(a.model), dtype="bfloat16", enable_prefix_caching=False,
-                                            kv_cache_memory_mb=256, **kw))
+            engine = LLMEngine(EngineConfig(dtype="bfloat16", enable_prefix_caching=False, kv_cache_memory_mb=256,
+                                            **args[form]))
             s = samples[form]
             s.setdefault("weights_mb", []).append(weight_bytes(engine) / 2**20)
             vocab = engine.config.vocab_size
@@ -130,13 +154,13 @@ def speed(a: argparse.Namespace) -> dict:
             _, b8 = run(engine, prompts(8, 128, vocab, 20 + r), a.new)
             for k, v in (("ttft_ms", 1000 * ttft), ("batch1_tok_s", b1), ("batch8_tok_s", b8)):
                 s.setdefault(k, []).append(v)
-            print(f"round {r} {form:5s}: TTFT {1000 * ttft:6.1f} ms  batch 1 {b1:6.1f} tok/s  batch 8 {b8:6.1f} tok/s  "
+            print(f"round {r} {form:18s}: TTFT {1000 * ttft:6.1f} ms  batch 1 {b1:6.1f} tok/s  batch 8 {b8:6.1f} tok/s  "
                   f"weights {s['weights_mb'][-1]:6.0f} MiB", flush=True)
             engine.close()
             del engine
     out = {f: {k: round(statistics.median(v), 2) for k, v in s.items()} | {"runs": s} for f, s in samples.items()}
     base = out["bf16"]
-    for f in WEIGHT_FORMS:
+    for f in SPEED_FORMS:
         if f != "bf16":
             o = out[f]
             o["vs_bf16"] = {"batch1": round(o["batch1_tok_s"] / base["batch1_tok_s"], 3),
@@ -201,22 +225,32 @@ def kv(a: argparse.Namespace) -> dict:
 
 # ---- kernels -------------------------------------------------------------------------------------
 def kernels(a: argparse.Namespace) -> dict:
+    from baton.kernels.int4_linear import Int4Data, Int4Linear, Int4LinearMethod
     from baton.kernels.int8_linear import Int8Linear, Int8Weight
-    from baton.kernels.linear import LinearWeight, linear
+    from baton.kernels.linear import LinearMethod, LinearWeight, linear
+    from baton.tools.quantize_rtn import rtn_int4
 
     shapes = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)] * 28     # medium's layer GEMMs
-    bf, i8, i8_torch = [], [], []
+    bf, i8, i8_torch, i4, i4_torch = [], [], [], [], []
+    on_kernel, on_torch = Int4LinearMethod(torch.bfloat16, "cpu", LinearMethod()), \
+        Int4LinearMethod(torch.float32, "cpu", LinearMethod())
     for n, k in shapes:
         w = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
         bf.append(LinearWeight(w, None, pack=True, keep_weight=False))
         i8.append(Int8Linear(Int8Weight.quantize(w, packed=True), None))
         i8_torch.append(Int8Linear(Int8Weight.quantize(w, packed=False), None))
+        q, zero, scale = rtn_int4(w, 128, True)
+        d = Int4Data(q.to(torch.uint8), zero.to(torch.uint8), scale, 128)
+        i4.append(on_kernel.create(d))
+        i4_torch.append(on_torch.create(d))
+    assert all(isinstance(x, Int4Linear) for x in i4 + i4_torch)
     nbytes = sum(n * k for n, k in shapes)
     out = {}
     for m in (1, 8, 64):
         xs = {k: torch.randn(m, k, dtype=torch.bfloat16) for k in (1024, 2048, 3072)}
         row = {}
-        for name, ws in (("bf16_baton", bf), ("int8_baton", i8), ("int8_torch_weight_int8pack_mm", i8_torch)):
+        for name, ws in (("bf16_baton", bf), ("int8_baton", i8), ("int8_torch_weight_int8pack_mm", i8_torch),
+                         ("int4_g128_baton", i4), ("int4_g128_torch_weight_int4pack_mm", i4_torch)):
             for w in ws:                                     # warm-up
                 linear(xs[w.in_features], w)
             times = []
@@ -226,7 +260,7 @@ def kernels(a: argparse.Namespace) -> dict:
                     linear(xs[w.in_features], w)
                 times.append(time.perf_counter() - t)
             ms = 1000 * statistics.median(times)
-            gbs = nbytes * (2 if name.startswith("bf16") else 1) / (ms / 1000) / 1e9
+            gbs = nbytes * {"bf16": 2, "int8": 1, "int4": 0.5}[name[:4]] / (ms / 1000) / 1e9
             row[name] = {"ms": round(ms, 2), "weight_GB_s": round(gbs, 1)}
         out[f"rows{m}"] = row
         print(f"{m:3d} rows: " + "  ".join(f"{k} {v['ms']:.1f} ms ({v['weight_GB_s']} GB/s)" for k, v in row.items()),
@@ -244,6 +278,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=768)
     ap.add_argument("--kv-mb", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--extra", nargs="*", default=[], help="quality: more quantized checkpoints of the model")
     a = ap.parse_args()
     if a.model is None:
         a.model = ROOT / "models" / "baton-tiny" if a.what == "quality" else ROOT / ".cache" / "checkpoints" / "medium"

@@ -4,8 +4,9 @@ Every format is read (backends/loader/quantized.py) into one unpacked form, `Int
 w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] with q and zero in 0..15 and g the group of column k
 (k // group_size, or g_idx[k] for GPTQ act-order). The linear method then packs it for the kernel
 that runs it:
-- CPU, bf16 activations: Baton's kernel (csrc/cpu_ops.cpp linear_int4): bytes [N/64][K/2][64 n]
-  (k even in the low nibble) and per (64 columns, group) the scales and zero * scale. An act-order
+- CPU, bf16 activations: Baton's kernel (csrc/cpu_ops.cpp linear_int4): bytes [N/64][K/2][64]
+  (k even in the low nibble, columns in COLUMN_ORDER) and per (64 columns, group) the scales and
+  zero * scale. An act-order
   weight's columns are sorted by group at load (each group then is G consecutive columns) and x is
   permuted the same way before the product, as vLLM's exllama path does.
 - otherwise: the GPTQ layout and kernels/quant.py int4_linear (Triton on CUDA, torch's CPU op).
@@ -22,6 +23,9 @@ from .linear import Linear, LinearMethod, StoredWeight
 from .quant import Int4Weight, int4_linear, pack_gptq
 
 NB = 64
+# the kernel's column order within a 64-column block: byte 16l + 4j + d holds column 16j + 4l + d (its
+# in-lane unpacks then put columns 16j..16j+15 in vector j); swapping l and j is its own inverse
+COLUMN_ORDER = torch.tensor([16 * j + 4 * lane + d for lane in range(4) for j in range(4) for d in range(4)])
 
 
 @dataclass
@@ -86,7 +90,7 @@ class Int4Packed:
         Np = -(-N // NB) * NB
         qp = torch.zeros(Np, K, dtype=torch.uint8)
         qp[:N] = q
-        pairs = (qp[:, 0::2] | (qp[:, 1::2] << 4)).view(Np // NB, NB, K // 2)
+        pairs = (qp[:, 0::2] | (qp[:, 1::2] << 4)).view(Np // NB, NB, K // 2)[:, COLUMN_ORDER]
         sz = torch.zeros(Np, K // G, 2)
         sz[:N, :, 0] = scale
         sz[:N, :, 1] = zero.float() * scale
@@ -97,7 +101,7 @@ class Int4Packed:
         """Back to the unpacked form (act-order as a g_idx): what the tests compare."""
         N, K = self.shape
         G, Np = self.group_size, -(-N // NB) * NB
-        pairs = self.qweight.view(Np // NB, K // 2, NB).permute(0, 2, 1).reshape(Np, K // 2)
+        pairs = self.qweight.view(Np // NB, K // 2, NB).permute(0, 2, 1)[:, COLUMN_ORDER].reshape(Np, K // 2)
         q = torch.stack([pairs & 0xF, pairs >> 4], -1).view(Np, K)[:N]
         sz = self.sz.view(Np // NB, K // G, 2, NB).permute(0, 3, 1, 2).reshape(Np, K // G, 2)[:N]
         scale = sz[..., 0]
@@ -170,3 +174,9 @@ class Int4LinearMethod(LinearMethod):
         if not isinstance(weight, (Int4Packed, Int4Weight)):
             raise TypeError(f"an int4 linear cannot wrap a {type(weight).__name__}")
         return Int4Linear(weight, bias)
+
+    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Baton's kernel runs inside the fused decode step too (not act-order: x needs its permutation)."""
+        if isinstance(lw, Int4Linear) and isinstance(lw.w, Int4Packed) and lw.w.perm is None:
+            return lw.w.qweight, lw.w.sz
+        return None

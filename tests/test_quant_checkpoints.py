@@ -278,3 +278,64 @@ def test_disagreements_are_errors_naming_the_tensor_or_setting(tmp_path, mini):
         checkpoint_quantization("gptq", mini)
     with pytest.raises(QuantizationError, match="AWQ version 'gemv' is not supported"):
         LLM(variant("gemv", good, {"quant_method": "awq", "version": "gemv"}), max_model_len=64)
+
+
+# ---- checkpoints written by a real producer ------------------------------------------------------------
+FIXTURES = Path(__file__).parent / "fixtures" / "llmcompressor"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.glob("*") if p.is_dir()) or ["(none)"])
+def test_llmcompressor_checkpoints_serve_what_transformers_computes_from_them(name):
+    """tiny-qwen3 quantized by llmcompressor (GPTQ with calibration, tools/producers/): Baton's
+    teacher-forced logits equal the ones transformers computed from the same files when they were
+    made (compressed-tensors decompressing them), in fp32 on the reference path and in bf16 through
+    Baton's kernels."""
+    from safetensors.torch import load_file
+
+    from baton import LLM
+    from baton.backends.engine.scoring import window_logits
+
+    d = FIXTURES / name
+    if not d.is_dir():
+        pytest.skip("no producer fixtures")
+    ref = load_file(str(d / "reference_logits.safetensors"))
+    ids, want = ref["input_ids"].tolist(), ref["logits"]
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 0.05)):
+        llm = LLM(d, dtype=dtype, max_model_len=256)
+        try:
+            assert llm.engine.quant is not None and llm.engine.quant.method == "compressed-tensors"
+            got = window_logits(llm.engine, ids)
+        finally:
+            llm.close()
+        assert (got - want).abs().max() <= tol * want.abs().max(), dtype
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (1.0 if dtype == "float32" else 0.95)
+
+
+def test_the_fused_decode_step_runs_int4_weights_bit_identically(tmp_path, mini, monkeypatch):
+    """A 4-bit checkpoint's decode steps run in the one-call C++ decode step (int4 kernel inside), with
+    the same tokens and logprobs, bit for bit, as the op-by-op forward."""
+    from conftest import prompts_of
+
+    from baton import LLM, SamplingParams
+    from baton.kernels import int8_linear
+    from baton.tools.quantize_rtn import quantize_checkpoint
+
+    if not int8_linear.kernel_supported():
+        pytest.skip("needs the CPU extension on AVX512-BF16")
+    ckpt = quantize_checkpoint(mini, tmp_path / "q", "gptq", 64, sym=False)
+    llm = LLM(ckpt, dtype="bfloat16", max_model_len=256, enable_prefix_caching=False)
+    try:
+        model = llm.engine.model
+        assert model.method.name == "int4" and model._fused is not None
+        sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+        prompts = prompts_of(512, [9, 40], seed=2)
+        ops, calls = torch.ops.baton_cpu, []
+        fused_op = ops.decode_forward_bf16
+        monkeypatch.setattr(ops, "decode_forward_bf16", lambda *a: calls.append(1) or fused_op(*a))
+        fused = llm.generate(prompts, sp)
+        assert len(calls) >= 15
+        model._fused = None
+        op_by_op = llm.generate(prompts, sp)
+    finally:
+        llm.close()
+    assert [(o.token_ids, o.logprobs) for o in fused] == [(o.token_ids, o.logprobs) for o in op_by_op]

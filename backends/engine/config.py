@@ -33,8 +33,9 @@ class EngineConfig:
     threads: int = 0                     # torch intra-op threads, set by the entry point (LLM, a stage); 0: torch's
     seed: int = 0                        # sampling seed of requests without their own
     pack_weights: bool = True            # oneDNN-pack bf16/fp16 linear weights on CPU (the fast GEMV path)
-    # weight-only quantization at load (kernels/linear.py select_linear_method): "" (none) or "int8"
-    # (per-channel, every layer's GEMMs; lm_head and embedding stay in `dtype`)
+    # weights (kernels/linear.py select_linear_method): "int8" quantizes a float checkpoint's GEMM
+    # weights and lm_head per channel at load; "" runs the checkpoint as it is, float or pre-quantized
+    # (GPTQ, AWQ, compressed-tensors: loader/quantized.py), and naming that format checks it
     quantization: str = ""
     # KV cache storage: "auto" (the model's dtype), "int8" or "fp8" (e4m3; "fp8_e4m3" too), one fp32 scale
     # per (token, kv head) inside each block: 1.88x (head_dim 64) or 1.94x (128) the blocks of bf16

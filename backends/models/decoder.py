@@ -91,8 +91,8 @@ def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor],
         out[o + "post_norm"] = take(state, p + "post_attention_layernorm.weight")
     out["embed"] = take(state, "model.embed_tokens.weight")
     out["norm"] = take(state, "model.norm.weight")
-    if quant is not None and quant.quantized("lm_head") and "lm_head.weight" not in state:
-        raise ValueError(f"{quant.source}: the lm_head is quantized; Baton reads a float lm_head only")
+    if any(k.startswith("lm_head.") and k != "lm_head.weight" for k in state):
+        raise ValueError("the checkpoint's lm_head is quantized; Baton reads a float lm_head only")
     head = state.pop("lm_head.weight", None)
     if head is None and not cfg.tie_word_embeddings:
         raise ValueError("checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")

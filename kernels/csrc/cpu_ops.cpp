@@ -1058,19 +1058,29 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qw, const at::Tens
 
 // y[M, N] = x[M, K] @ W^T for a 4-bit group-quantized weight, W[n, k] = (q - z) * s with q, z in
 // 0..15 and (z, s) per (group of G consecutive k, n) (act-order checkpoints are permuted along K at
-// load, kernels/int4_linear.py, and x with them). Packed as [N/64][K/2][64 n] bytes, k even in the
-// low nibble; sz as [N/64][K/G][s[64], z*s[64]] fp32. A 16-column slice of a k-pair is widened to 32
-// bf16 (q, exact) with one VPERMW table lookup; per group the fp32 partial sum of x * q (VDPBF16PS,
+// load, kernels/int4_linear.py, and x with them). Packed as [N/64][K/2][64] bytes, k even in the
+// low nibble, byte 16l + 4j + d holding column 16j + 4l + d; sz as [N/64][K/G][s[64], z*s[64]] fp32.
+// A k-pair's 64 bytes are widened to 4 x 32 bf16 (q, exact) by VPSHUFB table lookups of each
+// nibble's bf16 bytes and in-lane unpacks, which is why the columns are stored in that order (the
+// unpacks then put columns 16j.. in vector j); per group the fp32 partial sum of x * q (VDPBF16PS,
 // one chain per output from zero) is folded in as acc += partial * s - sum(x over the group) * z*s.
 // The order never depends on M: batch-invariant rows. A quarter of bf16's bytes per decode step.
 #if defined(__AVX512BF16__)
 template <int R>
 inline void int4_rows(const uint8_t* wb, const float* szb, int64_t gpairs, int64_t ngroups, const u32_alias* xpairs,
                       int64_t xstride, const float* xsum, float* y) {
-  alignas(64) static const uint16_t kTable[32] = {0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-                                                  0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-  const __m512i table = _mm512_load_si512(kTable);
-  const __m512i lo_mask = _mm512_set1_epi32(0x0f);
+  // bf16 of 0..15, low and high bytes, one copy per 128-bit lane (VPSHUFB looks up within a lane)
+  alignas(64) static const uint8_t kLo[64] = {
+      0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
+      0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
+      0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
+      0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70};
+  alignas(64) static const uint8_t kHi[64] = {
+      0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41,
+      0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41,
+      0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41,
+      0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41};
+  const __m512i tlo = _mm512_load_si512(kLo), thi = _mm512_load_si512(kHi), m0f = _mm512_set1_epi8(0x0f);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kPackNB + 16 * j, _mm512_setzero_ps());
   for (int64_t g = 0; g < ngroups; ++g) {
@@ -1080,13 +1090,17 @@ inline void int4_rows(const uint8_t* wb, const float* szb, int64_t gpairs, int64
     for (int64_t kp = g * gpairs; kp < (g + 1) * gpairs; ++kp) {
       const uint8_t* p = wb + kp * kPackNB;
       _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T1);
-      __m512bh w[4];
-      for (int j = 0; j < 4; ++j) {   // 16 bytes = 16 n x (k, k+1) -> 32 bf16 in pair order
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
-        const __m512i idx = _mm512_or_si512(_mm512_and_si512(b, lo_mask), _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16));
-        w[j] = (__m512bh)_mm512_permutexvar_epi16(idx, table);
-      }
-      for (int r = 0; r < R; ++r) {
+      // 64 bytes (k even | k odd << 4 per column) -> 4 x 32 bf16 in pair order, with in-lane byte
+      // shuffles and unpacks only; the columns are stored so that vector j holds columns 16j..16j+15
+      const __m512i v = _mm512_loadu_si512(p);
+      const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
+      const __m512i l0 = _mm512_shuffle_epi8(tlo, lo), h0 = _mm512_shuffle_epi8(thi, lo);
+      const __m512i l1 = _mm512_shuffle_epi8(tlo, hi), h1 = _mm512_shuffle_epi8(thi, hi);
+      const __m512i k0a = _mm512_unpacklo_epi8(l0, h0), k0b = _mm512_unpackhi_epi8(l0, h0);
+      const __m512i k1a = _mm512_unpacklo_epi8(l1, h1), k1b = _mm512_unpackhi_epi8(l1, h1);
+      const __m512bh w[4] = {(__m512bh)_mm512_unpacklo_epi16(k0a, k1a), (__m512bh)_mm512_unpackhi_epi16(k0a, k1a),
+                             (__m512bh)_mm512_unpacklo_epi16(k0b, k1b), (__m512bh)_mm512_unpackhi_epi16(k0b, k1b)};
+    for (int r = 0; r < R; ++r) {
         const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * xstride + kp]));
         for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
       }
@@ -1209,9 +1223,9 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 // bf16 weights the linear kernel reads in place: the same kernels in the same order as
 // DecoderLM.forward, so the result is bit-identical to it, without ~100 Python-level op calls per
 // step. h: the embedded tokens [T, hidden] (consumed). Per layer, `w` holds input_norm, qkv, o,
-// post_norm, gate_up, down (packed bf16 blobs or packed int8 weights) and `opt` holds qkv bias,
-// qk_norm, o bias, gate_up bias, down bias, then the int8 scales of qkv, o, gate_up, down (each may
-// be None; a scale marks its weight int8); `kv` holds each layer's K and V cache, followed by their
+// post_norm, gate_up, down (packed bf16 blobs, int8 or int4 weights) and `opt` holds qkv bias,
+// qk_norm, o bias, gate_up bias, down bias, then the scales of qkv, o, gate_up, down (each may be
+// None; a scale marks its weight int8 or, with uint8 bytes, int4); `kv` holds each layer's K and V cache, followed by their
 // scales for an int8 / fp8 cache. An empty final_norm: no final
 // norm, the residual stream is returned (an EAGLE head's predicted feature).
 at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::TensorList w,
@@ -1227,9 +1241,15 @@ at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::Te
   TORCH_CHECK(static_cast<int64_t>(w.size()) == 6 * layers && static_cast<int64_t>(opt.size()) == 9 * layers,
               "decode_forward_bf16: 6 weights and 9 optional tensors per layer expected");
   auto opt_at = [&](int64_t i) { return opt.get(i); };   // a bias, the qk norm or a scale; may be None
+  // a weight's kernel by what is passed: no scale: bf16 packed bytes; int8 bytes + scales: int8;
+  // uint8 bytes + [N/64][K/G][2][64] scales: int4 (the group size follows from the scales' size)
   auto lin = [&](const at::Tensor& x, const at::Tensor& wt, int64_t si, int64_t N, int64_t K, int64_t bi) {
     const c10::optional<at::Tensor> s = opt_at(si);
-    return s.has_value() ? linear_int8(x, wt, *s, N, K, opt_at(bi)) : linear_packed_bf16(x, wt, N, K, opt_at(bi));
+    if (!s.has_value()) return linear_packed_bf16(x, wt, N, K, opt_at(bi));
+    if (wt.scalar_type() == at::kChar) return linear_int8(x, wt, *s, N, K, opt_at(bi));
+    const int64_t groups = s->numel() / (((N + kPackNB - 1) / kPackNB) * 2 * kPackNB);
+    TORCH_CHECK(groups > 0 && K % groups == 0, "decode_forward_bf16: int4 scales do not match the weight");
+    return linear_int4(x, wt, *s, N, K, K / groups, opt_at(bi));
   };
   at::Tensor residual = h, x = rms_norm(h, w[0], eps);
   for (int64_t l = 0; l < layers; ++l) {
