@@ -470,3 +470,20 @@ def test_pd_cluster_nodes_share_one_store(qwen3_dir, offline, tmp_path_factory):
         assert held == {"prefill1": (0, 0), "decode0": (0, 0)}
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_blocks_come_back_from_the_tiers_with_their_scales(qwen3_dir, prompts, kv, tmp_path):
+    """An int8/fp8 pool's blocks carry their scales in their span: written to the host tier and the
+    file tier and read back into other pool blocks, they give the tokens of the same quantized engine
+    without tiers."""
+    base = LLM(qwen3_dir, num_blocks=64, kv_cache_dtype=kv)
+    want = [o.token_ids for o in base.generate(prompts, GREEDY)]
+    base.close()
+    for tier, cfg in (("host", {"host_mb": 16}), ("disk", {"disk_dir": str(tmp_path)})):
+        llm = LLM(qwen3_dir, **SMALL_POOL, kv_cache_dtype=kv, kv_tiers=cfg)
+        try:
+            assert llm.engine.pool.spec.quantized
+            check_from_tier(llm, prompts, want, tier)
+        finally:
+            llm.close()

@@ -305,7 +305,8 @@ def test_bad_kv_cache_dtype_is_an_error_naming_the_field():
 def test_a_node_serves_int8_weights_over_an_int8_kv_cache():
     """Profile single_node_int8 through Triton: streamed tokens equal the offline engine's with the
     same quantization (prefill -> decode hand-off through the shared int8 pool, blocks with their
-    scales), alone and 6 at once with shared prefixes; no block left in use."""
+    scales), alone and 6 at once with shared prefixes; no block left in use, after a cancelled
+    stream too."""
     import threading
 
     from conftest import blocks_in_use
@@ -338,6 +339,9 @@ def test_a_node_serves_int8_weights_over_an_int8_kv_cache():
         for t in threads:
             t.join(120)
         assert got == expected
+        for i, _ in enumerate(client.stream(prompts[1], temperature=0.0, max_tokens=200, ignore_eos=True)):
+            if i == 2:
+                break                                  # leaving the loop cancels the request
         assert blocks_in_use(n.manager.address) == 0
     finally:
         n.stop()
