@@ -35,6 +35,8 @@ from baton.backends.runtime import configure_process  # isort: skip
 configure_process()
 
 import torch  # noqa: E402
+from engine import baton_run as run  # noqa: E402 (benchmarks/engine.py: greedy TTFT and decode tok/s)
+from engine import prompts  # noqa: E402
 
 from baton import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
@@ -119,25 +121,6 @@ def quality(a: argparse.Namespace) -> dict:
 
 
 # ---- speed ---------------------------------------------------------------------------------------
-def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(100, vocab - 1, (length,), generator=g).tolist() for _ in range(n)]
-
-
-def run(engine: LLMEngine, batch: list[list[int]], new: int) -> tuple[float, float]:
-    """(time to the batch's first tokens, decode tok/s after them), greedy, EOS ignored."""
-    sp = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    t0 = time.perf_counter()
-    seqs = [engine.add_request(p, sp) for p in batch]
-    t_first = None
-    while engine.has_unfinished():
-        engine.step()
-        if t_first is None and all(s.num_output_tokens >= 1 for s in seqs):
-            t_first = time.perf_counter()
-    assert t_first is not None
-    return t_first - t0, len(batch) * (new - 1) / (time.perf_counter() - t_first)
-
-
 def speed(a: argparse.Namespace) -> dict:
     samples: dict[str, dict[str, list[float]]] = {f: {} for f in SPEED_FORMS}
     args = {f: engine_args(a.model, f) for f in SPEED_FORMS}

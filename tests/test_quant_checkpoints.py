@@ -339,3 +339,33 @@ def test_the_fused_decode_step_runs_int4_weights_bit_identically(tmp_path, mini,
     finally:
         llm.close()
     assert [(o.token_ids, o.logprobs) for o in fused] == [(o.token_ids, o.logprobs) for o in op_by_op]
+
+
+AUTOROUND = Path(__file__).parent / "fixtures" / "autoround"
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+@pytest.mark.parametrize("name", sorted(p.name for p in AUTOROUND.glob("*") if p.is_dir()) or ["(none)"])
+def test_autoround_gptq_and_awq_exports_serve_the_producers_weights(name, fmt):
+    """tiny-qwen3 quantized once by auto-round and exported in the AutoGPTQ and AutoAWQ layouts
+    (tools/producers/): each export, read by Baton, gives the logits transformers computed from the
+    same weights exported as compressed-tensors."""
+    from safetensors.torch import load_file
+
+    from baton import LLM
+    from baton.backends.engine.scoring import window_logits
+
+    d = AUTOROUND / name
+    if not d.is_dir():
+        pytest.skip("no producer fixtures")
+    ref = load_file(str(d / "reference_logits.safetensors"))
+    ids, want = ref["input_ids"].tolist(), ref["logits"]
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 0.05)):
+        llm = LLM(d / fmt, dtype=dtype, max_model_len=256)
+        try:
+            assert llm.engine.quant is not None and llm.engine.quant.method == fmt
+            got = window_logits(llm.engine, ids)
+        finally:
+            llm.close()
+        assert (got - want).abs().max() <= tol * want.abs().max(), dtype
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= (1.0 if dtype == "float32" else 0.95)

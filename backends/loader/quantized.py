@@ -118,11 +118,10 @@ def _awq(qc: dict, source: str) -> QuantConfig:
     version = str(qc.get("version", "gemm")).lower()
     if version != "gemm":
         raise QuantizationError(f"{source}: AWQ version {version!r} is not supported (gemm)")
-    if not qc.get("zero_point", True):
-        raise QuantizationError(f"{source}: AWQ zero_point=false is not supported")
     bits = qc.get("bits", qc.get("w_bit"))
+    # zero_point=false (symmetric) checkpoints still store qzeros (all 8), which are read as they are
     return QuantConfig("awq", _bits4(bits, source, "AWQ"), _group(qc.get("group_size", qc.get("q_group_size")), source),
-                       False, False, 0, tuple(qc.get("modules_to_not_convert") or ()), source)
+                       not qc.get("zero_point", True), False, 0, tuple(qc.get("modules_to_not_convert") or ()), source)
 
 
 def _compressed_tensors(qc: dict, source: str) -> QuantConfig:

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -900,6 +901,68 @@ inline void packed_rows(const uint16_t* wb, int64_t kpairs, const u32_alias* xpa
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// Calls f(std::integral_constant<int, R>) for R = rows (1..6): a row-group kernel's template argument.
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
+
+// x [M, K] bf16 as k-pairs, each row padded with zeros to kp_all pairs (`buf` holds a padded copy
+// when K is short of that; the weights' pad is zeros, x's must not be NaN).
+inline const u32_alias* x_pairs(const at::Tensor& x, int64_t kp_all, std::vector<uint16_t>& buf) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if (kp_all * 2 == K) return reinterpret_cast<const u32_alias*>(x.data_ptr());
+  buf.assign(M * kp_all * 2, 0);
+  for (int64_t m = 0; m < M; ++m)
+    std::memcpy(buf.data() + m * kp_all * 2, static_cast<const uint16_t*>(x.data_ptr()) + m * K, K * 2);
+  return reinterpret_cast<const u32_alias*>(buf.data());
+}
+
+// The tiling the weight-streaming GEMMs share. Output columns go in blocks of 64, split across
+// threads; rows in tiles whose x (tile * kp_all * 4 bytes) stays in L2 while the column blocks'
+// weights stream past it; a tile's rows in near-equal groups of <= 6 (8 rows: 4 + 4, not 6 + 2).
+// group(rows, nb, m0, y) fills y[rows][64] in fp32 for block nb; finish(y_row, n0, nn) adjusts one
+// row (a quantized weight's scales) before the bias and the bf16 store.
+template <typename Group, typename Finish>
+void tiled_gemm(int64_t M, int64_t N, int64_t kp_all, const c10::optional<at::Tensor>& bias, at::Tensor& out,
+                Group&& group, Finish&& finish) {
+  const int64_t nblocks = (N + kPackNB - 1) / kPackNB;
+  const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t tile = std::max<int64_t>(kMaxGroup, (256 * 1024 / (kp_all * 4)) / kMaxGroup * kMaxGroup);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    alignas(64) float y[kMaxGroup * kPackNB];
+    for (int64_t t0 = 0; t0 < M; t0 += tile) {
+      const int64_t t1 = std::min(M, t0 + tile);
+      for (int64_t nb = b0; nb < b1; ++nb) {
+        const int64_t n0 = nb * kPackNB, nn = std::min(kPackNB, N - n0);
+        for (int64_t m0 = t0; m0 < t1;) {
+          const int64_t left = t1 - m0, groups = (left + kMaxGroup - 1) / kMaxGroup;
+          const int64_t rows = (left + groups - 1) / groups;
+          group(rows, nb, m0, y);
+          for (int64_t r = 0; r < rows; ++r) {
+            float* yr = y + r * kPackNB;
+            finish(yr, n0, nn);
+            if (bp)
+              for (int64_t c = 0; c < nn; ++c) yr[c] += static_cast<float>(bp[n0 + c]);
+            store_row(yr, op + (m0 + r) * N + n0, nn);
+          }
+          m0 += rows;
+        }
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& blob, int64_t N, int64_t K,
                               const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
@@ -909,52 +972,15 @@ at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& blob, int64
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
 #if defined(__AVX512BF16__)
-  // k-pairs per row, padded to whole k-blocks: the weight's pad is zeros, x's pad must not be NaN
-  const int64_t kp_all = kblocks * kPackKB / 2;
-  std::vector<uint16_t> xp;
-  const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(x.data_ptr());
-  if (kp_all * 2 != K) {
-    xp.assign(M * kp_all * 2, 0);
-    for (int64_t m = 0; m < M; ++m)
-      std::memcpy(xp.data() + m * kp_all * 2, static_cast<const uint16_t*>(x.data_ptr()) + m * K, K * 2);
-    xpairs = reinterpret_cast<const u32_alias*>(xp.data());
-  }
+  const int64_t kp_all = kblocks * kPackKB / 2;         // k-pairs per row, padded to whole k-blocks
+  std::vector<uint16_t> buf;
+  const u32_alias* xpairs = x_pairs(x, kp_all, buf);
   const uint16_t* w = reinterpret_cast<const uint16_t*>(blob.data_ptr());
-  const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  // rows per tile: the tile's x (tile * K * 2 bytes) stays in L2 while the slabs stream past it
-  const int64_t tile = std::max<int64_t>(kMaxGroup, (256 * 1024 / (kp_all * 4)) / kMaxGroup * kMaxGroup);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float y[kMaxGroup * kPackNB];
-    for (int64_t t0 = 0; t0 < M; t0 += tile) {
-      const int64_t t1 = std::min(M, t0 + tile);
-      for (int64_t nb = b0; nb < b1; ++nb) {
-        const uint16_t* wb = w + nb * kblocks * kPackKB * kPackNB;
-        const int64_t n0 = nb * kPackNB, nn = std::min(kPackNB, N - n0);
-        for (int64_t m0 = t0; m0 < t1;) {
-          // near-equal groups of <= 6 rows (8 rows: 4 + 4, not 6 + 2)
-          const int64_t left = t1 - m0, groups = (left + kMaxGroup - 1) / kMaxGroup;
-          const int64_t rows = (left + groups - 1) / groups;
-          const u32_alias* xr = xpairs + m0 * kp_all;
-          switch (rows) {
-            case 6: packed_rows<6>(wb, kp_all, xr, kp_all, y); break;
-            case 5: packed_rows<5>(wb, kp_all, xr, kp_all, y); break;
-            case 4: packed_rows<4>(wb, kp_all, xr, kp_all, y); break;
-            case 3: packed_rows<3>(wb, kp_all, xr, kp_all, y); break;
-            case 2: packed_rows<2>(wb, kp_all, xr, kp_all, y); break;
-            default: packed_rows<1>(wb, kp_all, xr, kp_all, y);
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            float* yr = y + r * kPackNB;
-            if (bp)
-              for (int64_t i = 0; i < nn; ++i) yr[i] += static_cast<float>(bp[n0 + i]);
-            store_row(yr, op + (m0 + r) * N + n0, nn);
-          }
-          m0 += rows;
-        }
-      }
-    }
-  });
+  tiled_gemm(M, N, kp_all, bias, out, [&](int64_t rows, int64_t nb, int64_t m0, float* y) {
+    with_rows(rows, [&](auto R) {
+      packed_rows<decltype(R)::value>(w + nb * kblocks * kPackKB * kPackNB, kp_all, xpairs + m0 * kp_all, kp_all, y);
+    });
+  }, [](float*, int64_t, int64_t) {});
 #else
   TORCH_CHECK(false, "linear_packed_bf16: built without AVX512-BF16");
 #endif
@@ -1006,49 +1032,16 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   auto out = at::empty({M, N}, x.options());
   if (M == 0) return out;
 #if defined(__AVX512BF16__)
-  std::vector<uint16_t> xp;
-  const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(x.data_ptr());
-  if (kp_all * 2 != K) {           // odd K: pad each row with a zero
-    xp.assign(M * kp_all * 2, 0);
-    for (int64_t m = 0; m < M; ++m)
-      std::memcpy(xp.data() + m * kp_all * 2, static_cast<const uint16_t*>(x.data_ptr()) + m * K, K * 2);
-    xpairs = reinterpret_cast<const u32_alias*>(xp.data());
-  }
+  std::vector<uint16_t> buf;
+  const u32_alias* xpairs = x_pairs(x, kp_all, buf);     // odd K: each row padded with a zero
   const int8_t* w = qw.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
-  const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const int64_t tile = std::max<int64_t>(kMaxGroup, (256 * 1024 / (kp_all * 4)) / kMaxGroup * kMaxGroup);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float y[kMaxGroup * kPackNB];
-    for (int64_t t0 = 0; t0 < M; t0 += tile) {
-      const int64_t t1 = std::min(M, t0 + tile);
-      for (int64_t nb = b0; nb < b1; ++nb) {
-        const int8_t* wb = w + nb * kp_all * kPackNB * 2;
-        const int64_t n0 = nb * kPackNB, nn = std::min(kPackNB, N - n0);
-        for (int64_t m0 = t0; m0 < t1;) {
-          const int64_t left = t1 - m0, groups = (left + kMaxGroup - 1) / kMaxGroup;
-          const int64_t rows = (left + groups - 1) / groups;
-          const u32_alias* xr = xpairs + m0 * kp_all;
-          switch (rows) {
-            case 6: int8_rows<6>(wb, kp_all, xr, kp_all, y); break;
-            case 5: int8_rows<5>(wb, kp_all, xr, kp_all, y); break;
-            case 4: int8_rows<4>(wb, kp_all, xr, kp_all, y); break;
-            case 3: int8_rows<3>(wb, kp_all, xr, kp_all, y); break;
-            case 2: int8_rows<2>(wb, kp_all, xr, kp_all, y); break;
-            default: int8_rows<1>(wb, kp_all, xr, kp_all, y);
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            float* yr = y + r * kPackNB;
-            for (int64_t i = 0; i < nn; ++i) yr[i] *= sp[n0 + i];
-            if (bp)
-              for (int64_t i = 0; i < nn; ++i) yr[i] += static_cast<float>(bp[n0 + i]);
-            store_row(yr, op + (m0 + r) * N + n0, nn);
-          }
-          m0 += rows;
-        }
-      }
-    }
+  tiled_gemm(M, N, kp_all, bias, out, [&](int64_t rows, int64_t nb, int64_t m0, float* y) {
+    with_rows(rows, [&](auto R) {
+      int8_rows<decltype(R)::value>(w + nb * kp_all * kPackNB * 2, kp_all, xpairs + m0 * kp_all, kp_all, y);
+    });
+  }, [&](float* yr, int64_t n0, int64_t nn) {
+    for (int64_t c = 0; c < nn; ++c) yr[c] *= sp[n0 + c];
   });
 #else
   TORCH_CHECK(false, "linear_int8: built without AVX512-BF16");
@@ -1143,42 +1136,12 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qw, const at::Tens
   const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(x.data_ptr());
   const uint8_t* w = qw.data_ptr<uint8_t>();
   const float* szp = sz.data_ptr<float>();
-  const at::BFloat16* bp = bias.has_value() ? bias->data_ptr<at::BFloat16>() : nullptr;
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const int64_t tile = std::max<int64_t>(kMaxGroup, (256 * 1024 / (kp_all * 4)) / kMaxGroup * kMaxGroup);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    alignas(64) float y[kMaxGroup * kPackNB];
-    for (int64_t t0 = 0; t0 < M; t0 += tile) {
-      const int64_t t1 = std::min(M, t0 + tile);
-      for (int64_t nb = b0; nb < b1; ++nb) {
-        const uint8_t* wb = w + nb * kp_all * kPackNB;
-        const float* szb = szp + nb * ngroups * 2 * kPackNB;
-        const int64_t n0 = nb * kPackNB, nn = std::min(kPackNB, N - n0);
-        for (int64_t m0 = t0; m0 < t1;) {
-          const int64_t left = t1 - m0, groups = (left + kMaxGroup - 1) / kMaxGroup;
-          const int64_t rows = (left + groups - 1) / groups;
-          const u32_alias* xr = xpairs + m0 * kp_all;
-          const float* xs = xsum.data() + m0 * ngroups;
-          const int64_t gp = group_size / 2;
-          switch (rows) {
-            case 6: int4_rows<6>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
-            case 5: int4_rows<5>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
-            case 4: int4_rows<4>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
-            case 3: int4_rows<3>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
-            case 2: int4_rows<2>(wb, szb, gp, ngroups, xr, kp_all, xs, y); break;
-            default: int4_rows<1>(wb, szb, gp, ngroups, xr, kp_all, xs, y);
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            float* yr = y + r * kPackNB;
-            if (bp)
-              for (int64_t i = 0; i < nn; ++i) yr[i] += static_cast<float>(bp[n0 + i]);
-            store_row(yr, op + (m0 + r) * N + n0, nn);
-          }
-          m0 += rows;
-        }
-      }
-    }
-  });
+  tiled_gemm(M, N, kp_all, bias, out, [&](int64_t rows, int64_t nb, int64_t m0, float* y) {
+    with_rows(rows, [&](auto R) {
+      int4_rows<decltype(R)::value>(w + nb * kp_all * kPackNB, szp + nb * ngroups * 2 * kPackNB, group_size / 2,
+                                    ngroups, xpairs + m0 * kp_all, kp_all, xsum.data() + m0 * ngroups, y);
+    });
+  }, [](float*, int64_t, int64_t) {});
 #else
   TORCH_CHECK(false, "linear_int4: built without AVX512-BF16");
 #endif
