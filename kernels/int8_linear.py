@@ -5,7 +5,7 @@ The weight is stored in the blocked layout Baton's kernel (csrc/cpu_ops.cpp line
 run, widened to bf16 in registers and multiplied with VDPBF16PS like the bf16 kernel: batch-invariant
 rows, half the bytes streamed per decode step. Measured on medium's GEMMs streaming from DRAM
 (benchmarks/quant.py kernels): 1.9x the bf16 kernel at 1 row; torch's `_weight_int8pack_mm` is 1.5x
-slower than this kernel at 1 row and 2.2x at 8, so it is only the fallback where the extension is
+slower than this kernel at 1 row and 2.1x at 8, so it is only the fallback where the extension is
 missing."""
 
 from __future__ import annotations
