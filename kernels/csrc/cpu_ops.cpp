@@ -881,6 +881,22 @@ bool packed_bf16_supported() {
 }
 
 #if defined(__AVX512BF16__)
+// acc[r][j] += w[j] . x_r's k-pair (two k per VDPBF16PS): the accumulation step of every GEMM kernel
+// here; xp points at row 0's pair, rows xstride pairs apart.
+template <int R>
+inline void dot_pairs(__m512 (&acc)[R][4], const __m512bh (&w)[4], const u32_alias* xp, int64_t xstride) {
+  for (int r = 0; r < R; ++r) {
+    const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xp[r * xstride]));
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
+  }
+}
+
+template <int R>
+inline void store_acc(const __m512 (&acc)[R][4], float* y) {
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kPackNB + 16 * j, acc[r][j]);
+}
+
 template <int R>
 inline void packed_rows(const uint16_t* wb, int64_t kpairs, const u32_alias* xpairs, int64_t xstride, float* y) {
   __m512 acc[R][4];
@@ -891,13 +907,9 @@ inline void packed_rows(const uint16_t* wb, int64_t kpairs, const u32_alias* xpa
     _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchPairs * kPackNB * 2), _MM_HINT_T1);
     __m512bh w[4];
     for (int j = 0; j < 4; ++j) w[j] = (__m512bh)_mm512_loadu_si512(p + 32 * j);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * xstride + kp]));
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
-    }
+    dot_pairs<R>(acc, w, xpairs + kp, xstride);
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kPackNB + 16 * j, acc[r][j]);
+  store_acc<R>(acc, y);
 }
 #endif
 
@@ -1011,13 +1023,9 @@ inline void int8_rows(const int8_t* wb, int64_t kpairs, const u32_alias* xpairs,
       const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * j + 16))));
       w[j] = _mm512_cvtne2ps_pbh(hi, lo);
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * xstride + kp]));
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
-    }
+    dot_pairs<R>(acc, w, xpairs + kp, xstride);
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kPackNB + 16 * j, acc[r][j]);
+  store_acc<R>(acc, y);
 }
 #endif
 
@@ -1093,10 +1101,7 @@ inline void int4_rows(const uint8_t* wb, const float* szb, int64_t gpairs, int64
       const __m512i k1a = _mm512_unpacklo_epi8(l1, h1), k1b = _mm512_unpackhi_epi8(l1, h1);
       const __m512bh w[4] = {(__m512bh)_mm512_unpacklo_epi16(k0a, k1a), (__m512bh)_mm512_unpackhi_epi16(k0a, k1a),
                              (__m512bh)_mm512_unpacklo_epi16(k0b, k1b), (__m512bh)_mm512_unpackhi_epi16(k0b, k1b)};
-    for (int r = 0; r < R; ++r) {
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpairs[r * xstride + kp]));
-        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], w[j], xv);
-      }
+      dot_pairs<R>(acc, w, xpairs + kp, xstride);
     }
     const float* sg = szb + g * 2 * kPackNB;
     for (int r = 0; r < R; ++r) {
