@@ -331,3 +331,64 @@ def test_autoround_gptq_and_awq_exports_serve_the_producers_weights(name, fmt):
     if not d.is_dir():
         pytest.skip("no producer fixtures")
     check_producer_logits(d / fmt, d / "reference_logits.safetensors", fmt)
+
+
+def test_int4_weights_survive_the_shared_weight_store():
+    """What a node publishes for a 4-bit checkpoint (Baton's packed form, act-order permutation
+    included, and the GPTQ layout other devices run) comes back from the shared file as it went in."""
+    from baton.backends.loader import weight_store
+    from baton.kernels.int4_linear import Int4Data, Int4LinearMethod, Int4Packed
+    from baton.kernels.linear import LinearMethod
+    from baton.kernels.quant import Int4Weight
+
+    gen = torch.Generator().manual_seed(5)
+    n, k, g = 128, 256, 64
+    d = Int4Data(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8),
+                 torch.randint(1, 16, (n, k // g), generator=gen, dtype=torch.uint8), torch.rand(n, k // g) * 0.01, g,
+                 (torch.arange(k) // g)[torch.randperm(k, generator=gen)])
+    tensors = {"packed": Int4Packed.pack(d), "plain": Int4Packed.pack(Int4Data(d.q, d.zero, d.scale, g)),
+               "gptq": Int4LinearMethod(torch.float32, "cpu", LinearMethod()).process(d)}
+    assert isinstance(tensors["gptq"], Int4Weight)
+    name = f"test-int4-{torch.randint(0, 10**9, ()).item()}"
+    try:
+        weight_store.publish(name, tensors)
+        back = weight_store.attach(name)
+    finally:
+        weight_store.unlink(name)
+    assert isinstance(back["packed"], Int4Packed) and back["packed"].perm is not None
+    assert torch.equal(back["packed"].unpack().dequantize(), d.dequantize())
+    assert back["plain"].perm is None and back["plain"].group_size == g
+    w = back["gptq"]
+    assert isinstance(w, Int4Weight) and w.group_size == g and torch.equal(w.g_idx.long(), d.g_idx)
+    from baton.kernels.quant import dequantize_int4
+
+    assert torch.equal(dequantize_int4(w), d.dequantize())
+
+
+@pytest.mark.slow
+def test_a_node_serves_a_gptq_checkpoint(tmp_path):
+    """A 4-bit GPTQ checkpoint through Triton (single_node, detected from its config): the node
+    publishes the packed weights once, every stage runs them, and streams equal the offline engine's."""
+    from conftest import ROOT, blocks_in_use
+
+    from baton import LLM, SamplingParams
+    from baton.backends.serving.launcher import Node
+    from baton.tools.quantize_rtn import quantize_checkpoint
+    from baton_client import BatonClient
+
+    ckpt = quantize_checkpoint(ROOT / "models" / "baton-tiny", tmp_path / "gptq", "gptq", 128, sym=False)
+    prompts = ["def fibonacci(n):", "class Config:\n    def __init__(self"]
+    llm = LLM(ckpt, dtype="bfloat16")
+    expected = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20,
+                                                                          ignore_eos=True))]
+    llm.close()
+    n = Node(str(ckpt), "single_node", overrides={"dtype": "bfloat16", "max_model_len": 512, "kv_cache_memory_mb": 8})
+    n.start(timeout=180, quiet=True)
+    try:
+        assert n.manager is not None
+        client = BatonClient(n.grpc_url)
+        got = [client.generate(p, temperature=0.0, max_tokens=20, ignore_eos=True).token_ids for p in prompts]
+        assert got == expected
+        assert blocks_in_use(n.manager.address) == 0
+    finally:
+        n.stop()
