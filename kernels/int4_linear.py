@@ -175,8 +175,8 @@ class Int4LinearMethod(LinearMethod):
             raise TypeError(f"an int4 linear cannot wrap a {type(weight).__name__}")
         return Int4Linear(weight, bias)
 
-    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Baton's kernel runs inside the fused decode step too (not act-order: x needs its permutation)."""
-        if isinstance(lw, Int4Linear) and isinstance(lw.w, Int4Packed) and lw.w.perm is None:
-            return lw.w.qweight, lw.w.sz
+    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """Baton's kernel runs inside the fused decode step too (act-order: with x's permutation)."""
+        if isinstance(lw, Int4Linear) and isinstance(lw.w, Int4Packed):
+            return lw.w.qweight, lw.w.sz, lw.w.perm
         return None

@@ -125,5 +125,5 @@ class Int8LinearMethod(LinearMethod):
             raise TypeError(f"an int8 linear cannot wrap a {type(weight).__name__}")
         return Int8Linear(weight, bias)
 
-    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        return (lw.w.qweight, lw.w.scale) if isinstance(lw, Int8Linear) and lw.w.packed else None
+    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        return (lw.w.qweight, lw.w.scale, None) if isinstance(lw, Int8Linear) and lw.w.packed else None

@@ -183,9 +183,9 @@ class LinearMethod:
     def create(self, weight: StoredWeight | Int4Data, bias: torch.Tensor | None = None) -> Linear:
         return LinearWeight(weight, bias, pack=False, keep_weight=True)
 
-    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         """What the fused C++ decode step multiplies, when this method's weight runs one of its
-        kernels: a bf16 packed blob (scale None) or an int8 packed weight and its per-channel scale."""
+        kernels: (packed bytes, scales or None for bf16, x's column permutation for act-order int4)."""
         return None
 
 
@@ -203,8 +203,8 @@ class PackedLinearMethod(LinearMethod):
     def create(self, weight: StoredWeight | Int4Data, bias: torch.Tensor | None = None) -> Linear:
         return LinearWeight(weight, bias, pack=True, keep_weight=False)
 
-    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        return (lw._blob, None) if isinstance(lw, LinearWeight) and lw.direct else None
+    def fused_decode_weight(self, lw: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        return (lw._blob, None, None) if isinstance(lw, LinearWeight) and lw.direct else None
 
 
 QUANTIZATIONS = ("int8", "gptq", "awq", "compressed-tensors")

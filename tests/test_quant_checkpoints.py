@@ -239,6 +239,44 @@ def test_a_quantized_checkpoint_serves_the_model_it_defines(tmp_path, mini, fmt,
             e.close()
 
 
+@pytest.mark.parametrize("act", [False, True])
+def test_the_fused_decode_step_runs_int4_weights_bit_identically(tmp_path, mini, monkeypatch, act):
+    """A 4-bit checkpoint's decode steps run in the one-call C++ decode step (int4 kernel inside; an
+    act-order one with x permuted there), with the same tokens and logprobs, bit for bit, as the
+    op-by-op forward."""
+    from conftest import prompts_of
+
+    from baton import LLM, SamplingParams
+    from baton.kernels import int8_linear
+    from baton.tools.quantize_rtn import quantize_checkpoint
+
+    if not int8_linear.kernel_supported():
+        pytest.skip("needs the CPU extension on AVX512-BF16")
+    if act:
+        ckpt = tmp_path / "q"
+        quantized_checkpoint(mini, ckpt, "gptq", 64, sym=False, v1=True, act=True)
+    else:
+        ckpt = quantize_checkpoint(mini, tmp_path / "q", "gptq", 64, sym=False)
+    llm = LLM(ckpt, dtype="bfloat16", max_model_len=256, enable_prefix_caching=False)
+    try:
+        model = llm.engine.model
+        assert model.method.name == "int4" and model._fused is not None
+        assert (model.layers[0].qkv.w.perm is not None) == act
+        sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+        prompts = prompts_of(512, [9, 40], seed=2)
+        ops, calls = torch.ops.baton_cpu, []
+        fused_op = ops.decode_forward_bf16
+        monkeypatch.setattr(ops, "decode_forward_bf16", lambda *a: calls.append(1) or fused_op(*a))
+        fused = llm.generate(prompts, sp)
+        assert len(calls) >= 15
+        model._fused = None
+        op_by_op = llm.generate(prompts, sp)
+    finally:
+        llm.close()
+    assert [(o.token_ids, o.logprobs) for o in fused] == [(o.token_ids, o.logprobs) for o in op_by_op]
+
+
+
 # ---- bad checkpoints ----------------------------------------------------------------------------------
 def test_disagreements_are_errors_naming_the_tensor_or_setting(tmp_path, mini):
     from baton import LLM

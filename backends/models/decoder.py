@@ -170,9 +170,9 @@ class DecoderLM:
             fw = [self.method.fused_decode_weight(lw) for lw in (L.qkv, L.o, L.gate_up, L.down)]
             if any(f is None for f in fw):
                 return None
-            (qkv, s0), (o, s1), (gate_up, s2), (down, s3) = fw   # type: ignore[misc]
+            (qkv, s0, p0), (o, s1, p1), (gate_up, s2, p2), (down, s3, p3) = fw   # type: ignore[misc]
             w += [L.input_norm, qkv, o, L.post_norm, gate_up, down]
-            opt += [L.qkv.bias, L.qk_norm, L.o.bias, L.gate_up.bias, L.down.bias, s0, s1, s2, s3]
+            opt += [L.qkv.bias, L.qk_norm, L.o.bias, L.gate_up.bias, L.down.bias, s0, s1, s2, s3, p0, p1, p2, p3]
         return w, opt
 
     @torch.inference_mode()

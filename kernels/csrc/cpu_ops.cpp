@@ -1193,7 +1193,8 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 // step. h: the embedded tokens [T, hidden] (consumed). Per layer, `w` holds input_norm, qkv, o,
 // post_norm, gate_up, down (packed bf16 blobs, int8 or int4 weights) and `opt` holds qkv bias,
 // qk_norm, o bias, gate_up bias, down bias, then the scales of qkv, o, gate_up, down (each may be
-// None; a scale marks its weight int8 or, with uint8 bytes, int4); `kv` holds each layer's K and V cache, followed by their
+// None; a scale marks its weight int8 or, with uint8 bytes, int4), then act-order int4 weights'
+// permutations of x's columns (None otherwise); `kv` holds each layer's K and V cache, followed by their
 // scales for an int8 / fp8 cache. An empty final_norm: no final
 // norm, the residual stream is returned (an EAGLE head's predicted feature).
 at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::TensorList w,
@@ -1206,23 +1207,25 @@ at::Tensor decode_forward_bf16(at::Tensor h, const at::Tensor& positions, at::Te
   const int64_t per = static_cast<int64_t>(kv.size()) / std::max<int64_t>(layers, 1);   // K, V (+ their scales)
   TORCH_CHECK(per * layers == static_cast<int64_t>(kv.size()) && (per == 2 || per == 4),
               "decode_forward_bf16: K and V (and, for a quantized cache, their scales) per layer expected");
-  TORCH_CHECK(static_cast<int64_t>(w.size()) == 6 * layers && static_cast<int64_t>(opt.size()) == 9 * layers,
-              "decode_forward_bf16: 6 weights and 9 optional tensors per layer expected");
+  TORCH_CHECK(static_cast<int64_t>(w.size()) == 6 * layers && static_cast<int64_t>(opt.size()) == 13 * layers,
+              "decode_forward_bf16: 6 weights and 13 optional tensors per layer expected");
   auto opt_at = [&](int64_t i) { return opt.get(i); };   // a bias, the qk norm or a scale; may be None
   // a weight's kernel by what is passed: no scale: bf16 packed bytes; int8 bytes + scales: int8;
   // uint8 bytes + [N/64][K/G][2][64] scales: int4 (the group size follows from the scales' size)
+  // (an act-order int4 weight also has a permutation of x's columns, 4 slots after its scale)
   auto lin = [&](const at::Tensor& x, const at::Tensor& wt, int64_t si, int64_t N, int64_t K, int64_t bi) {
     const c10::optional<at::Tensor> s = opt_at(si);
     if (!s.has_value()) return linear_packed_bf16(x, wt, N, K, opt_at(bi));
     if (wt.scalar_type() == at::kChar) return linear_int8(x, wt, *s, N, K, opt_at(bi));
     const int64_t groups = s->numel() / (((N + kPackNB - 1) / kPackNB) * 2 * kPackNB);
     TORCH_CHECK(groups > 0 && K % groups == 0, "decode_forward_bf16: int4 scales do not match the weight");
-    return linear_int4(x, wt, *s, N, K, K / groups, opt_at(bi));
+    const c10::optional<at::Tensor> perm = opt_at(si + 4);
+    return linear_int4(perm.has_value() ? x.index_select(1, *perm) : x, wt, *s, N, K, K / groups, opt_at(bi));
   };
   at::Tensor residual = h, x = rms_norm(h, w[0], eps);
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* L = w.data() + 6 * l;
-    const int64_t o9 = 9 * l, s4 = o9 + 5;
+    const int64_t o9 = 13 * l, s4 = o9 + 5;
     if (l) x = add_rms_norm(h, residual, L[0], eps);
     at::Tensor qkv = lin(x, L[1], s4, nqkv, hidden, o9).view({T, H + 2 * KV, D});
     qk_norm_rope(qkv.narrow(1, 0, H + KV), opt_at(o9 + 1), cos, sin_signed, positions, eps);
