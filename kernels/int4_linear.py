@@ -14,7 +14,7 @@ that runs it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -164,9 +164,10 @@ class Int4LinearMethod(LinearMethod):
             raise ValueError("4-bit zero points span 0..16: no 4-bit GPTQ layout holds them")
         w = pack_gptq(weight.q.to(torch.int32), weight.zero.T.to(torch.int32).contiguous(), weight.scale.T.contiguous(),
                       weight.group_size, zero_offset=offset)
-        w.g_idx = weight.g_idx.to(torch.int32) if weight.g_idx is not None else None
-        return Int4Weight(*(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in
-                            (w.qweight, w.qzeros, w.scales, w.group_size, w.fmt, w.g_idx, w.zero_offset)))
+        g_idx = weight.g_idx.to(torch.int32) if weight.g_idx is not None else None
+        dev = self.device
+        return replace(w, qweight=w.qweight.to(dev), qzeros=w.qzeros.to(dev), scales=w.scales.to(dev),
+                       g_idx=g_idx.to(dev) if g_idx is not None else None)
 
     def create(self, weight: StoredWeight | Int4Data, bias: torch.Tensor | None = None) -> Linear:
         if isinstance(weight, Int4Data):

@@ -170,3 +170,18 @@ def pd_leaks(cluster):
         time.sleep(0.2)
 
 
+
+
+def weight_store_round_trip(tensors: dict) -> dict:
+    """Weights published in a node's shared weight file and attached back, as a stage sees them (the
+    file is removed at once; the mapping stays valid)."""
+    import uuid
+
+    from baton.backends.loader import weight_store
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    try:
+        weight_store.publish(name, tensors)
+        return weight_store.attach(name)
+    finally:
+        weight_store.unlink(name)

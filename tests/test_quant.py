@@ -56,16 +56,11 @@ def test_int8_kernel_equals_the_dequantized_product_and_is_batch_invariant(N, K)
 
 
 def test_int8_weights_survive_the_shared_weight_store():
-    from baton.backends.loader import weight_store
+    from conftest import weight_store_round_trip
 
     w = torch.randn(130, 66)
     tensors = {"a": Int8Weight.quantize(w, True), "b": Int8Weight.quantize(w, False), "c": torch.ones(3)}
-    name = f"test-int8-{torch.randint(0, 10**9, ()).item()}"
-    try:
-        weight_store.publish(name, tensors)
-        back = weight_store.attach(name)
-    finally:
-        weight_store.unlink(name)
+    back = weight_store_round_trip(tensors)
     for k in ("a", "b"):
         assert isinstance(back[k], Int8Weight) and back[k].shape == (130, 66)
         assert back[k].packed == tensors[k].packed

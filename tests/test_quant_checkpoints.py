@@ -374,7 +374,8 @@ def test_autoround_gptq_and_awq_exports_serve_the_producers_weights(name, fmt):
 def test_int4_weights_survive_the_shared_weight_store():
     """What a node publishes for a 4-bit checkpoint (Baton's packed form, act-order permutation
     included, and the GPTQ layout other devices run) comes back from the shared file as it went in."""
-    from baton.backends.loader import weight_store
+    from conftest import weight_store_round_trip
+
     from baton.kernels.int4_linear import Int4Data, Int4LinearMethod, Int4Packed
     from baton.kernels.linear import LinearMethod
     from baton.kernels.quant import Int4Weight
@@ -387,12 +388,7 @@ def test_int4_weights_survive_the_shared_weight_store():
     tensors = {"packed": Int4Packed.pack(d), "plain": Int4Packed.pack(Int4Data(d.q, d.zero, d.scale, g)),
                "gptq": Int4LinearMethod(torch.float32, "cpu", LinearMethod()).process(d)}
     assert isinstance(tensors["gptq"], Int4Weight)
-    name = f"test-int4-{torch.randint(0, 10**9, ()).item()}"
-    try:
-        weight_store.publish(name, tensors)
-        back = weight_store.attach(name)
-    finally:
-        weight_store.unlink(name)
+    back = weight_store_round_trip(tensors)
     assert isinstance(back["packed"], Int4Packed) and back["packed"].perm is not None
     assert torch.equal(back["packed"].unpack().dequantize(), d.dequantize())
     assert back["plain"].perm is None and back["plain"].group_size == g
