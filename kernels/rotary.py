@@ -23,6 +23,21 @@ class RotaryCache:
         self.sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
         self.max_positions = max_positions
 
+    def mrope_rows(self, positions: torch.Tensor, sections: tuple[int, ...]) -> RotaryCache:
+        """Multimodal rotary (Qwen2-VL's M-RoPE): positions [3, T] (temporal, height, width); frequency
+        i of a token turns by the position of the axis whose section holds i. Returns tables with one
+        row per token (look them up at arange(T)); a token whose three positions agree gets exactly
+        the 1-D row of that position."""
+        axis = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(sections)])
+        axis = torch.cat([axis, axis]).to(positions.device)                          # [D]
+        cols = torch.arange(axis.numel(), device=positions.device)
+        rows = positions[axis]                                                       # [D, T]: each column's position
+        out = object.__new__(RotaryCache)
+        out.cos, out.sin, out.sin_signed = (t[rows, cols[:, None]].T.contiguous()
+                                            for t in (self.cos, self.sin, self.sin_signed))
+        out.max_positions = positions.shape[1]
+        return out
+
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-step tables for `positions` ([T]) -> (cos, sin_signed), each [T, 1, D]; shared by all layers."""
         return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)

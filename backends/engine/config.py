@@ -46,6 +46,9 @@ class EngineConfig:
     # KV tiers below the pool (kv/tiers.py TiersConfig: host_mb, store, disk_dir, redis, write policies);
     # {}: the pool only
     kv_tiers: dict = dataclasses.field(default_factory=dict)
+    # a multimodal checkpoint's vision tower: load it and encode images in this engine (monolithic);
+    # false where images arrive already encoded (the prefill stage behind an `encode` stage)
+    vision: bool = True
 
     def __post_init__(self) -> None:
         check_types(self, "EngineConfig")

@@ -49,9 +49,11 @@ class LLM:
             torch.set_num_threads(config.threads)
         self.engine = LLMEngine(config, weights=weights)
 
-    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+    def generate(self, prompts: str | list[int] | dict | list[str] | list[list[int]] | list[dict],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """A prompt is text, token ids, or (as in vLLM) {"prompt": text or "prompt_token_ids": ids,
+        "multi_modal_data": {"image": an image or a list of them}}: one image per <|image_pad|>."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
@@ -60,7 +62,12 @@ class LLM:
         seqs = []
         try:
             for p, sp in zip(prompts, params_list):
-                seqs.append(eng.add_request(p, sp))
+                if isinstance(p, dict):
+                    images = (p.get("multi_modal_data") or {}).get("image") or []
+                    images = images if isinstance(images, list) else [images]
+                    seqs.append(eng.add_request(p.get("prompt", p.get("prompt_token_ids")), sp, images=images))
+                else:
+                    seqs.append(eng.add_request(p, sp))
             while eng.has_unfinished():
                 eng.step()
                 if eng.idle_step:         # every sequence waits for KV being loaded: don't spin

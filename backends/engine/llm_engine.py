@@ -16,6 +16,8 @@ from ..kv.pool import SHM_DIR, KVPool, PoolSpec
 from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, load_weights
+from ..multimodal.encoder import ImageEncoder
+from ..multimodal.prompt import MultiModalPrompt, expand_prompt
 from ..runtime import owned_name, remove_leftovers
 from ..spec.adaptive import Governor
 from ..spec.config import SpeculativeConfig
@@ -73,6 +75,9 @@ class LLMEngine:
         method = select_linear_method(self.dtype, self.device, config.pack_weights, config.quantization, self.quant)
         self.model = DecoderLM(cfg, weights, self.max_model_len, method)
         self.tokenizer = Tokenizer.from_dir(config.model)
+        self.encoder: ImageEncoder | None = None     # the vision tower of a multimodal checkpoint
+        if cfg.vision_config is not None and config.vision:
+            self.encoder = ImageEncoder.from_dir(config.model, cfg.vision_config, self.dtype)
 
         if pool is None:
             spec = pool_spec(cfg, self.dtype, config.block_size, config.num_blocks, config.kv_cache_memory_mb << 20,
@@ -112,12 +117,17 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None,
-                    stream_text: bool = False, prefill_only: bool = False) -> Sequence:
+                    stream_text: bool = False, prefill_only: bool = False,
+                    images: list | None = None, mm: MultiModalPrompt | None = None) -> Sequence:
         """prefill_only: the sequence ends after its first token with finish reason HANDOFF, its K/V
-        handed on through the KV connector (the prefill stage)."""
+        handed on through the KV connector (the prefill stage). images: one per image placeholder
+        in the prompt (encoded bytes, base64, data URLs or PIL images), encoded here; or `mm`, a
+        prompt already expanded with its images' embeddings (the prefill stage, from `encode`)."""
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
-        seq = Sequence(ids, params, self.block_size, request_id, (cache_salt,) if cache_salt else ())
+        if mm is None:
+            ids, mm = self.expand_images(ids, images or [])
+        seq = Sequence(ids, params, self.block_size, request_id, (cache_salt,) if cache_salt else (), mm)
         seq.prefill_only = prefill_only
         return self.add_sequence(seq, stream_text)
 
@@ -152,13 +162,32 @@ class LLMEngine:
                 raise InvalidRequestError("prompt_token_ids", f"id {bad[0]!r} outside the vocabulary [0, {vocab})")
         if not ids:
             raise InvalidRequestError("prompt", "must not be empty")
+        self.check_prompt_length(ids)
+        return ids
+
+    def check_prompt_length(self, ids: list[int]) -> None:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 "prompt", f"{len(ids)} tokens leave no room to generate within max_model_len={self.max_model_len}")
         if len(ids) // self.block_size + 1 > self.block_manager.num_blocks:
             raise InvalidRequestError(
                 "prompt", f"{len(ids)} tokens need more KV blocks than the pool has ({self.block_manager.num_blocks})")
-        return ids
+
+    def expand_images(self, ids: list[int], images: list) -> tuple[list[int], MultiModalPrompt | None]:
+        """A prompt with one placeholder per image -> its expanded ids and images (embedded by the
+        encoder); (ids, None) for a text-only prompt."""
+        cfg = self.config
+        if cfg.image_token_id is None or (not images and cfg.image_token_id not in ids):
+            if images:
+                raise InvalidRequestError("image", f"model {self.model_dir.name!r} does not take images")
+            return ids, None
+        if self.encoder is None:
+            raise InvalidRequestError("image", "this engine runs without its vision tower (vision = false)")
+        processed = [self.encoder.processor(im, f"image[{i}]") for i, im in enumerate(images)]
+        ids, mm = expand_prompt(ids, cfg.image_token_id, processed, self.encoder.tower.cfg.spatial_merge_size)
+        self.check_prompt_length(ids)
+        mm.embeds = list(self.encoder.encode(processed))
+        return ids, mm
 
     def abort(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)

@@ -71,10 +71,34 @@ class ModelRunner:
         `layout_step` puts them): the order of the rows and the hidden states."""
         order, ids, positions, step = layout_step(scheduled, self.block_size)
         dev = self.device
+        pos = torch.tensor(positions, dtype=torch.int64)
+        if any(getattr(s, "mm", None) is not None for s, _ in order):
+            pos, inputs_embeds = self._multimodal(order, ids, pos, inputs_embeds)
         hidden = self.model.forward(None if inputs_embeds is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
-                                    torch.tensor(positions, dtype=torch.int64, device=dev),
-                                    self.attention.build(step), self.pool.layers, inputs_embeds)
+                                    pos.to(dev), self.attention.build(step), self.pool.layers, inputs_embeds)
         return order, hidden
+
+    def _multimodal(self, order: list[tuple[Paged, int]], ids: list[int], pos: torch.Tensor,
+                    inputs_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A step with images' sequences in it: [3, T] M-RoPE positions, and the token embeddings
+        with each image's embeddings at its placeholders (where this step computes them)."""
+        pos3, row = pos.expand(3, -1).clone(), 0
+        for s, n in order:
+            mm, p = getattr(s, "mm", None), s.num_computed_tokens
+            if mm is not None:
+                pos3[:, row:row + n] = mm.position_rows(p, p + n)
+                for span, emb in zip(mm.spans, mm.embeds):
+                    a, b = max(span.start, p), min(span.start + span.length, p + n)
+                    if a >= b:
+                        continue
+                    if emb is None:
+                        raise RuntimeError(f"image {span.hash} of request {s.request_id} was not encoded")
+                    if inputs_embeds is None:
+                        inputs_embeds = torch.nn.functional.embedding(
+                            torch.tensor(ids, dtype=torch.int64, device=self.device), self.model.embed)
+                    inputs_embeds[row + a - p:row + b - p] = emb[a - span.start:b - span.start]
+            row += n
+        return pos3, inputs_embeds
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
         order, hidden = self.forward(scheduled)

@@ -5,8 +5,13 @@ from __future__ import annotations
 import itertools
 from enum import Enum
 
-from ..kv.hashing import ROOT, hash_blocks
+from typing import TYPE_CHECKING
+
+from ..kv.hashing import ROOT, block_hash, hash_blocks
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ..multimodal.prompt import MultiModalPrompt
 
 
 class Status(Enum):
@@ -35,12 +40,13 @@ class Sequence(TokenHistory):
     _ids = itertools.count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int,
-                 request_id: str | None = None, extra_keys: tuple = ()) -> None:
+                 request_id: str | None = None, extra_keys: tuple = (), mm: MultiModalPrompt | None = None) -> None:
         super().__init__(list(token_ids), len(token_ids), params)
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.block_size = block_size
         self.extra_keys = extra_keys
+        self.mm = mm                      # images in the prompt: their spans, embeddings, M-RoPE positions
         self.status = Status.WAITING
         self.num_computed_tokens = 0      # tokens whose K/V is in the pool
         self.num_cached_tokens = -1       # prompt tokens served from the prefix cache (-1: not yet admitted)
@@ -87,4 +93,10 @@ class Sequence(TokenHistory):
     def _extend_hashes(self) -> None:
         parent = self.block_hashes[-1] if self.block_hashes else ROOT
         start = len(self.block_hashes) * self.block_size
-        self.block_hashes += hash_blocks(self.token_ids, self.block_size, self.extra_keys, parent, start)
+        if self.mm is None:
+            self.block_hashes += hash_blocks(self.token_ids, self.block_size, self.extra_keys, parent, start)
+            return
+        bs = self.block_size
+        for i in range(start, self.num_tokens - bs + 1, bs):    # a block with an image's placeholders keys on it
+            parent = block_hash(parent, self.token_ids[i:i + bs], self.extra_keys + self.mm.keys_for(i, i + bs))
+            self.block_hashes.append(parent)

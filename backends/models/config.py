@@ -14,6 +14,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2",     # its language model; the vision tower: models/vision.py
 }
 
 
@@ -43,6 +44,11 @@ class ModelConfig:
     torch_dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    # multimodal (Qwen2.5-VL): the rotary frequencies split between (temporal, height, width) positions,
+    # the placeholder token one image embedding replaces, and the vision tower's config.json section
+    mrope_section: tuple[int, ...] = ()
+    image_token_id: int | None = None
+    vision_config: dict | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
@@ -66,6 +72,9 @@ class ModelConfig:
                 f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                 f"supported: {sorted(ARCHITECTURES)}"
             )
+        vision = cfg.get("vision_config") if family == "qwen2" and "vision_config" in cfg else None
+        if isinstance(cfg.get("text_config"), dict):    # transformers >= 5 nests the language model's settings
+            cfg = {**cfg, **cfg["text_config"]}
         if cfg.get("use_sliding_window"):
             raise ModelConfigError("use_sliding_window=true is not supported (full attention only)")
         heads = cfg["num_attention_heads"]
@@ -81,6 +90,13 @@ class ModelConfig:
             rope_theta = rope_theta or params.get("rope_theta")
             if params.get("rope_type", "default") != "default" and rope_scaling is None:
                 rope_scaling = params
+        mrope = tuple((rope_scaling or {}).get("mrope_section") or (params or {}).get("mrope_section") or ())
+        if vision is not None and not mrope:
+            raise ModelConfigError("a Qwen2.5-VL config needs rope_scaling.mrope_section")
+        if mrope and sum(mrope) * 2 != head_dim:
+            raise ModelConfigError(f"mrope_section {list(mrope)} must cover head_dim/2 = {head_dim // 2} frequencies")
+        if rope_scaling is not None and (rope_scaling.get("rope_type") or rope_scaling.get("type")) == "mrope":
+            rope_scaling = None          # old configs name M-RoPE as a scaling type; its frequencies are default
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type") or rope_scaling.get("type")
             if kind not in ("default", "llama3", "linear"):
@@ -112,6 +128,9 @@ class ModelConfig:
             torch_dtype=getattr(torch, dtype_name) if isinstance(dtype_name, str) else torch.float32,
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
+            mrope_section=mrope,
+            image_token_id=cfg.get("image_token_id") if vision is not None else None,
+            vision_config=vision,
         )
 
     def rope_inv_freq(self) -> torch.Tensor:

@@ -180,19 +180,23 @@ class DecoderLM:
                 kv_layers: list[tuple[torch.Tensor, ...]],
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids [T], or their embeddings [T, hidden] (inputs_embeds: e.g. with visual features
-        spliced in), at explicit positions [T] -> final-normed hidden states [T, hidden]. kv_layers: per
+        spliced in), at explicit positions [T] (or [3, T] for M-RoPE) -> final-normed hidden states [T, hidden]. kv_layers: per
         layer its K and V caches, and their scales when the cache is INT8/FP8 (KVPool.layers)."""
         cfg = self.cfg
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = F.embedding(input_ids, self.embed) if inputs_embeds is None else inputs_embeds.to(self.embed.dtype)
         T, H, KV, D, eps = h.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        rope = self.rope
+        if positions.dim() == 2:             # [3, T] M-RoPE positions: per-token tables, looked up in order
+            rope = rope.mrope_rows(positions, cfg.mrope_section)
+            positions = torch.arange(T, device=positions.device)
         if self._fused is not None and batch.prefill is None and batch.decode is not None:
             # all decodes: the same kernels in one C++ call (bit-identical, no per-op Python)
             d = batch.decode
             return torch.ops.baton_cpu.decode_forward_bf16(
                 h, positions, self._fused[0], self._fused[1], [t for kv in kv_layers for t in kv], d.block_tables,
-                d.context_lens, batch.slot_blocks, batch.slot_offsets, self.rope.cos, self.rope.sin_signed,
+                d.context_lens, batch.slot_blocks, batch.slot_offsets, rope.cos, rope.sin_signed,
                 self.norm if self.norm is not None else _NO_NORM,
                 H, KV, D, cfg.intermediate_size, eps, self.scale)
         residual = h
@@ -201,7 +205,7 @@ class DecoderLM:
             if i:
                 x, residual = add_rms_norm(h, residual, L.input_norm, eps)
             qkv = linear(x, L.qkv).view(T, H + 2 * KV, D)
-            qk_norm_rope_(qkv[:, : H + KV], L.qk_norm, positions, self.rope, eps)
+            qk_norm_rope_(qkv[:, : H + KV], L.qk_norm, positions, rope, eps)
             k_cache, v_cache, *scales = kv_layers[i]
             o = paged_attention(qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:], k_cache, v_cache, batch, self.scale,
                                 *scales)

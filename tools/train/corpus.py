@@ -85,32 +85,34 @@ def read_split(heldout_percent: int = 5, max_bytes: int | None = None, include_t
     return Split(train, heldout, names)
 
 
-def train_tokenizer(vocab_size: int, texts: list[str]):  # noqa: ANN201 - returns tokenizers.Tokenizer
-    """Byte-level BPE: any UTF-8 text round-trips; the specials come first (ids 0, 1, 2)."""
+def train_tokenizer(vocab_size: int, texts: list[str], specials: list[str] = SPECIAL_TOKENS):  # noqa: ANN201
+    """Byte-level BPE (a tokenizers.Tokenizer): any UTF-8 text round-trips; the specials come first
+    (ids 0, 1, 2, then any extra ones, e.g. a vision model's placeholders)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
-def save_tokenizer(tok, out: Path, model_max_length: int = 2048) -> None:  # noqa: ANN001
+def save_tokenizer(tok, out: Path, model_max_length: int = 2048, specials: list[str] = SPECIAL_TOKENS,  # noqa: ANN001
+                   chat_template: str = CHAT_TEMPLATE) -> None:
     """Write tokenizer.json + tokenizer_config.json (with the ChatML template) for AutoTokenizer."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        additional_special_tokens=specials[1:],
         clean_up_tokenization_spaces=False,   # else decode() rewrites " ." and breaks the round trip
         model_max_length=model_max_length,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(str(out))
 
 

@@ -1,0 +1,217 @@
+"""Qwen2.5-VL: image preprocessing, the vision tower, M-RoPE and whole generations against
+transformers' Qwen2_5_VLForConditionalGeneration on the random tiny checkpoint; the engine's
+caching, chunking and batching with images; bad images."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from baton.backends.engine.errors import InvalidRequestError
+from baton.backends.engine.llm import LLM
+from baton.backends.engine.sampling_params import SamplingParams
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture(scope="module")
+def vl_dir(checkpoint):
+    return checkpoint("tiny-qwen2.5-vl", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf(vl_dir):
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(vl_dir)).eval()
+    return model, AutoTokenizer.from_pretrained(str(vl_dir)), Qwen2VLImageProcessorPil.from_pretrained(str(vl_dir))
+
+
+def png(h: int, w: int, seed: int, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    img = PIL.fromarray((rng.random((h, w, 4 if mode == "RGBA" else 3)) * 255).astype(np.uint8),
+                        "RGBA" if mode == "RGBA" else "RGB")
+    if mode not in ("RGB", "RGBA"):
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def chat(tok, parts: list[str | None]) -> str:
+    """A user turn of text parts and images (None), through the checkpoint's chat template."""
+    content = [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]
+    return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+
+def hf_generate(hf, parts: list[str | None], images: list[bytes], n: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and their logprobs; the prompt expanded as Qwen2_5_VLProcessor does
+    (its video half needs torchvision, which does not load here)."""
+    model, tok, proc = hf
+    text, kw = chat(tok, parts), {}
+    if images:
+        pv = proc(images=[PIL.open(io.BytesIO(b)) for b in images], return_tensors="pt")
+        pieces = text.split("<|image_pad|>")
+        text = pieces[0] + "".join("<|image_pad|>" * (int(g.prod()) // 4) + p
+                                   for g, p in zip(pv["image_grid_thw"], pieces[1:]))
+        kw = dict(pv)
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         mm_token_type_ids=(ids == model.config.image_token_id).int(), **kw, max_new_tokens=n,
+                         do_sample=False, output_scores=True, return_dict_in_generate=True)
+    toks = out.sequences[0, ids.shape[1]:].tolist()
+    lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, toks)]
+    return toks, lps
+
+
+# ---- the parts, against transformers ---------------------------------------------------------
+
+def test_image_preprocessing_is_transformers(vl_dir, hf):
+    from baton.backends.multimodal.image import ImageProcessor
+
+    ours, theirs = ImageProcessor.from_dir(vl_dir), hf[2]
+    for i, (h, w, mode, fmt) in enumerate([(70, 100, "RGB", "PNG"), (300, 200, "RGBA", "PNG"),
+                                           (33, 250, "L", "PNG"), (500, 900, "P", "PNG"),
+                                           (120, 90, "RGB", "JPEG"), (64, 64, "RGB", "WEBP")]):
+        raw = png(h, w, i, mode, fmt)
+        ref = theirs(images=[PIL.open(io.BytesIO(raw))], return_tensors="np")
+        got = ours(raw)
+        assert list(got.grid) == ref["image_grid_thw"][0].tolist()
+        assert np.array_equal(got.pixels, ref["pixel_values"]), (h, w, mode, fmt)
+        assert got.num_tokens == int(np.prod(got.grid)) // 4
+
+
+def test_vision_tower_is_transformers(vl_dir, hf):
+    from baton.backends.models.config import ModelConfig
+    from baton.backends.models.vision import VisionConfig, VisionTower, load_vision_weights
+
+    tower = VisionTower(VisionConfig.from_hf_dict(ModelConfig.from_dir(vl_dir).vision_config),
+                        load_vision_weights(vl_dir, torch.float32))
+    g = torch.Generator().manual_seed(0)
+    # several windows per image, partial windows at the edges, two images in one call
+    for grids in ([(1, 4, 8)], [(1, 10, 6), (1, 4, 4)], [(1, 12, 14)]):
+        pixels = torch.randn(sum(t * h * w for t, h, w in grids), tower.cfg.patch_dim, generator=g)
+        ref = hf[0].model.visual(pixels, grid_thw=torch.tensor(grids)).pooler_output
+        got = tower.forward(pixels, grids)
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_mrope_positions_are_transformers(vl_dir, hf):
+    from baton.backends.multimodal.image import ImageProcessor
+    from baton.backends.multimodal.prompt import expand_prompt
+
+    model, tok, _ = hf
+    images = [ImageProcessor.from_dir(vl_dir)(png(h, w, i)) for i, (h, w) in enumerate([(300, 120), (40, 260)])]
+    ids = tok(chat(tok, ["a", None, "and", None, "compare"]))["input_ids"]
+    expanded, mm = expand_prompt(ids, model.config.image_token_id, images, 2)
+    t = torch.tensor([expanded])
+    ref, delta = model.model.get_rope_index(t, (t == model.config.image_token_id).int(),
+                                            torch.tensor([im.grid for im in images]))
+    assert torch.equal(mm.positions, ref[:, 0])
+    assert mm.delta == int(delta) < 0
+    assert [s.length for s in mm.spans] == [im.num_tokens for im in images]
+
+
+CASES = {
+    "text only": (["Describe def foo():"], []),
+    "one image": ([None, "What is this? import os"], [(70, 100)]),
+    "two images of other shapes": (["a", None, "and", None, "compare"], [(300, 120), (40, 260)]),
+    "square": ([None, "x"], [(200, 200)]),
+}
+
+
+@pytest.fixture(scope="module")
+def llm(vl_dir):
+    eng = LLM(vl_dir, dtype="float32", block_size=4)
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_token_exact_with_transformers(case, llm, hf):
+    parts, shapes = CASES[case]
+    images = [png(h, w, i) for i, (h, w) in enumerate(shapes)]
+    want, want_lp = hf_generate(hf, parts, images, 12)
+    out = llm.generate({"prompt": chat(hf[1], parts), "multi_modal_data": {"image": images}},
+                       SamplingParams(max_tokens=12, temperature=0, logprobs=True))[0]
+    assert out.token_ids == want
+    np.testing.assert_allclose(out.logprobs, want_lp, atol=1e-4)
+
+
+def test_images_change_the_output(llm, hf):
+    """The image reaches the model: other pixels, other logits (and the same ones, the same: the
+    second time from the prefix cache, so equal to rounding)."""
+    prompt = chat(hf[1], [None, "What is this?"])
+    sp = SamplingParams(max_tokens=4, temperature=0, logprobs=True)
+    a, b, a2 = (llm.generate({"prompt": prompt, "multi_modal_data": {"image": png(90, 90, s)}}, sp)[0]
+                for s in (1, 2, 1))
+    assert a.token_ids == a2.token_ids and a2.num_cached_tokens > 0
+    np.testing.assert_allclose(a.logprobs, a2.logprobs, atol=1e-5)
+    assert np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max() > 1e-3
+
+
+def test_batching_chunking_and_prefix_cache_keep_outputs(vl_dir, hf):
+    """Several image prompts in one batch, prefills cut into chunks mid-image, a repeated image hitting
+    the prefix cache (and the embedding cache): the tokens of each request alone, unchunked."""
+    tok = hf[1]
+    reqs = [({"prompt": chat(tok, [None, f"q{i}"]), "multi_modal_data": {"image": png(60 + 30 * i, 90, i)}})
+            for i in range(3)]
+    reqs.append({"prompt": chat(tok, ["plain text"])})
+    sp = SamplingParams(max_tokens=8, temperature=0)
+    alone = LLM(vl_dir, dtype="float32", block_size=4, enable_prefix_caching=False)
+    want = [alone.generate(r, sp)[0].token_ids for r in reqs]
+    alone.close()
+    eng = LLM(vl_dir, dtype="float32", block_size=4, max_num_batched_tokens=7)
+    assert [o.token_ids for o in eng.generate(reqs, [sp] * len(reqs))] == want
+    again = eng.generate(reqs[0], sp)[0]
+    assert again.token_ids == want[0]
+    assert again.num_cached_tokens >= 4 * ((len(again.prompt_token_ids) - 1) // 4) - 4
+    enc = eng.engine.encoder
+    assert enc.hits >= 1 and enc.misses == 3
+    # the same text with another image shares only the blocks before the image
+    other = eng.generate({"prompt": reqs[0]["prompt"], "multi_modal_data": {"image": png(60, 90, 99)}}, sp)[0]
+    start = other.prompt_token_ids.index(eng.engine.config.image_token_id)
+    assert other.num_cached_tokens <= start
+    assert eng.engine.block_manager.num_used == 0
+    eng.close()
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def test_bad_images_are_clear_errors_and_leak_nothing(llm, hf, tmp_path):
+    tok = hf[1]
+    one = chat(tok, [None, "x"])
+    good = png(50, 50, 0)
+    bm = llm.engine.block_manager
+
+    def err(prompt: str, images: list) -> str:
+        with pytest.raises(InvalidRequestError) as e:
+            llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, SamplingParams(max_tokens=2))
+        return str(e.value)
+
+    assert "corrupt or truncated" in err(one, [good[: len(good) // 2]])
+    assert "supported format" in err(one, [b"GIF89a-not-really" + b"\0" * 50])
+    assert "supported format" in err(one, [png(20, 20, 1, fmt="TIFF")])
+    assert "empty image" in err(one, [b""])
+    assert "base64" in err(one, ["data:image/png;base64,@@@"])
+    assert "not fetched" in err(one, ["https://example.com/cat.png"])
+    assert "2 image(s) for 1 image placeholder(s)" in err(one, [good, good])
+    assert "0 image(s) for 1" in err(one, [])
+    assert "1 image(s) for 2" in err(chat(tok, [None, None]), [good])
+    # an image whose header declares more pixels than the limit is refused before decoding
+    big = io.BytesIO()
+    PIL.new("1", (9000, 5000)).save(big, "PNG")
+    assert "over the limit" in err(one, [big.getvalue()])
+    assert bm.num_used == 0 and not llm.engine.requests
+    # and the engine still serves
+    assert llm.generate({"prompt": one, "multi_modal_data": {"image": good}}, SamplingParams(max_tokens=2))[0].token_ids
+
+
+def test_images_to_a_text_model_are_refused(qwen3_dir):
+    eng = LLM(qwen3_dir, dtype="float32")
+    with pytest.raises(InvalidRequestError, match="does not take images"):
+        eng.generate({"prompt": "hi", "multi_modal_data": {"image": png(30, 30, 0)}})
+    eng.close()
