@@ -54,7 +54,7 @@ def die_with_parent() -> None:
 
 # Every name Baton creates in /dev/shm and in the temp folder carries the creating process's PID:
 # baton-kv-<pid>-<id>, baton-weights-<pid>-<id>, baton-<pid>-<id>[-...] (run dirs, Triton's regions).
-_OWNED = re.compile(r"^baton-(?:kv-|weights-)?(\d+)-[0-9a-f]")
+_OWNED = re.compile(r"^baton-(?:kv-|weights-|emb-)?(\d+)-[0-9a-f]")
 
 
 def owned_name(tag: str) -> str:

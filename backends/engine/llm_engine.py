@@ -16,7 +16,7 @@ from ..kv.pool import SHM_DIR, KVPool, PoolSpec
 from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, load_weights
-from ..multimodal.encoder import ImageEncoder
+from ..multimodal.encoder import EmbeddingCache, ImageEncoder, visual_weights
 from ..multimodal.prompt import MultiModalPrompt, expand_prompt
 from ..runtime import owned_name, remove_leftovers
 from ..spec.adaptive import Governor
@@ -48,12 +48,14 @@ class StepOutput:
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, pool: KVPool | None = None,
                  block_manager: BlockManager | None = None, weights: dict[str, torch.Tensor] | None = None,
-                 connector: KVConnector | None = None, proposer: Proposer | None = None) -> None:
+                 connector: KVConnector | None = None, proposer: Proposer | None = None,
+                 embedding_cache: EmbeddingCache | None = None) -> None:
         """`pool` / `block_manager` let a serving stage run on a node's shared pool (attached by name)
         and its KV manager (over a local channel) instead of private ones; `weights` are the node's
         shared prepared tensors (loader.weight_store) instead of a private load of the checkpoint;
         `connector` brings KV in from, and hands it on to, other engines (kv.connector); `proposer`
-        drafts for the configured speculation instead of one built here (decode: the draft stage)."""
+        drafts for the configured speculation instead of one built here (decode: the draft stage);
+        `embedding_cache`: where a vision model's image embeddings are kept (a node's shared store)."""
         self.engine_config = config
         if not config.model:
             raise InvalidRequestError("model", "no checkpoint directory given")
@@ -77,7 +79,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.encoder: ImageEncoder | None = None     # the vision tower of a multimodal checkpoint
         if cfg.vision_config is not None and config.vision:
-            self.encoder = ImageEncoder.from_dir(config.model, cfg.vision_config, self.dtype)
+            self.encoder = ImageEncoder.from_dir(config.model, cfg.vision_config, self.dtype, visual_weights(weights),
+                                                 embedding_cache)
 
         if pool is None:
             spec = pool_spec(cfg, self.dtype, config.block_size, config.num_blocks, config.kv_cache_memory_mb << 20,

@@ -87,12 +87,14 @@ class ModelRunner:
             mm, p = getattr(s, "mm", None), s.num_computed_tokens
             if mm is not None:
                 pos3[:, row:row + n] = mm.position_rows(p, p + n)
-                for span, emb in zip(mm.spans, mm.embeds):
+                for i, span in enumerate(mm.spans):
                     a, b = max(span.start, p), min(span.start + span.length, p + n)
                     if a >= b:
                         continue
+                    emb = mm.embedding(i)
                     if emb is None:
-                        raise RuntimeError(f"image {span.hash} of request {s.request_id} was not encoded")
+                        raise RuntimeError(f"the embeddings of image {span.hash} are gone (evicted from the "
+                                           "node's embedding cache before this prompt was recomputed)")
                     if inputs_embeds is None:
                         inputs_embeds = torch.nn.functional.embedding(
                             torch.tensor(ids, dtype=torch.int64, device=self.device), self.model.embed)

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..models.vision import VisionConfig, VisionTower, load_vision_weights
@@ -47,6 +48,17 @@ class LocalEmbeddingCache:
         return len(self.items)
 
 
+VISUAL = "visual."      # the tower's tensors in a node's shared weight file, beside the language model's
+
+
+def visual_weights(weights: dict | None) -> dict[str, torch.Tensor] | None:
+    """The vision tower's tensors within a node's shared weights (None: not there)."""
+    if not weights:
+        return None
+    out = {k[len(VISUAL):]: v for k, v in weights.items() if k.startswith(VISUAL)}
+    return out or None
+
+
 class ImageEncoder:
     def __init__(self, tower: VisionTower, processor: ImageProcessor, cache: EmbeddingCache | None = None) -> None:
         self.tower = tower
@@ -57,27 +69,24 @@ class ImageEncoder:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, vision_config: dict, dtype: torch.dtype,
-                 cache: EmbeddingCache | None = None) -> ImageEncoder:
-        tower = VisionTower(VisionConfig.from_hf_dict(vision_config), load_vision_weights(model_dir, dtype))
+                 weights: dict[str, torch.Tensor] | None = None, cache: EmbeddingCache | None = None) -> ImageEncoder:
+        """weights: the tower's tensors already loaded (a node's shared copy: visual_weights); else
+        read from the checkpoint."""
+        tower = VisionTower(VisionConfig.from_hf_dict(vision_config), weights or load_vision_weights(model_dir, dtype))
         return cls(tower, ImageProcessor.from_dir(model_dir), cache)
 
     def encode(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
         """Embeddings per image ([num_tokens, hidden]); the uncached ones in one tower call."""
-        out: list[torch.Tensor | None] = [self.cache.get(im.hash) for im in images]
-        todo = [i for i, e in enumerate(out) if e is None]
+        found = {im.hash: self.cache.get(im.hash) for im in images}
+        todo = {im.hash: im for im in images if found[im.hash] is None}     # each new image once
         self.hits += len(images) - len(todo)
         if todo:
             self.misses += len(todo)
-            pixels = torch.from_numpy(_concat([images[i].pixels for i in todo]))
-            embeds = self.tower.forward(pixels, [images[i].grid for i in todo])
-            for i, part in zip(todo, embeds.split([images[i].num_tokens for i in todo])):
+            new = list(todo.values())
+            pixels = torch.from_numpy(np.concatenate([im.pixels for im in new]))
+            embeds = self.tower.forward(pixels, [im.grid for im in new])
+            for im, part in zip(new, embeds.split([im.num_tokens for im in new])):
                 part = part.contiguous()
-                self.cache.put(images[i].hash, part)
-                out[i] = part
-        return out  # type: ignore[return-value]
-
-
-def _concat(arrays: list) -> object:
-    import numpy as np
-
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+                self.cache.put(im.hash, part)
+                found[im.hash] = part
+        return [found[im.hash] for im in images]  # type: ignore[misc]

@@ -8,6 +8,7 @@ text after it starts at start + max(rows, columns). Generated tokens are text: i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,22 @@ class MultiModalPrompt:
     positions: torch.Tensor          # [3, prompt tokens] int64
     delta: int                       # a token at index i >= prompt length has position i + delta
     embeds: list[torch.Tensor | None] = field(default_factory=list)   # per span [length, hidden], once encoded
+    # where a missing embedding is read when needed (decode recomputing a preempted prompt: the
+    # node's embedding store); None: all are in `embeds`
+    fetch: Callable[[str], torch.Tensor | None] | None = None
+
+    @classmethod
+    def of(cls, spans: list[ImageSpan], num_prompt_tokens: int, merge: int,
+           embeds: list[torch.Tensor | None] | None = None,
+           fetch: Callable[[str], torch.Tensor | None] | None = None) -> MultiModalPrompt:
+        """An expanded prompt's images as stages pass them (spans), with its positions recomputed."""
+        positions, delta = mrope_positions(num_prompt_tokens, spans, merge)
+        return cls(list(spans), positions, delta, list(embeds) if embeds else [None] * len(spans), fetch)
+
+    def embedding(self, i: int) -> torch.Tensor | None:
+        if self.embeds[i] is None and self.fetch is not None:
+            self.embeds[i] = self.fetch(self.spans[i].hash)
+        return self.embeds[i]
 
     def keys_for(self, start: int, end: int) -> tuple[str, ...]:
         """Hashes of the images with a placeholder in tokens [start, end): a block's extra keys, so

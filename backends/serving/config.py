@@ -14,12 +14,15 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import tomllib
 
 from .. import paths
 from ..engine.config import ConfigError, EngineConfig, check_types, from_table
+
+if TYPE_CHECKING:
+    from ..multimodal.embedding_store import EmbeddingStore
 
 POLICIES = ("fair", "prefill_first")
 DRAINING = "draining"                  # a file in the run dir: the node admits no new requests
@@ -62,6 +65,12 @@ class ServingConfig:
     # pd_router: what a prompt block in a prefill node's lower KV tier is worth against one in its pool
     # (1.0) when the router predicts the node's work; keys host, store, disk (cluster/router.py TIER_WEIGHTS)
     tier_weights: dict = field(default_factory=dict)
+    # a vision model's image embeddings, shared by the node's stages and keyed by image content
+    # (multimodal/embedding_store.py): the `encode` stage keeps at most this much, oldest use out first
+    embedding_cache_mb: int = 256
+    # CPUs the `encode` stage runs on (its threads: one per CPU), e.g. "1" or "2-3"; "": the node's,
+    # shared like the other stages
+    encode_cpus: str = ""
 
     def __post_init__(self) -> None:
         check_types(self, "ServingConfig")
@@ -71,9 +80,23 @@ class ServingConfig:
                 raise ConfigError(f"tier_weights.{k}: expected host, store or disk with a weight in [0, 1], got {v!r}")
         if self.max_pending_requests < 1:
             raise ConfigError(f"max_pending_requests: must be >= 1, got {self.max_pending_requests}")
-        for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s"):
+        cpus_list(self.encode_cpus)
+        for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s",
+                     "embedding_cache_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+
+
+def cpus_list(spec: str) -> list[int]:
+    """"1", "0,2", "2-3" -> CPU numbers (ServingConfig.encode_cpus)."""
+    out: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ConfigError(f"encode_cpus: expected CPU numbers like \"1\" or \"2-3\", got {spec!r}") from None
+    return out
 
 
 STAGE_KEY_PARAM = "baton_stage_key"       # the request parameter an internal stage call carries
@@ -105,6 +128,17 @@ class NodeConfig:
     # the gRPC endpoint serving the `draft` model (speculative method "draft" on its own stage); "":
     # the draft model runs inside decode
     draft_address: str = ""
+    # a vision model's node: the embedding store's directory; encode_stage: images are encoded by the
+    # `encode` model (EPD) rather than inside prefill
+    embedding_store: str = ""
+    encode_stage: bool = False
+
+    def embedding_store_client(self) -> EmbeddingStore | None:
+        if not self.embedding_store:
+            return None
+        from ..multimodal.embedding_store import EmbeddingStore
+
+        return EmbeddingStore(self.embedding_store, self.serving.embedding_cache_mb << 20)
 
     @property
     def stage_key(self) -> str:

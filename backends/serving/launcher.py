@@ -30,6 +30,9 @@ from ..loader import weight_store
 from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
 from ..models.decoder import load_weights, process_linears
+from ..models.vision import load_vision_weights
+from ..multimodal.embedding_store import EmbeddingStore, store_dir
+from ..multimodal.encoder import VISUAL
 from ..runtime import owned_name, process_env, remove_leftovers, stop_process
 from ..stages.cores import CoreShare
 from ..stages.front import requests_in_fronts
@@ -88,6 +91,7 @@ class Node:
     # --host is not a loopback address (other nodes call it)
     listen: str = ""
     services: list = field(default_factory=list)      # what `kv_tiers` "auto" started (kv/services.py)
+    embedding_dir: Path | None = None                 # a vision model's node: its embedding store
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
@@ -134,7 +138,13 @@ class Node:
             t = time.monotonic()
             self.weights_name = pool_name
             method = select_linear_method(dtype, engine.device, engine.pack_weights, engine.quantization, quant)
-            size = weight_store.publish(pool_name, process_linears(cfg, load_weights(cfg, model_dir, dtype, quant), method))
+            weights = process_linears(cfg, load_weights(cfg, model_dir, dtype, quant), method)
+            if cfg.vision_config is not None:         # a vision model's tower: in the same file, for encode (or prefill)
+                weights |= {VISUAL + k: v for k, v in load_vision_weights(model_dir, dtype).items()}
+                self.embedding_dir = store_dir(self.node_id)
+                EmbeddingStore(self.embedding_dir)
+            size = weight_store.publish(pool_name, weights)
+            del weights
             if not quiet:
                 print(f"[baton] weights: {size / 2**20:.0f} MiB in shared memory ({method.name}, "
                       f"{time.monotonic() - t:.1f}s)", file=sys.stderr, flush=True)
@@ -148,7 +158,8 @@ class Node:
                           block_source=self.manager.source if role == "prefill" else "",
                           name_service=self.name_service if role == "router" else "", cluster=self.cluster,
                           stage_calls_keyed=use_keyed_stages(prof.models, role),
-                          draft_address=self.grpc_url if "draft" in prof.models else "")
+                          draft_address=self.grpc_url if "draft" in prof.models else "",
+                          embedding_store=str(self.embedding_dir or ""), encode_stage="encode" in prof.models)
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")
@@ -365,6 +376,8 @@ class Node:
             finally:
                 if getattr(self, "weights_name", None):
                     weight_store.unlink(self.weights_name)
+                if self.embedding_dir is not None:
+                    shutil.rmtree(self.embedding_dir, ignore_errors=True)
                 if not keep and self.run_dir is not None:
                     shutil.rmtree(self.run_dir, ignore_errors=True)
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 from baton_client.schema import SCALARS, STRINGS, USER
 
-__all__ = ["DRAFT_CALL", "DRAFT_REPLY", "HANDLE", "PREFILL_REQUEST", "SCALARS", "STREAM", "STRINGS", "USER", "pbtxt"]
+__all__ = ["DRAFT_CALL", "DRAFT_REPLY", "HANDLE", "IMAGES", "PREFILL_REQUEST", "SCALARS", "STREAM", "STRINGS", "USER", "pbtxt"]
 
-# preprocess -> prefill: stages.messages.PrefillRequest
-PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING", 1), ("sampling", "TYPE_STRING", 1)]
+# A prompt's images (empty for text): each one's span of placeholders [start, length, t, h, w] and
+# content hash (multimodal/prompt.py ImageSpan)
+IMAGES = [("image_spans", "TYPE_INT64", "-1, 5"), ("image_hashes", "TYPE_STRING", -1)]
+
+# preprocess -> [encode ->] prefill: stages.messages.PrefillRequest. `pixels`: the images' patches,
+# until encode has turned them into embeddings in the node's embedding store (then empty, and
+# `embed_mac` signs the image hashes: the embedding handle)
+PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING", 1), ("sampling", "TYPE_STRING", 1),
+                   *IMAGES, ("pixels", "TYPE_FP32", "-1, -1"), ("embed_mac", "TYPE_UINT8", -1)]
 
 # prefill -> decode: stages.messages.KVHandle
 HANDLE = [("request_id", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("num_prompt_tokens", "TYPE_INT32", 1),
@@ -16,7 +23,7 @@ HANDLE = [("request_id", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("n
           ("num_cached_tokens", "TYPE_INT32", 1), ("finish_reason", "TYPE_STRING", 1),
           ("sampling", "TYPE_STRING", 1), ("logprobs", "TYPE_FP32", -1),
           ("source", "TYPE_STRING", 1), ("prefill_seconds", "TYPE_FP32", 1), ("cached_by_tier", "TYPE_INT32", -1),
-          ("mac", "TYPE_UINT8", -1)]
+          *IMAGES, ("mac", "TYPE_UINT8", -1)]
 
 # decode -> postprocess, one per streamed response: stages.messages.TokenDelta
 STREAM = [("d_token_ids", "TYPE_INT64", -1), ("d_text", "TYPE_STRING", 1), ("d_finish_reason", "TYPE_STRING", 1),
@@ -32,5 +39,5 @@ DRAFT_CALL = [("keys", "TYPE_INT64", -1), ("starts", "TYPE_INT64", -1), ("length
 DRAFT_REPLY = [("drafts", "TYPE_INT64", -1), ("synced", "TYPE_INT64", -1)]
 
 
-def pbtxt(specs: list[tuple[str, str, int]]) -> str:
+def pbtxt(specs: list[tuple[str, str, int | str]]) -> str:
     return ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {d} ] }}' for n, t, d in specs)

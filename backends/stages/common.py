@@ -22,6 +22,8 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
         config = config.replace(max_num_batched_tokens=node.serving.prefill_chunk_tokens)
     if stage != "decode":                             # only decode speculates
         config = config.replace(speculative={})
+    if stage == "decode" or node.encode_stage:        # images are encoded before decode, by `encode` (EPD)
+        config = config.replace(vision=False)
     configure_process(config.threads)
     pool = KVPool.attach(node.kv_pool)
     bm = RemoteBlockManager(node.kv_address, pool.spec.num_blocks, pool.spec.block_size)
@@ -45,7 +47,8 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
         from ..spec.remote import RemoteDraftProposer
 
         proposer = RemoteDraftProposer(node.draft_address, node.stage_key)
-    return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector, proposer=proposer)
+    return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector, proposer=proposer,
+                     embedding_cache=node.embedding_store_client() if config.vision else None)
 
 
 def core_share(node: NodeConfig, stage: str) -> CoreShare | None:

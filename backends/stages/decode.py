@@ -25,6 +25,7 @@ from typing import Protocol
 from ..engine.detokenizer import Detokenizer
 from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Sequence
+from ..multimodal.embedding_store import EmbeddingStore
 from .messages import KVHandle, TokenDelta
 from .metrics import DECODE
 
@@ -52,11 +53,15 @@ class _Live:
 
 
 class DecodeStage:
-    def __init__(self, engine: LLMEngine, handle_key: bytes, responses_per_step: int = 0) -> None:
+    def __init__(self, engine: LLMEngine, handle_key: bytes, responses_per_step: int = 0,
+                 embeddings: EmbeddingStore | None = None) -> None:
         """handle_key: the node's secret; a KV handle this node's prefill did not sign, or whose blocks
         the KV manager does not hold for that request (forged, replayed, expired), is refused before
-        any block is touched."""
+        any block is touched. embeddings: the node's embedding store, where a preempted prompt's
+        images are read back when it is recomputed."""
         self.engine = engine
+        self.embeddings = embeddings
+        self.merge = int((engine.config.vision_config or {}).get("spatial_merge_size", 2))
         self.handle_key = handle_key
         self.responses_per_step = responses_per_step
         self.live: dict[int, _Live] = {}
@@ -161,7 +166,7 @@ class DecodeStage:
 
     def _admit(self, handle: KVHandle, sink: Sink) -> None:
         eng = self.engine
-        seq = handle.to_sequence(eng.block_size)
+        seq = handle.to_sequence(eng.block_size, self.merge, self.embeddings.get if self.embeddings else None)
         first = seq.output_token_ids
         self.tokens += len(first)
         if handle.finish_reason:                   # prefill already finished it (max_tokens=1, EOS, stop)

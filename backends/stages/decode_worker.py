@@ -58,7 +58,8 @@ def serve(node: NodeConfig, address: str, cancel_address: str | None = None) -> 
     sock.connect(address)
     inbox = CancelInbox(cancel_address) if cancel_address else None
     stage = DecodeStage(node_engine(node, "decode"), bytes.fromhex(node.handle_key),
-                        responses_per_step=node.serving.stream_responses_per_step)
+                        responses_per_step=node.serving.stream_responses_per_step,
+                        embeddings=node.embedding_store_client())
     cores = core_share(node, "decode")
     parent = os.getppid()
     outbox: list = []

@@ -32,11 +32,12 @@ class Calls:
     """The Triton operations the front needs (model.py binds them to pb_utils)."""
 
     preprocess: Callable[[Any], Any]              # the request's inputs -> response (raises FrontError)
-    prefill: Callable[[Any], Any]                 # preprocess outputs -> response
+    prefill: Callable[[Any], Any]                 # preprocess (or encode) outputs -> response
     decode: Callable[[Any], Iterator[Any]]        # prefill outputs -> streamed responses
     outputs: Callable[[Any], dict[str, Any]]      # a response -> {name: numpy array}
     send: Callable[[dict[str, Any] | None, bool], None]   # (renamed outputs or None, final)
     cancelled: Callable[[], bool]
+    encode: Callable[[Any], Any] | None = None    # EPD: preprocess outputs with images -> their embedding handle
 
 
 class FrontError(Exception):
@@ -102,6 +103,11 @@ def check_parameters(params: dict[str, Any]) -> None:
                          f"{', '.join(n for n, _ in SCALARS)}", "invalid")
 
 
+def has_images(outputs: dict[str, Any]) -> bool:
+    spans = outputs.get("image_spans")
+    return spans is not None and spans.size > 0
+
+
 def relay(inputs: Any, calls: Calls, cancel: CancelSender | CloseStream, timeout_s: float = 0.0, stream: bool = True) -> str:
     """Serve one request; returns how it ended ("finished", "cancelled"). Stage errors propagate as
     FrontError (model.py turns them into the request's final error response); decode reports its own
@@ -111,7 +117,10 @@ def relay(inputs: Any, calls: Calls, cancel: CancelSender | CloseStream, timeout
     false the client gets one response, every delta merged (what Triton's HTTP `generate` endpoint
     accepts); the front still reads each delta, so cancellation and the deadline work the same."""
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")
-    handle = calls.prefill(calls.preprocess(inputs))
+    request = calls.preprocess(inputs)
+    if calls.encode is not None and has_images(calls.outputs(request)):
+        request = calls.encode(request)
+    handle = calls.prefill(request)
     request_id, ended, failed = "", False, None
     next_check = time.monotonic() + CANCEL_POLL_S
     cancelled = timed_out = False

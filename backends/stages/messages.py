@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from ..engine.errors import InvalidRequestError
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import Sequence
+from ..multimodal.prompt import ImageSpan, MultiModalPrompt
 
 
 def _text(x: np.ndarray) -> str:
@@ -32,20 +36,61 @@ def _string(s: str) -> np.ndarray:
     return np.asarray([s.encode()], dtype=object)
 
 
+def _spans_arrays(images: list[ImageSpan]) -> dict[str, np.ndarray]:
+    return {"image_spans": np.asarray([[s.start, s.length, *s.grid] for s in images], dtype=np.int64).reshape(-1, 5),
+            "image_hashes": np.asarray([s.hash.encode() for s in images], dtype=object)}
+
+
+def _spans(a: dict[str, np.ndarray]) -> list[ImageSpan]:
+    if "image_spans" not in a:
+        return []
+    rows = a["image_spans"].astype(np.int64).reshape(-1, 5).tolist()
+    hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in a["image_hashes"].reshape(-1)]
+    if len(hashes) != len(rows):
+        raise ValueError(f"{len(rows)} image spans with {len(hashes)} hashes")
+    return [ImageSpan(r[0], r[1], h, (r[2], r[3], r[4])) for r, h in zip(rows, hashes)]
+
+
+def embed_mac(key: bytes, request_id: str, images: list[ImageSpan]) -> bytes:
+    """The embedding handle's signature: this node's encoder stored these images' embeddings."""
+    h = hmac.new(key, b"baton embeddings\0" + request_id.encode(), digestmod=hashlib.sha256)
+    for s in images:
+        h.update(f"{s.start}:{s.length}:{s.grid}:{s.hash};".encode())
+    return h.digest()
+
+
 @dataclass
 class PrefillRequest:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]             # images' placeholders expanded (one per embedding)
     sampling: SamplingParams
+    images: list[ImageSpan] = field(default_factory=list)
+    pixels: np.ndarray | None = None        # [patches, patch_dim] of all images, until encoded
+    embed_mac: bytes = b""                  # embeddings in the node's store: signed by encode
 
     def to_arrays(self) -> dict[str, np.ndarray]:
+        pixels = self.pixels if self.pixels is not None else np.zeros((0, 0), dtype=np.float32)
         return {"input_ids": np.asarray(self.prompt_token_ids, dtype=np.int64),
-                "request_id": _string(self.request_id), "sampling": _string(self.sampling.to_json())}
+                "request_id": _string(self.request_id), "sampling": _string(self.sampling.to_json()),
+                **_spans_arrays(self.images), "pixels": np.ascontiguousarray(pixels, dtype=np.float32),
+                "embed_mac": np.frombuffer(self.embed_mac, dtype=np.uint8).copy()}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> PrefillRequest:
+        pixels = a.get("pixels")
         return cls(_text(a["request_id"]), a["input_ids"].astype(np.int64).tolist(),
-                   SamplingParams.from_json(_text(a["sampling"])))
+                   SamplingParams.from_json(_text(a["sampling"])), _spans(a),
+                   pixels if pixels is not None and pixels.size else None,
+                   a["embed_mac"].astype(np.uint8).tobytes() if "embed_mac" in a else b"")
+
+
+def split_pixels(req: PrefillRequest) -> list[np.ndarray]:
+    """A request's pixels, one array per image (t * h * w patches each)."""
+    sizes = [s.grid[0] * s.grid[1] * s.grid[2] for s in req.images]
+    px = req.pixels
+    if px is None or px.ndim != 2 or px.shape[0] != sum(sizes):
+        raise InvalidRequestError("pixels", f"{None if px is None else list(px.shape)} do not match the images' grids")
+    return np.split(px, np.cumsum(sizes)[:-1]) if sizes else []
 
 
 @dataclass
@@ -62,6 +107,7 @@ class KVHandle:
     source: str = ""              # PD: where decode reads the blocks from (kv.transfer.BlockSource JSON); "": this node
     prefill_seconds: float = 0.0  # how long prefill computed the batch this request was in (the front's queue time)
     cached_by_tier: list[int] = field(default_factory=list)   # num_cached_tokens per kv.tiers.TIER_NAMES
+    images: list[ImageSpan] = field(default_factory=list)     # the prompt's images (their positions, block keys)
     mac: bytes = b""              # HMAC-SHA256 of the rest under the node's secret (sign / verify)
 
     def _digest(self, key: bytes) -> bytes:
@@ -85,13 +131,18 @@ class KVHandle:
     def from_sequence(cls, seq: Sequence, finish_reason: str, block_table: list[int]) -> KVHandle:
         return cls(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.num_computed_tokens,
                    list(block_table), max(seq.num_cached_tokens, 0), finish_reason, seq.params,
-                   list(seq.logprobs), cached_by_tier=list(seq.cached_by_tier or []))
+                   list(seq.logprobs), cached_by_tier=list(seq.cached_by_tier or []),
+                   images=list(seq.mm.spans) if seq.mm is not None else [])
 
-    def to_sequence(self, block_size: int) -> Sequence:
+    def to_sequence(self, block_size: int, merge: int = 2,
+                    fetch: Callable[[str], torch.Tensor | None] | None = None) -> Sequence:
         """The sequence decode continues: prompt and first token (a seeded request's draws are keyed by
         position: engine.sampler.noise); its blocks come through the
-        KV connector (seq.kv_transfer) when the scheduler admits it."""
-        seq = Sequence(self.token_ids[: self.num_prompt_tokens], self.sampling, block_size, self.request_id)
+        KV connector (seq.kv_transfer) when the scheduler admits it. A prompt with images gets its
+        M-RoPE positions back (the vision tower's `merge`), and reads its images' embeddings through
+        `fetch` if it is ever recomputed."""
+        mm = MultiModalPrompt.of(self.images, self.num_prompt_tokens, merge, fetch=fetch) if self.images else None
+        seq = Sequence(self.token_ids[: self.num_prompt_tokens], self.sampling, block_size, self.request_id, mm=mm)
         for t in self.token_ids[self.num_prompt_tokens:]:
             seq.append(t)
         seq.num_cached_tokens = self.num_cached_tokens
@@ -115,6 +166,7 @@ class KVHandle:
             "source": _string(self.source),
             "prefill_seconds": np.asarray([self.prefill_seconds], dtype=np.float32),
             "cached_by_tier": np.asarray(self.cached_by_tier, dtype=np.int32),
+            **_spans_arrays(self.images),
             "mac": np.frombuffer(self.mac, dtype=np.uint8).copy() if self.mac else np.zeros(0, np.uint8),
         }
 
@@ -126,7 +178,7 @@ class KVHandle:
                    _text(a["finish_reason"]), SamplingParams.from_json(_text(a["sampling"])),
                    a["logprobs"].astype(np.float32).tolist(),
                    _text(a["source"]), float(a["prefill_seconds"].reshape(-1)[0]),
-                   a["cached_by_tier"].astype(np.int32).tolist(), a["mac"].astype(np.uint8).tobytes())
+                   a["cached_by_tier"].astype(np.int32).tolist(), _spans(a), a["mac"].astype(np.uint8).tobytes())
 
 
 @dataclass

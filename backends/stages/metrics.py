@@ -54,6 +54,12 @@ DRAFT = {
     "baton:draft_tokens_total": ("counter", "Draft stage: draft tokens proposed."),
     "baton:draft_kv_blocks_used": ("gauge", "Draft stage: blocks of the draft model's own KV pool in use."),
 }
+ENCODE = {
+    "baton:encode_images_total": ("counter", "Images that reached the encode stage."),
+    "baton:encode_cache_hits_total": ("counter", "Of those, images whose embeddings the node's embedding cache "
+                                                 "already held (not encoded again)."),
+    "baton:encode_seconds_total": ("counter", "Seconds the encode stage spent on its batches."),
+}
 PREFILL = {
     "baton:prefill_requests_total": ("counter", "Requests prefilled."),
     "baton:prompt_tokens_total": ("counter", "Prompt tokens, computed or served from the prefix cache."),

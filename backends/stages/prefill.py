@@ -4,6 +4,7 @@ sequence on as a KVHandle (the KV connector keeps its blocks: decode owns them f
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from pathlib import Path
@@ -14,19 +15,29 @@ from ..engine.errors import InvalidRequestError
 from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Sequence
 from .cores import CoreShare
-from .messages import KVHandle, PrefillRequest
+from ..multimodal.embedding_store import EmbeddingStore
+from ..multimodal.image import ProcessedImage
+from ..multimodal.prompt import MultiModalPrompt
+from .messages import KVHandle, PrefillRequest, embed_mac, split_pixels
 from .metrics import Deltas
 
 log = logging.getLogger("prefill")
 
 
+class EmbeddingsGone(RuntimeError):
+    """A request's image embeddings were evicted before prefill read them: the server's fault (retry)."""
+
+
 class PrefillStage:
     def __init__(self, engine: LLMEngine, handle_key: bytes, cores: CoreShare | None = None, source: str = "",
-                 load_path: str | None = None) -> None:
+                 load_path: str | None = None, embeddings: EmbeddingStore | None = None) -> None:
         """handle_key: the node's secret; every KVHandle leaves signed with it, and its blocks are
         recorded with the KV manager as handed off (decode claims them once, or they expire).
-        source: a PD prefill node's BlockSource JSON, which its handles carry (decode reads from there)."""
+        source: a PD prefill node's BlockSource JSON, which its handles carry (decode reads from there).
+        embeddings: the node's embedding store, where the `encode` stage put a request's images
+        (without one, images come as pixels and this engine's own vision tower encodes them)."""
         self.engine = engine
+        self.embeddings = embeddings
         self.handle_key = handle_key
         self.source = source
         # [requests, prompt tokens] being prefilled now, in a small shared file the node reports to
@@ -65,9 +76,10 @@ class PrefillStage:
         seqs: list[Sequence | Exception] = []
         for req in batch:
             try:
+                mm = self._images(req) if req.images else None
                 seqs.append(eng.add_request(req.prompt_token_ids, req.sampling, request_id=req.request_id,
-                                            prefill_only=True))
-            except InvalidRequestError as e:
+                                            prefill_only=True, mm=mm))
+            except (InvalidRequestError, EmbeddingsGone) as e:
                 seqs.append(e)
         pending = {s.request_id for s in seqs if isinstance(s, Sequence)}
         try:
@@ -94,6 +106,26 @@ class PrefillStage:
                     eng.block_manager.hand_off(h.request_id, h.block_table)
             eng.block_manager.flush(idle=True)           # publish, hand off, release the rest: one call
         return out
+
+    def _images(self, req: PrefillRequest) -> MultiModalPrompt:
+        """The request's images with their embeddings: read by handle from the node's store (EPD), or
+        encoded here from their pixels (vision inside prefill)."""
+        eng = self.engine
+        merge = int((eng.config.vision_config or {}).get("spatial_merge_size", 2))
+        if req.embed_mac:
+            if self.embeddings is None or not hmac.compare_digest(
+                    req.embed_mac, embed_mac(self.handle_key, req.request_id, req.images)):
+                raise InvalidRequestError("image", "embedding handle not signed by this node's encoder")
+            embeds = [self.embeddings.get(s.hash) for s in req.images]
+            if any(e is None for e in embeds):
+                raise EmbeddingsGone("an image's embeddings left the node's embedding cache before prefill read "
+                                     "them (embedding_cache_mb too small for the load); retry")
+            return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, embeds)
+        if eng.encoder is None or req.pixels is None:
+            raise InvalidRequestError("image", "images reached prefill without embeddings, and this prefill "
+                                      "has no vision tower (profile with an `encode` stage?)")
+        images = [ProcessedImage(px, s.grid, s.hash, s.length) for s, px in zip(req.images, split_pixels(req))]
+        return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, eng.encoder.encode(images))
 
     def _signed(self, h: KVHandle, took: float) -> KVHandle:
         h.source = self.source if h.block_table else ""

@@ -14,8 +14,13 @@ import numpy as np
 from ..engine.errors import InvalidRequestError
 from ..engine.sampling_params import SamplingParams
 from ..engine.tokenizer import Tokenizer
+from ..models.config import ModelConfig
+from ..multimodal.image import ImageProcessor
+from ..multimodal.prompt import ImageSpan, expand_prompt
 from ..serving import tensors
 from .messages import PrefillRequest
+
+MAX_IMAGES = 8          # per request: each is decoded, resized and encoded before the prompt runs
 
 # optional scalar inputs (serving.tensors.SCALARS) -> (SamplingParams field, python type)
 _KIND = {"TYPE_INT32": int, "TYPE_INT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool}
@@ -30,7 +35,8 @@ _JSON_KEYS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": 
 
 
 class Preprocessor:
-    def __init__(self, model_dir: str, max_model_len: int, max_tokens_limit: int) -> None:
+    def __init__(self, model_dir: str, max_model_len: int, max_tokens_limit: int,
+                 max_images: int = MAX_IMAGES) -> None:
         tok = Tokenizer.from_dir(model_dir)
         if tok is None:
             raise ValueError(f"no tokenizer.json in {model_dir}")
@@ -41,10 +47,14 @@ class Preprocessor:
         self.max_model_len = max_model_len
         self.max_tokens_limit = max_tokens_limit
         self.chat_template = _chat_template(Path(model_dir))
+        cfg = ModelConfig.from_dir(model_dir)
+        self.image_token_id = cfg.image_token_id          # None: a text model
+        self.images = ImageProcessor.from_dir(model_dir) if cfg.vision_config is not None else None
+        self.max_images = max_images
 
     def __call__(self, inputs: dict[str, np.ndarray], request_id: str = "") -> PrefillRequest:
         """Triton inputs -> the message prefill takes (request_id: a fresh one when empty)."""
-        ids = self._prompt_ids(inputs)
+        ids, images = self._prompt_ids(inputs)
         kw: dict[str, Any] = {}
         for name, (field, kind) in SCALARS.items():
             if name not in inputs:
@@ -74,7 +84,26 @@ class Preprocessor:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError("text_input", f"prompt of {len(ids)} tokens leaves no room to generate "
                                       f"within max_model_len={self.max_model_len}")
-        return PrefillRequest(request_id or uuid.uuid4().hex, ids, params)
+        ids, spans, pixels = self._with_images(ids, images)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError("image", f"the prompt with its images' {len(ids)} tokens leaves no room "
+                                      f"to generate within max_model_len={self.max_model_len}")
+        return PrefillRequest(request_id or uuid.uuid4().hex, ids, params, spans, pixels)
+
+    def _with_images(self, ids: list[int], images: list[Any]) -> tuple[list[int], list[ImageSpan], np.ndarray | None]:
+        """Each image decoded, checked, hashed and cut into patches; its placeholder repeated once per
+        embedding it becomes."""
+        if self.images is None or self.image_token_id is None:
+            if images:
+                raise InvalidRequestError("image", "this model does not take images")
+            return ids, [], None
+        if not images and self.image_token_id not in ids:
+            return ids, [], None
+        if len(images) > self.max_images:
+            raise InvalidRequestError("image", f"{len(images)} images; at most {self.max_images} per request")
+        processed = [self.images(im, f"image[{i}]") for i, im in enumerate(images)]
+        ids, mm = expand_prompt(ids, self.image_token_id, processed, self.images.merge)
+        return ids, mm.spans, np.concatenate([p.pixels for p in processed]) if processed else None
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
         """Each word's token ids, as written and after a space (how it appears mid-text), as vLLM does."""
@@ -88,9 +117,11 @@ class Preprocessor:
                     out.append(ids)
         return out
 
-    def _prompt_ids(self, inputs: dict[str, np.ndarray]) -> list[int]:
+    def _prompt_ids(self, inputs: dict[str, np.ndarray]) -> tuple[list[int], list[Any]]:
+        """The prompt's token ids and its images (from the `image` tensor, or messages' image parts)."""
         if "messages" in inputs and "text_input" in inputs:
             raise InvalidRequestError("messages", "give text_input or messages, not both")
+        images: list[Any] = list(inputs["image"].reshape(-1)) if "image" in inputs else []
         if "messages" in inputs:
             raw = _utf8("messages", inputs["messages"].reshape(-1)[0])
             try:
@@ -101,6 +132,10 @@ class Preprocessor:
                 raise InvalidRequestError("messages", "must be a JSON list of {role, content} objects") from None
             if self.chat_template is None:
                 raise InvalidRequestError("messages", "this model has no chat template")
+            parts = _image_parts(messages)
+            if parts and images:
+                raise InvalidRequestError("image", "give images as messages' content parts or in `image`, not both")
+            images = images or parts
             text = self.chat_template.render(messages=messages, add_generation_prompt=True)
         elif "text_input" in inputs:
             text = _utf8("text_input", inputs["text_input"].reshape(-1)[0])
@@ -114,7 +149,34 @@ class Preprocessor:
         ids = self.tok.encode(text)
         if not ids:
             raise InvalidRequestError("text_input", "tokenizes to nothing")
-        return ids
+        return ids, images
+
+
+def _image_parts(messages: list[dict]) -> list[Any]:
+    """Images in chat content parts, in order: {"type": "image_url", "image_url": {"url": data URL}}
+    (OpenAI's form) or {"type": "image", "image": base64 or data URL}."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+            raise InvalidRequestError("messages", "content must be a string or a list of parts")
+        for p in content:
+            kind = p.get("type")
+            if kind == "image_url":
+                url = p.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise InvalidRequestError("messages", "an image_url part needs image_url.url (a data URL)")
+                out.append(url)
+            elif kind == "image":
+                if not isinstance(p.get("image"), str):
+                    raise InvalidRequestError("messages", "an image part needs `image` (base64 or a data URL)")
+                out.append(p["image"])
+            elif kind != "text":
+                raise InvalidRequestError("messages", f"content part type {kind!r} is not supported (text, image_url, image)")
+    return out
 
 
 def _utf8(field: str, raw: Any) -> str:

@@ -39,6 +39,7 @@ class TritonPythonModel:
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING
         self.timeout_s = node.serving.request_timeout_s
+        self.encode = node.encode_stage       # EPD: images go through the encode model before prefill
         self.metrics = TritonMetrics(pb_utils, FRONT, {"model": args["model_name"], "version": args["model_version"]})
         # one thread per request in flight: a streaming call blocks its thread
         self.pool = ThreadPoolExecutor(max_workers=node.serving.max_pending_requests, thread_name_prefix="baton-front")
@@ -84,7 +85,8 @@ class TritonPythonModel:
                       prefill=lambda t: prefilled(stages.call("prefill", t, _names(HANDLE))),
                       decode=lambda t: stages.stream("decode", t, _names(STREAM)),
                       outputs=lambda resp: resp,
-                      send=send, cancelled=r.is_cancelled)
+                      send=send, cancelled=r.is_cancelled,
+                      encode=(lambda t: stages.call("encode", t, _names(PREFILL_REQUEST))) if self.encode else None)
         if router is not None:
             cancel = CloseStream()
 

@@ -9,14 +9,15 @@ from baton.backends.serving.tensors import PREFILL_REQUEST
 from baton.backends.stages.common import core_share, node_engine
 from baton.backends.stages.messages import PrefillRequest
 from baton.backends.stages.metrics import PREFILL, TritonMetrics
-from baton.backends.stages.prefill import PrefillStage
+from baton.backends.stages.prefill import EmbeddingsGone, PrefillStage
 
 
 class TritonPythonModel:
     def initialize(self, args):
         node = self.node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.stage = PrefillStage(node_engine(node, "prefill"), bytes.fromhex(node.handle_key), core_share(node, "prefill"),
-                                  node.block_source, f"{node.run_dir}/prefill-{args['model_instance_name']}.load")
+                                  node.block_source, f"{node.run_dir}/prefill-{args['model_instance_name']}.load",
+                                  node.embedding_store_client())
         self.metrics = TritonMetrics(pb_utils, PREFILL, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
@@ -31,7 +32,8 @@ class TritonPythonModel:
                 continue
             res = next(results)
             if isinstance(res, Exception):
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(res, InvalidRequestError) else pb_utils.TritonError.INTERNAL
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(res, InvalidRequestError) else \
+                    pb_utils.TritonError.UNAVAILABLE if isinstance(res, EmbeddingsGone) else pb_utils.TritonError.INTERNAL
                 out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(res), code)))
             else:
                 out.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in res.to_arrays().items()]))
