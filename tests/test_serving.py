@@ -524,14 +524,15 @@ def test_internal_models_answer_only_the_nodes_own_calls(node):
 
     import tritonclient.grpc as grpc
 
+    from baton.backends.engine.sampling_params import SamplingParams
     from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST
+    from baton.backends.stages.messages import PrefillRequest
 
     c = grpc.InferenceServerClient(node.grpc_url)
     for params in (None, {"baton_stage_key": "0" * 32}):
         with pytest.raises(Exception, match="internal to the node"):
             c.infer("preprocess", [_input("text_input", np.array([b"hi"], dtype=object))], parameters=params)
-        prompt = {"input_ids": np.arange(3, 40, dtype=np.int64), "request_id": np.array([b"x"], dtype=object),
-                  "sampling": np.array([b"{}"], dtype=object)}
+        prompt = PrefillRequest("x", list(range(3, 40)), SamplingParams()).to_arrays()
         with pytest.raises(Exception, match="internal to the node"):
             c.infer("prefill", [_input(n, prompt[n]) for n, _, _ in PREFILL_REQUEST], parameters=params)
         got = queue.Queue()
@@ -539,6 +540,7 @@ def test_internal_models_answer_only_the_nodes_own_calls(node):
         fake = {n: np.zeros(1, np.int64) if t == "TYPE_INT64" else np.zeros(1, np.int32) if t == "TYPE_INT32"
                 else np.zeros(1, np.float32) if t == "TYPE_FP32" else np.zeros(1, np.uint8) if t == "TYPE_UINT8"
                 else np.array([b""], dtype=object) for n, t, _ in HANDLE}
+        fake["image_spans"] = np.zeros((0, 5), np.int64)
         c.async_stream_infer("decode", [_input(n, a) for n, a in fake.items()], parameters=params)
         result, error = got.get(timeout=30)
         c.stop_stream()

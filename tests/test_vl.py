@@ -215,3 +215,25 @@ def test_images_to_a_text_model_are_refused(qwen3_dir):
     with pytest.raises(InvalidRequestError, match="does not take images"):
         eng.generate({"prompt": "hi", "multi_modal_data": {"image": png(30, 30, 0)}})
     eng.close()
+
+
+def test_a_prompt_whose_embeddings_are_gone_ends_alone(llm, hf):
+    """A decode node recomputing a preempted image prompt after its embedding cache let the image go:
+    that request ends with an error naming why, the others in the step go on, no block is held."""
+    from baton.backends.multimodal.prompt import MultiModalPrompt
+
+    eng = llm.engine
+    tok = hf[1]
+    ok = eng.add_request(chat(tok, [None, "fine"]), SamplingParams(max_tokens=4, temperature=0),
+                         images=[png(50, 50, 3)])
+    ids, mm = eng.expand_images(tok(chat(tok, [None, "gone"]))["input_ids"], [png(50, 50, 4)])
+    lost = MultiModalPrompt.of(mm.spans, len(ids), 2, fetch=lambda key: None)     # nothing in the store
+    gone = eng.add_request(ids, SamplingParams(max_tokens=4, temperature=0), mm=lost)
+    errors = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.error:
+                errors[o.seq.request_id] = o.error
+    assert list(errors) == [gone.request_id] and "embeddings left the embedding cache" in errors[gone.request_id]
+    assert gone.finish_reason == "error" and ok.finish_reason == "length" and ok.num_output_tokens == 4
+    assert eng.block_manager.num_used == 0

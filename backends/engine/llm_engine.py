@@ -43,6 +43,7 @@ class StepOutput:
     new_token_ids: list[int]
     finished: bool
     text: str = ""            # text delta, for sequences that track text (stream_text or stop strings)
+    error: str = ""           # the engine ended this request alone, for this reason (the others go on)
 
 
 class LLMEngine:
@@ -213,6 +214,7 @@ class LLMEngine:
             self.governor.measured(self._step_kind(scheduled))
         # sequences the scheduler ended because the whole pool could not hold them
         out = [StepOutput(s, [], True) for s in self.scheduler.take_finished()]
+        out += self._drop_unencoded(scheduled)
         for o in out:
             self.requests.pop(o.seq.request_id, None)
         if out:
@@ -267,6 +269,21 @@ class LLMEngine:
         self._observe(scheduled, starts)
         if any(o.finished for o in out):
             self._forget_ended()
+        return out
+
+    def _drop_unencoded(self, scheduled: list[tuple[Sequence, int]]) -> list[StepOutput]:
+        """A scheduled prompt chunk whose image embeddings are gone (a decode node recomputing a
+        preempted prompt after the node's embedding cache let them go) ends that request alone."""
+        out = []
+        for s, n in list(scheduled):
+            mm, p = s.mm, s.num_computed_tokens
+            missing = mm is not None and any(sp.start < p + n and sp.start + sp.length > p and mm.embedding(i) is None
+                                             for i, sp in enumerate(mm.spans))
+            if missing:
+                scheduled.remove((s, n))
+                self.scheduler.finish(s, "error")
+                out.append(StepOutput(s, [], True, error="its image embeddings left the embedding cache before "
+                                      "its prompt had to be recomputed (preempted); retry the request"))
         return out
 
     def _publish(self, seq: Sequence) -> None:

@@ -92,9 +92,8 @@ class ModelRunner:
                     if a >= b:
                         continue
                     emb = mm.embedding(i)
-                    if emb is None:
-                        raise RuntimeError(f"the embeddings of image {span.hash} are gone (evicted from the "
-                                           "node's embedding cache before this prompt was recomputed)")
+                    if emb is None:               # LLMEngine._drop_unencoded keeps these out of a step
+                        raise RuntimeError(f"image {span.hash}: no embeddings")
                     if inputs_embeds is None:
                         inputs_embeds = torch.nn.functional.embedding(
                             torch.tensor(ids, dtype=torch.int64, device=self.device), self.model.embed)

@@ -116,6 +116,11 @@ class DecodeStage:
                 if live is None:
                     continue
                 self.tokens += len(o.new_token_ids)
+                if o.error:                        # the engine ended this request alone (engine.StepOutput.error)
+                    live.sink.error(o.error)
+                    del self.live[o.seq.seq_id]
+                    finished = True
+                    continue
                 delta = _delta(o.seq, o.new_token_ids, o.text).merged_after(live.held)
                 if (o.finished or (self.steps + o.seq.seq_id) % every == 0
                         or (live.held is not None and now - live.held_since >= MAX_HOLD_S)):

@@ -133,6 +133,8 @@ class Preprocessor:
             if self.chat_template is None:
                 raise InvalidRequestError("messages", "this model has no chat template")
             parts = _image_parts(messages)
+            if self.images is None:          # a text model's template takes strings: text parts joined
+                messages = [m | {"content": _text_of(m["content"])} for m in messages]
             if parts and images:
                 raise InvalidRequestError("image", "give images as messages' content parts or in `image`, not both")
             images = images or parts
@@ -150,6 +152,10 @@ class Preprocessor:
         if not ids:
             raise InvalidRequestError("text_input", "tokenizes to nothing")
         return ids, images
+
+
+def _text_of(content: Any) -> Any:
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 def _image_parts(messages: list[dict]) -> list[Any]:

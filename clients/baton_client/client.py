@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import threading
@@ -121,7 +122,7 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
 
 
 def _grpc_request(model: str, prompt: str | None, messages: list[dict] | None, stop: list[str] | None,
-                  sampling: dict):  # noqa: ANN202 - a ModelInferRequest
+                  sampling: dict, images: list[bytes] | None = None):  # noqa: ANN202 - a ModelInferRequest
     from tritonclient.grpc import service_pb2 as pb
 
     req = pb.ModelInferRequest(model_name=model)
@@ -137,6 +138,8 @@ def _grpc_request(model: str, prompt: str | None, messages: list[dict] | None, s
         add("messages", "BYTES", 1, _bytes_tensor([json.dumps(messages).encode()]))
     if stop:
         add("stop", "BYTES", len(stop), _bytes_tensor([x.encode() for x in stop]))
+    if images:
+        add("image", "BYTES", len(images), _bytes_tensor(list(images)))
     for k, v in _checked(sampling).items():
         t = SCALAR_TYPES[k]
         add(k, _TRITON[t], 1, np.array([v], dtype=_NP[t]).tobytes())
@@ -186,11 +189,12 @@ class BatonClient:
         return join(self.stream(prompt, **kw))
 
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None, stop: list[str] | None = None,
-               timeout: float = 600, **sampling: object) -> Iterator[Chunk]:
+               timeout: float = 600, images: list[bytes] | None = None, **sampling: object) -> Iterator[Chunk]:
+        """images: encoded images (PNG, JPEG...), one per <|image_pad|> in `prompt` (a vision model)."""
         if self.protocol == "http":
-            yield from self._stream_http(prompt, messages, stop, timeout, sampling)
+            yield from self._stream_http(prompt, messages, stop, timeout, sampling, images)
         else:
-            yield from self._stream_grpc(prompt, messages, stop, timeout, sampling)
+            yield from self._stream_grpc(prompt, messages, stop, timeout, sampling, images)
 
     # ---- gRPC (Triton's ModelStreamInfer, one request per stream) ---------------------------------
     def _grpc_stub(self):  # noqa: ANN202
@@ -203,10 +207,10 @@ class BatonClient:
                 self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
             return self._stub
 
-    def _stream_grpc(self, prompt, messages, stop, timeout, sampling) -> Iterator[Chunk]:  # noqa: ANN001
+    def _stream_grpc(self, prompt, messages, stop, timeout, sampling, images=None) -> Iterator[Chunk]:  # noqa: ANN001
         import grpc
 
-        req = _grpc_request(self.model, prompt, messages, stop, sampling)
+        req = _grpc_request(self.model, prompt, messages, stop, sampling, images)
         call = self._grpc_stub().ModelStreamInfer(iter([req]), timeout=timeout)
         finished = False
         try:
@@ -224,8 +228,10 @@ class BatonClient:
                 call.cancel()      # closing early (break, exception) cancels the request on the server
 
     # ---- HTTP (Triton generate_stream, server-sent events) ----------------------------------------
-    def _stream_http(self, prompt, messages, stop, timeout, sampling) -> Iterator[Chunk]:  # noqa: ANN001
+    def _stream_http(self, prompt, messages, stop, timeout, sampling, images=None) -> Iterator[Chunk]:  # noqa: ANN001
         body: dict = dict(_checked(sampling))
+        if images:                 # JSON carries text: base64, which the server decodes
+            body["image"] = [base64.b64encode(b).decode() for b in images]
         if prompt is not None:
             body["text_input"] = prompt
         if messages is not None:
@@ -284,14 +290,15 @@ class AsyncBatonClient:
         await self.close()
 
     async def stream(self, prompt: str | None = None, messages: list[dict] | None = None,
-                     stop: list[str] | None = None, timeout: float = 600, **sampling: object) -> AsyncIterator[Chunk]:
+                     stop: list[str] | None = None, timeout: float = 600, images: list[bytes] | None = None,
+                     **sampling: object) -> AsyncIterator[Chunk]:
         import grpc
         from tritonclient.grpc import service_pb2_grpc
 
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(self.url, options=_GRPC_OPTIONS)
             self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        req = _grpc_request(self.model, prompt, messages, stop, sampling)
+        req = _grpc_request(self.model, prompt, messages, stop, sampling, images)
 
         async def requests():  # noqa: ANN202
             yield req
