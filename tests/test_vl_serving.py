@@ -168,11 +168,15 @@ def _huge_png() -> bytes:
 
 @pytest.mark.parametrize("case", [c for c, _, _ in BAD])
 def test_bad_images_are_invalid_argument_naming_the_problem(node, case):
+    """Over gRPC the stream's error names the problem; over HTTP it is a 400 (the client's fault)."""
     make, needle = {c: (m, n) for c, m, n in BAD}[case]
     client = BatonClient(node.grpc_url)
     with pytest.raises(BatonError) as e:
         client.generate(messages=make(), **GREEDY)
-    assert "INVALID_ARGUMENT" in str(e.value) and "image" in str(e.value) and needle in str(e.value)
+    assert str(e.value).startswith("image") and needle in str(e.value)
+    with pytest.raises(BatonError) as e:
+        BatonClient(node.http_url, "http").generate(messages=make(), **GREEDY)
+    assert str(e.value).startswith("HTTP 400: ") and needle in str(e.value)
     assert client.generate(messages=user(png(40, 40, 5), "ok"), **GREEDY).completion_tokens == 10
     client.close()
 
@@ -180,7 +184,7 @@ def test_bad_images_are_invalid_argument_naming_the_problem(node, case):
 def test_image_count_must_match_the_placeholders(node):
     client = BatonClient(node.grpc_url)
     prompt = "<|vision_start|><|image_pad|><|vision_end|> and <|vision_start|><|image_pad|><|vision_end|>"
-    with pytest.raises(BatonError, match=r"INVALID_ARGUMENT.*image: 1 image\(s\) for 2 image placeholder"):
+    with pytest.raises(BatonError, match=r"image: 1 image\(s\) for 2 image placeholder"):
         client.generate(prompt, images=[png(30, 30, 0)], **GREEDY)
     with pytest.raises(BatonError, match=r"image: 2 image\(s\) for 0 image placeholder"):
         client.generate("no placeholder", images=[png(30, 30, 0), png(30, 30, 1)], **GREEDY)
@@ -189,9 +193,9 @@ def test_image_count_must_match_the_placeholders(node):
     client.close()
 
 
-def test_openai_gateway_takes_image_url_parts(node, offline):
+def test_openai_gateway_takes_image_url_parts(node, offline, vl_dir):
     messages = user(png(64, 96, 31), "What is in the picture?")
-    body = {"model": "baton", "messages": messages, "max_tokens": 10, "temperature": 0.0}
+    body = {"model": Path(vl_dir).name, "messages": messages, "max_tokens": 10, "temperature": 0.0}
     req = urllib.request.Request(f"http://127.0.0.1:{node.gateway_port}/v1/chat/completions",
                                  data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     out = json.loads(urllib.request.urlopen(req, timeout=60).read())
@@ -220,12 +224,12 @@ def test_vision_inside_prefill_serves_the_same(vl_dir, offline):
 
 
 def test_a_text_model_refuses_images(node, qwen3_dir):
-    """Images sent to a text model's node: INVALID_ARGUMENT, and it keeps serving."""
+    """Images sent to a text model's node: refused naming `image`, and it keeps serving."""
     n = Node(str(qwen3_dir), overrides={"dtype": "float32", "max_model_len": 128, "kv_cache_memory_mb": 2})
     n.start(timeout=180, quiet=True)
     try:
         client = BatonClient(n.grpc_url)
-        with pytest.raises(BatonError, match="INVALID_ARGUMENT.*image: this model does not take images"):
+        with pytest.raises(BatonError, match="image: this model does not take images"):
             client.generate(messages=user(png(30, 30, 0), "x"), **GREEDY)
         assert client.generate(messages=user("just text"), **GREEDY).completion_tokens == 10
         client.close()

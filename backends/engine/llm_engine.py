@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,8 +17,6 @@ from ..kv.pool import SHM_DIR, KVPool, PoolSpec
 from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, load_weights
-from ..multimodal.encoder import EmbeddingCache, ImageEncoder, visual_weights
-from ..multimodal.prompt import MultiModalPrompt, expand_prompt
 from ..runtime import owned_name, remove_leftovers
 from ..spec.adaptive import Governor
 from ..spec.config import SpeculativeConfig
@@ -32,6 +31,10 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:     # multimodal/ imports engine.errors: imported where used, not at module load
+    from ..multimodal.encoder import EmbeddingCache, ImageEncoder
+    from ..multimodal.prompt import MultiModalPrompt
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -80,6 +83,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.encoder: ImageEncoder | None = None     # the vision tower of a multimodal checkpoint
         if cfg.vision_config is not None and config.vision:
+            from ..multimodal.encoder import ImageEncoder, visual_weights
+
             self.encoder = ImageEncoder.from_dir(config.model, cfg.vision_config, self.dtype, visual_weights(weights),
                                                  embedding_cache)
 
@@ -187,6 +192,8 @@ class LLMEngine:
             return ids, None
         if self.encoder is None:
             raise InvalidRequestError("image", "this engine runs without its vision tower (vision = false)")
+        from ..multimodal.prompt import expand_prompt
+
         processed = [self.encoder.processor(im, f"image[{i}]") for i, im in enumerate(images)]
         ids, mm = expand_prompt(ids, cfg.image_token_id, processed, self.encoder.tower.cfg.spatial_merge_size)
         self.check_prompt_length(ids)

@@ -34,6 +34,7 @@ def classify(message: str) -> APIError:
     """A Triton error as the HTTP error a client should see: its fault (400, naming the parameter) only
     when the server's validation named an input; busy or stopping: 503; anything else: 500."""
     head = message.split(":", 1)[0].strip()
+    head = head.split("[", 1)[0] if head.endswith("]") else head     # "image[1]": the input's element
     if head in _CLIENT_FIELDS:
         return APIError(400, message, param_of(head))
     if any(s in message for s in _UNAVAILABLE):

@@ -10,6 +10,7 @@ import binascii
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")      # what Pillow decodes here 
 MAX_IMAGE_BYTES = 20 << 20
 MAX_IMAGE_PIXELS = 40_000_000                        # before resizing: guards the decoder's memory
 HASH_SEED = 0x696D616765                             # "image"
+_TEXTUAL = re.compile(rb"^(data:|[A-Za-z0-9+/=\s]+$)")  # base64 or a data URL, not an image's own bytes
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,10 @@ class ProcessedImage:
 def image_bytes(data: bytes | str, field: str = "image") -> bytes:
     """Raw bytes from bytes, base64 text or a data URL (data:image/png;base64,...)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
+        raw = bytes(data)
+        if not _TEXTUAL.match(raw[:64]):       # image bytes (PNG, JPEG... start with binary magic)
+            return raw
+        data = raw.decode("ascii", "replace")  # base64 or a data URL sent as bytes (Triton's BYTES, HTTP JSON)
     if not isinstance(data, str):
         raise InvalidRequestError(field, f"expected bytes, base64 text or a data URL, got {type(data).__name__}")
     text = data.strip()
