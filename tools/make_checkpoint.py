@@ -9,7 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from baton.tools.train.corpus import SPECIAL_TOKENS, first_bytes, save_tokenizer, stdlib_texts, train_tokenizer
+from baton.tools.train.corpus import (
+    SPECIAL_TOKENS,
+    first_bytes,
+    save_tokenizer,
+    stdlib_texts,
+    train_tokenizer,
+)
 
 # name -> (architecture, shape). `vocab` is the tokenizer's size (the model's vocab_size matches).
 PRESETS: dict[str, dict] = {

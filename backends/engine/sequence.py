@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum
-
 from typing import TYPE_CHECKING
 
 from ..kv.hashing import ROOT, block_hash, hash_blocks

@@ -14,10 +14,10 @@ import numpy as np
 from ..engine.errors import InvalidRequestError
 from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Sequence
-from .cores import CoreShare
 from ..multimodal.embedding_store import EmbeddingStore
 from ..multimodal.image import ProcessedImage
 from ..multimodal.prompt import MultiModalPrompt
+from .cores import CoreShare
 from .messages import KVHandle, PrefillRequest, embed_mac, split_pixels
 from .metrics import Deltas
 
