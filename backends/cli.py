@@ -107,6 +107,7 @@ def _serve(argv: list[str]) -> None:
     pd.add_argument("--cluster-key-file", default="", help="the cluster's shared key (hex), the same file on every node")
     pd.add_argument("--cluster", default="baton", help="the cluster's name in the name service")
     pd.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma"], help="Mooncake transport")
+    pd.add_argument("--encode-address", default="", help="EPD (profile epd_llm): the encode server's gRPC host:port")
     a = ap.parse_args(argv)
 
     def on_term(*_: object) -> None:
@@ -119,7 +120,8 @@ def _serve(argv: list[str]) -> None:
                 gateway_port=a.gateway_port if gateway else None, name_service=a.name_service, host=a.host,
                 cluster_key_file=a.cluster_key_file and str(Path(a.cluster_key_file).resolve()),
                 cluster=a.cluster, transfer_protocol=a.transfer_protocol, listen=a.listen,
-                overrides={"kv_tiers": a.kv_tiers} if a.kv_tiers else {})
+                overrides=({"kv_tiers": a.kv_tiers} if a.kv_tiers else {})
+                | ({"encode_address": a.encode_address} if a.encode_address else {}))
     exit_code = 0
     try:
         node.start(a.timeout)

@@ -128,6 +128,11 @@ class VisionTower:
         d = cfg.head_dim // 2
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
 
+    def max_embedding_bytes(self, max_pixels: int) -> int:
+        """The largest image's embeddings (a processor resizes to at most max_pixels)."""
+        side = self.cfg.patch_size * self.cfg.spatial_merge_size
+        return max_pixels // (side * side) * self.cfg.out_hidden_size * self.dtype.itemsize
+
     def num_embeddings(self, grid: Grid) -> int:
         t, h, w = grid
         return t * h * w // self.cfg.spatial_merge_size ** 2

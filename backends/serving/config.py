@@ -61,16 +61,21 @@ class ServingConfig:
     # false: tritonserver's HTTP server answers the port itself
     http_front: bool = True
     # PD across servers (profiles pd_prefill, pd_decode, pd_router): this node's role; "": one node
-    pd_role: Literal["", "prefill", "decode", "router"] = ""
+    # "encode": an EPD encode server (profile epd_encode: only the `encode` model, its embeddings
+    # served over the transfer engine)
+    pd_role: Literal["", "prefill", "decode", "router", "encode"] = ""
     # pd_router: what a prompt block in a prefill node's lower KV tier is worth against one in its pool
     # (1.0) when the router predicts the node's work; keys host, store, disk (cluster/router.py TIER_WEIGHTS)
     tier_weights: dict = field(default_factory=dict)
     # a vision model's image embeddings, shared by the node's stages and keyed by image content
     # (multimodal/embedding_store.py): the `encode` stage keeps at most this much, oldest use out first
-    embedding_cache_mb: int = 256
+    embedding_cache_mb: float = 256
     # CPUs the `encode` stage runs on (its threads: one per CPU), e.g. "1" or "2-3"; "": the node's,
     # shared like the other stages
     encode_cpus: str = ""
+    # EPD across servers (profile epd_llm): the encode server's gRPC address, host:port; its images'
+    # embeddings are read over the transfer engine. "": encode runs on this node (or inside prefill)
+    encode_address: str = ""
 
     def __post_init__(self) -> None:
         check_types(self, "ServingConfig")
@@ -132,13 +137,16 @@ class NodeConfig:
     # `encode` model (EPD) rather than inside prefill
     embedding_store: str = ""
     encode_stage: bool = False
+    # EPD across servers: this node's address for the transfer engine that serves (encode server) or
+    # reads (prefill beside a remote encode server) image embeddings
+    epd_host: str = ""
 
     def embedding_store_client(self) -> EmbeddingStore | None:
         if not self.embedding_store:
             return None
         from ..multimodal.embedding_store import EmbeddingStore
 
-        return EmbeddingStore(self.embedding_store, self.serving.embedding_cache_mb << 20)
+        return EmbeddingStore(self.embedding_store, int(self.serving.embedding_cache_mb * 2**20))
 
     @property
     def stage_key(self) -> str:

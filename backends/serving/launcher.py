@@ -92,6 +92,7 @@ class Node:
     listen: str = ""
     services: list = field(default_factory=list)      # what `kv_tiers` "auto" started (kv/services.py)
     embedding_dir: Path | None = None                 # a vision model's node: its embedding store
+    weights_name: str = ""                            # the node's shared weight file
 
     def start(self, timeout: float = 300, quiet: bool = False) -> Node:
         prof = Profile.load(self.profile)
@@ -106,7 +107,9 @@ class Node:
         model_dir = str(Path(self.model_dir).resolve())
         engine, serving = prof.configs(model_dir, self.overrides)
         role = serving.pd_role
-        handle_key = self._cluster_key() if role else secrets.token_hex(32)   # checked before anything starts
+        epd = role == "encode" or bool(serving.encode_address)      # EPD across servers: the cluster's key
+        handle_key = self._cluster_key(etcd=role != "encode" and bool(role)) if role or epd \
+            else secrets.token_hex(32)   # checked before anything starts
         self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg = ModelConfig.from_dir(model_dir)
@@ -122,7 +125,10 @@ class Node:
             engine = engine.replace(speculative=engine.speculative | {
                 "model": SpeculativeConfig.from_table(engine.speculative).model})
         pool_name = address = ""
-        if role != "router":             # a router node has no pool and no weights
+        if role == "encode":             # an encode server: the vision tower only
+            self.weights_name = self.node_id
+            weight_store.publish(self.weights_name, {VISUAL + k: v for k, v in load_vision_weights(model_dir, dtype).items()})
+        elif role != "router":           # a router node has no pool and no weights
             spec = pool_spec(cfg, dtype, engine.block_size, engine.num_blocks, engine.kv_cache_memory_mb << 20,
                              engine.kv_cache_dtype)
             pool_name = self.node_id
@@ -152,14 +158,16 @@ class Node:
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
-        node = NodeConfig(engine, serving, pool_name, address, pool_name, str(self.run_dir), handle_key,
+        node = NodeConfig(engine, serving, pool_name, address, self.weights_name or pool_name, str(self.run_dir), handle_key,
                           grpc_address=self.grpc_url, node_id=self.node_id,
                           transfer_host=self.host if role == "decode" else "", transfer_protocol=self.transfer_protocol,
                           block_source=self.manager.source if role == "prefill" else "",
                           name_service=self.name_service if role == "router" else "", cluster=self.cluster,
                           stage_calls_keyed=use_keyed_stages(prof.models, role),
                           draft_address=self.grpc_url if "draft" in prof.models else "",
-                          embedding_store=str(self.embedding_dir or ""), encode_stage="encode" in prof.models)
+                          embedding_store=str(self.embedding_dir or ""),
+                          encode_stage="encode" in prof.models or bool(serving.encode_address),
+                          epd_host=self.host if epd else "")
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")
@@ -208,7 +216,7 @@ class Node:
         except Exception:
             self.stop()
             raise
-        if role:
+        if role and role != "encode":
             try:
                 self.registration = Registration(self.name_service, self.cluster, self._node_info)
             except Exception as e:
@@ -239,8 +247,9 @@ class Node:
             table["redis"] = self.services[-1].address
         return table
 
-    def _cluster_key(self) -> str:
-        if not self.name_service:
+    def _cluster_key(self, etcd: bool = True) -> str:
+        """The cluster's key from --cluster-key-file (and, for PD roles, etcd checked to answer)."""
+        if etcd and not self.name_service:
             raise RuntimeError(f"profile {self.profile!r} is a PD role: it needs --name-service URL (etcd)")
         try:
             key = Path(self.cluster_key_file).read_text().strip()
@@ -250,6 +259,8 @@ class Node:
                                f"hex, the same file on every node ({e})") from None
         if len(key) < 32:
             raise RuntimeError(f"--cluster-key-file {self.cluster_key_file!r}: the key is too short (at least 16 bytes)")
+        if not etcd:
+            return key
         from ..cluster.registry import client
 
         try:
@@ -340,8 +351,9 @@ class Node:
     def listen_address(self) -> str:
         if self.listen:
             return self.listen
-        pd = Profile.load(self.profile).serving.get("pd_role", "")
-        return "0.0.0.0" if pd and not self.host.startswith("127.") else "127.0.0.1"
+        serving = Profile.load(self.profile).serving
+        cluster = serving.get("pd_role", "") or self.overrides.get("encode_address") or serving.get("encode_address")
+        return "0.0.0.0" if cluster and not self.host.startswith("127.") else "127.0.0.1"
 
     @property
     def grpc_url(self) -> str:
@@ -390,8 +402,9 @@ class Node:
 
 def use_keyed_stages(models: list[str], role: str) -> bool:
     """Whether the node's internal stages take only keyed calls: yes when a Python front calls them (the
-    llm front; PD routers call prefill and decode nodes), no under an ensemble, which cannot add the key."""
-    return "llm_front" in models or role in ("prefill", "decode")
+    llm front; PD routers call prefill and decode nodes; EPD fronts call encode servers), no under an
+    ensemble, which cannot add the key."""
+    return "llm_front" in models or role in ("prefill", "decode", "encode")
 
 
 def scrape_load(metrics_port: int, role: str) -> tuple[int, int]:

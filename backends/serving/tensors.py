@@ -13,9 +13,11 @@ IMAGES = [("image_spans", "TYPE_INT64", "-1, 5"), ("image_hashes", "TYPE_STRING"
 
 # preprocess -> [encode ->] prefill: stages.messages.PrefillRequest. `pixels`: the images' patches,
 # until encode has turned them into embeddings in the node's embedding store (then empty, and
-# `embed_mac` signs the image hashes: the embedding handle)
+# `embed_mac` signs the image hashes: the embedding handle); `embed_source`: where an encode server
+# holds them (multimodal/remote.py EmbeddingSource JSON; "": this node's store)
 PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING", 1), ("sampling", "TYPE_STRING", 1),
-                   *IMAGES, ("pixels", "TYPE_FP32", "-1, -1"), ("embed_mac", "TYPE_UINT8", -1)]
+                   *IMAGES, ("pixels", "TYPE_FP32", "-1, -1"), ("embed_source", "TYPE_STRING", 1),
+                   ("embed_mac", "TYPE_UINT8", -1)]
 
 # prefill -> decode: stages.messages.KVHandle
 HANDLE = [("request_id", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("num_prompt_tokens", "TYPE_INT32", 1),

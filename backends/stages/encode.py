@@ -11,6 +11,7 @@ import time
 from ..engine.errors import InvalidRequestError
 from ..multimodal.encoder import ImageEncoder
 from ..multimodal.image import ProcessedImage
+from ..multimodal.remote import EmbeddingArena
 from .cores import CoreShare
 from .messages import PrefillRequest, embed_mac, split_pixels
 from .metrics import Deltas
@@ -54,8 +55,16 @@ class EncodeStage:
         m.add("baton:encode_images_total", enc.hits + enc.misses - hits - misses)
         m.add("baton:encode_cache_hits_total", enc.hits - hits)
         m.add("baton:encode_seconds_total", time.perf_counter() - t0)
-        for r in out:
+        arena = enc.cache if isinstance(enc.cache, EmbeddingArena) else None
+        for i, r in enumerate(out):
             if isinstance(r, PrefillRequest):
                 r.pixels = None
-                r.embed_mac = embed_mac(self.handle_key, r.request_id, r.images)
+                if arena is not None:            # EPD across servers: where prefill reads them from
+                    try:
+                        r.embed_source = arena.source([s.hash for s in r.images]).to_json()
+                    except KeyError:
+                        out[i] = RuntimeError("the encode server's embedding arena is too small for this batch's "
+                                              "images (embedding_cache_mb); retry")
+                        continue
+                r.embed_mac = embed_mac(self.handle_key, r.request_id, r.images, r.embed_source)
         return out

@@ -51,9 +51,10 @@ def _spans(a: dict[str, np.ndarray]) -> list[ImageSpan]:
     return [ImageSpan(r[0], r[1], h, (r[2], r[3], r[4])) for r, h in zip(rows, hashes)]
 
 
-def embed_mac(key: bytes, request_id: str, images: list[ImageSpan]) -> bytes:
-    """The embedding handle's signature: this node's encoder stored these images' embeddings."""
-    h = hmac.new(key, b"baton embeddings\0" + request_id.encode(), digestmod=hashlib.sha256)
+def embed_mac(key: bytes, request_id: str, images: list[ImageSpan], source: str = "") -> bytes:
+    """The embedding handle's signature: this node's (EPD: the cluster's) encoder stored these images'
+    embeddings, in its node's store or at `source`."""
+    h = hmac.new(key, b"baton embeddings\0" + request_id.encode() + b"\0" + source.encode(), digestmod=hashlib.sha256)
     for s in images:
         h.update(f"{s.start}:{s.length}:{s.grid}:{s.hash};".encode())
     return h.digest()
@@ -66,13 +67,15 @@ class PrefillRequest:
     sampling: SamplingParams
     images: list[ImageSpan] = field(default_factory=list)
     pixels: np.ndarray | None = None        # [patches, patch_dim] of all images, until encoded
-    embed_mac: bytes = b""                  # embeddings in the node's store: signed by encode
+    embed_source: str = ""                  # an encode server's EmbeddingSource JSON ("": the node's store)
+    embed_mac: bytes = b""                  # the embeddings exist: signed by encode (embed_mac())
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         pixels = self.pixels if self.pixels is not None else np.zeros((0, 0), dtype=np.float32)
         return {"input_ids": np.asarray(self.prompt_token_ids, dtype=np.int64),
                 "request_id": _string(self.request_id), "sampling": _string(self.sampling.to_json()),
                 **_spans_arrays(self.images), "pixels": np.ascontiguousarray(pixels, dtype=np.float32),
+                "embed_source": _string(self.embed_source),
                 "embed_mac": np.frombuffer(self.embed_mac, dtype=np.uint8).copy()}
 
     @classmethod
@@ -81,6 +84,7 @@ class PrefillRequest:
         return cls(_text(a["request_id"]), a["input_ids"].astype(np.int64).tolist(),
                    SamplingParams.from_json(_text(a["sampling"])), _spans(a),
                    pixels if pixels is not None and pixels.size else None,
+                   _text(a["embed_source"]) if "embed_source" in a else "",
                    a["embed_mac"].astype(np.uint8).tobytes() if "embed_mac" in a else b"")
 
 

@@ -14,9 +14,11 @@ import numpy as np
 from ..engine.errors import InvalidRequestError
 from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Sequence
+from ..kv.transfer import TransferError
 from ..multimodal.embedding_store import EmbeddingStore
 from ..multimodal.image import ProcessedImage
 from ..multimodal.prompt import MultiModalPrompt
+from ..multimodal.remote import EmbeddingSource, RemoteEmbeddings
 from .cores import CoreShare
 from .messages import KVHandle, PrefillRequest, embed_mac, split_pixels
 from .metrics import Deltas
@@ -30,14 +32,18 @@ class EmbeddingsGone(RuntimeError):
 
 class PrefillStage:
     def __init__(self, engine: LLMEngine, handle_key: bytes, cores: CoreShare | None = None, source: str = "",
-                 load_path: str | None = None, embeddings: EmbeddingStore | None = None) -> None:
+                 load_path: str | None = None, embeddings: EmbeddingStore | None = None,
+                 transfer_host: str = "") -> None:
         """handle_key: the node's secret; every KVHandle leaves signed with it, and its blocks are
         recorded with the KV manager as handed off (decode claims them once, or they expire).
         source: a PD prefill node's BlockSource JSON, which its handles carry (decode reads from there).
         embeddings: the node's embedding store, where the `encode` stage put a request's images
-        (without one, images come as pixels and this engine's own vision tower encodes them)."""
+        (without one, images come as pixels and this engine's own vision tower encodes them);
+        transfer_host: this node's address for reading embeddings from an encode server (EPD)."""
         self.engine = engine
         self.embeddings = embeddings
+        self.transfer_host = transfer_host
+        self.remote: RemoteEmbeddings | None = None       # made on the first remote handle
         self.handle_key = handle_key
         self.source = source
         # [requests, prompt tokens] being prefilled now, in a small shared file the node reports to
@@ -81,6 +87,8 @@ class PrefillStage:
                                             prefill_only=True, mm=mm))
             except (InvalidRequestError, EmbeddingsGone) as e:
                 seqs.append(e)
+            except TransferError as e:               # the encode server's embeddings could not be read
+                seqs.append(EmbeddingsGone(str(e)))
         pending = {s.request_id for s in seqs if isinstance(s, Sequence)}
         try:
             while pending:
@@ -114,9 +122,14 @@ class PrefillStage:
         merge = int((eng.config.vision_config or {}).get("spatial_merge_size", 2))
         if req.embed_mac:
             if self.embeddings is None or not hmac.compare_digest(
-                    req.embed_mac, embed_mac(self.handle_key, req.request_id, req.images)):
+                    req.embed_mac, embed_mac(self.handle_key, req.request_id, req.images, req.embed_source)):
                 raise InvalidRequestError("image", "embedding handle not signed by this node's encoder")
             embeds = [self.embeddings.get(s.hash) for s in req.images]
+            missing = [i for i, e in enumerate(embeds) if e is None]
+            if missing and req.embed_source:     # on the encode server: read by handle, kept here too
+                for i, e in zip(missing, self._remote().read(EmbeddingSource.from_json(req.embed_source), missing)):
+                    self.embeddings.put(req.images[i].hash, e)
+                    embeds[i] = e
             if any(e is None for e in embeds):
                 raise EmbeddingsGone("an image's embeddings left the node's embedding cache before prefill read "
                                      "them (embedding_cache_mb too small for the load); retry")
@@ -126,6 +139,13 @@ class PrefillStage:
                                       "has no vision tower (profile with an `encode` stage?)")
         images = [ProcessedImage(px, s.grid, s.hash, s.length) for s, px in zip(req.images, split_pixels(req))]
         return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, eng.encoder.encode(images))
+
+    def _remote(self) -> RemoteEmbeddings:
+        if self.remote is None:
+            if not self.transfer_host:
+                raise EmbeddingsGone("embeddings on an encode server, but this node has no transfer engine address")
+            self.remote = RemoteEmbeddings(self.transfer_host)
+        return self.remote
 
     def _signed(self, h: KVHandle, took: float) -> KVHandle:
         h.source = self.source if h.block_table else ""

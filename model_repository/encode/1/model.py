@@ -11,6 +11,7 @@ from baton.backends.models.config import ModelConfig
 from baton.backends.models.vision import VisionConfig, VisionTower
 from baton.backends.multimodal.encoder import ImageEncoder, visual_weights
 from baton.backends.multimodal.image import ImageProcessor
+from baton.backends.multimodal.remote import EmbeddingArena
 from baton.backends.runtime import configure_process
 from baton.backends.serving.config import NodeConfig, cpus_list
 from baton.backends.serving.tensors import PREFILL_REQUEST
@@ -29,7 +30,12 @@ class TritonPythonModel:
         model = node.engine.model
         tower = VisionTower(VisionConfig.from_hf_dict(ModelConfig.from_dir(model).vision_config),
                             visual_weights(weight_store.attach(node.weights)))
-        encoder = ImageEncoder(tower, ImageProcessor.from_dir(model), node.embedding_store_client())
+        processor = ImageProcessor.from_dir(model)
+        cache = node.embedding_store_client()
+        if node.serving.pd_role == "encode":  # an encode server: prefill servers read over the transfer engine
+            cache = EmbeddingArena(int(node.serving.embedding_cache_mb * 2**20), tower.max_embedding_bytes(processor.max_pixels),
+                                   node.epd_host, node.transfer_protocol)
+        encoder = ImageEncoder(tower, processor, cache)
         self.stage = EncodeStage(encoder, bytes.fromhex(node.handle_key))
         self.metrics = TritonMetrics(pb_utils, ENCODE, {"model": args["model_name"], "version": args["model_version"]})
 

@@ -39,7 +39,11 @@ class TritonPythonModel:
                                f"{node.run_dir}/front-{args['model_instance_name']}.inflight")
         self.draining = Path(node.run_dir) / DRAINING
         self.timeout_s = node.serving.request_timeout_s
-        self.encode = node.encode_stage       # EPD: images go through the encode model before prefill
+        # EPD: images go through the encode model before prefill, this node's or an encode server's
+        self.encoder = None
+        if node.encode_stage:
+            self.encoder = Loopback(node.serving.encode_address, node.serving.request_timeout_s, node.stage_key) \
+                if node.serving.encode_address else self.stages
         self.metrics = TritonMetrics(pb_utils, FRONT, {"model": args["model_name"], "version": args["model_version"]})
         # one thread per request in flight: a streaming call blocks its thread
         self.pool = ThreadPoolExecutor(max_workers=node.serving.max_pending_requests, thread_name_prefix="baton-front")
@@ -86,7 +90,7 @@ class TritonPythonModel:
                       decode=lambda t: stages.stream("decode", t, _names(STREAM)),
                       outputs=lambda resp: resp,
                       send=send, cancelled=r.is_cancelled,
-                      encode=(lambda t: stages.call("encode", t, _names(PREFILL_REQUEST))) if self.encode else None)
+                      encode=(lambda t: self.encoder.call("encode", t, _names(PREFILL_REQUEST))) if self.encoder else None)
         if router is not None:
             cancel = CloseStream()
 
@@ -113,6 +117,8 @@ class TritonPythonModel:
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self.router is not None:
             self.router.close()
+        if self.encoder is not None and self.encoder is not self.stages:
+            self.encoder.close()
         self.stages.close()
         self.metrics.close()
 

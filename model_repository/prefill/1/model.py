@@ -17,7 +17,7 @@ class TritonPythonModel:
         node = self.node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         self.stage = PrefillStage(node_engine(node, "prefill"), bytes.fromhex(node.handle_key), core_share(node, "prefill"),
                                   node.block_source, f"{node.run_dir}/prefill-{args['model_instance_name']}.load",
-                                  node.embedding_store_client())
+                                  node.embedding_store_client(), node.epd_host)
         self.metrics = TritonMetrics(pb_utils, PREFILL, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
