@@ -38,13 +38,26 @@ def test_pd_compose_has_one_service_per_role_with_gpus_shm_and_health_checks():
         assert (DOCKER.parent / "ensemble_configs" / f"{p}.toml").is_file()
 
 
+def test_epd_compose_runs_the_encode_server_and_the_llm_server_that_reads_from_it():
+    svcs = _load("compose.epd.yaml")["services"]
+    enc, llm = " ".join(svcs["encode"]["entrypoint"]), " ".join(svcs["llm"]["entrypoint"])
+    assert "baton serve epd_encode" in enc and "baton serve epd_llm" in llm
+    assert "--encode-address encode:8001" in llm
+    for cmd in (enc, llm):
+        assert "--cluster-key-file /run/secrets/cluster_key" in cmd and "--host $$(hostname -i)" in cmd
+    assert _gpus(svcs["encode"]) and _gpus(svcs["llm"]) and "8001:8001" in svcs["llm"]["ports"]
+    assert set(svcs["llm"]["depends_on"]) == {"encode"}
+    for p in ("epd_encode", "epd_llm", "single_node_vl"):
+        assert (DOCKER.parent / "ensemble_configs" / f"{p}.toml").is_file()
+
+
 def test_single_node_compose_listens_beyond_loopback():
     s = _load("compose.yaml")["services"]["baton"]
     assert "--listen" in s["command"] and "0.0.0.0" in s["command"] and _gpus(s)
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian's) validates compose files")
-@pytest.mark.parametrize("name", ["compose.yaml", "compose.pd.yaml"])
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.pd.yaml", "compose.epd.yaml"])
 def test_docker_compose_accepts_the_files(name, tmp_path):
     key = DOCKER / "cluster.key"
     made = not key.exists()

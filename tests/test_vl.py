@@ -237,3 +237,8 @@ def test_a_prompt_whose_embeddings_are_gone_ends_alone(llm, hf):
     assert list(errors) == [gone.request_id] and "embeddings left the embedding cache" in errors[gone.request_id]
     assert gone.finish_reason == "error" and ok.finish_reason == "length" and ok.num_output_tokens == 4
     assert eng.block_manager.num_used == 0
+
+
+def test_speculation_with_a_vision_model_is_refused(vl_dir):
+    with pytest.raises(InvalidRequestError, match="speculative: not supported with a multimodal"):
+        LLM(vl_dir, dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 2})

@@ -80,6 +80,8 @@ class PrefillStage:
     def _run(self, batch: list[PrefillRequest], t0: float = 0.0) -> list[KVHandle | Exception]:
         eng = self.engine
         seqs: list[Sequence | Exception] = []
+        if self.cores and any(r.pixels is not None for r in batch):
+            self.cores.busy()                        # the vision tower inside prefill: prefill's cores
         for req in batch:
             try:
                 mm = self._images(req) if req.images else None

@@ -1,0 +1,218 @@
+"""EPD measured: a vision-language model served monolithic (the vision tower inside prefill, profile
+single_node_vl_mono, both cores shared by every stage) against EPD on the same box (profile
+single_node_vl: the `encode` stage pinned to core 1, prefill and decode pinned to core 0).
+
+    python benchmarks/epd.py --model .cache/checkpoints/small-qwen2.5-vl --out benchmarks/results/epd-small-vl-2cpu.json
+
+Both servers run at once and the arms alternate (same minutes). Per offered rate, a mixed workload:
+Poisson arrivals, half text-only chat turns, half one new image (448x448: 256 visual tokens) plus a
+question; each asks for `--max-tokens` tokens. Reported per arm and rate: completed requests/s and
+output tok/s, TTFT p50/p95 (text and image requests apart), ITL p99 of the text streams; and the
+text streams' ITL p99 with the image half left out (the image-free value). Then a repeated image's
+TTFT against a new image's, on an idle server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from baton.backends.cluster.probe import run_request
+from baton.backends.serving.launcher import free_port
+
+PROFILE = """extends = "{base}"
+[engine]
+max_model_len = 2048
+kv_cache_memory_mb = 256
+{engine}
+[serving]
+max_tokens_limit = 512
+prefill_chunk_tokens = {chunk}
+{serving}
+"""
+ARMS = {
+    # everything on both cores, the tower inside prefill
+    "mono": dict(base="single_node_vl_mono", engine="", serving="", taskset=""),
+    # the node on core 0, its encode stage moved to core 1 (encode_cpus)
+    "epd": dict(base="single_node_vl", engine="threads = 1", serving='share_cores = 1\nencode_cpus = "1"', taskset="0"),
+}
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def png_url(h: int, w: int, seed: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def question(rng: random.Random) -> str:
+    words = "what where which show list explain compare describe count colour shape left right top bottom".split()
+    return " ".join(rng.choice(words) for _ in range(rng.randint(20, 40))) + "?"
+
+
+class Server:
+    def __init__(self, arm: str, model: str, root: Path, chunk: int) -> None:
+        a = ARMS[arm]
+        prof = root / f"{arm}.toml"
+        prof.write_text(PROFILE.format(**a, chunk=chunk))
+        self.grpc = free_port()
+        run = root / arm
+        run.mkdir()
+        cmd = [sys.executable, "-P", "-m", "baton.backends.cli", "serve", str(prof), "--model", model,
+               "--http-port", str(free_port()), "--grpc-port", str(self.grpc), "--metrics-port", str(free_port()),
+               "--gateway-port", "-1"]
+        if a["taskset"]:
+            cmd = ["taskset", "-c", a["taskset"], *cmd]
+        self.log = run / "serve.log"
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                     env=os.environ | {"BATON_RUN_DIR": str(run)}, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while "[baton] serving" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{arm} did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+
+    def run(self, requests: list[dict]) -> tuple[list[dict], float]:
+        from baton_client import BatonClient
+
+        client = BatonClient(f"127.0.0.1:{self.grpc}")
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(requests)) as pool:
+            out = list(pool.map(lambda r: run_request(client, r), requests))
+        wall = time.perf_counter() - t0
+        client.close()
+        return out, wall
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def workload(rate: float, duration: float, max_tokens: int, seed: int, images: bool = True) -> list[dict]:
+    """Poisson arrivals at `rate`/s for `duration` s; every other request has a new image."""
+    rng = random.Random(seed)
+    reqs, t, i = [], 0.0, 0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration:
+            return reqs
+        with_image = i % 2 == 1
+        i += 1
+        if with_image and not images:
+            continue
+        content: list[dict] = [{"type": "text", "text": question(rng)}]
+        if with_image:
+            content.insert(0, {"type": "image_url", "image_url": {"url": png_url(448, 448, seed * 100_000 + i)}})
+        reqs.append({"prompt": None, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                     "ignore_eos": True, "temperature": 0.0, "delay": t, "kind": "image" if with_image else "text"})
+
+
+def summarize(results: list[dict], kinds: list[str], wall: float) -> dict:
+    errors = [r["error"] for r in results if r["error"]]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
+    start = min(r["t_end"] - r["e2e"] for r in results)
+    span = max(r["t_end"] for r in results) - start
+    out = {"requests": len(results), "req_per_s": len(results) / span,
+           "output_tok_per_s": sum(len(r["token_ids"]) for r in results) / span, "span_s": span}
+    for kind in ("text", "image"):
+        rs = [r for r, k in zip(results, kinds) if k == kind]
+        if rs:
+            out[f"{kind}_ttft_ms_p50"] = 1e3 * pct([r["ttft"] for r in rs], 50)
+            out[f"{kind}_ttft_ms_p95"] = 1e3 * pct([r["ttft"] for r in rs], 95)
+    out["text_itl_ms_p99"] = 1e3 * pct([x for r, k in zip(results, kinds) if k == "text" for x in r["itl"]], 99)
+    out["text_itl_ms_p50"] = 1e3 * pct([x for r, k in zip(results, kinds) if k == "text" for x in r["itl"]], 50)
+    return out
+
+
+def measure(server: Server, reqs: list[dict]) -> dict:
+    kinds = [r.pop("kind") for r in reqs]
+    results, wall = server.run(reqs)
+    return summarize(results, kinds, wall)
+
+
+def repeated_image(server: Server, trials: int, seed: int) -> dict:
+    """TTFT of a new image, then of the same image again (its embeddings and prefix cached)."""
+    new, again = [], []
+    for i in range(trials):
+        msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url(448, 448, seed + i)}},
+                                            {"type": "text", "text": "What is in this picture?"}]}]
+        for bucket in (new, again):
+            (r,), _ = server.run([{"prompt": None, "messages": msg, "max_tokens": 4, "ignore_eos": True,
+                                   "temperature": 0.0}])
+            if r["error"]:
+                raise RuntimeError(r["error"])
+            bucket.append(r["ttft"])
+    return {"new_image_ttft_ms": 1e3 * statistics.median(new), "repeated_image_ttft_ms": 1e3 * statistics.median(again),
+            "ratio": statistics.median(again) / statistics.median(new)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=".cache/checkpoints/small-qwen2.5-vl")
+    ap.add_argument("--rates", default="2,4,6,8")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--chunk", type=int, default=64, help="prefill_chunk_tokens of both arms (a decode step "
+                    "waits for at most one chunk)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-epd-bench-"))
+    servers = {arm: Server(arm, a.model, root, a.chunk) for arm in ARMS}
+    report: dict = {"model": a.model, "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "duration_s": a.duration,
+                    "prefill_chunk_tokens": a.chunk,
+                    "arms": {k: {kk: v for kk, v in ARMS[k].items()} for k in ARMS}, "rates": {}}
+    try:
+        for s in servers.values():              # warm up: a few of each kind
+            measure(s, workload(2.0, 2.0, 8, seed=999))
+        for rate in [float(x) for x in a.rates.split(",")]:
+            row: dict = {}
+            for arm, s in servers.items():
+                row[arm] = measure(s, workload(rate, a.duration, a.max_tokens, seed=int(rate * 10)))
+                row[arm]["image_free"] = measure(s, workload(rate, a.duration, a.max_tokens, seed=int(rate * 10),
+                                                             images=False))
+                print(f"rate {rate}/s {arm}: {json.dumps({k: round(v, 2) for k, v in row[arm].items() if not isinstance(v, dict)})}"
+                      f" image-free ITL p99 {row[arm]['image_free']['text_itl_ms_p99']:.1f} ms", flush=True)
+            row["epd_over_mono_req_per_s"] = row["epd"]["req_per_s"] / row["mono"]["req_per_s"]
+            for arm in ARMS:
+                row[f"{arm}_text_itl_p99_over_image_free"] = (row[arm]["text_itl_ms_p99"]
+                                                              / row[arm]["image_free"]["text_itl_ms_p99"])
+            report["rates"][str(rate)] = row
+            print(f"rate {rate}/s: EPD/mono throughput {row['epd_over_mono_req_per_s']:.2f}x", flush=True)
+        report["repeated_image"] = {arm: repeated_image(s, a.trials, seed=7_000_000) for arm, s in servers.items()}
+        print(json.dumps(report["repeated_image"], indent=1), flush=True)
+    finally:
+        for s in servers.values():
+            s.stop()
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
