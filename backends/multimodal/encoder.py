@@ -83,7 +83,7 @@ class ImageEncoder:
         if todo:
             self.misses += len(todo)
             new = list(todo.values())
-            pixels = torch.from_numpy(np.concatenate([im.pixels for im in new]))
+            pixels = torch.from_numpy(np.concatenate([self.processor.patches(im) for im in new]))
             embeds = self.tower.forward(pixels, [im.grid for im in new])
             for im, part in zip(new, embeds.split([im.num_tokens for im in new])):
                 part = part.contiguous()

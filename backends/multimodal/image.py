@@ -13,6 +13,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,14 @@ _TEXTUAL = re.compile(rb"^(data:|[A-Za-z0-9+/=\s]+$)")  # base64 or a data URL, 
 
 @dataclass(frozen=True)
 class ProcessedImage:
-    pixels: np.ndarray          # [t*h*w, C*T*P*P] float32 patches
+    """An image checked and measured (what the prompt needs); its patches are made where the tower
+    runs (ImageProcessor.patches): the encoded image crosses between stages, 1/8 of its patches' size."""
+
+    data: bytes                 # the image as sent, encoded ("" for a PIL image given offline)
     grid: tuple[int, int, int]  # (t, h, w) in patches
     hash: str                   # content hash of the decoded RGB pixels (same image, same key)
     num_tokens: int             # embeddings it becomes (= <|image_pad|> tokens in the prompt)
+    rgb: object = dc_field(default=None, compare=False, repr=False)    # the decoded PIL image, if at hand
 
 
 def image_bytes(data: bytes | str, field: str = "image") -> bytes:
@@ -132,19 +137,37 @@ class ImageProcessor:
         return cls(json.loads(path.read_text()) if path.is_file() else {})
 
     def __call__(self, data: object, field: str = "image") -> ProcessedImage:
-        """data: encoded image bytes, base64 text, a data URL, or a PIL image (the offline API)."""
-        img = _rgb(data) if hasattr(data, "getbands") else decode_image(image_bytes(data, field), field)  # type: ignore[arg-type]
+        """data: encoded image bytes, base64 text, a data URL, or a PIL image (the offline API).
+        Decoded (so a bad image is refused here), hashed and measured; no patches yet."""
+        raw = b""
+        if hasattr(data, "getbands"):
+            img = _rgb(data)
+        else:
+            raw = image_bytes(data, field)  # type: ignore[arg-type]
+            img = decode_image(raw, field)
         rgb = np.asarray(img)                                        # [H, W, 3] uint8
         digest = xxhash.xxh3_128(seed=HASH_SEED)
         digest.update(np.asarray(rgb.shape, dtype=np.int64).tobytes())
         digest.update(np.ascontiguousarray(rgb).tobytes())
+        h, w = self._size(img)
+        gh, gw, m = h // self.patch, w // self.patch, self.merge
+        return ProcessedImage(raw, (1, gh, gw), digest.hexdigest(), gh * gw // (m * m), img)
+
+    def _size(self, img) -> tuple[int, int]:  # noqa: ANN001 - a PIL image
         factor = self.patch * self.merge
-        h, w = smart_resize(rgb.shape[0], rgb.shape[1], factor, self.min_pixels, self.max_pixels)
+        return smart_resize(img.height, img.width, factor, self.min_pixels, self.max_pixels)
+
+    def patches(self, image: ProcessedImage) -> np.ndarray:
+        """[t*h*w, C*T*P*P] float32: resized to its grid, rescaled, normalized, cut into patches."""
+        img = image.rgb if image.rgb is not None else decode_image(image.data)
+        h, w = self._size(img)
+        if (1, h // self.patch, w // self.patch) != tuple(image.grid):
+            raise InvalidRequestError("image", f"its size gives grid {(1, h // self.patch, w // self.patch)}, "
+                                      f"not {tuple(image.grid)}")
         resized = np.asarray(img.resize((w, h), resample=self.resample))
         x = (resized.astype(np.float64) * self.scale).astype(np.float32)
         x = ((x - self.mean) / self.std).transpose(2, 0, 1)          # [C, H, W]
         gh, gw, m, p = h // self.patch, w // self.patch, self.merge, self.patch
         x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)   # (gh, gw, mh, mw, C, ph, pw)
         x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], self.temporal, p, p))  # a still image: T copies
-        pixels = np.ascontiguousarray(x).reshape(gh * gw, 3 * self.temporal * p * p)
-        return ProcessedImage(pixels, (1, gh, gw), digest.hexdigest(), gh * gw // (m * m))
+        return np.ascontiguousarray(x).reshape(gh * gw, 3 * self.temporal * p * p)

@@ -11,12 +11,12 @@ __all__ = ["DRAFT_CALL", "DRAFT_REPLY", "HANDLE", "IMAGES", "PREFILL_REQUEST", "
 # content hash (multimodal/prompt.py ImageSpan)
 IMAGES = [("image_spans", "TYPE_INT64", "-1, 5"), ("image_hashes", "TYPE_STRING", -1)]
 
-# preprocess -> [encode ->] prefill: stages.messages.PrefillRequest. `pixels`: the images' patches,
-# until encode has turned them into embeddings in the node's embedding store (then empty, and
+# preprocess -> [encode ->] prefill: stages.messages.PrefillRequest. `image_data`: the images as sent
+# (encoded), until encode has turned them into embeddings in the node's embedding store (then empty, and
 # `embed_mac` signs the image hashes: the embedding handle); `embed_source`: where an encode server
 # holds them (multimodal/remote.py EmbeddingSource JSON; "": this node's store)
 PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING", 1), ("sampling", "TYPE_STRING", 1),
-                   *IMAGES, ("pixels", "TYPE_FP32", "-1, -1"), ("embed_source", "TYPE_STRING", 1),
+                   *IMAGES, ("image_data", "TYPE_STRING", -1), ("embed_source", "TYPE_STRING", 1),
                    ("embed_mac", "TYPE_UINT8", -1)]
 
 # prefill -> decode: stages.messages.KVHandle

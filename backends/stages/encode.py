@@ -1,7 +1,8 @@
-"""encode: the vision tower as its own stage (EPD). Takes preprocess's requests with their images'
-patches, writes each image's embeddings to the node's embedding store under its content hash
-(an image already there is not encoded again), and passes the request on to prefill without the
-pixels, carrying the embedding handle (the hashes, signed with the node's secret)."""
+"""encode: the vision tower as its own stage (EPD). Takes preprocess's requests with their images
+(as sent, encoded), makes their patches, writes each image's embeddings to the node's embedding
+store under its content hash (an image already there is not encoded again), and passes the request
+on to prefill without the images, carrying the embedding handle (the hashes, signed with the node's
+secret)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..multimodal.encoder import ImageEncoder
 from ..multimodal.image import ProcessedImage
 from ..multimodal.remote import EmbeddingArena
 from .cores import CoreShare
-from .messages import PrefillRequest, embed_mac, split_pixels
+from .messages import PrefillRequest, embed_mac, images_of
 from .metrics import Deltas
 
 log = logging.getLogger("encode")
@@ -34,7 +35,7 @@ class EncodeStage:
         images: list[ProcessedImage] = []
         for req in batch:
             try:
-                images += [ProcessedImage(px, s.grid, s.hash, s.length) for s, px in zip(req.images, split_pixels(req))]
+                images += images_of(req)
                 out.append(req)
             except InvalidRequestError as e:
                 out.append(e)
@@ -58,7 +59,7 @@ class EncodeStage:
         arena = enc.cache if isinstance(enc.cache, EmbeddingArena) else None
         for i, r in enumerate(out):
             if isinstance(r, PrefillRequest):
-                r.pixels = None
+                r.image_data = []
                 if arena is not None:            # EPD across servers: where prefill reads them from
                     try:
                         r.embed_source = arena.source([s.hash for s in r.images]).to_json()

@@ -24,6 +24,7 @@ import torch
 from ..engine.errors import InvalidRequestError
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import Sequence
+from ..multimodal.image import ProcessedImage
 from ..multimodal.prompt import ImageSpan, MultiModalPrompt
 
 
@@ -66,35 +67,32 @@ class PrefillRequest:
     prompt_token_ids: list[int]             # images' placeholders expanded (one per embedding)
     sampling: SamplingParams
     images: list[ImageSpan] = field(default_factory=list)
-    pixels: np.ndarray | None = None        # [patches, patch_dim] of all images, until encoded
+    image_data: list[bytes] = field(default_factory=list)   # each image as sent (encoded), until encoded
     embed_source: str = ""                  # an encode server's EmbeddingSource JSON ("": the node's store)
     embed_mac: bytes = b""                  # the embeddings exist: signed by encode (embed_mac())
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        pixels = self.pixels if self.pixels is not None else np.zeros((0, 0), dtype=np.float32)
         return {"input_ids": np.asarray(self.prompt_token_ids, dtype=np.int64),
                 "request_id": _string(self.request_id), "sampling": _string(self.sampling.to_json()),
-                **_spans_arrays(self.images), "pixels": np.ascontiguousarray(pixels, dtype=np.float32),
+                **_spans_arrays(self.images), "image_data": np.asarray(self.image_data, dtype=object).reshape(-1),
                 "embed_source": _string(self.embed_source),
                 "embed_mac": np.frombuffer(self.embed_mac, dtype=np.uint8).copy()}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> PrefillRequest:
-        pixels = a.get("pixels")
+        data = [bytes(x) for x in a["image_data"].reshape(-1)] if "image_data" in a else []
         return cls(_text(a["request_id"]), a["input_ids"].astype(np.int64).tolist(),
                    SamplingParams.from_json(_text(a["sampling"])), _spans(a),
-                   pixels if pixels is not None and pixels.size else None,
+                   data,
                    _text(a["embed_source"]) if "embed_source" in a else "",
                    a["embed_mac"].astype(np.uint8).tobytes() if "embed_mac" in a else b"")
 
 
-def split_pixels(req: PrefillRequest) -> list[np.ndarray]:
-    """A request's pixels, one array per image (t * h * w patches each)."""
-    sizes = [s.grid[0] * s.grid[1] * s.grid[2] for s in req.images]
-    px = req.pixels
-    if px is None or px.ndim != 2 or px.shape[0] != sum(sizes):
-        raise InvalidRequestError("pixels", f"{None if px is None else list(px.shape)} do not match the images' grids")
-    return np.split(px, np.cumsum(sizes)[:-1]) if sizes else []
+def images_of(req: PrefillRequest) -> list[ProcessedImage]:
+    """A request's images as the encoder takes them (their patches are made there)."""
+    if len(req.image_data) != len(req.images):
+        raise InvalidRequestError("image_data", f"{len(req.image_data)} images for {len(req.images)} image spans")
+    return [ProcessedImage(d, s.grid, s.hash, s.length) for s, d in zip(req.images, req.image_data)]
 
 
 @dataclass

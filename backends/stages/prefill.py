@@ -16,11 +16,10 @@ from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Sequence
 from ..kv.transfer import TransferError
 from ..multimodal.embedding_store import EmbeddingStore
-from ..multimodal.image import ProcessedImage
 from ..multimodal.prompt import MultiModalPrompt
 from ..multimodal.remote import EmbeddingSource, RemoteEmbeddings
 from .cores import CoreShare
-from .messages import KVHandle, PrefillRequest, embed_mac, split_pixels
+from .messages import KVHandle, PrefillRequest, embed_mac, images_of
 from .metrics import Deltas
 
 log = logging.getLogger("prefill")
@@ -38,7 +37,7 @@ class PrefillStage:
         recorded with the KV manager as handed off (decode claims them once, or they expire).
         source: a PD prefill node's BlockSource JSON, which its handles carry (decode reads from there).
         embeddings: the node's embedding store, where the `encode` stage put a request's images
-        (without one, images come as pixels and this engine's own vision tower encodes them);
+        (without one, images come as sent and this engine's own vision tower encodes them);
         transfer_host: this node's address for reading embeddings from an encode server (EPD)."""
         self.engine = engine
         self.embeddings = embeddings
@@ -80,7 +79,7 @@ class PrefillStage:
     def _run(self, batch: list[PrefillRequest], t0: float = 0.0) -> list[KVHandle | Exception]:
         eng = self.engine
         seqs: list[Sequence | Exception] = []
-        if self.cores and any(r.pixels is not None for r in batch):
+        if self.cores and any(r.image_data for r in batch):
             self.cores.busy()                        # the vision tower inside prefill: prefill's cores
         for req in batch:
             try:
@@ -119,7 +118,7 @@ class PrefillStage:
 
     def _images(self, req: PrefillRequest) -> MultiModalPrompt:
         """The request's images with their embeddings: read by handle from the node's store (EPD), or
-        encoded here from their pixels (vision inside prefill)."""
+        encoded here (vision inside prefill)."""
         eng = self.engine
         merge = int((eng.config.vision_config or {}).get("spatial_merge_size", 2))
         if req.embed_mac:
@@ -136,11 +135,10 @@ class PrefillStage:
                 raise EmbeddingsGone("an image's embeddings left the node's embedding cache before prefill read "
                                      "them (embedding_cache_mb too small for the load); retry")
             return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, embeds)
-        if eng.encoder is None or req.pixels is None:
+        if eng.encoder is None or not req.image_data:
             raise InvalidRequestError("image", "images reached prefill without embeddings, and this prefill "
                                       "has no vision tower (profile with an `encode` stage?)")
-        images = [ProcessedImage(px, s.grid, s.hash, s.length) for s, px in zip(req.images, split_pixels(req))]
-        return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, eng.encoder.encode(images))
+        return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, eng.encoder.encode(images_of(req)))
 
     def _remote(self) -> RemoteEmbeddings:
         if self.remote is None:

@@ -84,26 +84,27 @@ class Preprocessor:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError("text_input", f"prompt of {len(ids)} tokens leaves no room to generate "
                                       f"within max_model_len={self.max_model_len}")
-        ids, spans, pixels = self._with_images(ids, images)
+        ids, spans, data = self._with_images(ids, images)
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError("image", f"the prompt with its images' {len(ids)} tokens leaves no room "
                                       f"to generate within max_model_len={self.max_model_len}")
-        return PrefillRequest(request_id or uuid.uuid4().hex, ids, params, spans, pixels)
+        return PrefillRequest(request_id or uuid.uuid4().hex, ids, params, spans, data)
 
-    def _with_images(self, ids: list[int], images: list[Any]) -> tuple[list[int], list[ImageSpan], np.ndarray | None]:
-        """Each image decoded, checked, hashed and cut into patches; its placeholder repeated once per
-        embedding it becomes."""
+    def _with_images(self, ids: list[int], images: list[Any]) -> tuple[list[int], list[ImageSpan], list[bytes]]:
+        """Each image decoded (a bad one is refused here), hashed and measured; its placeholder
+        repeated once per embedding it becomes. The images go on as sent: the stage that runs the
+        tower makes their patches."""
         if self.images is None or self.image_token_id is None:
             if images:
                 raise InvalidRequestError("image", "this model does not take images")
-            return ids, [], None
+            return ids, [], []
         if not images and self.image_token_id not in ids:
-            return ids, [], None
+            return ids, [], []
         if len(images) > self.max_images:
             raise InvalidRequestError("image", f"{len(images)} images; at most {self.max_images} per request")
         processed = [self.images(im, f"image[{i}]") for i, im in enumerate(images)]
         ids, mm = expand_prompt(ids, self.image_token_id, processed, self.images.merge)
-        return ids, mm.spans, np.concatenate([p.pixels for p in processed]) if processed else None
+        return ids, mm.spans, [p.data for p in processed]
 
     def _bad_words(self, words: list[str]) -> list[list[int]]:
         """Each word's token ids, as written and after a space (how it appears mid-text), as vLLM does."""
