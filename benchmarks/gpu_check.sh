@@ -17,8 +17,9 @@ if ! "$PY" -c "import baton, torch; assert torch.cuda.is_available()" 2>/dev/nul
 fi
 # GPU kernels against their references, the engine's CUDA path token-exact with transformers, each
 # speculative method on CUDA token-exact with speculation off, INT8 weights and INT8/FP8 KV on CUDA
-# against the CPU engine
+# against the CPU engine, a vision-language model's images on CUDA against the CPU engine
+"$PY" -m pip install -q pillow
 "$PY" -m pytest -q tests/test_gpu_kernels.py tests/test_parity.py tests/test_spec_methods.py tests/test_quant.py \
-  -k "gpu_kernels or cuda" 2>&1 | tee "$OUT/tests.log"
+  tests/test_vl.py -k "gpu_kernels or cuda" 2>&1 | tee "$OUT/tests.log"
 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 echo "results in $OUT"

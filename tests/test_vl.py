@@ -244,3 +244,15 @@ def test_a_prompt_whose_embeddings_are_gone_ends_alone(llm, hf):
 def test_speculation_with_a_vision_model_is_refused(vl_dir):
     with pytest.raises(InvalidRequestError, match="speculative: not supported with a multimodal"):
         LLM(vl_dir, dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's CUDA path needs a GPU")
+def test_images_on_cuda_give_the_cpu_engine_tokens(vl_dir, hf, llm):
+    """The CUDA engine (its tower on CPU, the embeddings spliced on the GPU, M-RoPE tables there)."""
+    gpu = LLM(vl_dir, dtype="float32", block_size=4, device="cuda")
+    for case in ("one image", "two images of other shapes"):
+        parts, shapes = CASES[case]
+        prompt = {"prompt": chat(hf[1], parts), "multi_modal_data": {"image": [png(h, w, i) for i, (h, w) in enumerate(shapes)]}}
+        sp = SamplingParams(max_tokens=12, temperature=0)
+        assert gpu.generate(prompt, sp)[0].token_ids == llm.generate(prompt, sp)[0].token_ids
+    gpu.close()
