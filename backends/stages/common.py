@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from ..engine.errors import InvalidRequestError
 from ..engine.llm_engine import LLMEngine
 from ..kv.connector import HandoffConnector, KVConnector
 from ..kv.manager import RemoteBlockManager
@@ -9,7 +13,9 @@ from ..kv.pool import KVPool
 from ..loader import weight_store
 from ..runtime import configure_process
 from ..serving.config import NodeConfig
+from ..serving.tensors import PREFILL_REQUEST
 from .cores import CoreShare
+from .messages import PrefillRequest
 
 
 def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
@@ -54,3 +60,28 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
 def core_share(node: NodeConfig, stage: str) -> CoreShare | None:
     s = node.serving
     return CoreShare(f"{node.run_dir}/cores", stage, int(s.share_cores), s.share_cores_policy) if s.share_cores else None
+
+
+def execute_batch(pb: Any, node: NodeConfig, stage: str, requests: list, run: Callable[[list], list],
+                  unavailable: tuple[type[Exception], ...] = ()) -> list:
+    """A batched stage's Triton execute() (prefill, encode: both take PrefillRequests): calls without
+    the node's stage key refused, the rest run together, each result its response; an error is the
+    client's (INVALID_ARG) only when it is an InvalidRequestError, UNAVAILABLE for `unavailable`
+    ones (retry), else the server's (INTERNAL). `pb`: triton_python_backend_utils."""
+    refused = [node.stage_call_refused(r.parameters(), stage) for r in requests]
+    batch = [PrefillRequest.from_arrays({n: pb.get_input_tensor_by_name(r, n).as_numpy() for n, _, _ in PREFILL_REQUEST})
+             for r, why in zip(requests, refused) if not why]
+    results = iter(run(batch) if batch else [])
+    out = []
+    for why in refused:
+        if why:                                   # a client calling the stage directly
+            out.append(pb.InferenceResponse(error=pb.TritonError(why, pb.TritonError.INVALID_ARG)))
+            continue
+        res = next(results)
+        if isinstance(res, Exception):
+            code = pb.TritonError.INVALID_ARG if isinstance(res, InvalidRequestError) else \
+                pb.TritonError.UNAVAILABLE if isinstance(res, unavailable) else pb.TritonError.INTERNAL
+            out.append(pb.InferenceResponse(error=pb.TritonError(str(res), code)))
+        else:
+            out.append(pb.InferenceResponse([pb.Tensor(n, a) for n, a in res.to_arrays().items()]))
+    return out

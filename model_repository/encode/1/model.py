@@ -5,7 +5,6 @@ import os
 
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
-from baton.backends.engine.errors import InvalidRequestError
 from baton.backends.loader import weight_store
 from baton.backends.models.config import ModelConfig
 from baton.backends.models.vision import VisionConfig, VisionTower
@@ -14,9 +13,8 @@ from baton.backends.multimodal.image import ImageProcessor
 from baton.backends.multimodal.remote import EmbeddingArena
 from baton.backends.runtime import configure_process
 from baton.backends.serving.config import NodeConfig, cpus_list
-from baton.backends.serving.tensors import PREFILL_REQUEST
+from baton.backends.stages.common import execute_batch
 from baton.backends.stages.encode import EncodeStage
-from baton.backends.stages.messages import PrefillRequest
 from baton.backends.stages.metrics import ENCODE, TritonMetrics
 
 
@@ -40,21 +38,7 @@ class TritonPythonModel:
         self.metrics = TritonMetrics(pb_utils, ENCODE, {"model": args["model_name"], "version": args["model_version"]})
 
     def execute(self, requests):
-        refused = [self.node.stage_call_refused(r.parameters(), "encode") for r in requests]
-        batch = [PrefillRequest.from_arrays({n: pb_utils.get_input_tensor_by_name(r, n).as_numpy()
-                                             for n, _, _ in PREFILL_REQUEST}) for r, why in zip(requests, refused) if not why]
-        results = iter(self.stage.run(batch) if batch else [])
-        out = []
-        for why in refused:
-            if why:                                   # a client calling the stage directly
-                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(why, pb_utils.TritonError.INVALID_ARG)))
-                continue
-            res = next(results)
-            if isinstance(res, Exception):
-                code = pb_utils.TritonError.INVALID_ARG if isinstance(res, InvalidRequestError) else pb_utils.TritonError.INTERNAL
-                out.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(res), code)))
-            else:
-                out.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, a) for n, a in res.to_arrays().items()]))
+        out = execute_batch(pb_utils, self.node, "encode", requests, self.stage.run)
         self.metrics.update(self.stage.metrics.take())
         return out
 
