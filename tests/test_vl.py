@@ -256,3 +256,25 @@ def test_images_on_cuda_give_the_cpu_engine_tokens(vl_dir, hf, llm):
         sp = SamplingParams(max_tokens=12, temperature=0)
         assert gpu.generate(prompt, sp)[0].token_ids == llm.generate(prompt, sp)[0].token_ids
     gpu.close()
+
+
+def test_embedding_store_is_bounded_shared_and_whole(tmp_path):
+    """The node's store: another process's client reads what the writer put; beyond its capacity the
+    oldest use goes first; a read sees a whole embedding or none; keys are content hashes only."""
+    from baton.backends.multimodal.embedding_store import EmbeddingStore
+
+    writer = EmbeddingStore(tmp_path / "emb", capacity_bytes=3 * 64 * 16 * 2)     # three 64x16 bf16 embeddings
+    reader = EmbeddingStore(tmp_path / "emb")
+    g = torch.Generator().manual_seed(0)
+    e = {f"{i:032x}": torch.randn(64, 16, generator=g).to(torch.bfloat16) for i in range(4)}
+    keys = list(e)
+    for k in keys[:3]:
+        writer.put(k, e[k])
+    assert torch.equal(reader.get(keys[0]), e[keys[0]])
+    writer.get(keys[0])                                   # used: keys[1] is now the oldest
+    writer.put(keys[3], e[keys[3]])
+    assert reader.get(keys[1]) is None and len(reader) == 3
+    assert all(torch.equal(reader.get(k), e[k]) for k in (keys[0], keys[2], keys[3]))
+    assert sorted(p.suffix for p in (tmp_path / "emb").iterdir()) == [".emb"] * 3    # no temporary files
+    with pytest.raises(ValueError, match="not a content hash"):
+        reader.get("../../etc/passwd")
