@@ -47,8 +47,9 @@ prefill_chunk_tokens = {chunk}
 ARMS = {
     # everything on both cores, the tower inside prefill
     "mono": dict(base="single_node_vl_mono", engine="", serving="", taskset=""),
-    # the node on core 0, its encode stage moved to core 1 (encode_cpus)
-    "epd": dict(base="single_node_vl", engine="threads = 1", serving='share_cores = 1\nencode_cpus = "1"', taskset="0"),
+    # the node on core 0, its encode stage, front and preprocess moved to core 1 (encode_cpus, front_cpus)
+    "epd": dict(base="single_node_vl", engine="threads = 1",
+                serving='share_cores = 1\nencode_cpus = "1"\nfront_cpus = "1"', taskset="0"),
 }
 
 

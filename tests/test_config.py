@@ -80,3 +80,13 @@ def test_node_config_round_trips(tmp_path):
     assert NodeConfig.load(tmp_path / "node.json") == node
     assert node.max_tokens_limit == 512
     assert dataclasses.replace(node, serving=ServingConfig(max_tokens_limit=7)).max_tokens_limit == 7
+
+
+def test_cpu_lists_parse_and_a_bad_one_names_its_key():
+    from baton.backends.engine.config import ConfigError
+    from baton.backends.serving.config import ServingConfig, cpus_list
+
+    assert cpus_list("0,2-3") == [0, 2, 3] and cpus_list("") == []
+    for key in ("encode_cpus", "front_cpus"):
+        with pytest.raises(ConfigError, match=key):
+            ServingConfig(**{key: "one"})

@@ -5,6 +5,7 @@ prefill), checked against the offline engine (itself token-exact with transforme
 import base64
 import io
 import json
+import os
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +68,8 @@ def offline(vl_dir):
 
 @pytest.fixture(scope="module")
 def node(vl_dir):
-    n = Node(str(vl_dir), "single_node_vl", overrides=OVERRIDES | {"embedding_cache_mb": 1}, gateway_port=0)
+    pins = {"encode_cpus": "1", "front_cpus": "1"} if len(os.sched_getaffinity(0)) >= 2 else {}
+    n = Node(str(vl_dir), "single_node_vl", overrides=OVERRIDES | {"embedding_cache_mb": 1} | pins, gateway_port=0)
     n.start(timeout=180, quiet=True)
     yield n
     store = n.embedding_dir
@@ -235,3 +237,17 @@ def test_a_text_model_refuses_images(node, qwen3_dir):
         client.close()
     finally:
         n.stop()
+
+
+def test_encode_and_the_front_run_on_the_cpus_named(node):
+    """encode_cpus and front_cpus pin those stages' processes (EPD on one box: the encoder, the front
+    and preprocess on a core of their own)."""
+    from baton.backends.serving.supervisor import _group_members
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    stubs = {name.split("'")[1]: pid for pid, name in _group_members(node.server.proc.pid).items()
+             if name.startswith("stage stub")}
+    for model in ("encode", "llm", "preprocess"):
+        assert os.sched_getaffinity(stubs[model]) == {1}, model
+    assert os.sched_getaffinity(stubs["prefill"]) == os.sched_getaffinity(0)

@@ -73,6 +73,10 @@ class ServingConfig:
     # CPUs the `encode` stage runs on (its threads: one per CPU), e.g. "1" or "2-3"; "": the node's,
     # shared like the other stages
     encode_cpus: str = ""
+    # CPUs the request path's host work runs on: the llm front (relaying every streamed response) and
+    # preprocess (tokenizing, decoding images); "": the node's. EPD on one box puts them with the
+    # encoder (measured: benchmarks/README.md "EPD")
+    front_cpus: str = ""
     # EPD across servers (profile epd_llm): the encode server's gRPC address, host:port; its images'
     # embeddings are read over the transfer engine. "": encode runs on this node (or inside prefill)
     encode_address: str = ""
@@ -85,23 +89,35 @@ class ServingConfig:
                 raise ConfigError(f"tier_weights.{k}: expected host, store or disk with a weight in [0, 1], got {v!r}")
         if self.max_pending_requests < 1:
             raise ConfigError(f"max_pending_requests: must be >= 1, got {self.max_pending_requests}")
-        cpus_list(self.encode_cpus)
+        cpus_list(self.encode_cpus, "encode_cpus")
+        cpus_list(self.front_cpus, "front_cpus")
         for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s",
                      "embedding_cache_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
-def cpus_list(spec: str) -> list[int]:
-    """"1", "0,2", "2-3" -> CPU numbers (ServingConfig.encode_cpus)."""
+def cpus_list(spec: str, key: str = "cpus") -> list[int]:
+    """"1", "0,2", "2-3" -> CPU numbers (ServingConfig.encode_cpus, front_cpus)."""
     out: list[int] = []
     try:
         for part in filter(None, (p.strip() for p in spec.split(","))):
             lo, _, hi = part.partition("-")
             out += range(int(lo), int(hi or lo) + 1)
     except ValueError:
-        raise ConfigError(f"encode_cpus: expected CPU numbers like \"1\" or \"2-3\", got {spec!r}") from None
+        raise ConfigError(f"{key}: expected CPU numbers like \"1\" or \"2-3\", got {spec!r}") from None
     return out
+
+
+def pin_to(spec: str) -> int:
+    """Run this process on the CPUs `spec` names (a stage's model.py, at initialize); their count,
+    or 0 when `spec` is empty (nothing changes)."""
+    import os
+
+    cpus = cpus_list(spec)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    return len(cpus)
 
 
 STAGE_KEY_PARAM = "baton_stage_key"       # the request parameter an internal stage call carries

@@ -1,8 +1,6 @@
 """encode (EPD): thin adapter over baton.backends.stages.encode.EncodeStage (the vision tower; the
 requests of one execute are encoded together)."""
 
-import os
-
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.loader import weight_store
@@ -12,7 +10,7 @@ from baton.backends.multimodal.encoder import ImageEncoder, visual_weights
 from baton.backends.multimodal.image import ImageProcessor
 from baton.backends.multimodal.remote import EmbeddingArena
 from baton.backends.runtime import configure_process
-from baton.backends.serving.config import NodeConfig, cpus_list
+from baton.backends.serving.config import NodeConfig, pin_to
 from baton.backends.stages.common import execute_batch
 from baton.backends.stages.encode import EncodeStage
 from baton.backends.stages.metrics import ENCODE, TritonMetrics
@@ -21,10 +19,8 @@ from baton.backends.stages.metrics import ENCODE, TritonMetrics
 class TritonPythonModel:
     def initialize(self, args):
         node = self.node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
-        cpus = cpus_list(node.serving.encode_cpus)
-        if cpus:                              # the encoder on cores of its own (EPD on one box)
-            os.sched_setaffinity(0, cpus)
-        configure_process(len(cpus) or node.engine.threads)
+        # the encoder on cores of its own (EPD on one box): a thread each
+        configure_process(pin_to(node.serving.encode_cpus) or node.engine.threads)
         model = node.engine.model
         tower = VisionTower(VisionConfig.from_hf_dict(ModelConfig.from_dir(model).vision_config),
                             visual_weights(weight_store.attach(node.weights)))

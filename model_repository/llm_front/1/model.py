@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.runtime import configure_process
-from baton.backends.serving.config import DRAINING, NodeConfig
+from baton.backends.serving.config import DRAINING, NodeConfig, pin_to
 from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
 from baton.backends.stages.cancel import CancelSender, CloseStream
 from baton.backends.stages.front import Admission, Calls, FrontError, check_parameters, relay
@@ -25,6 +25,7 @@ class TritonPythonModel:
     def initialize(self, args):
         configure_process()
         node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
+        pin_to(node.serving.front_cpus)
         # served as llm_trtllm: TensorRT-LLM's shapes, a batch dimension (of 1) on every tensor
         self.batched = json.loads(args["model_config"]).get("max_batch_size", 0) > 0
         self.cancel = CancelSender(node.run_dir)

@@ -3,7 +3,7 @@
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
 from baton.backends.engine.errors import InvalidRequestError
-from baton.backends.serving.config import NodeConfig
+from baton.backends.serving.config import NodeConfig, pin_to
 from baton.backends.serving.tensors import SCALARS, STRINGS
 from baton.backends.stages.preprocess import Preprocessor
 
@@ -13,6 +13,7 @@ NAMES = [n for n, _ in STRINGS] + [n for n, _ in SCALARS]
 class TritonPythonModel:
     def initialize(self, args):
         node = self.node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
+        pin_to(node.serving.front_cpus)
         self.pre = Preprocessor(node.engine.model, node.engine.max_model_len, node.max_tokens_limit)
 
     def execute(self, requests):
