@@ -71,8 +71,18 @@ class ModelRunner:
         `layout_step` puts them): the order of the rows and the hidden states."""
         order, ids, positions, step = layout_step(scheduled, self.block_size)
         dev = self.device
+        mm_rows = [(s, n) for s, n in order if getattr(s, "mm", None) is not None]
+        if mm_rows and all(s.num_computed_tokens >= s.mm.positions.shape[1] for s, _ in mm_rows):
+            # only generated (text) tokens of image prompts: their three M-RoPE positions agree, so
+            # plain positions shifted by each one's delta (the fused decode step, no per-step tables)
+            row = 0
+            for s, n in order:
+                if getattr(s, "mm", None) is not None:
+                    positions[row:row + n] = [x + s.mm.delta for x in positions[row:row + n]]
+                row += n
+            mm_rows = []
         pos = torch.tensor(positions, dtype=torch.int64)
-        if any(getattr(s, "mm", None) is not None for s, _ in order):
+        if mm_rows:
             pos, inputs_embeds = self._multimodal(order, ids, pos, inputs_embeds)
         hidden = self.model.forward(None if inputs_embeds is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
                                     pos.to(dev), self.attention.build(step), self.pool.layers, inputs_embeds)
