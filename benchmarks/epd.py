@@ -42,6 +42,7 @@ kv_cache_memory_mb = 256
 [serving]
 max_tokens_limit = 512
 prefill_chunk_tokens = {chunk}
+decode_wait_ms = {decode_wait_ms}
 {serving}
 """
 ARMS = {
@@ -74,10 +75,10 @@ def question(rng: random.Random) -> str:
 
 
 class Server:
-    def __init__(self, arm: str, model: str, root: Path, chunk: int) -> None:
+    def __init__(self, arm: str, model: str, root: Path, chunk: int, decode_wait_ms: float) -> None:
         a = ARMS[arm]
         prof = root / f"{arm}.toml"
-        prof.write_text(PROFILE.format(**a, chunk=chunk))
+        prof.write_text(PROFILE.format(**a, chunk=chunk, decode_wait_ms=decode_wait_ms))
         self.grpc = free_port()
         run = root / arm
         run.mkdir()
@@ -182,12 +183,14 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=64, help="prefill_chunk_tokens of both arms (a decode step "
                     "waits for at most one chunk)")
+    ap.add_argument("--decode-wait-ms", type=float, default=10.0, help="decode_wait_ms of both arms (a decode "
+                    "step gets in between two layers of a prefill that has run this long; 0: only between chunks)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-epd-bench-"))
-    servers = {arm: Server(arm, a.model, root, a.chunk) for arm in ARMS}
+    servers = {arm: Server(arm, a.model, root, a.chunk, a.decode_wait_ms) for arm in ARMS}
     report: dict = {"model": a.model, "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "duration_s": a.duration,
-                    "prefill_chunk_tokens": a.chunk,
+                    "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
                     "arms": {k: {kk: v for kk, v in ARMS[k].items()} for k in ARMS}, "rates": {}}
     try:
         for s in servers.values():              # warm up: a few of each kind

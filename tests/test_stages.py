@@ -386,6 +386,69 @@ def test_core_share_prefill_first_lets_one_decode_step_in_between_chunks(prefill
     assert prefill.busy() == 2
 
 
+def test_core_share_lets_a_waiting_decode_step_in_between_layers_after_decode_wait(tmp_path):
+    """Inside a prefill step, between_layers lets a waiting decode step in only once the prefill has
+    run decode_wait_s since it last took the cores, and then exactly one step."""
+    from baton.backends.stages.cores import WAITING, CoreShare
+
+    CoreShare.create(tmp_path / "cores")
+    prefill = CoreShare(tmp_path / "cores", "prefill", 1, "prefill_first", decode_wait_s=0.2)
+    decode = CoreShare(tmp_path / "cores", "decode", 1, "prefill_first")
+    events: list[str] = []
+
+    def decode_steps() -> None:
+        for _ in range(2):
+            decode.busy()
+            events.append("decode step")
+            decode.stepped()
+
+    def wait_for_decode() -> None:
+        deadline = time.monotonic() + 10
+        while not decode.flags[WAITING] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert decode.flags[WAITING]
+
+    prefill.busy()
+    t0 = prefill.since
+    t = threading.Thread(target=decode_steps)
+    t.start()
+    wait_for_decode()
+    prefill.between_layers()                # decode waits, but the prefill has not run 0.2 s yet
+    assert events == [] and time.monotonic() - t0 < 0.2
+    time.sleep(0.2)
+    prefill.between_layers()                # now one decode step goes first
+    assert events == ["decode step"] and prefill.since - t0 >= 0.2
+    wait_for_decode()
+    prefill.between_layers()                # the prefill took the cores again just now: it goes on
+    assert events == ["decode step"]
+    prefill.idle()
+    t.join(5)
+    assert events == ["decode step"] * 2
+
+
+def test_prefill_stage_yields_between_layers_without_changing_tokens(node, tmp_path):
+    """With decode_wait_ms the prefill stage's model calls its core share between each two layers
+    (without, never), and what it computes is the same."""
+    from baton.backends.stages.cores import CoreShare
+
+    cfg, _, _ = node
+    CoreShare.create(tmp_path / "cores")
+    prompt = list(range(3, 40))
+    outs, calls = [], []
+    for wait in (0.0, 0.005):
+        share = CoreShare(tmp_path / "cores", "prefill", 1, "prefill_first", decode_wait_s=wait)
+        share.between_layers = lambda: calls.append(1)     # type: ignore[method-assign]
+        stage = PrefillStage(node_engine(cfg, "prefill"), KEY, share)
+        (h,) = prefilled(stage, [prompt], max_tokens=4, temperature=0.0)
+        outs.append(h.token_ids)
+        assert len(calls) == (stage.engine.model.cfg.num_layers - 1 if wait else 0)
+        bm = stage.engine.block_manager
+        assert bm.claim(h.request_id, h.block_table)
+        bm.release(h.block_table)
+        bm.flush(idle=True)
+    assert outs[0] == outs[1]
+
+
 def test_decode_fails_one_request_that_cannot_be_adopted_and_keeps_serving(node):
     """A sink that breaks on its first token: that request gets an error and its blocks go back; the
     next request is served normally."""

@@ -5,6 +5,7 @@ are fused at load (q|k|v and gate|up) so each layer runs 4 GEMMs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,9 @@ class DecoderLM:
         self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype, str(self.embed.device))
         self.scale = cfg.head_dim ** -0.5
         self._fused = self._fused_decode_args()
+        # called between two layers of an op-by-op forward: a prefill process lets a waiting decode
+        # step of the same cores in (stages/cores.py CoreShare.between_layers)
+        self.between_layers: Callable[[], None] | None = None
 
     def _fused_decode_args(self) -> tuple[list, list] | None:
         """Per-layer tensors for the C++ decode step (decode_forward_bf16): the fast path the weight
@@ -203,6 +207,8 @@ class DecoderLM:
         x = rms_norm(h, self.layers[0].input_norm, eps)
         for i, L in enumerate(self.layers):
             if i:
+                if self.between_layers is not None:
+                    self.between_layers()
                 x, residual = add_rms_norm(h, residual, L.input_norm, eps)
             qkv = linear(x, L.qkv).view(T, H + 2 * KV, D)
             qk_norm_rope_(qkv[:, : H + KV], L.qk_norm, positions, rope, eps)

@@ -38,6 +38,10 @@ class ServingConfig:
     # "prefill_first": a working prefill gets every core and decode steps wait, one prefill chunk at a
     # time; "fair": half each while both work.
     share_cores_policy: Literal["fair", "prefill_first"] = "prefill_first"
+    # "prefill_first": a decode step waiting for a running prefill gets in between two of its layers
+    # once the prefill has run this long since the last one did (bounds the streams' stall inside a
+    # long chunk); 0: decode steps get in only between chunks
+    decode_wait_ms: float = 10.0
     prefill_chunk_tokens: int = 256      # the prefill engine's tokens per step; 0: the engine's budget
     # with more live requests than this, decode sends each request's tokens every ceil(live / N) steps
     # (held 0.1 s at most); 0 sends every token as its own response
@@ -92,7 +96,7 @@ class ServingConfig:
         cpus_list(self.encode_cpus, "encode_cpus")
         cpus_list(self.front_cpus, "front_cpus")
         for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s",
-                     "embedding_cache_mb"):
+                     "embedding_cache_mb", "decode_wait_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 

@@ -59,7 +59,9 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
 
 def core_share(node: NodeConfig, stage: str) -> CoreShare | None:
     s = node.serving
-    return CoreShare(f"{node.run_dir}/cores", stage, int(s.share_cores), s.share_cores_policy) if s.share_cores else None
+    if not s.share_cores:
+        return None
+    return CoreShare(f"{node.run_dir}/cores", stage, int(s.share_cores), s.share_cores_policy, s.decode_wait_ms / 1e3)
 
 
 def execute_batch(pb: Any, node: NodeConfig, stage: str, requests: list, run: Callable[[list], list],

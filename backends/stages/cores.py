@@ -11,7 +11,10 @@ policy "prefill_first" instead gives a working prefill every core and holds deco
 runs: TTFT under load stays near the idle server's, and live streams stall for that prefill, as they
 do in an engine that runs prefills and decodes in one loop. Between two chunks of a prefill (the
 prefill engine's token budget, `prefill_chunk_tokens`) a waiting decode gets one step, so a long
-prompt stalls the streams for one chunk at a time, not for the whole prompt.
+prompt stalls the streams for one chunk at a time, not for the whole prompt. Within a chunk,
+`between_layers` (the prefill model calls it after each layer) lets a waiting decode step in once the
+prefill has run `decode_wait_s` since it last did: a stream then waits about that long, not a whole
+chunk (an image prompt's chunk on one core is tens of ms), and the prefill still runs in big chunks.
 
 Under "prefill_first" a prefill that arrives while a decode step runs waits for that step to end
 (at most MAX_YIELD_S) rather than run beside it: 2 + 2 OpenMP threads on 2 cores, each team
@@ -39,7 +42,8 @@ BUSY, YIELD = 1, 2      # a prefill's own flag: working, or letting one decode s
 
 
 class CoreShare:
-    def __init__(self, path: str | Path, stage: str, cores: int, policy: str = "fair") -> None:
+    def __init__(self, path: str | Path, stage: str, cores: int, policy: str = "fair",
+                 decode_wait_s: float = 0.0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"share_cores_policy must be one of {POLICIES}, not {policy!r}")
         self.flags = np.memmap(str(path), dtype=np.int32, mode="r+", shape=(5,))
@@ -47,6 +51,8 @@ class CoreShare:
         self.cores = cores
         self.policy = policy
         self.threads = torch.get_num_threads()
+        self.decode_wait_s = decode_wait_s
+        self.since = 0.0        # when this prefill last took the cores
 
     @staticmethod
     def create(path: str | Path) -> None:
@@ -70,12 +76,8 @@ class CoreShare:
                 self.flags[WAITING] = 0
             else:
                 if self.flags[self.me] and self.flags[WAITING]:   # between chunks: one decode step first
-                    steps = int(self.flags[STEPS])
-                    self.flags[self.me] = YIELD
-                    self._wait(lambda: self.flags[STEPS] != steps or not self.flags[self.other], MAX_YIELD_S)
-                self.flags[self.me] = BUSY
-                # a decode step in flight ends first
-                self._wait(lambda: not self.flags[STEPPING] or not self.flags[self.other], MAX_YIELD_S)
+                    self._let_decode_in()
+                self._take()
             n = self.cores
         else:
             self.flags[self.me] = 1
@@ -85,6 +87,24 @@ class CoreShare:
             torch.set_num_threads(n)
             self.threads = n
         return n
+
+    def between_layers(self) -> None:
+        """Prefill calls this between two layers of a step: a waiting decode step gets in once this
+        prefill has run decode_wait_s since it last took the cores."""
+        if self.flags[WAITING] and time.monotonic() - self.since >= self.decode_wait_s:
+            self._let_decode_in()
+            self._take()
+
+    def _let_decode_in(self) -> None:
+        steps = int(self.flags[STEPS])
+        self.flags[self.me] = YIELD
+        self._wait(lambda: self.flags[STEPS] != steps or not self.flags[self.other], MAX_YIELD_S)
+
+    def _take(self) -> None:
+        self.flags[self.me] = BUSY
+        # a decode step in flight ends first
+        self._wait(lambda: not self.flags[STEPPING] or not self.flags[self.other], MAX_YIELD_S)
+        self.since = time.monotonic()
 
     def holds_decode(self) -> bool:
         """Whether decode's busy() would now wait for a working prefill."""

@@ -52,6 +52,8 @@ class PrefillStage:
             Path(load_path).write_bytes(bytes(16))
             self.load = np.memmap(load_path, dtype=np.int64, mode="r+", shape=(2,))
         self.cores = cores
+        if cores is not None and cores.policy == "prefill_first" and cores.decode_wait_s > 0:
+            engine.model.between_layers = cores.between_layers
         self.metrics = Deltas()
 
     def run(self, batch: list[PrefillRequest]) -> list[KVHandle | Exception]:
