@@ -4,9 +4,10 @@ Every format is read (backends/loader/quantized.py) into one unpacked form, `Int
 w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] with q and zero in 0..15 and g the group of column k
 (k // group_size, or g_idx[k] for GPTQ act-order). The linear method then packs it for the kernel
 that runs it:
-- CPU, bf16 activations: Baton's kernel (csrc/cpu_ops.cpp linear_int4): bytes [N/64][K/2][64]
-  (k even in the low nibble, columns in COLUMN_ORDER) and per (64 columns, group) the scales and
-  zero * scale. An act-order
+- CPU, bf16 activations: Baton's kernel (csrc/cpu_ops.cpp
+  linear_int4): per 64 columns and 8 k a uint32 per column ([N/64][K/8][64], the even k's nibbles
+  in its low half, the odd k's in its high half: WORD_ORDER) and per (64 columns, group) the scales
+  and zero * scale. An act-order
   weight's columns are sorted by group at load (each group then is G consecutive columns) and x is
   permuted the same way before the product, as vLLM's exllama path does.
 - otherwise: the GPTQ layout and kernels/quant.py int4_linear (Triton on CUDA, torch's CPU op).
@@ -23,9 +24,9 @@ from .linear import Linear, LinearMethod, StoredWeight
 from .quant import Int4Weight, int4_linear, pack_gptq
 
 NB = 64
-# the kernel's column order within a 64-column block: byte 16l + 4j + d holds column 16j + 4l + d (its
-# in-lane unpacks then put columns 16j..16j+15 in vector j); swapping l and j is its own inverse
-COLUMN_ORDER = torch.tensor([16 * j + 4 * lane + d for lane in range(4) for j in range(4) for d in range(4)])
+# a column's uint32 for k = 8t..8t+7, as 4 little-endian bytes (low nibble, high nibble): bits 4i hold
+# k = 8t + 2i and bits 16 + 4i hold k = 8t + 2i + 1, so one shift and mask give the kernel k-pair i
+WORD_LOW, WORD_HIGH = [0, 4, 1, 5], [2, 6, 3, 7]
 
 
 @dataclass
@@ -71,7 +72,7 @@ class Int4Packed:
     """An Int4Data in the CPU kernel's layout; `perm` (int64 [K]) orders x's columns for an
     act-order weight (None otherwise)."""
 
-    qweight: torch.Tensor              # uint8, [N/64][K/2][64]
+    qweight: torch.Tensor              # uint8, [N/64][K/8][64][4] (a uint32 per column and 8 k)
     sz: torch.Tensor                   # fp32, [N/64][K/G][2][64]: scale, zero * scale
     shape: tuple[int, int]
     group_size: int
@@ -80,6 +81,9 @@ class Int4Packed:
     @classmethod
     def pack(cls, d: Int4Data) -> Int4Packed:
         N, K = d.shape
+        if K % 8 or d.group_size % 8:       # a uint32 per 8 k, whole within a group
+            raise ValueError(f"the int4 kernel's layout needs K and the group size multiples of 8, not {K} and "
+                             f"{d.group_size}")
         G = d.group_size
         q, zero, scale, perm = d.q, d.zero, d.scale.float(), None
         if d.g_idx is not None and not torch.equal(d.g_idx, torch.arange(K) // G):
@@ -90,19 +94,22 @@ class Int4Packed:
         Np = -(-N // NB) * NB
         qp = torch.zeros(Np, K, dtype=torch.uint8)
         qp[:N] = q
-        pairs = (qp[:, 0::2] | (qp[:, 1::2] << 4)).view(Np // NB, NB, K // 2)[:, COLUMN_ORDER]
+        q8 = qp.view(Np, K // 8, 8)
+        words = (q8[..., WORD_LOW] | (q8[..., WORD_HIGH] << 4)).view(Np // NB, NB, K // 8, 4)
         sz = torch.zeros(Np, K // G, 2)
         sz[:N, :, 0] = scale
         sz[:N, :, 1] = zero.float() * scale
-        return cls(pairs.permute(0, 2, 1).contiguous().view(-1), sz.view(Np // NB, NB, K // G, 2).permute(0, 2, 3, 1)
+        return cls(words.permute(0, 2, 1, 3).contiguous().view(-1), sz.view(Np // NB, NB, K // G, 2).permute(0, 2, 3, 1)
                    .contiguous().view(-1), (N, K), G, perm)
 
     def unpack(self) -> Int4Data:
         """Back to the unpacked form (act-order as a g_idx): what the tests compare."""
         N, K = self.shape
         G, Np = self.group_size, -(-N // NB) * NB
-        pairs = self.qweight.view(Np // NB, K // 2, NB).permute(0, 2, 1)[:, COLUMN_ORDER].reshape(Np, K // 2)
-        q = torch.stack([pairs & 0xF, pairs >> 4], -1).view(Np, K)[:N]
+        words = self.qweight.view(Np // NB, K // 8, NB, 4).permute(0, 2, 1, 3).reshape(Np, K // 8, 4)
+        q = torch.empty(Np, K // 8, 8, dtype=torch.uint8)
+        q[..., WORD_LOW], q[..., WORD_HIGH] = words & 0xF, words >> 4
+        q = q.view(Np, K)[:N]
         sz = self.sz.view(Np // NB, K // G, 2, NB).permute(0, 3, 1, 2).reshape(Np, K // G, 2)[:N]
         scale = sz[..., 0]
         zero = torch.round(sz[..., 1] / torch.where(scale == 0, 1, scale)).to(torch.uint8)

@@ -1059,57 +1059,50 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& qw, const at::Tens
 
 // y[M, N] = x[M, K] @ W^T for a 4-bit group-quantized weight, W[n, k] = (q - z) * s with q, z in
 // 0..15 and (z, s) per (group of G consecutive k, n) (act-order checkpoints are permuted along K at
-// load, kernels/int4_linear.py, and x with them). Packed as [N/64][K/2][64] bytes, k even in the
-// low nibble, byte 16l + 4j + d holding column 16j + 4l + d; sz as [N/64][K/G][s[64], z*s[64]] fp32.
-// A k-pair's 64 bytes are widened to 4 x 32 bf16 (q, exact) by VPSHUFB table lookups of each
-// nibble's bf16 bytes and in-lane unpacks, which is why the columns are stored in that order (the
-// unpacks then put columns 16j.. in vector j); per group the fp32 partial sum of x * q (VDPBF16PS,
-// one chain per output from zero) is folded in as acc += partial * s - sum(x over the group) * z*s.
+// load, kernels/int4_linear.py, and x with them). Packed as [N/64][K/8][64] uint32: column n's word
+// for k = 8t..8t+7 holds the even k's nibbles in bits 0-15 and the odd k's in bits 16-31 (4i and
+// 16 + 4i for pair i), so k-pair i of 16 columns is one shift and one VPTERNLOG away from bf16:
+// (word >> 4i) & 0x000F000F | 0x43004300 is the pair (128 + q_even, 128 + q_odd), exact. No byte
+// shuffles (the shuffle pipe bounded the previous layout at ~12 cycles per 64 bytes). Per group the
+// fp32 partial sum of x * (128 + q) (VDPBF16PS, one chain per output from zero) is folded in as
+// acc += partial * s - sum(x over the group) * (z + 128) * s; the 128 costs ~4 bits of the fp32
+// partial's precision (still ~1e-5 of sum|x|, far below the bf16 output's rounding).
 // The order never depends on M: batch-invariant rows. A quarter of bf16's bytes per decode step.
 #if defined(__AVX512BF16__)
 template <int R>
-inline void int4_rows(const uint8_t* wb, const float* szb, int64_t gpairs, int64_t ngroups, const u32_alias* xpairs,
+inline void int4_rows(const uint32_t* wb, const float* szb, int64_t gpairs, int64_t ngroups, const u32_alias* xpairs,
                       int64_t xstride, const float* xsum, float* y) {
-  // bf16 of 0..15, low and high bytes, one copy per 128-bit lane (VPSHUFB looks up within a lane)
-  alignas(64) static const uint8_t kLo[64] = {
-      0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
-      0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
-      0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70,
-      0x00, 0x80, 0x00, 0x40, 0x80, 0xa0, 0xc0, 0xe0, 0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70};
-  alignas(64) static const uint8_t kHi[64] = {
-      0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41,
-      0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41,
-      0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41,
-      0x00, 0x3f, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41};
-  const __m512i tlo = _mm512_load_si512(kLo), thi = _mm512_load_si512(kHi), m0f = _mm512_set1_epi8(0x0f);
+  const __m512i nib = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
+  const __m512 k128 = _mm512_set1_ps(128.f);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) _mm512_storeu_ps(y + r * kPackNB + 16 * j, _mm512_setzero_ps());
   for (int64_t g = 0; g < ngroups; ++g) {
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t kp = g * gpairs; kp < (g + 1) * gpairs; ++kp) {
-      const uint8_t* p = wb + kp * kPackNB;
-      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T1);
-      // 64 bytes (k even | k odd << 4 per column) -> 4 x 32 bf16 in pair order, with in-lane byte
-      // shuffles and unpacks only; the columns are stored so that vector j holds columns 16j..16j+15
-      const __m512i v = _mm512_loadu_si512(p);
-      const __m512i lo = _mm512_and_si512(v, m0f), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);
-      const __m512i l0 = _mm512_shuffle_epi8(tlo, lo), h0 = _mm512_shuffle_epi8(thi, lo);
-      const __m512i l1 = _mm512_shuffle_epi8(tlo, hi), h1 = _mm512_shuffle_epi8(thi, hi);
-      const __m512i k0a = _mm512_unpacklo_epi8(l0, h0), k0b = _mm512_unpackhi_epi8(l0, h0);
-      const __m512i k1a = _mm512_unpacklo_epi8(l1, h1), k1b = _mm512_unpackhi_epi8(l1, h1);
-      const __m512bh w[4] = {(__m512bh)_mm512_unpacklo_epi16(k0a, k1a), (__m512bh)_mm512_unpackhi_epi16(k0a, k1a),
-                             (__m512bh)_mm512_unpacklo_epi16(k0b, k1b), (__m512bh)_mm512_unpackhi_epi16(k0b, k1b)};
-      dot_pairs<R>(acc, w, xpairs + kp, xstride);
+    for (int64_t kp = g * gpairs; kp < (g + 1) * gpairs; kp += 4) {
+      const uint32_t* p = wb + kp / 4 * kPackNB;
+      __m512i v[4];
+      for (int j = 0; j < 4; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + 16 * j) + kPrefetchBytes, _MM_HINT_T1);
+        v[j] = _mm512_loadu_si512(p + 16 * j);
+      }
+      for (int i = 0; i < 4; ++i) {
+        __m512bh w[4];
+        for (int j = 0; j < 4; ++j)   // 0xEA: (a & b) | c
+          w[j] = (__m512bh)_mm512_ternarylogic_epi32(i ? _mm512_srli_epi32(v[j], 4 * i) : v[j], nib, magic, 0xEA);
+        dot_pairs<R>(acc, w, xpairs + kp + i, xstride);
+      }
     }
     const float* sg = szb + g * 2 * kPackNB;
     for (int r = 0; r < R; ++r) {
       const __m512 xs = _mm512_set1_ps(xsum[r * ngroups + g]);
       for (int j = 0; j < 4; ++j) {
         float* yr = y + r * kPackNB + 16 * j;
-        __m512 v = _mm512_fmadd_ps(acc[r][j], _mm512_loadu_ps(sg + 16 * j), _mm512_loadu_ps(yr));
-        _mm512_storeu_ps(yr, _mm512_fnmadd_ps(xs, _mm512_loadu_ps(sg + kPackNB + 16 * j), v));
+        const __m512 s = _mm512_loadu_ps(sg + 16 * j);
+        const __m512 zs = _mm512_fmadd_ps(s, k128, _mm512_loadu_ps(sg + kPackNB + 16 * j));   // (z + 128) * s
+        __m512 v = _mm512_fmadd_ps(acc[r][j], s, _mm512_loadu_ps(yr));
+        _mm512_storeu_ps(yr, _mm512_fnmadd_ps(xs, zs, v));
       }
     }
   }
@@ -1120,7 +1113,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qw, const at::Tens
                        int64_t group_size, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
               "linear_int4: x must be a contiguous bf16 [M, K]");
-  TORCH_CHECK(group_size % 2 == 0 && K % group_size == 0, "linear_int4: K must be a multiple of an even group size");
+  TORCH_CHECK(group_size % 8 == 0 && K % group_size == 0, "linear_int4: K must be a multiple of a group size that is a multiple of 8");
   const int64_t M = x.size(0), nblocks = (N + kPackNB - 1) / kPackNB, kp_all = K / 2, ngroups = K / group_size;
   TORCH_CHECK(qw.scalar_type() == at::kByte && qw.numel() >= nblocks * kp_all * kPackNB,
               "linear_int4: the packed weight is too small for [", N, ", ", K, "]");
@@ -1139,11 +1132,11 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& qw, const at::Tens
       xsum[m * ngroups + g] = acc;
     }
   const u32_alias* xpairs = reinterpret_cast<const u32_alias*>(x.data_ptr());
-  const uint8_t* w = qw.data_ptr<uint8_t>();
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(qw.data_ptr<uint8_t>());
   const float* szp = sz.data_ptr<float>();
   tiled_gemm(M, N, kp_all, bias, out, [&](int64_t rows, int64_t nb, int64_t m0, float* y) {
     with_rows(rows, [&](auto R) {
-      int4_rows<decltype(R)::value>(w + nb * kp_all * kPackNB, szp + nb * ngroups * 2 * kPackNB, group_size / 2,
+      int4_rows<decltype(R)::value>(w + nb * kp_all / 4 * kPackNB, szp + nb * ngroups * 2 * kPackNB, group_size / 2,
                                     ngroups, xpairs + m0 * kp_all, kp_all, xsum.data() + m0 * ngroups, y);
     });
   }, [](float*, int64_t, int64_t) {});
