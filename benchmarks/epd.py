@@ -43,6 +43,7 @@ kv_cache_memory_mb = 256
 max_tokens_limit = 512
 prefill_chunk_tokens = {chunk}
 decode_wait_ms = {decode_wait_ms}
+stream_responses_per_step = {responses_per_step}
 {serving}
 """
 ARMS = {
@@ -75,10 +76,12 @@ def question(rng: random.Random) -> str:
 
 
 class Server:
-    def __init__(self, arm: str, model: str, root: Path, chunk: int, decode_wait_ms: float) -> None:
+    def __init__(self, arm: str, model: str, root: Path, chunk: int, decode_wait_ms: float,
+                 responses_per_step: int) -> None:
         a = ARMS[arm]
         prof = root / f"{arm}.toml"
-        prof.write_text(PROFILE.format(**a, chunk=chunk, decode_wait_ms=decode_wait_ms))
+        prof.write_text(PROFILE.format(**a, chunk=chunk, decode_wait_ms=decode_wait_ms,
+                                       responses_per_step=responses_per_step))
         self.grpc = free_port()
         run = root / arm
         run.mkdir()
@@ -185,12 +188,16 @@ def main() -> None:
                     "waits for at most one chunk)")
     ap.add_argument("--decode-wait-ms", type=float, default=10.0, help="decode_wait_ms of both arms (a decode "
                     "step gets in between two layers of a prefill that has run this long; 0: only between chunks)")
+    ap.add_argument("--responses-per-step", type=int, default=0, help="stream_responses_per_step of both arms; "
+                    "0 (every token its own response) so that a gap between responses is a decode step's cadence, "
+                    "not the coalescing, which spaces responses by the number of live streams")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-epd-bench-"))
-    servers = {arm: Server(arm, a.model, root, a.chunk, a.decode_wait_ms) for arm in ARMS}
+    servers = {arm: Server(arm, a.model, root, a.chunk, a.decode_wait_ms, a.responses_per_step) for arm in ARMS}
     report: dict = {"model": a.model, "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "duration_s": a.duration,
                     "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
+                    "stream_responses_per_step": a.responses_per_step,
                     "arms": {k: {kk: v for kk, v in ARMS[k].items()} for k in ARMS}, "rates": {}}
     try:
         for s in servers.values():              # warm up: a few of each kind
