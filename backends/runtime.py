@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 # OpenMP workers spin ~1.5 ms between parallel regions: a decode step is hundreds of short ops, and
@@ -38,6 +39,17 @@ def configure_process(threads: int = 0) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def lower_priority(nice: int, threads: Iterable[int] | None = None) -> None:
+    """Run these threads (None: every thread of this process; threads they start later inherit it)
+    at OS priority `nice` or lower: throughput work that shares cores with latency work yields to it."""
+    for tid in (int(t) for t in os.listdir("/proc/self/task")) if threads is None else threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:                          # the thread ended meanwhile
+            pass
 
 
 PR_SET_PDEATHSIG = 1

@@ -1,6 +1,7 @@
 """EPD measured: a vision-language model served monolithic (the vision tower inside prefill, profile
 single_node_vl_mono, both cores shared by every stage) against EPD on the same box (profile
-single_node_vl: the `encode` stage pinned to core 1, prefill and decode pinned to core 0).
+single_node_vl: the `encode` stage, the front and preprocess pinned to core 1, prefill and decode
+pinned to core 0; and `epd_pd`: prefill on core 1 too, decode alone with tritonserver on core 0).
 
     python benchmarks/epd.py --model .cache/checkpoints/small-qwen2.5-vl --out benchmarks/results/epd-small-vl-2cpu.json
 
@@ -52,6 +53,10 @@ ARMS = {
     # the node on core 0, its encode stage, front and preprocess moved to core 1 (encode_cpus, front_cpus)
     "epd": dict(base="single_node_vl", engine="threads = 1",
                 serving='share_cores = 1\nencode_cpus = "1"\nfront_cpus = "1"', taskset="0"),
+    # prefill moved beside the encoder (prefill_cpus, share_cores = 0): decode never waits for a
+    # prompt on core 0 (it shares it with tritonserver and the KV manager only)
+    "epd_pd": dict(base="single_node_vl", engine="threads = 1",
+                   serving='share_cores = 0\nencode_cpus = "1"\nfront_cpus = "1"\nprefill_cpus = "1"', taskset="0"),
 }
 
 
@@ -186,7 +191,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=64, help="prefill_chunk_tokens of both arms (a decode step "
                     "waits for at most one chunk)")
-    ap.add_argument("--decode-wait-ms", type=float, default=10.0, help="decode_wait_ms of both arms (a decode "
+    ap.add_argument("--decode-wait-ms", type=float, default=3.0, help="decode_wait_ms of both arms (a decode "
                     "step gets in between two layers of a prefill that has run this long; 0: only between chunks)")
     ap.add_argument("--responses-per-step", type=int, default=0, help="stream_responses_per_step of both arms; "
                     "0 (every token its own response) so that a gap between responses is a decode step's cadence, "
@@ -210,12 +215,16 @@ def main() -> None:
                                                              images=False))
                 print(f"rate {rate}/s {arm}: {json.dumps({k: round(v, 2) for k, v in row[arm].items() if not isinstance(v, dict)})}"
                       f" image-free ITL p99 {row[arm]['image_free']['text_itl_ms_p99']:.1f} ms", flush=True)
-            row["epd_over_mono_req_per_s"] = row["epd"]["req_per_s"] / row["mono"]["req_per_s"]
+            for arm in ARMS:
+                if arm != "mono":
+                    row[f"{arm}_over_mono_req_per_s"] = row[arm]["req_per_s"] / row["mono"]["req_per_s"]
             for arm in ARMS:
                 row[f"{arm}_text_itl_p99_over_image_free"] = (row[arm]["text_itl_ms_p99"]
                                                               / row[arm]["image_free"]["text_itl_ms_p99"])
             report["rates"][str(rate)] = row
-            print(f"rate {rate}/s: EPD/mono throughput {row['epd_over_mono_req_per_s']:.2f}x", flush=True)
+            print(f"rate {rate}/s: " + ", ".join(f"{arm}/mono throughput {row[f'{arm}_over_mono_req_per_s']:.2f}x, text "
+                                                 f"ITL p99 / image-free {row[f'{arm}_text_itl_p99_over_image_free']:.2f}x"
+                                                 for arm in ARMS if arm != "mono"), flush=True)
         report["repeated_image"] = {arm: repeated_image(s, a.trials, seed=7_000_000) for arm, s in servers.items()}
         print(json.dumps(report["repeated_image"], indent=1), flush=True)
     finally:

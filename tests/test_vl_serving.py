@@ -241,8 +241,10 @@ def test_a_text_model_refuses_images(node, qwen3_dir):
 
 def test_encode_and_the_front_run_on_the_cpus_named(node):
     """encode_cpus and front_cpus pin those stages' processes (EPD on one box: the encoder, the front
-    and preprocess on a core of their own)."""
+    and preprocess on a core of their own); the encoder's threads run below the request path's
+    priority (the tower yields to the front relaying tokens on that core)."""
     from baton.backends.serving.supervisor import _group_members
+    from baton.backends.stages.encode import ENCODE_NICE
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs")
@@ -251,3 +253,6 @@ def test_encode_and_the_front_run_on_the_cpus_named(node):
     for model in ("encode", "llm", "preprocess"):
         assert os.sched_getaffinity(stubs[model]) == {1}, model
     assert os.sched_getaffinity(stubs["prefill"]) == os.sched_getaffinity(0)
+    nice = {m: {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{stubs[m]}/task")} for m in stubs}
+    assert min(nice["encode"]) == ENCODE_NICE, nice
+    assert nice["llm"] == nice["prefill"] == {0}, nice

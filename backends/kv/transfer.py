@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 import zmq
 
+from ..runtime import lower_priority
+
 # How long decode waits for a source's KV manager to answer an ack.
 ACK_TIMEOUT_S = 5.0
 
@@ -100,12 +102,7 @@ class TransferAgent:
         """Lower the OS priority of every thread started since this agent was made (the transfer
         engine's, and readers started later), so that on a busy core the decode loop's steps come
         first and a read takes what is left: a tcp read copies through this process's CPU."""
-        for tid in _threads() - self._threads_before:
-            try:
-                if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-                    os.setpriority(os.PRIO_PROCESS, tid, nice)
-            except OSError:                      # the thread ended meanwhile
-                pass
+        lower_priority(nice, _threads() - self._threads_before)
 
     def read(self, source: BlockSource, remote_blocks: list[int], local_blocks: list[int]) -> int:
         """Copy the source's blocks into ours, in one batch (runs of consecutive ids merged). Returns

@@ -12,7 +12,7 @@ from ..kv.manager import RemoteBlockManager
 from ..kv.pool import KVPool
 from ..loader import weight_store
 from ..runtime import configure_process
-from ..serving.config import NodeConfig
+from ..serving.config import NodeConfig, pin_to
 from ..serving.tensors import PREFILL_REQUEST
 from .cores import CoreShare
 from .messages import PrefillRequest
@@ -26,6 +26,9 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
     config = node.engine
     if stage == "prefill" and node.serving.prefill_chunk_tokens:
         config = config.replace(max_num_batched_tokens=node.serving.prefill_chunk_tokens)
+    cpus = {"prefill": node.serving.prefill_cpus, "decode": node.serving.decode_cpus}.get(stage, "")
+    if cpus:                                          # on CPUs of its own: a thread each
+        config = config.replace(threads=pin_to(cpus))
     if stage != "decode":                             # only decode speculates
         config = config.replace(speculative={})
     if stage == "decode" or node.encode_stage:        # images are encoded before decode, by `encode` (EPD)

@@ -19,6 +19,11 @@ from .metrics import Deltas
 
 log = logging.getLogger("encode")
 
+# the tower is throughput work: on a core it shares with the request path (the front relaying
+# streamed tokens, prefill, decode; all at nice 0) it runs when they wait, so a 130 ms encode does
+# not sit between a stream's tokens
+ENCODE_NICE = 19
+
 
 class EncodeStage:
     def __init__(self, encoder: ImageEncoder, handle_key: bytes, cores: CoreShare | None = None) -> None:

@@ -9,10 +9,10 @@ from baton.backends.models.vision import VisionConfig, VisionTower
 from baton.backends.multimodal.encoder import ImageEncoder, visual_weights
 from baton.backends.multimodal.image import ImageProcessor
 from baton.backends.multimodal.remote import EmbeddingArena
-from baton.backends.runtime import configure_process
+from baton.backends.runtime import configure_process, lower_priority
 from baton.backends.serving.config import NodeConfig, pin_to
 from baton.backends.stages.common import execute_batch
-from baton.backends.stages.encode import EncodeStage
+from baton.backends.stages.encode import ENCODE_NICE, EncodeStage
 from baton.backends.stages.metrics import ENCODE, TritonMetrics
 
 
@@ -21,6 +21,7 @@ class TritonPythonModel:
         node = self.node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         # the encoder on cores of its own (EPD on one box): a thread each
         configure_process(pin_to(node.serving.encode_cpus) or node.engine.threads)
+        lower_priority(ENCODE_NICE)
         model = node.engine.model
         tower = VisionTower(VisionConfig.from_hf_dict(ModelConfig.from_dir(model).vision_config),
                             visual_weights(weight_store.attach(node.weights)))
