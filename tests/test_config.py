@@ -87,6 +87,13 @@ def test_cpu_lists_parse_and_a_bad_one_names_its_key():
     from baton.backends.serving.config import ServingConfig, cpus_list
 
     assert cpus_list("0,2-3") == [0, 2, 3] and cpus_list("") == []
-    for key in ("encode_cpus", "front_cpus"):
+    for key in ("encode_cpus", "front_cpus", "prefill_cpus", "decode_cpus"):
         with pytest.raises(ConfigError, match=key):
-            ServingConfig(**{key: "one"})
+            ServingConfig(**{key: "one"}, share_cores=0)
+    for key in ("prefill_cpus", "decode_cpus"):     # apart, they share no cores: share_cores must be off
+        with pytest.raises(ConfigError, match=f"{key}: .*share_cores = 0"):
+            ServingConfig(**{key: "1"})
+        assert getattr(ServingConfig(**{key: "1"}, share_cores=0), key) == "1"
+    assert ServingConfig(prefill_cpus="0", decode_cpus="0", share_cores=1).decode_cpus == "0"   # sharing them
+    with pytest.raises(ConfigError, match="decode_wait_ms"):
+        ServingConfig(decode_wait_ms=-1)

@@ -68,7 +68,8 @@ def offline(vl_dir):
 
 @pytest.fixture(scope="module")
 def node(vl_dir):
-    pins = {"encode_cpus": "1", "front_cpus": "1"} if len(os.sched_getaffinity(0)) >= 2 else {}
+    pins = {"encode_cpus": "1", "front_cpus": "1", "prefill_cpus": "1", "share_cores": 0} \
+        if len(os.sched_getaffinity(0)) >= 2 else {}
     n = Node(str(vl_dir), "single_node_vl", overrides=OVERRIDES | {"embedding_cache_mb": 1} | pins, gateway_port=0)
     n.start(timeout=180, quiet=True)
     yield n
@@ -240,9 +241,9 @@ def test_a_text_model_refuses_images(node, qwen3_dir):
 
 
 def test_encode_and_the_front_run_on_the_cpus_named(node):
-    """encode_cpus and front_cpus pin those stages' processes (EPD on one box: the encoder, the front
-    and preprocess on a core of their own); the encoder's threads run below the request path's
-    priority (the tower yields to the front relaying tokens on that core)."""
+    """encode_cpus, front_cpus and prefill_cpus pin those stages' processes (EPD on one box: the
+    encoder, the front, preprocess and prefill on a core of their own, decode on the rest); the
+    encoder's threads run below the request path's priority."""
     from baton.backends.serving.supervisor import _group_members
     from baton.backends.stages.encode import ENCODE_NICE
 
@@ -250,9 +251,9 @@ def test_encode_and_the_front_run_on_the_cpus_named(node):
         pytest.skip("needs two CPUs")
     stubs = {name.split("'")[1]: pid for pid, name in _group_members(node.server.proc.pid).items()
              if name.startswith("stage stub")}
-    for model in ("encode", "llm", "preprocess"):
+    for model in ("encode", "llm", "preprocess", "prefill"):
         assert os.sched_getaffinity(stubs[model]) == {1}, model
-    assert os.sched_getaffinity(stubs["prefill"]) == os.sched_getaffinity(0)
+    assert os.sched_getaffinity(stubs["decode"]) == os.sched_getaffinity(0)
     nice = {m: {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{stubs[m]}/task")} for m in stubs}
     assert min(nice["encode"]) == ENCODE_NICE, nice
     assert nice["llm"] == nice["prefill"] == {0}, nice

@@ -82,8 +82,8 @@ class ServingConfig:
     # encoder (measured: benchmarks/README.md "EPD")
     front_cpus: str = ""
     # CPUs the `prefill` stage and the decode loop run on (their threads: one per CPU); "": the
-    # node's. Prefill apart from decode (share_cores = 0): a prompt's prefill never sits between a
-    # stream's tokens (EPD on one box: prefill with the encoder, decode alone; benchmarks/README.md)
+    # node's. The same CPUs for both: they share them (share_cores); apart (share_cores = 0): a
+    # prompt's prefill never sits between a stream's tokens (benchmarks/README.md "EPD")
     prefill_cpus: str = ""
     decode_cpus: str = ""
     # EPD across servers (profile epd_llm): the encode server's gRPC address, host:port; its images'
@@ -100,9 +100,11 @@ class ServingConfig:
             raise ConfigError(f"max_pending_requests: must be >= 1, got {self.max_pending_requests}")
         cpus_list(self.encode_cpus, "encode_cpus")
         cpus_list(self.front_cpus, "front_cpus")
-        for key in ("prefill_cpus", "decode_cpus"):
-            if cpus_list(getattr(self, key), key) and self.share_cores:
-                raise ConfigError(f"{key}: prefill and decode on CPUs of their own share none; set share_cores = 0")
+        pcpus, dcpus = cpus_list(self.prefill_cpus, "prefill_cpus"), cpus_list(self.decode_cpus, "decode_cpus")
+        if (pcpus or dcpus) and sorted(pcpus) != sorted(dcpus) and self.share_cores:
+            key = "prefill_cpus" if pcpus else "decode_cpus"
+            raise ConfigError(f"{key}: prefill and decode on CPUs apart share none; set share_cores = 0 (or "
+                              "name the same CPUs in prefill_cpus and decode_cpus)")
         for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s",
                      "embedding_cache_mb", "decode_wait_ms"):
             if getattr(self, name) < 0:
