@@ -22,8 +22,13 @@ from baton.backends.serving.launcher import Node
 from baton_client import BatonClient
 
 POLICIES = {"fair": {"share_cores_policy": "fair"},
-            "prefill_first, 256-token chunks": {"share_cores_policy": "prefill_first", "prefill_chunk_tokens": 256},
-            "prefill_first, whole prompt": {"share_cores_policy": "prefill_first", "prefill_chunk_tokens": 0}}
+            "prefill_first, 256-token chunks, no decode_wait": {"share_cores_policy": "prefill_first",
+                                                                 "prefill_chunk_tokens": 256, "decode_wait_ms": 0},
+            **{f"prefill_first, 256-token chunks, decode_wait {ms} ms": {"share_cores_policy": "prefill_first",
+                                                                        "prefill_chunk_tokens": 256,
+                                                                        "decode_wait_ms": ms} for ms in (10, 25)},
+            "prefill_first, whole prompt, decode_wait 10 ms": {"share_cores_policy": "prefill_first",
+                                                              "prefill_chunk_tokens": 0, "decode_wait_ms": 10}}
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
 
@@ -72,7 +77,7 @@ def main() -> None:
         ttft, gap = statistics.median(x[0] for x in xs), statistics.median(x[1] for x in xs)
         rows.append({"policy": name, "ttft_ms": 1e3 * ttft, "longest_gap_ms": 1e3 * gap,
                      "runs_ms": [[round(1e3 * t), round(1e3 * g)] for t, g in xs]})
-        print(f"{name:32s} long-prompt TTFT {1e3 * ttft:6.0f} ms   live stream's longest gap {1e3 * gap:6.0f} ms",
+        print(f"{name:55s} long-prompt TTFT {1e3 * ttft:6.0f} ms   live stream's longest gap {1e3 * gap:6.0f} ms",
               flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps({"rows": rows, "model": a.model, "date": time.strftime("%Y-%m-%d %H:%M")},

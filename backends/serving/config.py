@@ -41,7 +41,7 @@ class ServingConfig:
     # "prefill_first": a decode step waiting for a running prefill gets in between two of its layers
     # once the prefill has run this long since the last one did (bounds the streams' stall inside a
     # long chunk); 0: decode steps get in only between chunks
-    decode_wait_ms: float = 10.0
+    decode_wait_ms: float = 25.0
     prefill_chunk_tokens: int = 256      # the prefill engine's tokens per step; 0: the engine's budget
     # with more live requests than this, decode sends each request's tokens every ceil(live / N) steps
     # (held 0.1 s at most); 0 sends every token as its own response
