@@ -42,14 +42,16 @@ from baton import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "quantized"
-# weight forms: engine arguments, or a checkpoint written by tools/quantize_rtn.py (format, group, sym, bits)
+# weight forms: engine arguments, or a checkpoint written by tools/quantize_rtn.py (format, group, sym, bits
+# [, lm_head quantized too])
 WEIGHT_FORMS: dict[str, dict | tuple] = {
     "bf16": {}, "int8": {"quantization": "int8"},
-    "gptq-rtn int4 g128": ("gptq", 128, True, 4), "awq-rtn int4 g128": ("awq", 128, False, 4),
+    "gptq-rtn int4 g128": ("gptq", 128, True, 4), "gptq-rtn int4 g128 + lm_head": ("gptq", 128, True, 4, True),
+    "awq-rtn int4 g128": ("awq", 128, False, 4),
     "compressed-tensors-rtn w4a16 g128": ("compressed-tensors", 128, True, 4),
     "compressed-tensors-rtn w8a16": ("compressed-tensors", 0, True, 8),
 }
-SPEED_FORMS = ("bf16", "int8", "gptq-rtn int4 g128")
+SPEED_FORMS = ("bf16", "int8", "gptq-rtn int4 g128", "gptq-rtn int4 g128 + lm_head")
 KV_FORMS = {"bf16": "auto", "int8": "int8", "fp8": "fp8"}
 
 
@@ -60,10 +62,11 @@ def engine_args(model: Path, form: str) -> dict:
         return {"model": str(model)} | spec
     from baton.tools.quantize_rtn import quantize_checkpoint
 
-    fmt, group, sym, bits = spec
-    out = CACHE / f"{model.name}-{fmt}-g{group}-{'sym' if sym else 'asym'}-{bits}bit"
+    fmt, group, sym, bits, *head = spec
+    lm_head = bool(head and head[0])
+    out = CACHE / f"{model.name}-{fmt}-g{group}-{'sym' if sym else 'asym'}-{bits}bit{'-lm_head' if lm_head else ''}"
     if not (out / "config.json").is_file():
-        quantize_checkpoint(model, out, fmt, group, sym, bits)
+        quantize_checkpoint(model, out, fmt, group, sym, bits, lm_head)
     return {"model": str(out)}
 
 

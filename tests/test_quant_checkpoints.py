@@ -148,9 +148,10 @@ def test_compressed_tensors_w8a16_reads_back_per_channel_int8(tmp_path):
 
 # ---- whole checkpoints -------------------------------------------------------------------------------
 def quantized_checkpoint(src: Path, out: Path, fmt: str, g: int, sym: bool = True, v1: bool = True,
-                         act: bool = False) -> dict[str, torch.Tensor]:
-    """`src` (a float checkpoint) with every layer linear replaced by a random-rounded 4-bit version in
-    `fmt`; returns the dequantized weight of each linear (the model the checkpoint defines)."""
+                         act: bool = False, lm_head: bool = False) -> dict[str, torch.Tensor]:
+    """`src` (a float checkpoint) with every layer linear (and with `lm_head`, GPTQ only, the
+    lm_head) replaced by a random-rounded 4-bit version in `fmt`; returns the dequantized weight of
+    each linear (the model the checkpoint defines)."""
     from safetensors.torch import load_file
 
     shutil.copytree(src, out)
@@ -160,11 +161,11 @@ def quantized_checkpoint(src: Path, out: Path, fmt: str, g: int, sym: bool = Tru
     for f in sorted(src.glob("*.safetensors")):
         state |= load_file(f)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = qconfig(fmt, g, sym, v1, act)
+    cfg["quantization_config"] = qconfig(fmt, g, sym, v1, act) | ({"lm_head": True} if lm_head else {})
     (out / "config.json").write_text(json.dumps(cfg))
     dense, tensors = {}, {}
     for name, w in state.items():
-        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+        if name.startswith("model.layers.") and name.endswith("_proj.weight") or (lm_head and name == "lm_head.weight"):
             prefix = name[: -len(".weight")]
             n, k = w.shape
             G = g or k
@@ -217,13 +218,33 @@ def test_a_quantized_checkpoint_serves_the_model_it_defines(tmp_path, mini, fmt,
     """LLM(quantized checkpoint): the format is detected, and teacher-forced logits match the fp32
     model of the dequantized weights (bf16: Baton's int4 kernel; fp32: the reference path), closer
     to it than to the float model the checkpoint was made from."""
+    out = tmp_path / "q"
+    serves_the_model_it_defines(mini, out, quantized_checkpoint(mini, out, fmt, g, sym, v1, act), fmt, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_gptq_checkpoint_with_a_quantized_lm_head_serves_the_model_it_defines(tmp_path, mini, dtype):
+    """GPTQ lm_head=true (as gptqmodel writes with lm_head=True): the head is read as a 4-bit linear
+    and run by the int4 method, and the logits are those of the dequantized weights, head included."""
+    from baton.kernels.int4_linear import Int4Linear
+
+    out = tmp_path / "q"
+    dense = quantized_checkpoint(mini, out, "gptq", 128, sym=False, lm_head=True)
+    assert "lm_head.weight" in dense
+    llm = serves_the_model_it_defines(mini, out, dense, "gptq", dtype, keep=True)
+    try:
+        assert isinstance(llm.engine.model.lm_head, Int4Linear)
+    finally:
+        llm.close()
+
+
+def serves_the_model_it_defines(mini: Path, out: Path, dense: dict, fmt: str, dtype: str, keep: bool = False):  # noqa: ANN201
+    """The checks of the two tests above; returns the quantized LLM when `keep`."""
     from conftest import prompts_of
 
     from baton import LLM
     from baton.backends.engine.scoring import window_logits
 
-    out = tmp_path / "q"
-    dense = quantized_checkpoint(mini, out, fmt, g, sym, v1, act)
     q = LLM(out, dtype=dtype, max_model_len=256)
     ref = reference_llm(mini, dense)
     orig = LLM(mini, dtype="float32", max_model_len=256)
@@ -235,8 +256,9 @@ def test_a_quantized_checkpoint_serves_the_model_it_defines(tmp_path, mini, fmt,
         assert to_ref * (20 if dtype == "float32" else 2) < to_orig, (to_ref, to_orig)
         assert (lq.argmax(-1) == lr.argmax(-1)).float().mean() > 0.9
     finally:
-        for e in (q, ref, orig):
+        for e in (ref, orig) if keep else (q, ref, orig):
             e.close()
+    return q if keep else None
 
 
 @pytest.mark.parametrize("act", [False, True])

@@ -2,10 +2,11 @@
 compressed-tensors (pack-quantized) layout, by round-to-nearest per group: no calibration, so
 these are Baton's own stand-ins for what gptqmodel / autoawq / llmcompressor write (the layouts are
 the same; the weights a real producer picks are better). For benchmarks, and for users without a
-producer at hand. The lm_head and embeddings stay float, as the producers leave them.
+producer at hand. The lm_head and embeddings stay float, as the producers leave them by default;
+`--lm-head` (GPTQ) quantizes the lm_head too, as gptqmodel does with lm_head=True.
 
     baton quantize-rtn CHECKPOINT --out DIR --format gptq|awq|compressed-tensors [--group-size 128]
-                      [--asym] [--bits 4|8]
+                      [--asym] [--bits 4|8] [--lm-head]
 """
 
 from __future__ import annotations
@@ -76,10 +77,10 @@ def pack_linear(w: torch.Tensor, prefix: str, fmt: str, group: int, sym: bool, b
     return out
 
 
-def quantization_config(fmt: str, group: int, sym: bool, bits: int) -> dict:
+def quantization_config(fmt: str, group: int, sym: bool, bits: int, lm_head: bool = False) -> dict:
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": group or -1, "sym": sym, "desc_act": False,
-                "checkpoint_format": "gptq"}
+                "checkpoint_format": "gptq", "lm_head": lm_head}
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
     strategy = "group" if bits == 4 and group else "channel"
@@ -91,7 +92,7 @@ def quantization_config(fmt: str, group: int, sym: bool, bits: int) -> dict:
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int = 128, sym: bool = True,
-                        bits: int = 4) -> Path:
+                        bits: int = 4, lm_head: bool = False) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -101,6 +102,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int =
         sym = False                     # AWQ checkpoints carry zero points
     if bits == 8 and fmt != "compressed-tensors":
         raise ValueError("8-bit: compressed-tensors (W8A16) only")
+    if lm_head and fmt != "gptq":
+        raise ValueError("lm_head: a quantized lm_head is written in the GPTQ layout only")
     src, out = Path(src), Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -110,13 +113,17 @@ def quantize_checkpoint(src: str | Path, out: str | Path, fmt: str, group: int =
         with safe_open(str(f), framework="pt") as sf:
             for name in sf.keys():
                 t = sf.get_tensor(name)
-                if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+                if name.startswith("model.layers.") and name.endswith("_proj.weight") or \
+                        (lm_head and name == "lm_head.weight"):
                     tensors |= pack_linear(t, name[: -len(".weight")], fmt, group, sym, bits)
                 else:
                     tensors[name] = t
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = quantization_config(fmt, group, sym, bits)
+    if lm_head and "lm_head.qweight" not in tensors:    # tied: the head is the embedding, quantized apart
+        tensors |= pack_linear(tensors["model.embed_tokens.weight"], "lm_head", fmt, group, sym, bits)
+        cfg["tie_word_embeddings"] = False
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg["quantization_config"] = quantization_config(fmt, group, sym, bits, lm_head)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
@@ -131,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group-size", type=int, default=128, help="0: one group per output channel")
     ap.add_argument("--asym", action="store_true", help="zero points per group (AWQ always has them)")
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    ap.add_argument("--lm-head", action="store_true", help="quantize the lm_head too (GPTQ lm_head=true)")
     a = ap.parse_args(argv)
-    path = quantize_checkpoint(a.checkpoint, a.out, a.format, a.group_size, not a.asym, a.bits)
+    path = quantize_checkpoint(a.checkpoint, a.out, a.format, a.group_size, not a.asym, a.bits, a.lm_head)
     print(f"wrote a {a.bits}-bit {a.format} checkpoint (round-to-nearest) to {path}")
 
 

@@ -50,6 +50,7 @@ class QuantConfig:
     zero_offset: int             # GPTQ v1: qzeros hold zero - 1
     ignore: tuple[str, ...]      # modules left unquantized
     source: str                  # where it was read, for messages
+    lm_head: bool = False        # the lm_head is quantized too (GPTQ's lm_head=true)
 
     def describe(self) -> str:
         g = f"group {self.group_size}" if self.group_size else "per channel"
@@ -104,14 +105,12 @@ def _group(g: object, source: str) -> int:
 
 
 def _gptq(qc: dict, source: str) -> QuantConfig:
-    if qc.get("lm_head"):
-        raise QuantizationError(f"{source}: lm_head=true (a quantized lm_head) is not supported")
     fmt = qc.get("checkpoint_format", qc.get("format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
         raise QuantizationError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
     return QuantConfig("gptq", _bits4(qc.get("bits"), source, "GPTQ"), _group(qc.get("group_size", 128), source),
                        bool(qc.get("sym", True)), bool(qc.get("desc_act", False)), 1 if fmt == "gptq" else 0,
-                       tuple(qc.get("modules_to_not_convert") or ()), source)
+                       tuple(qc.get("modules_to_not_convert") or ()), source, bool(qc.get("lm_head", False)))
 
 
 def _awq(qc: dict, source: str) -> QuantConfig:

@@ -16,9 +16,10 @@ from baton.kernels import (
     AttentionBatch, LinearWeight, RotaryCache, add_rms_norm, linear, paged_attention, qk_norm_rope_, rms_norm,
     silu_and_mul,
 )
-from baton.kernels.int4_linear import Int4Data
+from baton.kernels.int4_linear import Int4Data, Int4Packed
 from baton.kernels.int8_linear import Int8Weight
 from baton.kernels.linear import Linear, LinearMethod, StoredWeight
+from baton.kernels.quant import Int4Weight
 
 from ..loader.quantized import RAW_SUFFIXES, QuantConfig, read_linear
 from ..loader.safetensors_loader import load_state_dict, take
@@ -92,8 +93,12 @@ def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor],
         out[o + "post_norm"] = take(state, p + "post_attention_layernorm.weight")
     out["embed"] = take(state, "model.embed_tokens.weight")
     out["norm"] = take(state, "model.norm.weight")
+    if quant is not None and quant.lm_head:          # GPTQ lm_head=true: the head is a quantized linear too
+        out["lm_head"] = read_linear(state, "lm_head", cfg.vocab_size, hidden, quant)
+        return out
     if any(k.startswith("lm_head.") and k != "lm_head.weight" for k in state):
-        raise ValueError("the checkpoint's lm_head is quantized; Baton reads a float lm_head only")
+        raise ValueError("the checkpoint's lm_head is stored quantized, but its quantization config does not say "
+                         "so (GPTQ: lm_head=true)")
     head = state.pop("lm_head.weight", None)
     if head is None and not cfg.tie_word_embeddings:
         raise ValueError("checkpoint is missing tensor 'lm_head.weight' (tie_word_embeddings is false)")
@@ -103,6 +108,11 @@ def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor],
 
 
 LINEARS = ("qkv", "o", "gate_up", "down")
+
+
+def _quantized(w: object) -> bool:
+    """A checkpoint's 4-bit lm_head (GPTQ lm_head=true): the layers' method runs it, not the head's."""
+    return isinstance(w, (Int4Data, Int4Packed, Int4Weight))
 _NO_NORM = torch.empty(0, dtype=torch.bfloat16)     # the fused decode step's "no final norm"
 
 
@@ -118,7 +128,8 @@ def process_linears(cfg: ModelConfig, weights: dict[str, Checkpoint], method: Li
             name = f"layers.{i}.{n}.weight"
             out[name] = method.process(weights.pop(name))
     if "lm_head" in weights:
-        out["lm_head"] = method.head.process(weights.pop("lm_head"))
+        head = weights.pop("lm_head")
+        out["lm_head"] = (method if _quantized(head) else method.head).process(head)
     else:
         head = method.head.process(weights["embed"])
         if head is not weights["embed"]:
@@ -152,7 +163,8 @@ class DecoderLM:
         ]
         self.embed = w["embed"]
         self.norm = w["norm"] if final_norm else None
-        self.lm_head = method.head.create(w.get("lm_head", self.embed))
+        head = w.get("lm_head", self.embed)
+        self.lm_head = (method if _quantized(head) else method.head).create(head)
         # the plain tensor lm_head rows can be cut from (None: an untied head stored processed)
         head = w.get("lm_head")
         self._head_rows_of = self.embed if head is None else head if isinstance(head, torch.Tensor) else None
