@@ -3,6 +3,8 @@ transformers' Qwen2_5_VLForConditionalGeneration on the random tiny checkpoint; 
 caching, chunking and batching with images; bad images."""
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +280,25 @@ def test_embedding_store_is_bounded_shared_and_whole(tmp_path):
     assert sorted(p.suffix for p in (tmp_path / "emb").iterdir()) == [".emb"] * 3    # no temporary files
     with pytest.raises(ValueError, match="not a content hash"):
         reader.get("../../etc/passwd")
+
+
+def test_the_encode_stage_marks_cached_images_used_without_reading_them(vl_dir, tmp_path, monkeypatch):
+    """ImageEncoder.ensure (the `encode` stage): a new image goes through the tower into the store; a
+    cached one is neither encoded nor read, only marked used in the writer's LRU (so it outlives an
+    older one), and counted as a hit."""
+    from baton.backends.multimodal.embedding_store import EmbeddingStore
+    from baton.backends.multimodal.encoder import ImageEncoder
+
+    vision = json.loads((Path(vl_dir) / "config.json").read_text())["vision_config"]
+    store = EmbeddingStore(tmp_path / "emb")
+    enc = ImageEncoder.from_dir(vl_dir, vision, torch.float32, cache=store)
+    a, b, c = (enc.processor(png(56, 56, i)) for i in range(3))
+    enc.ensure([a, b])
+    assert (enc.hits, enc.misses) == (0, 2)
+    each = store.bytes // 2
+    store.capacity = 2 * each                            # room for two
+    monkeypatch.setattr(store, "get", lambda key: pytest.fail("a cached image was read"))
+    enc.ensure([a])                                      # a: used again, b now the oldest
+    assert (enc.hits, enc.misses) == (1, 2)
+    enc.ensure([c])
+    assert store.touch(a.hash) and store.touch(c.hash) and not store.touch(b.hash)

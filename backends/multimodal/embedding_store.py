@@ -65,6 +65,15 @@ class EmbeddingStore:
                 self.lru.move_to_end(key)
         return torch.from_numpy(data).view(dtype).view(rows, cols)
 
+    def touch(self, key: str) -> bool:
+        """Whether the key's file is here; marks it used in this writer's LRU (no read)."""
+        if not self._path(key).exists():
+            return False
+        with self.lock:
+            if key in self.lru:
+                self.lru.move_to_end(key)
+        return True
+
     def put(self, key: str, embeds: torch.Tensor) -> None:
         t = embeds.detach().contiguous().cpu()
         size = t.numel() * t.element_size()

@@ -18,6 +18,7 @@ from .image import ImageProcessor, ProcessedImage
 class EmbeddingCache(Protocol):
     def get(self, key: str) -> torch.Tensor | None: ...
     def put(self, key: str, embeds: torch.Tensor) -> None: ...
+    def touch(self, key: str) -> bool: ...   # present (and now the most recently used), without reading it
 
 
 class LocalEmbeddingCache:
@@ -33,6 +34,9 @@ class LocalEmbeddingCache:
         if t is not None:
             self.items.move_to_end(key)
         return t
+
+    def touch(self, key: str) -> bool:
+        return self.get(key) is not None
 
     def put(self, key: str, embeds: torch.Tensor) -> None:
         size = embeds.numel() * embeds.element_size()
@@ -78,15 +82,26 @@ class ImageEncoder:
     def encode(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
         """Embeddings per image ([num_tokens, hidden]); the uncached ones in one tower call."""
         found = {im.hash: self.cache.get(im.hash) for im in images}
-        todo = {im.hash: im for im in images if found[im.hash] is None}     # each new image once
-        self.hits += len(images) - len(todo)
-        if todo:
-            self.misses += len(todo)
-            new = list(todo.values())
-            pixels = torch.from_numpy(np.concatenate([self.processor.patches(im) for im in new]))
-            embeds = self.tower.forward(pixels, [im.grid for im in new])
-            for im, part in zip(new, embeds.split([im.num_tokens for im in new])):
-                part = part.contiguous()
-                self.cache.put(im.hash, part)
-                found[im.hash] = part
+        found |= self._encode_new(images, {h for h, t in found.items() if t is not None})
         return [found[im.hash] for im in images]  # type: ignore[misc]
+
+    def ensure(self, images: list[ProcessedImage]) -> None:
+        """Every image's embeddings in the cache (the `encode` stage: prefill reads them there); the
+        ones already there are not read, only marked used."""
+        self._encode_new(images, {im.hash for im in images if self.cache.touch(im.hash)})
+
+    def _encode_new(self, images: list[ProcessedImage], cached: set[str]) -> dict[str, torch.Tensor]:
+        """The images not in `cached` through the tower in one call (each once), into the cache."""
+        todo = {im.hash: im for im in images if im.hash not in cached}
+        self.hits += len(images) - len(todo)
+        if not todo:
+            return {}
+        self.misses += len(todo)
+        new = list(todo.values())
+        pixels = torch.from_numpy(np.concatenate([self.processor.patches(im) for im in new]))
+        embeds = self.tower.forward(pixels, [im.grid for im in new])
+        out = {}
+        for im, part in zip(new, embeds.split([im.num_tokens for im in new])):
+            out[im.hash] = part.contiguous()
+            self.cache.put(im.hash, out[im.hash])
+        return out

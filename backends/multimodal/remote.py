@@ -76,6 +76,13 @@ class EmbeddingArena:
             self.index.move_to_end(key)
             return self.buf[s.offset:s.offset + s.nbytes].clone().view(_DTYPES[s.dtype]).view(s.rows, s.cols)
 
+    def touch(self, key: str) -> bool:
+        with self.lock:
+            if key not in self.index:
+                return False
+            self.index.move_to_end(key)
+            return True
+
     def put(self, key: str, embeds: torch.Tensor) -> None:
         raw = _bytes_of(embeds.detach().cpu())
         if raw.size > self.slot_bytes:

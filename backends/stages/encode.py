@@ -50,7 +50,7 @@ class EncodeStage:
             if self.cores:
                 self.cores.busy()
             try:
-                enc.encode(images)
+                enc.ensure(images)
             except Exception as e:       # a fault here fails this batch's requests, not the stage
                 log.warning("encoding %d images failed: %r", len(images), e)
                 out = [RuntimeError(f"encode failed: {e!r}") if isinstance(r, PrefillRequest) else r for r in out]
