@@ -68,7 +68,7 @@ def offline(vl_dir):
 
 @pytest.fixture(scope="module")
 def node(vl_dir):
-    pins = {"encode_cpus": "1", "front_cpus": "1", "prefill_cpus": "1", "share_cores": 0} \
+    pins = {"encode_cpus": "1", "front_cpus": "1", "prefill_cpus": "1", "decode_cpus": "0", "share_cores": 0} \
         if len(os.sched_getaffinity(0)) >= 2 else {}
     n = Node(str(vl_dir), "single_node_vl", overrides=OVERRIDES | {"embedding_cache_mb": 1} | pins, gateway_port=0)
     n.start(timeout=180, quiet=True)
@@ -241,19 +241,30 @@ def test_a_text_model_refuses_images(node, qwen3_dir):
 
 
 def test_encode_and_the_front_run_on_the_cpus_named(node):
-    """encode_cpus, front_cpus and prefill_cpus pin those stages' processes (EPD on one box: the
-    encoder, the front, preprocess and prefill on a core of their own, decode on the rest); the
-    encoder's threads run below the request path's priority."""
+    """encode_cpus, front_cpus, prefill_cpus and decode_cpus pin those stages' processes, every
+    thread of them (EPD on one box: the encoder, the front, preprocess and prefill on one core,
+    decode on the other); the encoder's threads run below the request path's priority."""
     from baton.backends.serving.supervisor import _group_members
     from baton.backends.stages.encode import ENCODE_NICE
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs")
-    stubs = {name.split("'")[1]: pid for pid, name in _group_members(node.server.proc.pid).items()
-             if name.startswith("stage stub")}
+    members = _group_members(node.server.proc.pid)
+    stubs = {name.split("'")[1]: pid for pid, name in members.items() if name.startswith("stage stub")}
+    stubs["decode worker"] = next(pid for pid, name in members.items() if name.startswith("decode worker"))
+
+    def cpus(pid: int) -> set[frozenset[int]]:          # every thread's CPUs (one that ends meanwhile: skipped)
+        out = set()
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                out.add(frozenset(os.sched_getaffinity(int(t))))
+            except OSError:
+                pass
+        return out
+
     for model in ("encode", "llm", "preprocess", "prefill"):
-        assert os.sched_getaffinity(stubs[model]) == {1}, model
-    assert os.sched_getaffinity(stubs["decode"]) == os.sched_getaffinity(0)
+        assert cpus(stubs[model]) == {frozenset({1})}, model
+    assert cpus(stubs["decode worker"]) == {frozenset({0})}
     nice = {m: {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{stubs[m]}/task")} for m in stubs}
     assert min(nice["encode"]) == ENCODE_NICE, nice
     assert nice["llm"] == nice["prefill"] == {0}, nice

@@ -101,7 +101,7 @@ class ServingConfig:
         cpus_list(self.encode_cpus, "encode_cpus")
         cpus_list(self.front_cpus, "front_cpus")
         pcpus, dcpus = cpus_list(self.prefill_cpus, "prefill_cpus"), cpus_list(self.decode_cpus, "decode_cpus")
-        if (pcpus or dcpus) and sorted(pcpus) != sorted(dcpus) and self.share_cores:
+        if set(pcpus) != set(dcpus) and self.share_cores:
             key = "prefill_cpus" if pcpus else "decode_cpus"
             raise ConfigError(f"{key}: prefill and decode on CPUs apart share none; set share_cores = 0 (or "
                               "name the same CPUs in prefill_cpus and decode_cpus)")
@@ -124,13 +124,16 @@ def cpus_list(spec: str, key: str = "cpus") -> list[int]:
 
 
 def pin_to(spec: str) -> int:
-    """Run this process on the CPUs `spec` names (a stage's model.py, at initialize); their count,
-    or 0 when `spec` is empty (nothing changes)."""
+    """Run this process (every thread it has, and by inheritance those it starts later) on the CPUs
+    `spec` names; their count, or 0 when `spec` is empty (nothing changes)."""
     import os
 
     cpus = cpus_list(spec)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
+    for tid in os.listdir("/proc/self/task") if cpus else ():
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:                          # the thread ended meanwhile
+            pass
     return len(cpus)
 
 
