@@ -4,10 +4,9 @@ Every format is read (backends/loader/quantized.py) into one unpacked form, `Int
 w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] with q and zero in 0..15 and g the group of column k
 (k // group_size, or g_idx[k] for GPTQ act-order). The linear method then packs it for the kernel
 that runs it:
-- CPU, bf16 activations: Baton's kernel (csrc/cpu_ops.cpp
-  linear_int4): per 64 columns and 8 k a uint32 per column ([N/64][K/8][64], the even k's nibbles
-  in its low half, the odd k's in its high half: WORD_ORDER) and per (64 columns, group) the scales
-  and zero * scale. An act-order
+- CPU, bf16 activations: Baton's kernel (csrc/cpu_ops.cpp linear_int4): per 64 columns and 8 k a
+  uint32 per column ([N/64][K/8][64]; the even k's nibbles in its low half, the odd k's in its high
+  half: WORD_LOW / WORD_HIGH) and per (64 columns, group) the scales and zero * scale. An act-order
   weight's columns are sorted by group at load (each group then is G consecutive columns) and x is
   permuted the same way before the product, as vLLM's exllama path does.
 - otherwise: the GPTQ layout and kernels/quant.py int4_linear (Triton on CUDA, torch's CPU op).

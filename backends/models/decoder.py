@@ -108,12 +108,12 @@ def prepare_weights(cfg: ModelConfig, state: dict[str, torch.Tensor],
 
 
 LINEARS = ("qkv", "o", "gate_up", "down")
+_NO_NORM = torch.empty(0, dtype=torch.bfloat16)     # the fused decode step's "no final norm"
 
 
 def _quantized(w: object) -> bool:
     """A checkpoint's 4-bit lm_head (GPTQ lm_head=true): the layers' method runs it, not the head's."""
     return isinstance(w, (Int4Data, Int4Packed, Int4Weight))
-_NO_NORM = torch.empty(0, dtype=torch.bfloat16)     # the fused decode step's "no final norm"
 
 
 def process_linears(cfg: ModelConfig, weights: dict[str, Checkpoint], method: LinearMethod) -> dict[str, StoredWeight]:

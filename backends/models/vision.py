@@ -8,6 +8,8 @@ merged patch: what replaces one <|image_pad|> token. Computed as transformers do
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,18 +179,13 @@ class VisionTower:
         out = torch.empty_like(q)
         # each window (or image) alone; a run of equal windows in one call, as [windows, H, L, D]
         # (4-D: torch's flash kernel on CPU; 3-D takes the math path, 2x slower on a full layer)
-        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
-        i = 0
-        while i < len(sizes):
-            j = i
-            while j + 1 < len(sizes) and sizes[j + 1] == sizes[i]:
-                j += 1
-            a, b, L = bounds[i], bounds[j + 1], sizes[i]
+        a = bounds[0]
+        for L, run in itertools.groupby(b - a for a, b in zip(bounds, bounds[1:])):
+            b = a + L * len(list(run))
             if L:
-                def win(t: torch.Tensor) -> torch.Tensor:
-                    return t[a:b].view(-1, L, H, t.shape[-1]).transpose(1, 2)
-                out[a:b] = F.scaled_dot_product_attention(win(q), win(k), win(v)).transpose(1, 2).reshape(b - a, H, -1)
-            i = j + 1
+                qkv = [t[a:b].view(-1, L, H, t.shape[-1]).transpose(1, 2) for t in (q, k, v)]
+                out[a:b] = F.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(b - a, H, -1)
+            a = b
         return F.linear(out.reshape(n, -1), w[p + "proj.weight"], w[p + "proj.bias"])
 
 
