@@ -66,9 +66,10 @@ class Sequence(TokenHistory):
         self.spec_drafted = 0             # draft tokens verified for this request
         self.spec_accepted = 0            # of those, accepted
         self.spec_steps = 0               # target steps that verified drafts of it
-        self.spec_len = 0.0               # moving average of tokens its verifying steps emitted (spec/adaptive.py)
-        self.spec_idle = 0                # steps since it last drafted while below the break-even
-        self.spec_backoff = 0             # steps between its probes while below it
+        self.spec_w = 0.0                 # its verifying steps, each weight decaying per step (spec/adaptive.py)
+        self.spec_sum = 0.0               # tokens they emitted, so weighted
+        self.spec_sq = 0.0                # and their squares
+        self.spec_idle = 0                # steps since it last drafted, once below the break-even
 
     @property
     def num_tokens(self) -> int:

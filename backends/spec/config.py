@@ -7,8 +7,8 @@ profile, `LLM(model, speculative_config={...})` offline, written as vLLM users w
     max_batch               speculate only while at most this many sequences decode (2 CPU cores: the
                             k+1 rows per sequence cost more than they save from about batch 2 up)
     adaptive                a sequence drafts only while its verifying steps emit more tokens than
-                            the measured break-even (spec/adaptive.py); it probes every
-                            `probe_every` steps (backing off to 8x). False: always draft
+                            the measured break-even (spec/adaptive.py); below it, it probes at most
+                            once every `probe_every` steps. False: always draft
     prompt_lookup_max/min   n-gram sizes of the prompt lookup
     draft_vocab             the drafter's lm_head covers only the first N token ids (0: all). A
                             BPE vocabulary is in merge order, most frequent first, so the drafts
