@@ -16,6 +16,7 @@ import torch
 
 from baton import LLM, ConfigError, SamplingParams
 from baton.backends.engine.sequence import Sequence
+from baton.backends.kv import KVPool
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 TARGET = MODELS / "baton-tiny"
@@ -124,6 +125,10 @@ def test_no_unverified_token_is_published_and_cancelling_leaks_nothing(method):
         for i in range(4):
             eng.abort(f"c{i}")
         assert used_blocks(llm) == (0, 0)
+        # a drafter's KV is process memory: no /dev/shm file that a killed process would leave behind
+        dec = getattr(eng.proposer, "dec", None)
+        if dec is not None:
+            assert not KVPool.data_path(dec.pool.name).exists() and not KVPool.meta_path(dec.pool.name).exists()
     finally:
         llm.close()
 

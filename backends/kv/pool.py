@@ -128,8 +128,8 @@ class KVPool:
 
     @classmethod
     def create_on_device(cls, name: str, spec: PoolSpec, device: str) -> KVPool:
-        """A pool in GPU memory, private to this process (sharing it across stage processes needs
-        CUDA IPC, not done yet)."""
+        """A pool in this process's memory on `device` (a GPU's, or "cpu"), private to it: sharing
+        one across stage processes needs a /dev/shm file (create) or, on a GPU, CUDA IPC (not done)."""
         tensor = torch.zeros(spec.shape, dtype=spec.storage_dtype, device=device)
         return cls(name, spec, tensor, owner=False)
 

@@ -3,7 +3,8 @@ and the EAGLE head (whose one layer attends over its own past). Each target sequ
 (tokens fed, K/V computed, its blocks); a proposal extends the shadows by the tokens the target
 verified since, then by the drafts themselves, and the next proposal keeps only the part the target
 accepted (`sync`): the draft "catches up after rejections" without recomputing what still holds.
-Blocks come from the shadow's own pool, so they never mix with the target's prefix index."""
+Blocks come from the shadow's own pool (in this process's memory), so they never mix with the
+target's prefix index."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 
 from ..engine.model_runner import ModelRunner, layout_step
 from ..kv.block_manager import BlockManager, OutOfBlocks
-from ..kv.pool import SHM_DIR, KVPool, PoolSpec
+from ..kv.pool import KVPool, PoolSpec
 from ..models.decoder import DecoderLM
-from ..runtime import owned_name, remove_leftovers
+from ..runtime import owned_name
 
 
 class Shadow:
@@ -34,9 +35,9 @@ class ShadowDecoder:
         cfg = model.cfg
         spec = PoolSpec(num_blocks, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim,
                         str(dtype).split(".")[-1])
-        remove_leftovers(SHM_DIR)
-        name = owned_name("d" + uuid.uuid4().hex[:7])
-        self.pool = KVPool.create(name, spec) if device.type == "cpu" else KVPool.create_on_device(name, spec, str(device))
+        # process memory, not a /dev/shm file: no other process maps it, and a file outlived every
+        # decode worker that a node's stop killed (the next start removed it)
+        self.pool = KVPool.create_on_device(owned_name("d" + uuid.uuid4().hex[:7]), spec, str(device))
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(model, self.pool)
         self.model = model
