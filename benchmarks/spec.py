@@ -87,7 +87,7 @@ def spec_table(method: str) -> dict:
 
 
 def inproc_cell(llm: LLM, prompts: list[str], temp: float, new: int, conc: int, n: int) -> dict:
-    ps = prompts[:n]
+    ps = [prompts[i % len(prompts)] for i in range(n)]
     sps = [SamplingParams(**params(temp, new, i)) for i in range(n)]
     t = time.perf_counter()
     outs = []
@@ -105,7 +105,7 @@ def inproc_cell(llm: LLM, prompts: list[str], temp: float, new: int, conc: int, 
 def triton_cell(url: str, prompts: list[str], temp: float, new: int, conc: int, n: int) -> dict:
     from baton_client import BatonClient
 
-    todo = list(enumerate(prompts[:n]))
+    todo = [(i, prompts[i % len(prompts)]) for i in range(n)]      # past the workload: around again
     results: dict[int, object] = {}
     lock = threading.Lock()
 
