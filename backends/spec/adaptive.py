@@ -97,11 +97,12 @@ class Governor:
         be = self.break_even()
         if be is None or not seq.spec_steps or self.pop[0] < EXPLORE:
             return True
-        below = self.bound(seq) <= be
-        if seq.spec_idle >= 8 * self.cfg.probe_every or not (below or 0 < seq.spec_idle < self.cfg.probe_every):
+        idle, every = seq.spec_idle, self.cfg.probe_every
+        resting = 0 < idle < every              # it stopped fewer than probe_every steps ago
+        if idle >= 8 * every or (not resting and self.bound(seq) > be):
             seq.spec_idle = 0
             return True
-        seq.spec_idle += 1                      # paused, or back above it sooner than probe_every
+        seq.spec_idle += 1
         return False
 
     def bound(self, seq: Sequence) -> float:
