@@ -751,6 +751,9 @@ def _node_rss_mb(n) -> float:
     return kb / 1024
 
 
+HELD_TOKENS = 128      # the overload test's held requests: ~485-token prompts, max_model_len 640
+
+
 def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir):
     """4x more long-prompt requests in flight than max_num_seqs, then as many again past the pending
     limit: the extra ones are refused at once with "server busy", every admitted one completes in full,
@@ -779,7 +782,9 @@ def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir):
         rss = []
         for wave in range(3):
             with ThreadPoolExecutor(16) as pool:
-                held = [pool.submit(timed, long_prompt + f"# {wave}.{i}\n", 64) for i in range(8)]
+                # long enough that they are still in flight when the extras come (CI once saw all
+                # eight finish at 64 tokens before the extras were answered, and every extra admitted)
+                held = [pool.submit(timed, long_prompt + f"# {wave}.{i}\n", HELD_TOKENS) for i in range(8)]
                 deadline = time.monotonic() + 30
                 while requests_in_fronts(n.run_dir) < 8 and time.monotonic() < deadline:
                     time.sleep(0.002)
@@ -797,7 +802,7 @@ def test_overload_every_request_completes_or_is_refused_as_busy(qwen3_dir):
             done = [g for g, _ in done]
             for g in done:
                 assert not isinstance(g, Exception), g
-                assert g.finish_reason == "length" and len(g.token_ids) == g.completion_tokens == 64
+                assert g.finish_reason == "length" and len(g.token_ids) == g.completion_tokens == HELD_TOKENS
                 assert g.prompt_tokens > 300
             assert _wait_blocks_free(n) == 0
             rss.append(_node_rss_mb(n))
