@@ -108,10 +108,10 @@ class Governor:
     def bound(self, seq: Sequence) -> float:
         """The optimistic estimate of what seq's next verifying step emits."""
         pw, psum, psq = self.pop
-        prior = PRIOR / pw if pw else 0.0
-        w = max(seq.spec_w + prior * pw, 1e-9)   # decayed for ever, and no population: no evidence left
-        mean = (seq.spec_sum + prior * psum) / w
-        second = (seq.spec_sq + prior * psq) / w
+        scale = PRIOR / pw if pw else 0.0       # the population's sums, as PRIOR steps' worth
+        w = max(seq.spec_w + scale * pw, 1e-9)   # decayed for ever, and no population: no evidence left
+        mean = (seq.spec_sum + scale * psum) / w
+        second = (seq.spec_sq + scale * psq) / w
         sd = max(MIN_SD, max(0.0, second - mean * mean) ** 0.5)
         return mean + Z * sd / w ** 0.5
 
