@@ -68,3 +68,28 @@ def test_short_run_writes_loadable_family(ci_run):
     assert "## Held-out metrics" in (out / "README.md").read_text()
     listed = {ln.split("  ", 1)[1] for ln in (out / "SHA256SUMS").read_text().splitlines()}
     assert "baton-tiny/model.safetensors" in listed and "metrics.json" in listed
+
+
+def test_self_distillation_windows_are_a_corpus_prefix_and_the_targets_continuation(ci_run):
+    from baton import LLM, SamplingParams
+    from baton.tools.train.distill import continued_windows, mixed_batches
+
+    out, r = ci_run
+    assert r["train"]["distilled_windows"] == r["recipe"]["distill_windows"]
+    stream = np.random.default_rng(1).integers(3, r["recipe"]["vocab"], size=2000).astype(np.int32)
+    w = continued_windows(out / "baton-tiny", stream, 6, 64, seed=0)
+    assert w.shape == (6, 65)
+    assert np.array_equal(w, continued_windows(out / "baton-tiny", stream, 6, 64, seed=0))   # reproducible
+    llm = LLM(out / "baton-tiny", enable_prefix_caching=False)
+    greedy = 0
+    for row in w:
+        starts = [s for s in range(len(stream) - 32) if np.array_equal(stream[s:s + 32], row[:32])]
+        assert starts, "each window starts with a corpus prefix"
+        # a greedy window's tail is the target's own greedy continuation (a sampled one differs)
+        cont = llm.generate(row[:32].tolist(), SamplingParams(temperature=0, max_tokens=33, ignore_eos=True))[0]
+        greedy += cont.token_ids == row[32:].tolist()
+    llm.close()
+    assert greedy >= 3
+    corpus_rows = iter([np.full((4, 65), -1)] * 3)
+    b = next(mixed_batches(w, corpus_rows, 4, 1, seed=0))
+    assert b.shape == (4, 65) and (b[3] == -1).all() and (b[:3] >= 0).all()

@@ -98,8 +98,10 @@ def train_students(target: nn.Module, draft: nn.Module, medusa: MedusaHeads, eag
                    head_positions: int = 128, seed: int = 0, compile: bool = False) -> Log:
     """One frozen target forward per batch feeds three students:
     - draft: half ground-truth CE, half distillation from the target's next-token distribution;
-    - Medusa head k: CE on token t+k+2 from the target's feature at t (a random subset of positions,
-      since every head pays a full-vocabulary projection);
+    - Medusa head k: distillation of the target's distribution of token t+k+2 (its logits at t+k+1)
+      from the target's feature at t (a random subset of positions, since every head pays a
+      full-vocabulary projection). On the target's own continuations (distill.py) that is the token
+      the head must guess for its draft to be accepted; the text's token t+k+2 is not;
     - EAGLE: feature regression (smooth L1) + 0.1 x distillation of the token after next, as in EAGLE-1.
     """
     target.eval()
@@ -129,8 +131,8 @@ def train_students(target: nn.Module, draft: nn.Module, medusa: MedusaHeads, eag
             e_logits = e_pred[:, pos] @ lm_head.T
         d_loss = 0.5 * F.cross_entropy(d_logits.float().flatten(0, 1), y.flatten()) \
             + 0.5 * soft_ce(d_logits.flatten(0, 1), t_logits.flatten(0, 1))
-        m_labels = torch.stack([window[:, pos + k + 2] for k in range(K)])   # [K, B, P]
-        m_loss = F.cross_entropy(m_logits.float().flatten(0, 2), m_labels.flatten())
+        m_teacher = torch.stack([t_logits[:, pos + k + 1] for k in range(K)])   # [K, B, P, V]
+        m_loss = soft_ce(m_logits.flatten(0, 2), m_teacher.flatten(0, 2))
         e_vloss = F.smooth_l1_loss(e_pred.float(), feats[:, 1:].float())
         e_ploss = soft_ce(e_logits.flatten(0, 1), t_logits[:, 1:][:, pos].flatten(0, 1))
         loss = d_loss + m_loss + e_vloss + 0.1 * e_ploss

@@ -63,6 +63,16 @@ def write_readme(out: Path, r: dict) -> None:
         "the same batches, frozen target |",
         f"| EAGLE head | {p['eagle'] / 1e6:.2f}M | fc + 1 decoder layer | the same batches, frozen target |",
         "",
+    ]
+    if "distilled_windows" in r["train"]:
+        lines += [
+            f"The students' batches are {rec['batch'] - rec['corpus_per_batch']} of {rec['batch']} windows of the "
+            f"target's own continuations ({r['train']['distilled_windows']} windows: a corpus prefix of 32-256 tokens, "
+            "then the target, greedy for 3/4 of them and at temperature 0.8 for the rest; tools/train/distill.py) "
+            "and corpus windows: a proposer is accepted when it guesses what the target emits after its own tokens.",
+            "",
+        ]
+    lines += [
         f"Corpus: {c['train_files']} train files ({c['train_tokens'] / 1e6:.2f}M tokens) and "
         f"{c['heldout_files']} held-out files ({c['heldout_tokens'] / 1e6:.2f}M tokens), split by a hash "
         f"of the file path ({rec['heldout_percent']}% held out). Windows of {rec['seq_len']} tokens, "

@@ -25,9 +25,11 @@ from baton.backends.spec.heads import EagleHead, MedusaHeads
 from baton.tools.make_checkpoint import hf_config
 
 from . import corpus
+from .distill import continued_windows, mixed_batches
 from .evaluate import family_metrics, greedy_samples, perplexity
 from .loop import Schedule, train_students, train_target
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SAMPLE_PROMPTS = ["def fibonacci(n):", "class LRUCache:", "import os\n\n\ndef list_python_files(root):"]
 
 
@@ -46,6 +48,8 @@ class Recipe:
     target_steps: int = 760
     target_lr: float = 2e-3
     student_steps: int = 400
+    distill_windows: int = 2048       # target continuations the students train on (distill.py)
+    corpus_per_batch: int = 2         # corpus windows in each student batch beside them
     draft_lr: float = 2e-3
     heads_lr: float = 1e-3
     heldout_percent: int = 5
@@ -67,7 +71,8 @@ RECIPES = {
                              inter=128, tie=True, init=0.02),
                  draft=dict(arch="Qwen3ForCausalLM", hidden=32, layers=1, heads=1, kv_heads=1, head_dim=32,
                             inter=64, tie=True, init=0.02),
-                 seq_len=64, batch=4, target_steps=40, student_steps=20, target_lr=3e-3,
+                 seq_len=64, batch=4, target_steps=40, student_steps=20, target_lr=3e-3, distill_windows=8,
+                 corpus_per_batch=1,
                  tokenizer_bytes=400_000, max_train_bytes=400_000, eval_windows=8, slice_windows=2,
                  max_positions=256, compile=False),
 }
@@ -105,7 +110,9 @@ def write_checksums(out: Path) -> None:
     (out / "SHA256SUMS").write_text("\n".join(lines) + "\n")
 
 
-def train_tiny(out: Path, recipe: Recipe, threads: int | None = None) -> dict:
+def train_tiny(out: Path, recipe: Recipe, threads: int | None = None, students_only: bool = False) -> dict:
+    """The whole family; with students_only, the students again against the target already in
+    out/baton-tiny (its tokenizer and training record kept)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if threads:
@@ -116,10 +123,18 @@ def train_tiny(out: Path, recipe: Recipe, threads: int | None = None) -> dict:
 
     # 1. corpus, split by file; tokenizer on the train split only
     split = corpus.read_split(recipe.heldout_percent, recipe.max_train_bytes, recipe.include_tests)
-    tok = corpus.train_tokenizer(recipe.vocab, corpus.first_bytes(split.train, recipe.tokenizer_bytes))
     tok_dir = out / ".tokenizer"
     shutil.rmtree(tok_dir, ignore_errors=True)
-    corpus.save_tokenizer(tok, tok_dir, recipe.max_positions)
+    if students_only:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(out / "baton-tiny" / "tokenizer.json"))
+        tok_dir.mkdir()
+        for name in TOKENIZER_FILES:
+            shutil.copy(out / "baton-tiny" / name, tok_dir / name)
+    else:
+        tok = corpus.train_tokenizer(recipe.vocab, corpus.first_bytes(split.train, recipe.tokenizer_bytes))
+        corpus.save_tokenizer(tok, tok_dir, recipe.max_positions)
     eos = tok.token_to_id(corpus.EOS)
     train_ids = corpus.tokenize_stream(tok, split.train)
     held_ids = corpus.tokenize_stream(tok, split.heldout)
@@ -131,18 +146,31 @@ def train_tiny(out: Path, recipe: Recipe, threads: int | None = None) -> dict:
 
     # 2. target
     t = time.perf_counter()
-    target = _new_model(recipe.target, tok.get_vocab_size(), eos, recipe.max_positions, recipe.seed)
-    batches = corpus.random_windows(train_ids, recipe.batch, recipe.seq_len, recipe.seed)
-    t_log = train_target(target, batches, Schedule(recipe.target_steps, recipe.target_lr), recipe.compile)
-    _save_lm(target, out / "baton-tiny", tok_dir, eos)            # bf16 from here on, as served
-    times["target"] = time.perf_counter() - t
+    if students_only:
+        before = json.loads((out / "metrics.json").read_text())
+        target_train = {k: v for k, v in before["train"].items() if k.startswith("target_")}
+        times["target"] = before["seconds"]["target"]
+        target = AutoModelForCausalLM.from_pretrained(str(out / "baton-tiny"), dtype=torch.bfloat16)
+    else:
+        target = _new_model(recipe.target, tok.get_vocab_size(), eos, recipe.max_positions, recipe.seed)
+        batches = corpus.random_windows(train_ids, recipe.batch, recipe.seq_len, recipe.seed)
+        t_log = train_target(target, batches, Schedule(recipe.target_steps, recipe.target_lr), recipe.compile)
+        target_train = {"target_tokens": t_log.tokens, "target_loss_first": t_log.losses[:5],
+                        "target_loss_last": t_log.losses[-5:]}
+        _save_lm(target, out / "baton-tiny", tok_dir, eos)            # bf16 from here on, as served
+        times["target"] = time.perf_counter() - t
 
-    # 3. students against the frozen (bf16) target
+    # 3. students against the frozen (bf16) target, mostly on the target's own continuations
+    t = time.perf_counter()
+    distilled = continued_windows(out / "baton-tiny", train_ids, recipe.distill_windows, recipe.seq_len,
+                                  recipe.seed + 2, threads)
+    times["self-distillation data"] = time.perf_counter() - t
     t = time.perf_counter()
     draft = _new_model(recipe.draft, tok.get_vocab_size(), eos, recipe.max_positions, recipe.seed + 1)
     medusa = MedusaHeads(recipe.target["hidden"], recipe.medusa_heads)
     eagle = EagleHead(json.loads((out / "baton-tiny" / "config.json").read_text()))
-    batches = corpus.random_windows(train_ids, recipe.batch, recipe.seq_len, recipe.seed + 1)
+    batches = mixed_batches(distilled, corpus.random_windows(train_ids, recipe.batch, recipe.seq_len, recipe.seed + 1),
+                            recipe.batch, recipe.corpus_per_batch, recipe.seed + 3)
     s_log = train_students(target, draft, medusa, eagle, batches,
                            Schedule(recipe.student_steps, recipe.draft_lr),
                            Schedule(recipe.student_steps, recipe.heads_lr), seed=recipe.seed,
@@ -174,9 +202,9 @@ def train_tiny(out: Path, recipe: Recipe, threads: int | None = None) -> dict:
                    "draft": sum(p.numel() for p in drf.parameters()),
                    "medusa": sum(p.numel() for p in med.parameters()),
                    "eagle": sum(p.numel() for p in eag.parameters())},
-        "train": {"target_tokens": t_log.tokens, "target_loss_first": t_log.losses[:5],
-                  "target_loss_last": t_log.losses[-5:], "student_tokens": s_log.tokens,
-                  "student_loss_first": s_log.losses[:5], "student_loss_last": s_log.losses[-5:]},
+        "train": target_train | {"student_tokens": s_log.tokens, "student_loss_first": s_log.losses[:5],
+                                 "student_loss_last": s_log.losses[-5:],
+                                 "distilled_windows": int(len(distilled))},
         "corpus": {"python": platform.python_version(), "train_files": len(split.train),
                    "heldout_files": len(split.heldout), "train_tokens": int(len(train_ids)),
                    "heldout_tokens": int(len(held_ids))},
@@ -209,11 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipe", default="full", choices=sorted(RECIPES))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slower steps, no warm-up)")
+    ap.add_argument("--students-only", action="store_true",
+                    help="retrain the draft, Medusa and EAGLE against the target already in --out")
     a = ap.parse_args(argv)
     recipe = RECIPES[a.recipe]
     if a.no_compile:
         recipe.compile = False
-    report = train_tiny(Path(a.out), recipe, a.threads)
+    report = train_tiny(Path(a.out), recipe, a.threads, a.students_only)
     m = report["metrics"]
     print(f"[train-tiny] done in {report['seconds']['total'] / 60:.1f} min: target ppl {m['target_ppl']:.2f}, "
           f"draft ppl {m['draft_ppl']:.2f}, agreement {m['draft_target_agreement']:.1%}")
