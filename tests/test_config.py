@@ -97,3 +97,5 @@ def test_cpu_lists_parse_and_a_bad_one_names_its_key():
     assert ServingConfig(prefill_cpus="0", decode_cpus="0", share_cores=1).decode_cpus == "0"   # sharing them
     with pytest.raises(ConfigError, match="decode_wait_ms"):
         ServingConfig(decode_wait_ms=-1)
+    with pytest.raises(ConfigError, match="draft_threads"):
+        ServingConfig(draft_threads=-1)

@@ -86,6 +86,11 @@ class ServingConfig:
     # prompt's prefill never sits between a stream's tokens (benchmarks/README.md "EPD")
     prefill_cpus: str = ""
     decode_cpus: str = ""
+    # the `draft` stage's torch threads. Decode waits while the draft model runs, but decode's
+    # OpenMP threads spin for a while after each step and the stage's would fight them for the
+    # cores: one thread ran the spec_draft profile at 1.17x against 1.02x with two (2 cores,
+    # benchmarks/README.md). 0: the engine's `threads`
+    draft_threads: int = 1
     # EPD across servers (profile epd_llm): the encode server's gRPC address, host:port; its images'
     # embeddings are read over the transfer engine. "": encode runs on this node (or inside prefill)
     encode_address: str = ""
@@ -106,7 +111,7 @@ class ServingConfig:
             raise ConfigError(f"{key}: prefill and decode on CPUs apart share none; set share_cores = 0 (or "
                               "name the same CPUs in prefill_cpus and decode_cpus)")
         for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s",
-                     "embedding_cache_mb", "decode_wait_ms"):
+                     "embedding_cache_mb", "decode_wait_ms", "draft_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 

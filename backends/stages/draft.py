@@ -29,7 +29,7 @@ class DraftStage:
         if not eng.speculative or eng.speculative.get("method") != "draft":
             raise ConfigError("speculative.method: the draft stage needs method 'draft' in [engine.speculative]")
         self.cfg = SpeculativeConfig.from_table(eng.speculative)
-        configure_process(eng.threads)
+        configure_process(node.serving.draft_threads or eng.threads)
         target = ModelConfig.from_dir(eng.model)
         pool = KVPool.attach(node.kv_pool)       # as many blocks as the target's pool (plus k per sequence)
         num_blocks = shadow_blocks(pool.spec.num_blocks, eng.max_num_seqs, eng.block_size,
