@@ -1,6 +1,7 @@
 """baton-tiny: train the embedded model family from the Python standard library, deterministically.
 
-    baton train-tiny --out models            # the committed artifacts (~50 min on 2 cores)
+    baton train-tiny --out models            # the committed artifacts (~65 min on 2 cores)
+    baton train-tiny --out models --students-only   # draft, Medusa, EAGLE again, against models/baton-tiny
     baton train-tiny --recipe ci --out DIR   # seconds: the same code path on a sliver of the corpus
 
 Writes, under --out: baton-tiny/ (target, Qwen3), baton-tiny-draft/, baton-tiny-medusa/,
