@@ -454,6 +454,15 @@ def test_pd_cluster_nodes_share_one_store(qwen3_dir, offline, tmp_path_factory):
         reqs = [{"prompt": p, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True} for p in TIER_PROMPTS]
         first = cluster.generate(reqs)
         assert [r["token_ids"] for r in first] == expect, first
+        # the store's writes are queued (kv/tiers.py): a crash before they land loses them, which is
+        # not what this test is about. Kill prefill0 once its queue is empty (seen twice, 0.2 s apart)
+        from baton.backends.kv.manager import RemoteBlockManager, RemoteTiers
+
+        tiers, idle, deadline = RemoteTiers(RemoteBlockManager(cluster.nodes["prefill0"].kv_address(), 1, 1)), 0, \
+            time.monotonic() + 30
+        while idle < 2 and time.monotonic() < deadline:
+            idle = idle + 1 if tiers.stats()["_pending"]["jobs"] == 0 else 0
+            time.sleep(0.2)
         cluster.kill("prefill0")
         time.sleep(4)                          # its lease (3 s) runs out: the router stops choosing it
         second = cluster.generate(reqs)

@@ -95,9 +95,12 @@ def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 def train_students(target: nn.Module, draft: nn.Module, medusa: MedusaHeads, eagle: EagleHead,
                    batches: Iterator[np.ndarray], draft_sched: Schedule, heads_sched: Schedule,
-                   head_positions: int = 128, seed: int = 0, compile: bool = False) -> Log:
-    """One frozen target forward per batch feeds three students:
-    - draft: half ground-truth CE, half distillation from the target's next-token distribution;
+                   head_positions: int = 128, seed: int = 0, compile: bool = False, draft_rows: int = 0) -> Log:
+    """One frozen target forward per batch feeds three students. With draft_rows > 0 the draft
+    learns from a batch's first draft_rows windows and the heads from the rest (0: all from all):
+    - draft: half ground-truth CE, half distillation from the target's next-token distribution. It
+      trains on corpus windows: its greedy agreement with the target on held-out text is a goal of
+      its own (>= 55%), which training it on the target's continuations cost (61% -> 54%);
     - Medusa head k: distillation of the target's distribution of token t+k+2 (its logits at t+k+1)
       from the target's feature at t (a random subset of positions, since every head pays a
       full-vocabulary projection). On the target's own continuations (distill.py) that is the token
@@ -116,21 +119,27 @@ def train_students(target: nn.Module, draft: nn.Module, medusa: MedusaHeads, eag
     gen = torch.Generator().manual_seed(seed)
 
     def step(window: torch.Tensor) -> dict:
-        x, y = window[:, :-1], window[:, 1:]
+        d = slice(0, draft_rows or None)                 # the draft's rows; the heads' rows below
+        window_all = window
+        with torch.no_grad():
+            feats_all = target.model(input_ids=window_all[:, :-1]).last_hidden_state   # bf16 target
+            t_logits_all = feats_all @ lm_head.T
+        d_x, d_y, d_t = window_all[d, :-1], window_all[d, 1:], t_logits_all[d]
+        h = slice(draft_rows, None)
+        window, feats, t_logits = window_all[h], feats_all[h], t_logits_all[h]
+        x = window[:, :-1]
         B, T = x.shape
         with torch.no_grad():
-            feats = target.model(input_ids=x).last_hidden_state          # [B, T, h], bf16 target
-            t_logits = feats @ lm_head.T
             next_emb = embed(x[:, 1:])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            d_logits = draft(input_ids=x).logits
+            d_logits = draft(input_ids=d_x).logits
             pos = torch.randperm(T - K - 1, generator=gen)[:head_positions].sort().values
             m_out = medusa(feats[:, pos].float())                          # [K, B, P, h]
             m_logits = m_out @ lm_head.T
             e_pred = eagle(next_emb.float(), feats[:, :-1].float())       # predicts feats[:, 1:]
             e_logits = e_pred[:, pos] @ lm_head.T
-        d_loss = 0.5 * F.cross_entropy(d_logits.float().flatten(0, 1), y.flatten()) \
-            + 0.5 * soft_ce(d_logits.flatten(0, 1), t_logits.flatten(0, 1))
+        d_loss = 0.5 * F.cross_entropy(d_logits.float().flatten(0, 1), d_y.flatten()) \
+            + 0.5 * soft_ce(d_logits.flatten(0, 1), d_t.flatten(0, 1))
         m_teacher = torch.stack([t_logits[:, pos + k + 1] for k in range(K)])   # [K, B, P, V]
         m_loss = soft_ce(m_logits.flatten(0, 2), m_teacher.flatten(0, 2))
         e_vloss = F.smooth_l1_loss(e_pred.float(), feats[:, 1:].float())

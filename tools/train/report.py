@@ -66,12 +66,16 @@ def write_readme(out: Path, r: dict) -> None:
     ]
     if "distilled_windows" in r["train"]:
         lines += [
-            f"The students' batches are {rec['batch'] - rec['corpus_per_batch']} of {rec['batch']} windows of the "
+            f"The heads' batches are {rec['batch'] - rec['corpus_per_batch']} of {rec['batch']} windows of the "
             f"target's own continuations ({r['train']['distilled_windows']} windows: a corpus prefix of 32-256 tokens, "
             "then the target, greedy for 3/4 of them and at temperature 0.8 for the rest; tools/train/distill.py) "
-            "and corpus windows: a proposer is accepted when it guesses what the target emits after its own tokens.",
+            "and corpus windows: a head's draft is accepted when it guesses what the target emits after its own "
+            "tokens. The draft model trains on corpus windows (its agreement with the target on held-out text is a "
+            "goal of its own).",
             "",
         ]
+    if r["train"].get("draft_note"):
+        lines += [r["train"]["draft_note"], ""]
     lines += [
         f"Corpus: {c['train_files']} train files ({c['train_tokens'] / 1e6:.2f}M tokens) and "
         f"{c['heldout_files']} held-out files ({c['heldout_tokens'] / 1e6:.2f}M tokens), split by a hash "
