@@ -88,8 +88,8 @@ class ServingConfig:
     decode_cpus: str = ""
     # the `draft` stage's torch threads. Decode waits while the draft model runs, but decode's
     # OpenMP threads spin for a while after each step and the stage's would fight them for the
-    # cores: one thread ran the spec_draft profile at 1.17x against 1.02x with two (2 cores,
-    # benchmarks/README.md). 0: the engine's `threads`
+    # cores: one thread ran the spec_draft profile at 1.17x against 1.02x with two (2 cores, a
+    # draft trained on the target's continuations; benchmarks/README.md). 0: the engine's `threads`
     draft_threads: int = 1
     # EPD across servers (profile epd_llm): the encode server's gRPC address, host:port; its images'
     # embeddings are read over the transfer engine. "": encode runs on this node (or inside prefill)
