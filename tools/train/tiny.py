@@ -49,8 +49,8 @@ class Recipe:
     target_steps: int = 760
     target_lr: float = 2e-3
     student_steps: int = 400
-    distill_windows: int = 2048       # target continuations the students train on (distill.py)
-    corpus_per_batch: int = 2         # corpus windows in each student batch beside them
+    distill_windows: int = 2048       # target continuations the heads train on (distill.py)
+    corpus_per_batch: int = 2         # corpus windows in each heads' batch beside them
     draft_lr: float = 2e-3
     heads_lr: float = 1e-3
     heldout_percent: int = 5
