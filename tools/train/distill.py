@@ -3,10 +3,10 @@
 A head's draft is accepted when it guesses what the target will emit given the target's own
 previous tokens, so the heads learn from the target's continuations (as Medusa's self-distillation
 does), not only from the corpus text the target was trained on. (The draft model does not: trained
-on them, its agreement with the target on held-out text fell under the family's 55% goal.) Each window is a corpus prefix of random
-length followed by the target's continuation, greedy for most windows (the case the speculative
-benchmarks' targets are set for) and sampled at temperature 0.8 for the rest. The continuations are
-generated with Baton's own engine, in batches."""
+on them, its agreement with the target on held-out text fell under the family's 55% goal.) Each
+window is a corpus prefix of random length followed by the target's continuation, greedy for most
+windows (the case the speculative benchmarks' targets are set for) and sampled at temperature 0.8
+for the rest. The continuations are generated with Baton's own engine, in batches."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def continued_windows(model: Path, stream: np.ndarray, n: int, length: int, seed
 def mixed_batches(distilled: np.ndarray, corpus_batches: Iterator[np.ndarray], batch: int, corpus_per_batch: int,
                   seed: int) -> Iterator[np.ndarray]:
     """Endless batches: batch - corpus_per_batch distilled windows (random, with replacement) and
-    corpus_per_batch corpus windows, so the students still see text the target was trained on."""
+    corpus_per_batch corpus windows, so the heads still see text the target was trained on."""
     rng = np.random.default_rng(seed)
     while True:
         rows = distilled[rng.integers(0, len(distilled), size=batch - corpus_per_batch)]

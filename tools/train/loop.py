@@ -119,15 +119,12 @@ def train_students(target: nn.Module, draft: nn.Module, medusa: MedusaHeads, eag
     gen = torch.Generator().manual_seed(seed)
 
     def step(window: torch.Tensor) -> dict:
-        d = slice(0, draft_rows or None)                 # the draft's rows; the heads' rows below
-        window_all = window
-        with torch.no_grad():
-            feats_all = target.model(input_ids=window_all[:, :-1]).last_hidden_state   # bf16 target
-            t_logits_all = feats_all @ lm_head.T
-        d_x, d_y, d_t = window_all[d, :-1], window_all[d, 1:], t_logits_all[d]
-        h = slice(draft_rows, None)
-        window, feats, t_logits = window_all[h], feats_all[h], t_logits_all[h]
-        x = window[:, :-1]
+        with torch.no_grad():                            # the bf16 target, once for every row
+            feats_all = target.model(input_ids=window[:, :-1]).last_hidden_state
+            logits_all = feats_all @ lm_head.T
+        d, h = slice(0, draft_rows or None), slice(draft_rows, None)    # the draft's rows, the heads'
+        d_x, d_y, d_t = window[d, :-1], window[d, 1:], logits_all[d]
+        x, feats, t_logits = window[h, :-1], feats_all[h], logits_all[h]
         B, T = x.shape
         with torch.no_grad():
             next_emb = embed(x[:, 1:])
