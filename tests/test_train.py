@@ -93,3 +93,33 @@ def test_self_distillation_windows_are_a_corpus_prefix_and_the_targets_continuat
     corpus_rows = iter([np.full((4, 65), -1)] * 3)
     b = next(mixed_batches(w, corpus_rows, 4, 1, seed=0))
     assert b.shape == (4, 65) and (b[3] == -1).all() and (b[:3] >= 0).all()
+
+
+def test_each_student_is_clipped_on_its_own(ci_run):
+    """The draft's training depends on its own rows and loss only: heads that start elsewhere (and
+    so have other gradients) leave the trained draft bit for bit the same."""
+    from transformers import AutoModelForCausalLM
+
+    from baton.backends.spec.heads import EagleHead, MedusaHeads
+    from baton.tools.train.loop import Schedule, train_students
+    from baton.tools.train.tiny import RECIPES, _new_model
+
+    out, r = ci_run
+    rc = RECIPES["ci"]
+    target = AutoModelForCausalLM.from_pretrained(str(out / "baton-tiny"), dtype=torch.bfloat16)
+    cfg = json.loads((out / "baton-tiny" / "config.json").read_text())
+    rows = np.random.default_rng(0).integers(3, rc.vocab, size=(4, 2 * rc.batch, rc.seq_len + 1))
+
+    def draft_after(head_scale: float) -> dict:
+        draft = _new_model(rc.draft, rc.vocab, 0, rc.max_positions, seed=1)
+        torch.manual_seed(2)
+        medusa, eagle = MedusaHeads(rc.target["hidden"], rc.medusa_heads), EagleHead(cfg)
+        with torch.no_grad():
+            for p in list(medusa.parameters()) + list(eagle.parameters()):
+                p.mul_(head_scale)
+        train_students(target, draft, medusa, eagle, iter(rows), Schedule(4, 1e-2, warmup=1),
+                       Schedule(4, 1e-2, warmup=1), head_positions=16, heads_from=rc.batch)
+        return {k: v.clone() for k, v in draft.state_dict().items()}
+
+    a, b = draft_after(1.0), draft_after(30.0)
+    assert all(torch.equal(a[k], b[k]) for k in a)

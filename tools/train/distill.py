@@ -2,8 +2,9 @@
 
 A head's draft is accepted when it guesses what the target will emit given the target's own
 previous tokens, so the heads learn from the target's continuations (as Medusa's self-distillation
-does), not only from the corpus text the target was trained on. (The draft model does not: trained
-on them, its agreement with the target on held-out text fell under the family's 55% goal.) Each
+does), not only from the corpus text the target was trained on. (The draft model learns from them
+beside corpus windows of its own: trained on them alone, its agreement with the target on held-out
+text fell under the family's 55% goal.) Each
 window is a corpus prefix of random length followed by the target's continuation, greedy for most
 windows (the case the speculative benchmarks' targets are set for) and sampled at temperature 0.8
 for the rest. The continuations are generated with Baton's own engine, in batches."""

@@ -47,7 +47,9 @@ def _set_lr(opt: torch.optim.Optimizer, scheds: list[Schedule], step: int) -> No
 
 
 def _run(name: str, steps: int, batches: Iterator[np.ndarray], step_fn: Callable[[torch.Tensor], dict],
-         opt: torch.optim.Optimizer, scheds: list[Schedule], params: list[nn.Parameter]) -> Log:
+         opt: torch.optim.Optimizer, scheds: list[Schedule], clip_groups: list[list[nn.Parameter]]) -> Log:
+    """Each of clip_groups is clipped to norm 1 on its own, so one model's large gradients never
+    shrink another's steps (the students share a loss but not their updates)."""
     from tqdm import tqdm
 
     log = Log()
@@ -57,7 +59,8 @@ def _run(name: str, steps: int, batches: Iterator[np.ndarray], step_fn: Callable
         window = torch.from_numpy(next(batches)).long()
         _set_lr(opt, scheds, step)
         losses = step_fn(window)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for params in clip_groups:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.tokens += window.shape[0] * (window.shape[1] - 1)
@@ -85,7 +88,7 @@ def train_target(model: nn.Module, batches: Iterator[np.ndarray], sched: Schedul
     fn = torch.compile(step) if compile else step
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _adamw([{"params": params}])
-    return _run("target", sched.steps, batches, fn, opt, [sched], params)
+    return _run("target", sched.steps, batches, fn, opt, [sched], [params])
 
 
 def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -95,12 +98,14 @@ def soft_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 def train_students(target: nn.Module, draft: nn.Module, medusa: MedusaHeads, eagle: EagleHead,
                    batches: Iterator[np.ndarray], draft_sched: Schedule, heads_sched: Schedule,
-                   head_positions: int = 128, seed: int = 0, compile: bool = False, draft_rows: int = 0) -> Log:
-    """One frozen target forward per batch feeds three students. With draft_rows > 0 the draft
-    learns from a batch's first draft_rows windows and the heads from the rest (0: all from all):
-    - draft: half ground-truth CE, half distillation from the target's next-token distribution. It
-      trains on corpus windows: its greedy agreement with the target on held-out text is a goal of
-      its own (>= 55%), which training it on the target's continuations cost (61% -> 54%);
+                   head_positions: int = 128, seed: int = 0, compile: bool = False, heads_from: int = 0) -> Log:
+    """One frozen target forward per batch feeds three students. The draft learns from every window
+    of a batch, the heads from windows heads_from onward. Each student's gradients are clipped on
+    their own (_run), so a student's training depends only on its loss and the rows it sees:
+    - draft: half ground-truth CE, half distillation from the target's next-token distribution. Its
+      greedy agreement with the target on held-out text is a goal of its own (>= 55%): trained only
+      on the target's continuations it fell to 54% (from 61% on corpus windows), so the batch's
+      first heads_from windows are corpus windows for the draft alone;
     - Medusa head k: distillation of the target's distribution of token t+k+2 (its logits at t+k+1)
       from the target's feature at t (a random subset of positions, since every head pays a
       full-vocabulary projection). On the target's own continuations (distill.py) that is the token
@@ -122,9 +127,8 @@ def train_students(target: nn.Module, draft: nn.Module, medusa: MedusaHeads, eag
         with torch.no_grad():                            # the bf16 target, once for every row
             feats_all = target.model(input_ids=window[:, :-1]).last_hidden_state
             logits_all = feats_all @ lm_head.T
-        d, h = slice(0, draft_rows or None), slice(draft_rows, None)    # the draft's rows, the heads'
-        d_x, d_y, d_t = window[d, :-1], window[d, 1:], logits_all[d]
-        x, feats, t_logits = window[h, :-1], feats_all[h], logits_all[h]
+        d_x, d_y, d_t = window[:, :-1], window[:, 1:], logits_all            # the draft: every row
+        x, feats, t_logits = window[heads_from:, :-1], feats_all[heads_from:], logits_all[heads_from:]
         B, T = x.shape
         with torch.no_grad():
             next_emb = embed(x[:, 1:])
@@ -150,4 +154,5 @@ def train_students(target: nn.Module, draft: nn.Module, medusa: MedusaHeads, eag
     d_params = [p for p in draft.parameters() if p.requires_grad]
     h_params = list(medusa.parameters()) + list(eagle.parameters())
     opt = _adamw([{"params": d_params}, {"params": h_params}])
-    return _run("students", draft_sched.steps, batches, fn, opt, [draft_sched, heads_sched], d_params + h_params)
+    return _run("students", draft_sched.steps, batches, fn, opt, [draft_sched, heads_sched],
+                [d_params, list(medusa.parameters()), list(eagle.parameters())])

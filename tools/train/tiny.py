@@ -170,7 +170,8 @@ def train_tiny(out: Path, recipe: Recipe, threads: int | None = None, students_o
     draft = _new_model(recipe.draft, tok.get_vocab_size(), eos, recipe.max_positions, recipe.seed + 1)
     medusa = MedusaHeads(recipe.target["hidden"], recipe.medusa_heads)
     eagle = EagleHead(json.loads((out / "baton-tiny" / "config.json").read_text()))
-    # each batch: the draft's corpus windows, then the heads' (mostly the target's continuations)
+    # each batch: corpus windows for the draft alone, then the heads' (mostly the target's
+    # continuations), which the draft learns from too
     draft_windows = corpus.random_windows(train_ids, recipe.batch, recipe.seq_len, recipe.seed + 1)
     head_windows = mixed_batches(distilled, corpus.random_windows(train_ids, recipe.batch, recipe.seq_len,
                                                                   recipe.seed + 4),
@@ -179,7 +180,7 @@ def train_tiny(out: Path, recipe: Recipe, threads: int | None = None, students_o
     s_log = train_students(target, draft, medusa, eagle, batches,
                            Schedule(recipe.student_steps, recipe.draft_lr),
                            Schedule(recipe.student_steps, recipe.heads_lr), seed=recipe.seed,
-                           compile=recipe.compile, draft_rows=recipe.batch)
+                           compile=recipe.compile, heads_from=recipe.batch)
     _save_lm(draft, out / "baton-tiny-draft", tok_dir, eos)
     medusa.save(out / "baton-tiny-medusa", tok.get_vocab_size(), "baton-tiny")
     eagle.save(out / "baton-tiny-eagle", "baton-tiny")
