@@ -16,8 +16,9 @@ rounds; acceptance length is 1 + accepted drafts per verifying step, median of t
 requests per cell (the default until 2026-12-01) made a cell's ratio hinge on three prompts: EAGLE's
 acceptance on the first three completion prompts is 2.6, over the first 24 it is 3.1. In-process, "concurrency c" is c prompts in one generate() call. Methods
 use the repository's profiles spec_<method> (k = 3 and draft_vocab = 2048; ngram k = 4); through
-Triton `draft` is the `draft` stage, `draft_inline` the draft model inside decode (in-process they
-are the same, so draft_inline runs only through Triton). Within a cell the two arms alternate, and
+Triton `draft` is the `draft` stage, called over its node-local socket, `draft_grpc` the same stage
+called through tritonserver's gRPC endpoint (`[serving] draft_channel = "grpc"`), `draft_inline` the
+draft model inside decode (in-process they are all the same, so only `draft` runs in-process). Within a cell the two arms alternate, and
 which goes first alternates by round.
 """
 
@@ -42,6 +43,8 @@ from baton import LLM, SamplingParams  # noqa: E402
 from baton.backends.serving.config import Profile  # noqa: E402
 
 METHODS = ("ngram", "draft", "draft_inline", "medusa", "eagle")    # profiles spec_<method>
+# through Triton only: a method run on another method's profile with serving keys changed
+VARIANTS = {"draft_grpc": ("draft", {"draft_channel": "grpc"})}
 
 
 def heldout_texts() -> list[str]:
@@ -137,10 +140,10 @@ class Nodes:
     def __init__(self, model: str, max_len: int) -> None:
         self.model, self.max_len = model, max_len
 
-    def start(self, profile: str):  # noqa: ANN201
+    def start(self, profile: str, extra: dict | None = None):  # noqa: ANN201
         from baton.backends.serving.launcher import Node
 
-        n = Node(self.model, profile, overrides={"max_model_len": self.max_len, "kv_cache_memory_mb": 256})
+        n = Node(self.model, profile, overrides={"max_model_len": self.max_len, "kv_cache_memory_mb": 256} | (extra or {}))
         n.start(timeout=300, quiet=True)
         return n
 
@@ -203,7 +206,7 @@ def main() -> None:
                         Path(a.out).write_text(json.dumps(result, indent=1))
 
     if "inproc" in a.modes:
-        for method in [m for m in methods if m != "draft_inline"]:
+        for method in [m for m in methods if m != "draft_inline" and m not in VARIANTS]:
             spec = LLM(a.model, max_model_len=max_len, kv_cache_memory_mb=256, speculative_config=spec_table(method))
             measure("inproc", method, lambda *x: inproc_cell(base, *x), lambda *x, spec=spec: inproc_cell(spec, *x))
             spec.close()
@@ -213,7 +216,8 @@ def main() -> None:
         off = nodes.start("single_node")
         try:
             for method in methods:
-                on = nodes.start(f"spec_{method}")
+                base_method, extra = VARIANTS.get(method, (method, {}))
+                on = nodes.start(f"spec_{base_method}", extra)
                 try:
                     measure("triton", method, lambda *x: triton_cell(off.grpc_url, *x),
                             lambda *x, on=on: triton_cell(on.grpc_url, *x))

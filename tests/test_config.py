@@ -99,3 +99,16 @@ def test_cpu_lists_parse_and_a_bad_one_names_its_key():
         ServingConfig(decode_wait_ms=-1)
     with pytest.raises(ConfigError, match="draft_threads"):
         ServingConfig(draft_threads=-1)
+
+
+def test_the_draft_stage_is_called_where_draft_channel_says(tmp_path):
+    from baton.backends.engine.config import ConfigError
+    from baton.backends.serving.config import ServingConfig
+    from baton.backends.serving.launcher import draft_address
+
+    with pytest.raises(ConfigError, match="draft_channel"):
+        ServingConfig(draft_channel="tcp")
+    models = ["preprocess", "prefill", "decode", "draft", "llm_front"]
+    assert draft_address(models, ServingConfig(), tmp_path, "127.0.0.1:9") == f"ipc://{tmp_path}/draft.sock"
+    assert draft_address(models, ServingConfig(draft_channel="grpc"), tmp_path, "127.0.0.1:9") == "127.0.0.1:9"
+    assert draft_address(models[:3], ServingConfig(), tmp_path, "127.0.0.1:9") == ""

@@ -424,10 +424,12 @@ def test_a_node_with_each_method_streams_the_plain_engines_tokens(method, expect
 
 
 @pytest.mark.slow
-def test_the_draft_stage_frees_its_blocks_and_decode_never_depends_on_it(expected):
-    """Profile spec_draft runs the draft model as the Triton model `draft`. Its own KV blocks are all
-    free once the requests end; with its process killed, decode streams the same tokens without
-    drafts (the node's supervisor is what reports the dead stage)."""
+@pytest.mark.parametrize("channel", ["ipc", "grpc"])
+def test_the_draft_stage_frees_its_blocks_and_decode_never_depends_on_it(channel, expected):
+    """Profile spec_draft runs the draft model as the Triton model `draft`, called over its socket
+    (ipc) or through tritonserver (grpc). Its own KV blocks are all free once the requests end; with
+    its process killed, decode streams the same tokens without drafts (the node's supervisor is what
+    reports the dead stage)."""
     import subprocess
     import time
 
@@ -436,9 +438,12 @@ def test_the_draft_stage_frees_its_blocks_and_decode_never_depends_on_it(expecte
     from baton.backends.serving.launcher import Node
     from baton_client import BatonClient
 
-    n = Node(str(TARGET), "spec_draft", overrides={"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_mb": 16})
+    n = Node(str(TARGET), "spec_draft", overrides={"dtype": "float32", "max_model_len": 1024, "kv_cache_memory_mb": 16,
+                                                   "draft_channel": channel})
     n.start(timeout=180, quiet=True)
     try:
+        address = json.loads((n.run_dir / "node.json").read_text())["draft_address"]
+        assert address.startswith("ipc://") == (channel == "ipc")
         client = BatonClient(n.grpc_url)
         first = client.generate(PROMPTS[0], temperature=0.0, max_tokens=40, ignore_eos=True)
         assert first.token_ids == expected[PROMPTS[0]] and first.speculative_tokens[1] > 0

@@ -91,6 +91,10 @@ class ServingConfig:
     # cores: one thread ran the spec_draft profile at 1.17x against 1.02x with two (2 cores, a
     # draft trained on the target's continuations; benchmarks/README.md). 0: the engine's `threads`
     draft_threads: int = 1
+    # how decode reaches its node's `draft` stage each step: "ipc", a socket in the node's run
+    # directory (stages/draft_channel.py); "grpc", through tritonserver's gRPC endpoint (~0.5 ms
+    # more per call on 2 cores)
+    draft_channel: Literal["ipc", "grpc"] = "ipc"
     # EPD across servers (profile epd_llm): the encode server's gRPC address, host:port; its images'
     # embeddings are read over the transfer engine. "": encode runs on this node (or inside prefill)
     encode_address: str = ""
@@ -168,8 +172,9 @@ class NodeConfig:
     # the internal stages (preprocess, prefill, decode) answer only calls carrying stage_key(): the
     # llm front's and PD routers'. False under an ensemble, which cannot add the key
     stage_calls_keyed: bool = False
-    # the gRPC endpoint serving the `draft` model (speculative method "draft" on its own stage); "":
-    # the draft model runs inside decode
+    # where decode calls the `draft` model (speculative method "draft" on its own stage): the
+    # stage's socket (ipc://...) or a gRPC endpoint serving it (host:port); "": the draft model
+    # runs inside decode
     draft_address: str = ""
     # a vision model's node: the embedding store's directory; encode_stage: images are encoded by the
     # `encode` model (EPD) rather than inside prefill

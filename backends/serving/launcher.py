@@ -164,7 +164,7 @@ class Node:
                           block_source=self.manager.source if role == "prefill" else "",
                           name_service=self.name_service if role == "router" else "", cluster=self.cluster,
                           stage_calls_keyed=use_keyed_stages(prof.models, role),
-                          draft_address=self.grpc_url if "draft" in prof.models else "",
+                          draft_address=draft_address(prof.models, serving, self.run_dir, self.grpc_url),
                           embedding_store=str(self.embedding_dir or ""),
                           encode_stage="encode" in prof.models or bool(serving.encode_address),
                           epd_host=self.host if epd else "")
@@ -398,6 +398,13 @@ class Node:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def draft_address(models: list[str], serving: ServingConfig, run_dir: Path, grpc_url: str) -> str:
+    """Where decode calls the node's `draft` stage ("": none, the draft model runs inside decode)."""
+    if "draft" not in models:
+        return ""
+    return f"ipc://{run_dir}/draft.sock" if serving.draft_channel == "ipc" else grpc_url
 
 
 def use_keyed_stages(models: list[str], role: str) -> bool:

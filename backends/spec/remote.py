@@ -1,5 +1,6 @@
-"""The draft model as a separate Triton model (stages/draft.py), called over the node's gRPC endpoint
-once per decode step for the whole batch. Each sequence is sent only the tokens verified since the
+"""The draft model as a separate Triton model (stages/draft.py), called once per decode step for the
+whole batch: over the stage's node-local socket (ipc://..., stages/draft_channel.py) or a gRPC
+endpoint (host:port, through tritonserver). Each sequence is sent only the tokens verified since the
 draft stage last saw it; ended requests are released in the next call (or one of their own).
 
 A failed call (the draft stage restarting, a timeout) costs only speed: the step goes on without
@@ -13,6 +14,7 @@ import time
 
 from ..engine.sequence import Sequence
 from ..serving.tensors import DRAFT_REPLY
+from ..stages.draft_channel import DraftChannel
 from ..stages.loopback import Loopback
 from ..stages.messages import DraftCall, DraftReply
 from .proposer import Proposer
@@ -25,7 +27,10 @@ TIMEOUT_S = 5.0
 
 class RemoteDraftProposer(Proposer):
     def __init__(self, address: str, stage_key: str, model: str = "draft") -> None:
-        self.calls = Loopback(address, TIMEOUT_S, stage_key)
+        if address.startswith("ipc://"):
+            self.calls: DraftChannel | Loopback = DraftChannel(address, TIMEOUT_S)
+        else:
+            self.calls = Loopback(address, TIMEOUT_S, stage_key)
         self.model = model
         # keys are unique across the decode processes that may share one draft stage
         self.prefix = (os.getpid() & 0x7FFFFFFF) << 32
@@ -53,7 +58,10 @@ class RemoteDraftProposer(Proposer):
 
     def _call(self, call: DraftCall) -> DraftReply | None:
         try:
-            out = self.calls.call(self.model, call.to_arrays(), [n for n, _, _ in DRAFT_REPLY])
+            if isinstance(self.calls, DraftChannel):
+                out = self.calls.call(call.to_arrays())
+            else:
+                out = self.calls.call(self.model, call.to_arrays(), [n for n, _, _ in DRAFT_REPLY])
             return DraftReply.from_arrays(out, call.k)
         except Exception as e:                     # noqa: BLE001 - any failure: decode goes on without drafts
             self.failures += 1

@@ -1,11 +1,14 @@
 """The `draft` stage: a draft model in its own Triton model (own process, instance group and KV
 blocks), called by decode once per step for the whole batch (spec/remote.py). It keeps one shadow
 of each sequence (spec/shadow.py), so a call carries only the tokens verified since the last one;
-rejected drafts are rolled back in place. The node's config names the target it drafts for."""
+rejected drafts are rolled back in place. The node's config names the target it drafts for. Calls
+come through Triton's execute() and, from decode on the same node, over the stage's socket
+(stages/draft_channel.py): `answer` takes them one at a time."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -41,6 +44,13 @@ class DraftStage:
                                            eng.pack_weights)
         self.calls = self.tokens = 0
         self._sent, self._next = (0, 0), 0.0
+        self.lock = threading.Lock()
+
+    def answer(self, call: DraftCall) -> tuple[DraftReply, dict[str, float] | None]:
+        """`run` and the metric deltas due (`metrics`), under the stage's lock: the two channels'
+        calls never interleave on the draft model's shadows."""
+        with self.lock:
+            return self.run(call), self.metrics(force=bool(call.release))
 
     def run(self, call: DraftCall) -> DraftReply:
         p = self.proposer
