@@ -60,8 +60,8 @@ def write_readme(out: Path, r: dict) -> None:
         f"{d['heads']} q / {d['kv_heads']} kv heads x {d['head_dim']}, MLP {d['inter']} | "
         f"{r['train']['student_tokens'] / 1e6:.2f}M tokens, half distilled from the target |",
         f"| Medusa heads | {p['medusa'] / 1e6:.2f}M | {rec['medusa_heads']} heads x 1 residual block | "
-        "the same batches, frozen target |",
-        f"| EAGLE head | {p['eagle'] / 1e6:.2f}M | fc + 1 decoder layer | the same batches, frozen target |",
+        "the heads' batches, frozen target |",
+        f"| EAGLE head | {p['eagle'] / 1e6:.2f}M | fc + 1 decoder layer | the heads' batches, frozen target |",
         "",
     ]
     if "distilled_windows" in r["train"]:
@@ -70,8 +70,8 @@ def write_readme(out: Path, r: dict) -> None:
             f"target's own continuations ({r['train']['distilled_windows']} windows: a corpus prefix of 32-256 tokens, "
             "then the target, greedy for 3/4 of them and at temperature 0.8 for the rest; tools/train/distill.py) "
             "and corpus windows: a head's draft is accepted when it guesses what the target emits after its own "
-            "tokens. The draft model trains on corpus windows (its agreement with the target on held-out text is a "
-            "goal of its own).",
+            "tokens. The draft model learns from the heads' batches and as many corpus windows of its own (its "
+            "agreement with the target on held-out text is a goal of its own).",
             "",
         ]
     if r["train"].get("draft_note"):
