@@ -17,7 +17,8 @@ requests per cell (the default until 2026-12-01) made a cell's ratio hinge on th
 acceptance on the first three completion prompts is 2.6, over the first 24 it is 3.1. In-process, "concurrency c" is c prompts in one generate() call. Methods
 use the repository's profiles spec_<method> (k = 3 and draft_vocab = 2048; ngram k = 4); through
 Triton `draft` is the `draft` stage, called over its node-local socket, `draft_grpc` the same stage
-called through tritonserver's gRPC endpoint (`[serving] draft_channel = "grpc"`), `draft_inline` the
+called through tritonserver's gRPC endpoint (`[serving] draft_channel = "grpc"`), `draft_2threads`
+the stage with two torch threads (`draft_threads = 2`), `draft_inline` the
 draft model inside decode (in-process they are all the same, so only `draft` runs in-process). Within a cell the two arms alternate, and
 which goes first alternates by round.
 """
@@ -44,7 +45,7 @@ from baton.backends.serving.config import Profile  # noqa: E402
 
 METHODS = ("ngram", "draft", "draft_inline", "medusa", "eagle")    # profiles spec_<method>
 # through Triton only: a method run on another method's profile with serving keys changed
-VARIANTS = {"draft_grpc": ("draft", {"draft_channel": "grpc"})}
+VARIANTS = {"draft_grpc": ("draft", {"draft_channel": "grpc"}), "draft_2threads": ("draft", {"draft_threads": 2})}
 
 
 def heldout_texts() -> list[str]:
