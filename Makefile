@@ -68,7 +68,7 @@ models/baton-tiny/config.json: | venv
 
 checkpoint: $(MODEL)/config.json
 
-# Retrain the baton-tiny family from the stdlib sources (~65 min on 2 cores); rewrites models/.
+# Retrain the baton-tiny family from the stdlib sources (~90 min on 2 cores); rewrites models/.
 models: venv
 	$(VENV)/bin/baton train-tiny --out models
 

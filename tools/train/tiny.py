@@ -1,6 +1,6 @@
 """baton-tiny: train the embedded model family from the Python standard library, deterministically.
 
-    baton train-tiny --out models            # the committed artifacts (~65 min on 2 cores)
+    baton train-tiny --out models            # the committed artifacts (~90 min on 2 cores)
     baton train-tiny --out models --students-only   # draft, Medusa, EAGLE again, against models/baton-tiny
     baton train-tiny --recipe ci --out DIR   # seconds: the same code path on a sliver of the corpus
 
