@@ -479,3 +479,22 @@ def test_each_method_on_cuda_is_token_exact(method):
         assert spec.engine.spec_stats["accepted"] > 0 and used_blocks(spec) == (0, 0)
     finally:
         spec.close()
+
+
+def test_a_node_published_tied_head_still_gives_drafters_their_cut_head():
+    """A node publishes a tied lm_head processed (oneDNN-packed on CPU). The drafters' `draft_vocab`
+    head is still cut from the embedding's rows, as in-process: it was None there, so EAGLE and
+    Medusa drafted through the full vocabulary's head when served, at several times the cost."""
+    from baton.backends.models.config import ModelConfig
+    from baton.backends.models.decoder import DecoderLM, load_weights, process_linears
+    from baton.kernels.linear import select_linear_method
+
+    cfg = ModelConfig.from_dir(TARGET)
+    assert cfg.tie_word_embeddings
+    method = select_linear_method(torch.bfloat16, "cpu", pack=True)
+    published = process_linears(cfg, load_weights(cfg, TARGET, torch.bfloat16), method)
+    model = DecoderLM(cfg, published, 64, method)
+    head = model.head_over(1024)
+    assert head is not None
+    hidden = torch.randn(3, cfg.hidden_size, dtype=torch.bfloat16)
+    torch.testing.assert_close(model.logits(hidden, head=head), model.logits(hidden)[:, :1024], atol=2e-2, rtol=1e-2)

@@ -165,9 +165,11 @@ class DecoderLM:
         self.norm = w["norm"] if final_norm else None
         head = w.get("lm_head", self.embed)
         self.lm_head = (method if _quantized(head) else method.head).create(head)
-        # the plain tensor lm_head rows can be cut from (None: an untied head stored processed)
+        # the plain tensor lm_head rows can be cut from (None: an untied head stored processed). A
+        # tied head's rows are the embedding's, also when a node publishes it processed (oneDNN-packed)
         head = w.get("lm_head")
-        self._head_rows_of = self.embed if head is None else head if isinstance(head, torch.Tensor) else None
+        self._head_rows_of = self.embed if head is None or cfg.tie_word_embeddings else \
+            head if isinstance(head, torch.Tensor) else None
         self.rope = RotaryCache(cfg.rope_inv_freq(), max_positions, self.embed.dtype, str(self.embed.device))
         self.scale = cfg.head_dim ** -0.5
         self._fused = self._fused_decode_args()
