@@ -52,7 +52,7 @@ def test_the_server_answers_and_reports_a_failed_call_without_stopping(address):
                                                                                 zip(call.starts, call.tokens)]).to_arrays(call.k)
 
     server = DraftChannelServer(address, handle)
-    client = DraftChannel(address, timeout_s=5)
+    client = DraftChannel(address, timeout_s=5, connect_wait_s=5)
     try:
         with pytest.raises(RuntimeError, match="the draft model broke"):
             client.call(DraftCall([1], [0], [[4]], 9).to_arrays())
@@ -75,7 +75,7 @@ def test_a_late_reply_is_dropped_and_the_next_call_gets_its_own(address):
         return DraftReply([[call.keys[0]]], [0]).to_arrays(call.k)
 
     server = DraftChannelServer(address, handle)
-    client = DraftChannel(address, timeout_s=0.2)
+    client = DraftChannel(address, timeout_s=0.2, connect_wait_s=5)
     try:
         with pytest.raises(TimeoutError):
             client.call(DraftCall([1], [0], [[4]], 1).to_arrays())
@@ -89,7 +89,7 @@ def test_a_late_reply_is_dropped_and_the_next_call_gets_its_own(address):
 
 
 def test_no_stage_listening_fails_the_call_at_once(address):
-    client = DraftChannel(address, timeout_s=5)
+    client = DraftChannel(address, timeout_s=5)         # waits CONNECT_WAIT_S for a connection, not 5 s
     t = time.monotonic()
     with pytest.raises(ConnectionError, match="no draft stage is listening"):
         client.call(DraftCall([1], [0], [[4]], 1).to_arrays())

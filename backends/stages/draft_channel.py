@@ -26,6 +26,9 @@ log = logging.getLogger("baton.draft")
 
 Arrays = dict[str, np.ndarray]
 OK, FAILED = b"ok", b"failed"
+# How long a call waits for its connection to the stage before it fails: a dead stage costs decode
+# this once per back-off (spec/remote.py), not the call's whole deadline.
+CONNECT_WAIT_S = 0.1
 
 
 def pack(arrays: Arrays, names: list[str]) -> bytes:
@@ -94,8 +97,9 @@ class DraftChannel:
     """In decode: one call at a time, each with a deadline. A DEALER socket has no request/reply
     state to wedge: a reply that comes after its call gave up carries an old id and is dropped."""
 
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, connect_wait_s: float = CONNECT_WAIT_S) -> None:
         self.address, self.timeout_ms = address, max(1, int(timeout_s * 1000))
+        self.connect_wait_ms = max(1, int(connect_wait_s * 1000))
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)         # no stage listening: a call fails now, not at its deadline
@@ -104,10 +108,10 @@ class DraftChannel:
 
     def call(self, arrays: Arrays) -> Arrays:
         cid = next(self.ids).to_bytes(8, "little")
-        try:
-            self.sock.send_multipart([cid, pack(arrays, CALL_NAMES)], zmq.NOBLOCK)
-        except zmq.Again:
-            raise ConnectionError(f"no draft stage is listening at {self.address}") from None
+        # a connection is made in the background (at connect(), and again after the stage restarts)
+        if not self.sock.poll(self.connect_wait_ms, zmq.POLLOUT):
+            raise ConnectionError(f"no draft stage is listening at {self.address}")
+        self.sock.send_multipart([cid, pack(arrays, CALL_NAMES)], zmq.NOBLOCK)
         deadline = time.monotonic() + self.timeout_ms / 1000
         while True:
             if not self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
