@@ -498,3 +498,32 @@ def test_a_node_published_tied_head_still_gives_drafters_their_cut_head():
     assert head is not None
     hidden = torch.randn(3, cfg.hidden_size, dtype=torch.bfloat16)
     torch.testing.assert_close(model.logits(hidden, head=head), model.logits(hidden)[:, :1024], atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_medusa_proposes_each_heads_top1_of_the_stacked_heads(layers, tmp_path):
+    """The proposer runs the heads' first blocks as one stacked GEMM: its drafts are still, per
+    sequence, head j's top-1 under the target's lm_head (MedusaHeads' own forward), for heads of one
+    and of two residual blocks."""
+    from baton.backends.spec.heads import MedusaHeads
+
+    cfg = json.loads((TARGET / "config.json").read_text())
+    torch.manual_seed(0)
+    ref = MedusaHeads(cfg["hidden_size"], 4, layers)
+    for p in ref.parameters():                 # trained-looking heads: not the identity they start as
+        torch.nn.init.normal_(p, std=0.05)
+    ref.save(tmp_path, cfg["vocab_size"], str(TARGET))
+    llm = spec_llm("medusa", spec={"model": str(tmp_path)})
+    try:
+        proposer = llm.engine.proposer
+        feats = torch.randn(5, cfg["hidden_size"]) * 3
+        seqs = [SimpleNamespace(seq_id=i, num_tokens=20) for i in range(5)]
+        for s, f in zip(seqs, feats):
+            proposer.last[s.seq_id] = (18, f)
+        ref = MedusaHeads.load(tmp_path).eval()       # as saved (bf16 on disk), in fp32 like the engine
+        with torch.inference_mode():
+            want = llm.engine.model.logits(ref(feats)[:3].reshape(-1, feats.shape[1])).argmax(-1).view(3, 5).T.tolist()
+        assert proposer.propose(seqs, 3) == want
+        assert proposer.propose(seqs, 2) == [w[:2] for w in want]
+    finally:
+        llm.close()
