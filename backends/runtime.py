@@ -3,6 +3,7 @@ in Baton changes them at import: a library must not retune its host's OpenMP or 
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -10,7 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # OpenMP workers spin ~1.5 ms between parallel regions: a decode step is hundreds of short ops, and
@@ -39,6 +40,22 @@ def configure_process(threads: int = 0) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the enclosed ops on n torch threads (0: as set), then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def lower_priority(nice: int, threads: Iterable[int] | None = None) -> None:

@@ -336,6 +336,31 @@ def test_the_same_test_catches_a_wrong_verifier(plain_top6, monkeypatch):
         spec.close()
 
 
+def test_the_proposer_runs_on_proposer_threads_and_the_engine_keeps_its_own(expected, monkeypatch):
+    """`proposer_threads` bounds the torch threads of the proposer's ops only (served, waking a
+    second OpenMP thread per small op cost more than the op); the target's steps keep theirs."""
+    torch.set_num_threads(2)
+    llm = spec_llm("eagle", spec={"proposer_threads": 1})
+    try:
+        proposer, seen = llm.engine.proposer, {"propose": set(), "step": set()}
+        propose, run = proposer.propose, llm.engine.runner.run
+
+        def counting_propose(*a, **kw):
+            seen["propose"].add(torch.get_num_threads())
+            return propose(*a, **kw)
+
+        def counting_run(*a, **kw):
+            seen["step"].add(torch.get_num_threads())
+            return run(*a, **kw)
+
+        monkeypatch.setattr(proposer, "propose", counting_propose)
+        monkeypatch.setattr(llm.engine.runner, "run", counting_run)
+        assert llm.generate(PROMPTS[:1], GREEDY)[0].token_ids == expected[PROMPTS[0]]
+        assert seen == {"propose": {1}, "step": {2}}
+    finally:
+        llm.close()
+
+
 # ---- bad configurations -----------------------------------------------------------------------
 
 def test_bad_speculative_configs_name_the_field(tmp_path, qwen3_dir):
@@ -348,6 +373,7 @@ def test_bad_speculative_configs_name_the_field(tmp_path, qwen3_dir):
     bad({"method": "draft"}, r"speculative\.model: method 'draft' needs")
     bad({"method": "eagle", "model": str(tmp_path / "nowhere")}, r"speculative\.model: .*config\.json does not exist")
     bad({"method": "ngram", "k": 3}, r"unknown key 'k' in speculative")
+    bad({"method": "ngram", "proposer_threads": -1}, r"speculative\.proposer_threads: must be >= 0, got -1")
     bad({"method": "ngram", "num_speculative_tokens": "3"}, r"num_speculative_tokens: expected int")
     bad({"method": "draft", "model": str(qwen3_dir)}, r"speculative\.model: the draft's vocab_size \d+ differs")
     bad({"method": "medusa", "model": HEADS["medusa"], "num_speculative_tokens": 9},

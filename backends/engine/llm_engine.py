@@ -17,7 +17,7 @@ from ..kv.pool import SHM_DIR, KVPool, PoolSpec
 from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, load_weights
-from ..runtime import owned_name, remove_leftovers
+from ..runtime import owned_name, remove_leftovers, torch_threads
 from ..spec.adaptive import Governor
 from ..spec.config import SpeculativeConfig
 from ..spec.proposer import Proposer, make_proposer
@@ -331,7 +331,9 @@ class LLMEngine:
                 cands.append((s, room))
         if not cands:
             return
-        for (s, room), drafts in zip(cands, self.proposer.propose([s for s, _ in cands], k)):
+        with torch_threads(sc.proposer_threads):     # spec/config.py: why served proposers take 1
+            proposals = self.proposer.propose([s for s, _ in cands], k)
+        for (s, room), drafts in zip(cands, proposals):
             for t in drafts[:room]:
                 s.append(t)
             s.num_draft = len(drafts[:room])
