@@ -45,7 +45,9 @@ from baton.backends.serving.config import Profile  # noqa: E402
 
 METHODS = ("ngram", "draft", "draft_inline", "medusa", "eagle")    # profiles spec_<method>
 # through Triton only: a method run on another method's profile with serving keys changed
-VARIANTS = {"draft_grpc": ("draft", {"draft_channel": "grpc"}), "draft_2threads": ("draft", {"draft_threads": 2})}
+VARIANTS = {"draft_grpc": ("draft", {"draft_channel": "grpc"}), "draft_2threads": ("draft", {"draft_threads": 2}),
+            **{f"draft_k{k}": ("draft", {"speculative": {"method": "draft", "num_speculative_tokens": k, "draft_vocab": 2048,
+                                                          "model": "models/baton-tiny-draft"}}) for k in (4, 5)}}
 
 
 def heldout_texts() -> list[str]:
