@@ -95,3 +95,34 @@ def test_no_stage_listening_fails_the_call_at_once(address):
         client.call(DraftCall([1], [0], [[4]], 1).to_arrays())
     assert time.monotonic() - t < 1
     client.close()
+
+
+def test_closing_during_a_long_call_leaves_the_socket_to_its_thread(address):
+    """close() must not close the socket under a thread still answering a call (zmq sockets are not
+    thread-safe): that thread finishes its reply, then closes the socket itself."""
+    started, release, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def handle(arrays):
+        started.set()
+        release.wait(5)
+        answered.set()
+        call = DraftCall.from_arrays(arrays)
+        return DraftReply([[7]], [1]).to_arrays(call.k)
+
+    server = DraftChannelServer(address, handle)
+    client = DraftChannel(address, timeout_s=5, connect_wait_s=5)
+    try:
+        got = []
+        caller = threading.Thread(target=lambda: got.append(client.call(DraftCall([1], [0], [[4]], 1).to_arrays())))
+        caller.start()
+        assert started.wait(5)
+        server.close(wait_s=0.05)                   # returns while the call is still being answered
+        assert server.thread.is_alive() and not server.sock.closed
+        release.set()
+        server.thread.join(5)
+        caller.join(5)
+        assert answered.is_set() and not server.thread.is_alive() and server.sock.closed
+        assert [DraftReply.from_arrays(a, 1).drafts for a in got] == [[[7]]]    # its reply still went out
+    finally:
+        release.set()
+        client.close()

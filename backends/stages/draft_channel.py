@@ -73,24 +73,32 @@ class DraftChannelServer:
         self.thread.start()
 
     def _serve(self) -> None:
-        while not self.stopping.is_set():
-            if not self.sock.poll(200):
-                continue
-            frames = self.sock.recv_multipart()
-            if len(frames) != 3:                       # [peer, call id, payload]
-                continue
-            peer, cid, payload = frames
-            try:
-                reply = [OK, pack(self.handle(unpack(payload, CALL_NAMES)), REPLY_NAMES)]
-            except Exception as e:                     # noqa: BLE001 - the caller decodes without drafts
-                log.warning("draft channel: call failed: %s", e)
-                reply = [FAILED, str(e).encode()]
-            self.sock.send_multipart([peer, cid, *reply])
+        try:
+            while not self.stopping.is_set():
+                if not self.sock.poll(200):
+                    continue
+                frames = self.sock.recv_multipart()
+                if len(frames) != 3:                       # [peer, call id, payload]
+                    continue
+                peer, cid, payload = frames
+                try:
+                    reply = [OK, pack(self.handle(unpack(payload, CALL_NAMES)), REPLY_NAMES)]
+                except Exception as e:                     # noqa: BLE001 - the caller decodes without drafts
+                    log.warning("draft channel: call failed: %s", e)
+                    reply = [FAILED, str(e).encode()]
+                self.sock.send_multipart([peer, cid, *reply])
+        finally:
+            # here: a zmq socket must not be closed by a thread it is not used by; a reply just sent
+            # still goes out (up to 0.1 s)
+            self.sock.close(linger=100)
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 2.0) -> None:
+        """Stop serving; a call still being drafted after wait_s is left to finish on the (daemon)
+        thread, which then closes the socket."""
         self.stopping.set()
-        self.thread.join(2)
-        self.sock.close()
+        self.thread.join(wait_s)
+        if self.thread.is_alive():
+            log.warning("draft channel: a call is still running after %.1f s; its thread closes the socket", wait_s)
 
 
 class DraftChannel:
