@@ -3,6 +3,7 @@ to the caller, late replies dropped, and a missing stage noticed at once."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -99,7 +100,9 @@ def test_no_stage_listening_fails_the_call_at_once(address):
 
 def test_closing_during_a_long_call_leaves_the_socket_to_its_thread(address):
     """close() must not close the socket under a thread still answering a call (zmq sockets are not
-    thread-safe): that thread finishes its reply, then closes the socket itself."""
+    thread-safe): that thread finishes its reply, then closes the socket itself. Whether the reply
+    reaches the caller is not asserted: an IMMEDIATE DEALER drops unread messages when its peer
+    disconnects (measured: ~1 in 6 replies sent just before the close)."""
     started, release, answered = threading.Event(), threading.Event(), threading.Event()
 
     def handle(arrays):
@@ -110,10 +113,15 @@ def test_closing_during_a_long_call_leaves_the_socket_to_its_thread(address):
         return DraftReply([[7]], [1]).to_arrays(call.k)
 
     server = DraftChannelServer(address, handle)
-    client = DraftChannel(address, timeout_s=5, connect_wait_s=5)
+    client = DraftChannel(address, timeout_s=1, connect_wait_s=5)
+    failed = []                                     # exceptions on the serving thread (a send on a closed socket)
+    hook, threading.excepthook = threading.excepthook, lambda a: failed.append(a.exc_value)
     try:
-        got = []
-        caller = threading.Thread(target=lambda: got.append(client.call(DraftCall([1], [0], [[4]], 1).to_arrays())))
+        def call():
+            with contextlib.suppress(TimeoutError):     # the reply may be lost: see the docstring
+                client.call(DraftCall([1], [0], [[4]], 1).to_arrays())
+
+        caller = threading.Thread(target=call)
         caller.start()
         assert started.wait(5)
         server.close(wait_s=0.05)                   # returns while the call is still being answered
@@ -122,7 +130,8 @@ def test_closing_during_a_long_call_leaves_the_socket_to_its_thread(address):
         server.thread.join(5)
         caller.join(5)
         assert answered.is_set() and not server.thread.is_alive() and server.sock.closed
-        assert [DraftReply.from_arrays(a, 1).drafts for a in got] == [[[7]]]    # its reply still went out
+        assert failed == []
     finally:
+        threading.excepthook = hook
         release.set()
         client.close()

@@ -88,13 +88,15 @@ class DraftChannelServer:
                     reply = [FAILED, str(e).encode()]
                 self.sock.send_multipart([peer, cid, *reply])
         finally:
-            # here: a zmq socket must not be closed by a thread it is not used by; a reply just sent
-            # still goes out (up to 0.1 s)
+            # here: a zmq socket must not be closed by a thread it is not used by. A reply just sent
+            # is flushed (up to 0.1 s), but DraftChannel's IMMEDIATE socket drops unread messages
+            # when its peer goes, so a caller may still lose it: that call times out and decodes
+            # without drafts, as for any stage that stops.
             self.sock.close(linger=100)
 
     def close(self, wait_s: float = 2.0) -> None:
         """Stop serving; a call still being drafted after wait_s is left to finish on the (daemon)
-        thread, which then closes the socket."""
+        thread, which then answers it (the answer may not arrive: see _serve) and closes the socket."""
         self.stopping.set()
         self.thread.join(wait_s)
         if self.thread.is_alive():
