@@ -10,6 +10,8 @@ if shutil.which("nvidia-smi") is None:
 import pytest
 import torch
 
+import baton  # noqa: F401,E402 - before anything loads gRPC: it turns gRPC's fork support off (see baton/__init__)
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("BATON_TEST_CACHE", ROOT / ".cache" / "test-checkpoints"))
 FAMILIES = ["tiny-qwen3", "tiny-qwen2", "tiny-llama"]
