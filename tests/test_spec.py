@@ -54,6 +54,19 @@ def test_verifier_sampling_is_distributed_as_the_target():
     assert torch.allclose(counts / n, p, atol=0.015), (counts / n, p)
 
 
+def test_the_exponential_race_samples_its_distribution():
+    """race(p, gen) draws token i with probability p_i / sum(p) (p unnormalized), as sampling and
+    the verifier's bonus token rely on."""
+    from baton.backends.engine.sampler import race
+
+    probs = torch.tensor([0.05, 0.4, 0.0, 0.25, 0.1, 0.2]) * 3          # unnormalized, one zero
+    g = torch.Generator().manual_seed(7)
+    n = 20000
+    counts = torch.bincount(torch.tensor([race(probs, g) for _ in range(n)]), minlength=6).float()
+    assert counts[2] == 0
+    assert torch.allclose(counts / n, probs / probs.sum(), atol=0.015), counts / n
+
+
 def _llm(qwen3_dir, method=None, k=4, **kw):
     if method:       # speculate in batches too (the default: alone only)
         kw["speculative_config"] = {"method": method, "num_speculative_tokens": k, "max_batch": 64,
