@@ -15,12 +15,13 @@ first prompts), c at a time; tokens/s is completion tokens over the cell's wall 
 rounds; acceptance length is 1 + accepted drafts per verifying step, median of the rounds. Three
 requests per cell (the default until 2026-12-01) made a cell's ratio hinge on three prompts: EAGLE's
 acceptance on the first three completion prompts is 2.6, over the first 24 it is 3.1. In-process, "concurrency c" is c prompts in one generate() call. Methods
-use the repository's profiles spec_<method> (k = 3 and draft_vocab = 2048; ngram k = 4); through
+use the repository's profiles spec_<method> (draft_vocab = 2048; k = 3, ngram 4, draft 5); through
 Triton `draft` is the `draft` stage, called over its node-local socket, `draft_grpc` the same stage
 called through tritonserver's gRPC endpoint (`[serving] draft_channel = "grpc"`), `draft_2threads`
-the stage with two torch threads (`draft_threads = 2`), `draft_inline` the
-draft model inside decode (in-process they are all the same, so only `draft` runs in-process). Within a cell the two arms alternate, and
-which goes first alternates by round.
+the stage with two torch threads (`draft_threads = 2`), `draft_inline` the draft model inside decode
+(in-process they are all the same, so only `draft` runs in-process), `none` a second plain node (an
+A/A control: the arms' ratio without speculation). Within a cell the two arms alternate, and which
+goes first alternates by round; `paired_speedup` is the median of each round's own ratio.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ METHODS = ("ngram", "draft", "draft_inline", "medusa", "eagle")    # profiles sp
 # through Triton only: a method run on another method's profile with serving keys changed
 VARIANTS = {"draft_grpc": ("draft", {"draft_channel": "grpc"}), "draft_2threads": ("draft", {"draft_threads": 2}),
             **{f"draft_k{k}": ("draft", {"speculative": {"method": "draft", "num_speculative_tokens": k, "draft_vocab": 2048,
-                                                          "model": "models/baton-tiny-draft"}}) for k in (4, 5)}}
+                                                          "model": "models/baton-tiny-draft"}}) for k in (4, 5)},
+            "none": (None, {})}     # an A/A control: a second plain node, started as the methods' nodes are
 
 
 def heldout_texts() -> list[str]:
@@ -201,9 +203,13 @@ def main() -> None:
                            "off_tok_s": statistics.median(off), "on_tok_s": statistics.median(on),
                            "acceptance_length": acc, "identical_tokens": same, "runs": {"off": off, "on": on}}
                     row["speedup"] = row["on_tok_s"] / row["off_tok_s"]
+                    # the median of each round's own ratio: the arms of a round ran minutes apart at most,
+                    # so a slow phase of the box moves both
+                    row["paired_speedup"] = statistics.median(y / x for x, y in zip(off, on))
                     result["rows"].append(row)
                     print(f"{mode:7s} {method:7s} {w:10s} T={temp:.1f} c={c:2d}: off {row['off_tok_s']:7.1f} "
-                          f"on {row['on_tok_s']:7.1f} tok/s ({row['speedup']:.2f}x), acceptance length {acc:.2f}"
+                          f"on {row['on_tok_s']:7.1f} tok/s ({row['speedup']:.2f}x, paired {row['paired_speedup']:.2f}x), "
+                          f"acceptance length {acc:.2f}"
                           + (f", identical {same}" if same is not None else ""), flush=True)
                     if a.out:
                         Path(a.out).write_text(json.dumps(result, indent=1))
@@ -220,7 +226,7 @@ def main() -> None:
         try:
             for method in methods:
                 base_method, extra = VARIANTS.get(method, (method, {}))
-                on = nodes.start(f"spec_{base_method}", extra)
+                on = nodes.start(f"spec_{base_method}" if base_method else "single_node", extra)
                 try:
                     measure("triton", method, lambda *x: triton_cell(off.grpc_url, *x),
                             lambda *x, on=on: triton_cell(on.grpc_url, *x))
