@@ -10,7 +10,7 @@ if shutil.which("nvidia-smi") is None:
 import pytest
 import torch
 
-import baton  # noqa: F401,E402 - before anything loads gRPC: it turns gRPC's fork support off (see baton/__init__)
+import baton  # noqa: F401 - before anything loads gRPC: it turns gRPC's fork support off (see baton/__init__)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("BATON_TEST_CACHE", ROOT / ".cache" / "test-checkpoints"))
