@@ -176,6 +176,30 @@ def test_adaptive_speculation_stays_off_in_a_large_batch_and_for_a_sequence_that
         llm.close()
 
 
+def test_no_drafts_while_another_stage_on_the_cores_works(tmp_path, plain):
+    """Served, decode drafts only while its node's prefill is idle: a wave's first sequence out of
+    prefill must not take the cores the rest of the wave's prompts wait for."""
+    from baton.backends.stages.cores import CoreShare
+
+    CoreShare.create(tmp_path / "cores")
+    prefill = CoreShare(tmp_path / "cores", "prefill", 2)
+    decode = CoreShare(tmp_path / "cores", "decode", 2)
+    threads = torch.get_num_threads()
+    llm = spec_llm("ngram")
+    llm.engine.cores_contended = decode.other_busy
+    try:
+        prefill.busy()
+        held = llm.generate(PROMPTS[0], GREEDY)[0]
+        assert held.num_draft_tokens == 0 and llm.engine.spec_stats["drafted"] == 0
+        prefill.idle()
+        free = llm.generate(PROMPTS[0], GREEDY)[0]
+        assert free.num_draft_tokens > 0
+        assert held.token_ids == free.token_ids == plain.generate(PROMPTS[0], GREEDY)[0].token_ids
+    finally:
+        llm.close()
+        torch.set_num_threads(threads)
+
+
 def test_the_governor_drafts_while_it_pays_and_probes_rarely_when_it_does_not():
     from baton.backends.spec.adaptive import REMEASURE, Governor
     from baton.backends.spec.config import SpeculativeConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,6 +120,10 @@ class LLMEngine:
         self.spec = SpeculativeConfig.from_table(config.speculative) if config.speculative else None
         self.proposer = proposer or (make_proposer(self.spec, self) if self.spec else None)
         self.governor = Governor(self.spec) if self.spec else None
+        # served: whether another stage on this node's cores has work now (stages/cores.py); its
+        # drafts would take cores that stage waits for, and a wave of prompts is prefilled later
+        self.cores_contended: Callable[[], bool] | None = None
+        self._contended = False                                # the running step skipped drafting for it
         k = self.spec.num_speculative_tokens if self.spec else 0
         # acceptance rate = accepted / drafted; per draft position j: accepted_at[j] / drafted_at[j]
         self.spec_stats = {"drafts": 0, "drafted": 0, "accepted": 0, "drafted_at": [0] * k, "accepted_at": [0] * k}
@@ -310,7 +315,9 @@ class LLMEngine:
         draft's K/V with its last token, and the runner returns a row of logits per draft.
 
         Speculation pays only while the extra rows are cheap and accepted: it is off for the step
-        when more than `max_batch` sequences decode, and off for a sequence whose verifying steps
+        when more than `max_batch` sequences decode or another stage on the cores has work (a wave's
+        first sequence out of prefill must not draft while the rest wait for prefill), and off for
+        a sequence whose verifying steps
         emit fewer tokens than the measured break-even (spec/adaptive.py). Neither changes a seeded
         request's tokens: its draws are keyed by position (Sampler.noise)."""
         if self.proposer is None:
@@ -318,7 +325,13 @@ class LLMEngine:
         sc, sched = self.spec, self.scheduler
         decoding = [s for s in sched.running
                     if not s.loading and not s.prefill_only and s.num_computed_tokens == s.num_tokens - 1]
-        if len(decoding) > sc.max_batch or not self.governor.step_may_speculate():
+        self._contended = False
+        if len(decoding) > sc.max_batch:
+            return
+        if self.cores_contended is not None and self.cores_contended():
+            self._contended = True
+            return
+        if not self.governor.step_may_speculate():
             return
         k = sc.num_speculative_tokens
         cands = []
@@ -341,8 +354,9 @@ class LLMEngine:
     def _step_kind(self, scheduled: list[tuple[Sequence, int]]) -> bool | None:
         """For the governor: True when the step verifies drafts, False when it is a plain step of
         at most max_batch decoding sequences (what a speculative step is compared with), else None."""
-        if not 0 < len(scheduled) <= self.spec.max_batch or any(n != 1 + s.num_draft for s, n in scheduled):
-            return None                              # a prompt chunk in it, or a batch that never speculates
+        if self._contended or not 0 < len(scheduled) <= self.spec.max_batch \
+                or any(n != 1 + s.num_draft for s, n in scheduled):
+            return None      # a contended step's time is the other stage's too                              # a prompt chunk in it, or a batch that never speculates
         return any(s.num_draft for s, _ in scheduled)
 
     def _forget_ended(self) -> None:

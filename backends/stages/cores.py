@@ -110,6 +110,10 @@ class CoreShare:
         """Whether decode's busy() would now wait for a working prefill."""
         return self.policy == "prefill_first" and self.me == SLOTS["decode"] and self.flags[self.other] == BUSY
 
+    def other_busy(self) -> bool:
+        """Whether the other stage is working (or between two of its steps) now."""
+        return bool(self.flags[self.other])
+
     def stepped(self) -> None:
         """Decode calls this after each step (a prefill that let it in, or waits for it, goes on)."""
         self.flags[STEPPING] = 0

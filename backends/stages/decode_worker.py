@@ -61,6 +61,8 @@ def serve(node: NodeConfig, address: str, cancel_address: str | None = None) -> 
                         responses_per_step=node.serving.stream_responses_per_step,
                         embeddings=node.embedding_store_client())
     cores = core_share(node, "decode")
+    if cores:
+        stage.engine.cores_contended = cores.other_busy
     parent = os.getppid()
     outbox: list = []
     cancelled: set[int] = set()
