@@ -20,7 +20,7 @@ Triton `draft` is the `draft` stage, called over its node-local socket, `draft_g
 called through tritonserver's gRPC endpoint (`[serving] draft_channel = "grpc"`), `draft_2threads`
 the stage with two torch threads (`draft_threads = 2`), `draft_inline` the draft model inside decode
 (in-process they are all the same, so only `draft` runs in-process), `none` a second plain node (an
-A/A control: the arms' ratio without speculation). Within a cell the two arms alternate, and which
+A/A control: the arms' ratio without speculation; in-process a second plain engine). Within a cell the two arms alternate, and which
 goes first alternates by round; `paired_speedup` is the median of each round's own ratio.
 """
 
@@ -215,8 +215,9 @@ def main() -> None:
                         Path(a.out).write_text(json.dumps(result, indent=1))
 
     if "inproc" in a.modes:
-        for method in [m for m in methods if m != "draft_inline" and m not in VARIANTS]:
-            spec = LLM(a.model, max_model_len=max_len, kv_cache_memory_mb=256, speculative_config=spec_table(method))
+        for method in [m for m in methods if m == "none" or (m != "draft_inline" and m not in VARIANTS)]:
+            spec = LLM(a.model, max_model_len=max_len, kv_cache_memory_mb=256,
+                       speculative_config=spec_table(method) if method != "none" else None)
             measure("inproc", method, lambda *x: inproc_cell(base, *x), lambda *x, spec=spec: inproc_cell(spec, *x))
             spec.close()
     base.close()
