@@ -317,9 +317,9 @@ class LLMEngine:
         Speculation pays only while the extra rows are cheap and accepted: it is off for the step
         when more than `max_batch` sequences decode or another stage on the cores has work (a wave's
         first sequence out of prefill must not draft while the rest wait for prefill), and off for
-        a sequence whose verifying steps
-        emit fewer tokens than the measured break-even (spec/adaptive.py). Neither changes a seeded
-        request's tokens: its draws are keyed by position (Sampler.noise)."""
+        a sequence whose verifying steps emit fewer tokens than the measured break-even
+        (spec/adaptive.py). Neither changes a seeded request's tokens: its draws are keyed by
+        position (Sampler.noise)."""
         if self.proposer is None:
             return
         sc, sched = self.spec, self.scheduler
@@ -356,7 +356,7 @@ class LLMEngine:
         at most max_batch decoding sequences (what a speculative step is compared with), else None."""
         if self._contended or not 0 < len(scheduled) <= self.spec.max_batch \
                 or any(n != 1 + s.num_draft for s, n in scheduled):
-            return None      # a contended step's time is the other stage's too                              # a prompt chunk in it, or a batch that never speculates
+            return None      # a contended step (its time is the other stage's too), a prompt chunk, a big batch
         return any(s.num_draft for s, _ in scheduled)
 
     def _forget_ended(self) -> None:
