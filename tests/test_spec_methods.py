@@ -201,15 +201,25 @@ def test_no_drafts_while_another_stage_on_the_cores_works(tmp_path, plain):
 
 
 def test_the_governor_drafts_while_it_pays_and_probes_rarely_when_it_does_not():
-    from baton.backends.spec.adaptive import REMEASURE, Governor
+    from baton.backends.spec.adaptive import BACKOFF, REMEASURE, YOUNG, Governor
     from baton.backends.spec.config import SpeculativeConfig
 
     gov = Governor(SpeculativeConfig(method="ngram", probe_every=4))
     assert gov.break_even() is None and not gov.step_may_speculate()     # a plain step is measured first
     gov.cycle = {False: 1.0, True: 2.5}
     assert gov.break_even() == 2.5
-    assert all(gov.step_may_speculate() for _ in range(REMEASURE - 1)) and not gov.step_may_speculate()
-    gov.measured(False)                                                  # that plain step ran
+    # plain steps every YOUNG speculating steps while the plain estimate is young, then every REMEASURE;
+    # two in a row, the first one after drafts being untimed (caches the proposer filled)
+    assert all(gov.step_may_speculate() for _ in range(YOUNG - 1)) and not gov.step_may_speculate()
+    gov.measured(False)                                                  # that plain step ran, untimed
+    assert not gov.step_may_speculate()
+    gov.measured(False)                                                  # timed
+    gov._young[False] = [1.0] * YOUNG
+    assert all(gov.step_may_speculate() and gov.measured(True) is None for _ in range(REMEASURE))
+    assert not gov.step_may_speculate()
+    gov.measured(False)
+    assert not gov.step_may_speculate()
+    gov.measured(False)
     assert gov.step_may_speculate()
 
     def run(gov: Governor, emit: list[int], steps: int) -> list[int]:
@@ -228,10 +238,22 @@ def test_the_governor_drafts_while_it_pays_and_probes_rarely_when_it_does_not():
     head = [1, 1, 4, 4, 3, 1, 4, 2, 4, 4]
     assert len(run(gov, head, 200)) == 200
     assert len(run(gov, [1, 1, 1, 4, 4, 4, 2, 4, 3, 4], 200)) == 200   # even one that starts badly
-    # a sequence whose drafts never pay, alone: EXPLORE verifying steps, then a probe every 8 * probe_every
+    # a sequence whose drafts never pay, alone: EXPLORE verifying steps, then a probe 8 * probe_every
+    # steps later, each next one twice as late (a probe costs: a draft model catches up)
     gov = Governor(SpeculativeConfig(method="ngram", probe_every=4))
     gov.cycle = {False: 1.0, True: 2.5}
-    assert run(gov, [2], 150) == [*range(1, 10), 42, 75, 108, 141]
+    assert run(gov, [2], 400) == [*range(1, 10), 42, 107, 236]
+    assert run(gov, [2], 400)[:1] == [33]       # a new sequence: not at once, the population's drafts do not pay
+    gov = Governor(SpeculativeConfig(method="ngram", probe_every=4))
+    gov.cycle, gov.probe_cycle = {False: 1.0, True: 2.5}, 5.0     # a probe costs 4 plain steps more (a
+    assert run(gov, [2], 400) == [*range(1, 10), 210]             # draft model's catch-up): 200 apart
+    gov.probe_cycle = None
+    longest = 8 * 4 << BACKOFF                  # unless nobody has verified drafts for that long
+    s = Sequence([1, 2], SamplingParams(), 16)
+    assert not gov.wants(s)
+    for _ in range(longest):
+        gov.step_may_speculate()
+    assert gov.wants(Sequence([1, 2], SamplingParams(), 16))
     # back above the break-even (the others do well) one step after it stopped: it waits probe_every
     gov.pop = [10.0, 30.0, 95.0]
     s = Sequence([1, 2], SamplingParams(), 16)
@@ -244,7 +266,7 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     """A cycle over 3x the estimate (the wait for the next request's prompt) does not move it unless
     three come in a row; the first plain step after a prompt chunk is not timed (cold caches)."""
     import baton.backends.spec.adaptive as adaptive
-    from baton.backends.spec.adaptive import Governor
+    from baton.backends.spec.adaptive import YOUNG, Governor
     from baton.backends.spec.config import SpeculativeConfig
 
     clock = [0.0]
@@ -267,10 +289,30 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     step(True, 0.030)                    # the last step of a request, then the next one's prefill
     step(True, 0.002)
     assert gov.cycle[True] == pytest.approx(0.002)          # the 30 ms cycle was left out
+    assert gov.probe_cycle is None
+    for _ in range(YOUNG):               # past the first YOUNG: an EWMA
+        step(True, 0.002)
     for _ in range(3):                   # the cost really changed: the third one counts
         step(True, 0.02)
     step(True, 0.02)
     assert gov.cycle[True] == pytest.approx(0.9 * 0.002 + 0.1 * 0.02)
+
+    # a fresh server's first decode steps are slow: the young estimate, their median, is not seeded by them
+    gov = Governor(SpeculativeConfig(method="ngram"))
+    for dt in (0.008, 0.007, 0.007, 0.004, 0.004, 0.004, 0.004, 0.004, 0.004):
+        step(False, dt)
+    step(False, 0.004)
+    assert gov.cycle[False] == pytest.approx(0.004)
+    step(True, 0.003)                    # drafts: their first step is not timed
+    step(False, 0.009)                   # nor is the plain step after them (the proposer filled the caches)
+    step(False, 0.004)
+    step(True, 0.003)
+    assert gov.cycle[False] == pytest.approx(0.004) and gov.cycle[True] is None
+    step(False, 0.004)
+    gov._probing = True                  # a sequence probed: that step's cost, catch-up and all
+    step(True, 0.03)
+    step(True, 0.01)
+    assert gov.probe_cycle == pytest.approx(0.03) and gov.cycle[True] is None
 
 
 # ---- lossless sampling ------------------------------------------------------------------------

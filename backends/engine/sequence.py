@@ -70,6 +70,7 @@ class Sequence(TokenHistory):
         self.spec_sum = 0.0               # tokens they emitted, so weighted
         self.spec_sq = 0.0                # and their squares
         self.spec_idle = 0                # steps since it last drafted, once below the break-even
+        self.spec_probes = 0              # probes it made below the break-even (each waits twice as long)
 
     @property
     def num_tokens(self) -> int:
