@@ -7,6 +7,7 @@ catching a wrong verifier); the bad configurations."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -266,7 +267,7 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     """A cycle over 3x the estimate (the wait for the next request's prompt) does not move it unless
     three come in a row; the first plain step after a prompt chunk is not timed (cold caches)."""
     import baton.backends.spec.adaptive as adaptive
-    from baton.backends.spec.adaptive import YOUNG, Governor
+    from baton.backends.spec.adaptive import TAU, YOUNG, Governor
     from baton.backends.spec.config import SpeculativeConfig
 
     clock = [0.0]
@@ -295,7 +296,8 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     for _ in range(3):                   # the cost really changed: the third one counts
         step(True, 0.02)
     step(True, 0.02)
-    assert gov.cycle[True] == pytest.approx(0.9 * 0.002 + 0.1 * 0.02)
+    w = 1 - math.exp(-3 * 0.02 / TAU)    # weighed by the time since the last cycle timed: 3 x 20 ms
+    assert gov.cycle[True] == pytest.approx(0.002 + w * (0.02 - 0.002))
 
     # a fresh server's first decode steps are slow: the young estimate, their median, is not seeded by them
     gov = Governor(SpeculativeConfig(method="ngram"))
@@ -313,6 +315,14 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     step(True, 0.03)
     step(True, 0.01)
     assert gov.probe_cycle == pytest.approx(0.03) and gov.cycle[True] is None
+    for _ in range(64):                  # drafting: a plain step is timed only when forced
+        step(True, 0.01)
+    step(False, 0.008)                   # the box slowed down; the forced pair, its first one untimed
+    step(False, 0.008)
+    step(True, 0.02)
+    # the one plain cycle timed in 0.7 s moves the estimate halfway (at a weight of 0.1 per cycle, the
+    # plain estimate lagged the speculative one, timed every step, by seconds)
+    assert gov.cycle[False] == pytest.approx(0.006, rel=0.02)
 
 
 # ---- lossless sampling ------------------------------------------------------------------------

@@ -11,7 +11,9 @@ against a steady 4; the first speculative one after plain steps pays the propose
 a sequence drafts, two plain steps in a row are forced every `REMEASURE` steps, so a cost that
 changes (a longer context, another process on the cores) is seen; every `YOUNG` steps until YOUNG
 of each kind are timed, the estimate being their median till then (a fresh server's first decode
-steps run up to 1.8x a steady one's). Estimates seeded by those slow steps, and plain ones timed
+steps run up to 1.8x a steady one's). After that each estimate averages the cycles timed over the
+last `TAU` seconds, whether they come every step or once in 64, so the two are of the same moments
+of a box whose speed changes. Estimates seeded by those slow steps, and plain ones timed
 right after drafts, put a draft stage's break-even at 1.3-2 tokens instead of 3.5-4.5: sampling at
 T=0.8 (1.7 tokens a step), it drafted on most steps and ran at 0.79x.
 
@@ -33,6 +35,7 @@ the longest probe interval (someone must keep looking)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -46,6 +49,10 @@ OUTLIER = 3.0         # nor is one over 3x the estimate: the wait for a next req
 REMEASURE = 64        # speculating steps between two forced plain ones
 YOUNG = 8             # cycles of a kind timed before its estimate is an EWMA (and plain steps come
                       # every YOUNG speculating steps till then)
+TAU = 1.0             # seconds: each estimate averages the cycles timed over about this long, however
+W_MAX = 0.5           # sparse (a plain one is timed once per REMEASURE steps while drafting: weighed per
+                      # cycle, at 0.1, it lagged the dense speculative one by seconds, and when the box
+                      # slowed for a while, the break-even fell to 1.3 and drafts that lost went on)
 PROBE_SHARE = 0.02    # of the plain steps' time between a sequence's probes, the most a probe adds
 BACKOFF = 3           # doublings of a sequence's probe interval, at most
 DECAY = 0.97          # per step: a sequence's evidence halves in ~23 steps
@@ -69,6 +76,7 @@ class Governor:
         self._last_kind: bool | None = None
         self._outliers = 0                   # cycles over OUTLIER x the estimate in a row
         self._young: dict[bool, list[float]] = {False: [], True: []}     # a kind's first YOUNG cycles
+        self._timed = {False: 0.0, True: 0.0}   # when a cycle of each kind was last timed
         self._quiet = 0                      # steps that could draft since a step verified drafts
         self.pop = [0.0, 0.0, 0.0]           # every sequence's verifying steps: decayed weight, tokens, squares
 
@@ -87,8 +95,10 @@ class Governor:
                 if len(young) < YOUNG:           # the median: the first cycles are cold
                     young.append(dt)
                     self.cycle[self._kind] = statistics.median(young)
-                else:
-                    self.cycle[self._kind] = 0.9 * old + 0.1 * dt
+                else:                            # an average over the last ~TAU seconds
+                    since = now - self._timed[self._kind]
+                    self.cycle[self._kind] = old + min(W_MAX, 1 - math.exp(-since / TAU)) * (dt - old)
+                self._timed[self._kind] = now
                 self._outliers = 0
         self._started, self._kind, self._timing_probe = now, None, False
 
