@@ -7,7 +7,6 @@ catching a wrong verifier); the bad configurations."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -164,7 +163,7 @@ def test_adaptive_speculation_stays_off_in_a_large_batch_and_for_a_sequence_that
     llm = spec_llm("ngram", spec={"adaptive": True, "probe_every": 8})
     gov = llm.engine.governor
     gov.tick = lambda: None
-    gov.cycle = {False: 1.0, True: 2.0}
+    gov.plain, gov.ratio = 1.0, 2.0
     llm.engine.proposer.propose = lambda seqs, k: [[1] * k for _ in seqs]     # token 1: never the target's
     try:
         sp = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
@@ -202,25 +201,25 @@ def test_no_drafts_while_another_stage_on_the_cores_works(tmp_path, plain):
 
 
 def test_the_governor_drafts_while_it_pays_and_probes_rarely_when_it_does_not():
-    from baton.backends.spec.adaptive import BACKOFF, REMEASURE, YOUNG, Governor
+    from baton.backends.spec.adaptive import BACKOFF, REMEASURE, SAMPLES, SETTLE, Governor
     from baton.backends.spec.config import SpeculativeConfig
 
     gov = Governor(SpeculativeConfig(method="ngram", probe_every=4))
     assert gov.break_even() is None and not gov.step_may_speculate()     # a plain step is measured first
-    gov.cycle = {False: 1.0, True: 2.5}
+    gov.plain, gov.ratio = 1.0, 2.5
     assert gov.break_even() == 2.5
-    # plain steps every YOUNG speculating steps while the plain estimate is young, then every REMEASURE;
-    # two in a row, the first one after drafts being untimed (caches the proposer filled)
-    assert all(gov.step_may_speculate() for _ in range(YOUNG - 1)) and not gov.step_may_speculate()
-    gov.measured(False)                                                  # that plain step ran, untimed
-    assert not gov.step_may_speculate()
+    # plain steps every 8 speculating steps until SAMPLES plain ones are timed, then every REMEASURE;
+    # until one is timed, after SETTLE untimed ones (caches the proposer filled)
+    assert all(gov.step_may_speculate() for _ in range(8 - 1)) and not gov.step_may_speculate()
+    for _ in range(SETTLE):
+        gov.measured(False)                                              # plain steps ran, untimed
+        assert not gov.step_may_speculate()
     gov.measured(False)                                                  # timed
-    gov._young[False] = [1.0] * YOUNG
+    gov._samples[False].extend([1.0] * SAMPLES)
     assert all(gov.step_may_speculate() and gov.measured(True) is None for _ in range(REMEASURE))
-    assert not gov.step_may_speculate()
-    gov.measured(False)
-    assert not gov.step_may_speculate()
-    gov.measured(False)
+    for _ in range(SETTLE + 1):
+        assert not gov.step_may_speculate()
+        gov.measured(False)
     assert gov.step_may_speculate()
 
     def run(gov: Governor, emit: list[int], steps: int) -> list[int]:
@@ -242,13 +241,13 @@ def test_the_governor_drafts_while_it_pays_and_probes_rarely_when_it_does_not():
     # a sequence whose drafts never pay, alone: EXPLORE verifying steps, then a probe 8 * probe_every
     # steps later, each next one twice as late (a probe costs: a draft model catches up)
     gov = Governor(SpeculativeConfig(method="ngram", probe_every=4))
-    gov.cycle = {False: 1.0, True: 2.5}
+    gov.plain, gov.ratio = 1.0, 2.5
     assert run(gov, [2], 400) == [*range(1, 10), 42, 107, 236]
     assert run(gov, [2], 400)[:1] == [33]       # a new sequence: not at once, the population's drafts do not pay
     gov = Governor(SpeculativeConfig(method="ngram", probe_every=4))
-    gov.cycle, gov.probe_cycle = {False: 1.0, True: 2.5}, 5.0     # a probe costs 4 plain steps more (a
-    assert run(gov, [2], 400) == [*range(1, 10), 210]             # draft model's catch-up): 200 apart
-    gov.probe_cycle = None
+    gov.plain, gov.ratio, gov.probe_ratio = 1.0, 2.5, 5.0     # a probe costs 4 plain steps more (a
+    assert run(gov, [2], 400) == [*range(1, 10), 210]         # draft model's catch-up): 200 apart
+    gov.probe_ratio = None
     longest = 8 * 4 << BACKOFF                  # unless nobody has verified drafts for that long
     s = Sequence([1, 2], SamplingParams(), 16)
     assert not gov.wants(s)
@@ -264,10 +263,11 @@ def test_the_governor_drafts_while_it_pays_and_probes_rarely_when_it_does_not():
 
 
 def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
-    """A cycle over 3x the estimate (the wait for the next request's prompt) does not move it unless
-    three come in a row; the first plain step after a prompt chunk is not timed (cold caches)."""
+    """Its estimates are medians of steady cycles: not a plain step's right after drafts or a prompt
+    chunk (caches the other work filled), not a speculative one's right after plain steps (the
+    proposer's catch-up: timed as a probe's cost), and not moved by a long-tailed cycle."""
     import baton.backends.spec.adaptive as adaptive
-    from baton.backends.spec.adaptive import TAU, YOUNG, Governor
+    from baton.backends.spec.adaptive import SAMPLES, SETTLE, Governor
     from baton.backends.spec.config import SpeculativeConfig
 
     clock = [0.0]
@@ -280,49 +280,43 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
         clock[0] += seconds
 
     step(None, 0.05)                     # a prompt chunk
-    step(False, 0.004)                   # the first decode step after it: cold, not timed
-    assert gov.cycle[False] is None
-    step(False, 0.001)
+    for _ in range(SETTLE):              # the decode steps right after it: cold, not timed
+        step(False, 0.007)
+    step(False, 0.004)
     step(True, 0.003)                    # the plain cycle ends here (timed); this first speculative
-    assert gov.cycle[False] == pytest.approx(0.001)     # step after a plain one is not timed
+    assert gov.plain == pytest.approx(0.004)            # step after a plain one is not timed
     step(True, 0.002)
     step(True, 0.002)
     step(True, 0.030)                    # the last step of a request, then the next one's prefill
     step(True, 0.002)
-    assert gov.cycle[True] == pytest.approx(0.002)          # the 30 ms cycle was left out
-    assert gov.probe_cycle is None
-    for _ in range(YOUNG):               # past the first YOUNG: an EWMA
-        step(True, 0.002)
-    for _ in range(3):                   # the cost really changed: the third one counts
+    step(True, 0.002)
+    assert gov.ratio == pytest.approx(0.5)              # the 30 ms cycle did not move the median
+    assert gov.probe_ratio is None
+    for _ in range(SAMPLES):             # the cost really changed: the median follows
         step(True, 0.02)
     step(True, 0.02)
-    w = 1 - math.exp(-3 * 0.02 / TAU)    # weighed by the time since the last cycle timed: 3 x 20 ms
-    assert gov.cycle[True] == pytest.approx(0.002 + w * (0.02 - 0.002))
-
-    # a fresh server's first decode steps are slow: the young estimate, their median, is not seeded by them
-    gov = Governor(SpeculativeConfig(method="ngram"))
-    for dt in (0.008, 0.007, 0.007, 0.004, 0.004, 0.004, 0.004, 0.004, 0.004):
+    assert gov.ratio == pytest.approx(5)
+    for dt in (0.009, 0.006):            # drafts stop: the plain steps right after them, slow
         step(False, dt)
     step(False, 0.004)
-    assert gov.cycle[False] == pytest.approx(0.004)
-    step(True, 0.003)                    # drafts: their first step is not timed
-    step(False, 0.009)                   # nor is the plain step after them (the proposer filled the caches)
-    step(False, 0.004)
     step(True, 0.003)
-    assert gov.cycle[False] == pytest.approx(0.004) and gov.cycle[True] is None
+    assert gov.plain == pytest.approx(0.004)
     step(False, 0.004)
     gov._probing = True                  # a sequence probed: that step's cost, catch-up and all
     step(True, 0.03)
     step(True, 0.01)
-    assert gov.probe_cycle == pytest.approx(0.03) and gov.cycle[True] is None
-    for _ in range(64):                  # drafting: a plain step is timed only when forced
-        step(True, 0.01)
-    step(False, 0.008)                   # the box slowed down; the forced pair, its first one untimed
-    step(False, 0.008)
-    step(True, 0.02)
-    # the one plain cycle timed in 0.7 s moves the estimate halfway (at a weight of 0.1 per cycle, the
-    # plain estimate lagged the speculative one, timed every step, by seconds)
-    assert gov.cycle[False] == pytest.approx(0.006, rel=0.02)
+    assert gov.probe_ratio == pytest.approx(7.5) and gov.ratio == pytest.approx(5)
+    # the box slows down 2x while nobody drafts: the plain cost follows, the break-even (a ratio) stays
+    for _ in range(SETTLE + SAMPLES + 1):
+        step(False, 0.008)
+    assert gov.plain == pytest.approx(0.008) and gov.break_even() == pytest.approx(5)
+
+    # a fresh server's first decode steps are slow: the median is not seeded by them
+    gov = Governor(SpeculativeConfig(method="ngram"))
+    for dt in (0.008, 0.008, 0.007, 0.007, 0.004, 0.004, 0.004, 0.004, 0.004):
+        step(False, dt)
+    step(False, 0.004)
+    assert gov.plain == pytest.approx(0.004)
 
 
 # ---- lossless sampling ------------------------------------------------------------------------

@@ -5,17 +5,20 @@ pays when it emits enough more tokens. The governor times each step cycle (from 
 the next's, so a serving loop's work between steps, such as sending the responses, counts too):
 plain cycles with at most `max_batch` sequences decoding and no prompt chunk, and cycles that
 verified drafts. Their ratio is the break-even: the tokens a verifying step must emit per sequence
-to be worth its time. A cycle is timed only after one of its kind: the first plain step after drafts
-(or a prompt) runs on caches the other work filled, and with a draft stage it measured 6-9 ms
-against a steady 4; the first speculative one after plain steps pays the proposer's catch-up. While
-a sequence drafts, two plain steps in a row are forced every `REMEASURE` steps, so a cost that
-changes (a longer context, another process on the cores) is seen; every `YOUNG` steps until YOUNG
-of each kind are timed, the estimate being their median till then (a fresh server's first decode
-steps run up to 1.8x a steady one's). After that each estimate averages the cycles timed over the
-last `TAU` seconds, whether they come every step or once in 64, so the two are of the same moments
-of a box whose speed changes. Estimates seeded by those slow steps, and plain ones timed
-right after drafts, put a draft stage's break-even at 1.3-2 tokens instead of 3.5-4.5: sampling at
-T=0.8 (1.7 tokens a step), it drafted on most steps and ran at 0.79x.
+to be worth its time. The plain cost is the median of the last `SAMPLES` plain cycles, the
+break-even the median of as many speculative cycles, each over the plain cost when it ran: this
+box's cycles have a long tail (a 4 ms step now and then takes 10-17), and a moving average of them,
+or one seeded by a fresh server's slow first steps, moved the break-even by half. A ratio, because
+the box's speed changes by 2x for seconds at a time: while nobody drafts, the speculative cost is
+old, and an old cost over a plain one timed in a slow phase put the break-even at 1.3.
+
+What is timed is what a run of steps of one kind costs. The first speculative step after plain ones
+pays its proposer's catch-up (timed apart, as what a probe costs); the first `SETTLE` plain steps
+after drafts or a prompt chunk run on caches the other work filled (beside a draft stage: 6-10 ms
+against a steady 4). Timed, those put a draft stage's break-even at 1.3-2 tokens instead of 3: at
+T=0.8 (1.7 tokens a step) it drafted on most steps, at 0.79x. While a sequence drafts, plain steps
+are forced every `REMEASURE` steps until one is timed (every 8 until SAMPLES are), so a cost that
+changes (a longer context, another process on the cores) is seen.
 
 Each sequence keeps what its verifying steps emitted, every weight decaying by DECAY per step, on
 top of PRIOR steps at the mean of every sequence's recent verifying steps (a new sequence, or one
@@ -35,24 +38,17 @@ the longest probe interval (someone must keep looking)."""
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
+from collections import deque
 
 from ..engine.sequence import Sequence
 from .config import SpeculativeConfig
 
 IDLE_GAP_S = 0.1      # a longer cycle is an idle wait or an interruption, not a step's cost
-OUTLIER = 3.0         # nor is one over 3x the estimate: the wait for a next request's prompt (its prefill,
-                      # in another process when serving) after a request's last step; unless the cost
-                      # really changed: the third such cycle in a row counts
-REMEASURE = 64        # speculating steps between two forced plain ones
-YOUNG = 8             # cycles of a kind timed before its estimate is an EWMA (and plain steps come
-                      # every YOUNG speculating steps till then)
-TAU = 1.0             # seconds: each estimate averages the cycles timed over about this long, however
-W_MAX = 0.5           # sparse (a plain one is timed once per REMEASURE steps while drafting: weighed per
-                      # cycle, at 0.1, it lagged the dense speculative one by seconds, and when the box
-                      # slowed for a while, the break-even fell to 1.3 and drafts that lost went on)
+SAMPLES = 9           # cycles of a kind whose median is its estimate
+SETTLE = 2            # plain steps after drafts or a prompt chunk that are not timed
+REMEASURE = 64        # speculating steps before plain ones are forced, to time one
 PROBE_SHARE = 0.02    # of the plain steps' time between a sequence's probes, the most a probe adds
 BACKOFF = 3           # doublings of a sequence's probe interval, at most
 DECAY = 0.97          # per step: a sequence's evidence halves in ~23 steps
@@ -66,17 +62,17 @@ MIN_SD = 0.5          # tokens: the spread assumed at least (a run of equal outc
 class Governor:
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.cfg = cfg
-        self.cycle: dict[bool, float | None] = {False: None, True: None}   # EWMA seconds: plain, speculative
-        self.probe_cycle: float | None = None    # EWMA seconds of a step in which a sequence probed
+        self.plain: float | None = None      # seconds: what a plain cycle costs
+        self.ratio: float | None = None      # a speculative cycle's cost over the plain one's: the break-even
+        self.probe_ratio: float | None = None     # that of a step in which a sequence probed (EWMA)
+        self._samples: dict[bool, deque[float]] = {k: deque(maxlen=SAMPLES) for k in (False, True)}   # plain s, ratios
         self._probing = False                # a sequence probes in the step being scheduled
         self._timing_probe = False           # the running step is such a step
         self._started: float | None = None
-        self._kind: bool | None = None       # what the running step is: True speculative, False plain, None neither
-        self._since_plain = 0
+        self._kind: bool | None = None       # what the running step is timed as: True speculative, False plain
         self._last_kind: bool | None = None
-        self._outliers = 0                   # cycles over OUTLIER x the estimate in a row
-        self._young: dict[bool, list[float]] = {False: [], True: []}     # a kind's first YOUNG cycles
-        self._timed = {False: 0.0, True: 0.0}   # when a cycle of each kind was last timed
+        self._run = 0                        # steps of the last one's kind right before it
+        self._since_plain = 0
         self._quiet = 0                      # steps that could draft since a step verified drafts
         self.pop = [0.0, 0.0, 0.0]           # every sequence's verifying steps: decayed weight, tokens, squares
 
@@ -84,31 +80,26 @@ class Governor:
         """A step starts: the one before it ends."""
         now = time.perf_counter()
         dt = now - self._started if self._started is not None else IDLE_GAP_S
-        if self._timing_probe and dt < IDLE_GAP_S:
-            old = self.probe_cycle
-            self.probe_cycle = dt if old is None else 0.8 * old + 0.2 * dt
-        if self._kind is not None and dt < IDLE_GAP_S:
-            old = self.cycle[self._kind]
-            self._outliers = self._outliers + 1 if old is not None and dt > OUTLIER * old else 0
-            if self._outliers in (0, 3):
-                young = self._young[self._kind]
-                if len(young) < YOUNG:           # the median: the first cycles are cold
-                    young.append(dt)
-                    self.cycle[self._kind] = statistics.median(young)
-                else:                            # an average over the last ~TAU seconds
-                    since = now - self._timed[self._kind]
-                    self.cycle[self._kind] = old + min(W_MAX, 1 - math.exp(-since / TAU)) * (dt - old)
-                self._timed[self._kind] = now
-                self._outliers = 0
+        plain = self.plain
+        if self._timing_probe and dt < IDLE_GAP_S and plain:
+            r, old = dt / plain, self.probe_ratio
+            self.probe_ratio = r if old is None else 0.8 * old + 0.2 * r
+        if self._kind is not None and dt < IDLE_GAP_S and (plain or self._kind is False):
+            samples = self._samples[self._kind]
+            samples.append(dt if self._kind is False else dt / plain)
+            if self._kind:
+                self.ratio = statistics.median(samples)
+            else:
+                self.plain = statistics.median(samples)
         self._started, self._kind, self._timing_probe = now, None, False
 
     def measured(self, kind: bool | None) -> None:
-        """What the step just scheduled is: speculative, comparable plain, or neither. It is timed
-        only after a step of its kind: a speculative step after plain ones pays its proposer's
-        catch-up (a probe's cost, timed as that), a plain one after drafts or a prompt chunk runs
-        on caches the other work filled."""
-        last = self._last_kind
-        self._kind = kind if kind is not None and kind == last else None
+        """What the step just scheduled is: speculative, comparable plain, or neither. A speculative
+        step is timed after one of its kind (else it pays its proposer's catch-up: a probe's cost,
+        timed as that), a plain one after SETTLE of its kind (else it runs on caches the other work
+        filled)."""
+        self._run = self._run + 1 if kind is not None and kind == self._last_kind else 0
+        self._kind = kind if kind is not None and self._run >= (SETTLE if kind is False else 1) else None
         self._timing_probe = bool(kind) and self._probing
         self._probing = False
         self._last_kind = kind
@@ -117,16 +108,14 @@ class Governor:
 
     def break_even(self) -> float | None:
         """Tokens a verifying step must emit per sequence to beat plain steps (None: not yet known)."""
-        plain, spec = self.cycle[False], self.cycle[True]
-        return spec / plain if plain and spec else None
+        return self.ratio
 
     def probe_gap(self) -> int:
         """Steps a sequence below the break-even waits before it probes: 8 x probe_every, or more
         where a probe costs more than PROBE_SHARE of the plain steps that many take."""
         gap = 8 * self.cfg.probe_every
-        plain, probe = self.cycle[False], self.probe_cycle
-        if plain and probe:
-            gap = max(gap, int((probe / plain - 1) / PROBE_SHARE))
+        if self.probe_ratio:
+            gap = max(gap, int((self.probe_ratio - 1) / PROBE_SHARE))
         return gap
 
     def step_may_speculate(self) -> bool:
@@ -135,8 +124,8 @@ class Governor:
             return True
         self._since_plain += 1
         self._quiet += 1
-        every = REMEASURE if len(self._young[False]) >= YOUNG else YOUNG
-        return self.cycle[False] is not None and self._since_plain <= every
+        every = REMEASURE if len(self._samples[False]) == SAMPLES else 8
+        return self.plain is not None and self._since_plain <= every
 
     def wants(self, seq: Sequence) -> bool:
         """Whether seq drafts this step (called once per step while it decodes)."""
