@@ -267,7 +267,7 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     chunk (caches the other work filled), not a speculative one's right after plain steps (the
     proposer's catch-up: timed as a probe's cost), and not moved by a long-tailed cycle."""
     import baton.backends.spec.adaptive as adaptive
-    from baton.backends.spec.adaptive import SAMPLES, SETTLE, Governor
+    from baton.backends.spec.adaptive import RATIOS, SAMPLES, SETTLE, Governor
     from baton.backends.spec.config import SpeculativeConfig
 
     clock = [0.0]
@@ -292,7 +292,7 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     step(True, 0.002)
     assert gov.ratio == pytest.approx(0.5)              # the 30 ms cycle did not move the median
     assert gov.probe_ratio is None
-    for _ in range(SAMPLES):             # the cost really changed: the median follows
+    for _ in range(RATIOS):              # the cost really changed: the median follows
         step(True, 0.02)
     step(True, 0.02)
     assert gov.ratio == pytest.approx(5)

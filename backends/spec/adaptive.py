@@ -6,7 +6,7 @@ the next's, so a serving loop's work between steps, such as sending the response
 plain cycles with at most `max_batch` sequences decoding and no prompt chunk, and cycles that
 verified drafts. Their ratio is the break-even: the tokens a verifying step must emit per sequence
 to be worth its time. The plain cost is the median of the last `SAMPLES` plain cycles, the
-break-even the median of as many speculative cycles, each over the plain cost when it ran: this
+break-even the median of the last `RATIOS` speculative cycles, each over the plain cost when it ran: this
 box's cycles have a long tail (a 4 ms step now and then takes 10-17), and a moving average of them,
 or one seeded by a fresh server's slow first steps, moved the break-even by half. A ratio, because
 the box's speed changes by 2x for seconds at a time: while nobody drafts, the speculative cost is
@@ -46,7 +46,9 @@ from ..engine.sequence import Sequence
 from .config import SpeculativeConfig
 
 IDLE_GAP_S = 0.1      # a longer cycle is an idle wait or an interruption, not a step's cost
-SAMPLES = 9           # cycles of a kind whose median is its estimate
+SAMPLES = 9           # plain cycles whose median is the plain cost
+RATIOS = 25           # speculative cycles (over the plain cost) whose median is the break-even: dense,
+                      # and noisier (9 of them moved it between 1.0 and 2.3 for Medusa at 2.5 tokens)
 SETTLE = 2            # plain steps after drafts or a prompt chunk that are not timed
 REMEASURE = 64        # speculating steps before plain ones are forced, to time one
 PROBE_SHARE = 0.02    # of the plain steps' time between a sequence's probes, the most a probe adds
@@ -65,7 +67,7 @@ class Governor:
         self.plain: float | None = None      # seconds: what a plain cycle costs
         self.ratio: float | None = None      # a speculative cycle's cost over the plain one's: the break-even
         self.probe_ratio: float | None = None     # that of a step in which a sequence probed (EWMA)
-        self._samples: dict[bool, deque[float]] = {k: deque(maxlen=SAMPLES) for k in (False, True)}   # plain s, ratios
+        self._samples = {False: deque(maxlen=SAMPLES), True: deque(maxlen=RATIOS)}   # plain seconds, ratios
         self._probing = False                # a sequence probes in the step being scheduled
         self._timing_probe = False           # the running step is such a step
         self._started: float | None = None
