@@ -296,10 +296,12 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
         step(True, 0.02)
     step(True, 0.02)
     assert gov.ratio == pytest.approx(5)
+    timed = len(gov._samples[False])
     for dt in (0.009, 0.006):            # drafts stop: the plain steps right after them, slow
         step(False, dt)
     step(False, 0.004)
     step(True, 0.003)
+    assert list(gov._samples[False])[timed:] == [pytest.approx(0.004)]     # only the settled one timed
     assert gov.plain == pytest.approx(0.004)
     step(False, 0.004)
     gov._probing = True                  # a sequence probed: that step's cost, catch-up and all
