@@ -201,21 +201,20 @@ def test_no_drafts_while_another_stage_on_the_cores_works(tmp_path, plain):
 
 
 def test_the_governor_drafts_while_it_pays_and_probes_rarely_when_it_does_not():
-    from baton.backends.spec.adaptive import BACKOFF, REMEASURE, SAMPLES, SETTLE, Governor
+    from baton.backends.spec.adaptive import BACKOFF, REMEASURE, SETTLE, Governor
     from baton.backends.spec.config import SpeculativeConfig
 
     gov = Governor(SpeculativeConfig(method="ngram", probe_every=4))
-    assert gov.break_even() is None and not gov.step_may_speculate()     # a plain step is measured first
+    assert gov.break_even() is None and not gov.step_may_speculate()     # the plain cost is measured first
     gov.plain, gov.ratio = 1.0, 2.5
     assert gov.break_even() == 2.5
-    # plain steps every 8 speculating steps until SAMPLES plain ones are timed, then every REMEASURE;
-    # until one is timed, after SETTLE untimed ones (caches the proposer filled)
-    assert all(gov.step_may_speculate() for _ in range(8 - 1)) and not gov.step_may_speculate()
+    # then a plain step every REMEASURE speculating steps, until one is timed, after SETTLE untimed
+    # ones (caches the proposer filled)
+    assert all(gov.step_may_speculate() for _ in range(REMEASURE - 1)) and not gov.step_may_speculate()
     for _ in range(SETTLE):
         gov.measured(False)                                              # plain steps ran, untimed
         assert not gov.step_may_speculate()
     gov.measured(False)                                                  # timed
-    gov._samples[False].extend([1.0] * SAMPLES)
     assert all(gov.step_may_speculate() and gov.measured(True) is None for _ in range(REMEASURE))
     for _ in range(SETTLE + 1):
         assert not gov.step_may_speculate()
@@ -282,9 +281,10 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     step(None, 0.05)                     # a prompt chunk
     for _ in range(SETTLE):              # the decode steps right after it: cold, not timed
         step(False, 0.007)
-    step(False, 0.004)
-    step(True, 0.003)                    # the plain cycle ends here (timed); this first speculative
-    assert gov.plain == pytest.approx(0.004)            # step after a plain one is not timed
+    for _ in range(SAMPLES):
+        step(False, 0.004)
+    step(True, 0.003)                    # the last plain cycle ends here (timed); this first
+    assert gov.plain == pytest.approx(0.004)            # speculative step after plain ones is not timed
     step(True, 0.002)
     step(True, 0.002)
     step(True, 0.030)                    # the last step of a request, then the next one's prefill
@@ -296,12 +296,12 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
         step(True, 0.02)
     step(True, 0.02)
     assert gov.ratio == pytest.approx(5)
-    timed = len(gov._samples[False])
+    before = list(gov._samples[False])
     for dt in (0.009, 0.006):            # drafts stop: the plain steps right after them, slow
         step(False, dt)
     step(False, 0.004)
     step(True, 0.003)
-    assert list(gov._samples[False])[timed:] == [pytest.approx(0.004)]     # only the settled one timed
+    assert list(gov._samples[False]) == [*before[1:], pytest.approx(0.004)]     # only the settled one timed
     assert gov.plain == pytest.approx(0.004)
     step(False, 0.004)
     gov._probing = True                  # a sequence probed: that step's cost, catch-up and all
@@ -313,12 +313,16 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
         step(False, 0.008)
     assert gov.plain == pytest.approx(0.008) and gov.break_even() == pytest.approx(5)
 
-    # a fresh server's first decode steps are slow: the median is not seeded by them
+    # a fresh server's first decode steps are slow: nobody drafts (a speculative cycle over one of
+    # them read a break-even of 1.6 tokens for a true 3) until SAMPLES are timed, whose median they
+    # do not move
     gov = Governor(SpeculativeConfig(method="ngram"))
-    for dt in (0.008, 0.008, 0.007, 0.007, 0.004, 0.004, 0.004, 0.004, 0.004):
+    for dt in (0.008, 0.008, 0.007, 0.007, 0.004, 0.004, 0.004, 0.004, 0.004, 0.004):
         step(False, dt)
+        assert gov.plain is None and not gov.step_may_speculate()
     step(False, 0.004)
-    assert gov.plain == pytest.approx(0.004)
+    step(False, 0.004)
+    assert gov.plain == pytest.approx(0.004) and gov.step_may_speculate()
 
 
 # ---- lossless sampling ------------------------------------------------------------------------

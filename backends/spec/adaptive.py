@@ -17,8 +17,11 @@ pays its proposer's catch-up (timed apart, as what a probe costs); the first `SE
 after drafts or a prompt chunk run on caches the other work filled (beside a draft stage: 6-10 ms
 against a steady 4). Timed, those put a draft stage's break-even at 1.3-2 tokens instead of 3: at
 T=0.8 (1.7 tokens a step) it drafted on most steps, at 0.79x. While a sequence drafts, plain steps
-are forced every `REMEASURE` steps until one is timed (every 8 until SAMPLES are), so a cost that
-changes (a longer context, another process on the cores) is seen.
+are forced every `REMEASURE` steps until one is timed, so a cost that changes (a longer context,
+another process on the cores) is seen. Nobody drafts before SAMPLES plain cycles are timed: a fresh
+server's first ones (7 ms against a steady 3.8), as the reference of its first speculative cycles,
+put the break-even at 1.6 tokens instead of 3, and at T=0.8 the few speculative cycles that follow
+could not replace them.
 
 Each sequence keeps what its verifying steps emitted, every weight decaying by DECAY per step, on
 top of PRIOR steps at the mean of every sequence's recent verifying steps (a new sequence, or one
@@ -64,7 +67,7 @@ MIN_SD = 0.5          # tokens: the spread assumed at least (a run of equal outc
 class Governor:
     def __init__(self, cfg: SpeculativeConfig) -> None:
         self.cfg = cfg
-        self.plain: float | None = None      # seconds: what a plain cycle costs
+        self.plain: float | None = None      # seconds: what a plain cycle costs (once SAMPLES are timed)
         self.ratio: float | None = None      # a speculative cycle's cost over the plain one's: the break-even
         self.probe_ratio: float | None = None     # that of a step in which a sequence probed (EWMA)
         self._samples = {False: deque(maxlen=SAMPLES), True: deque(maxlen=RATIOS)}   # plain seconds, ratios
@@ -91,7 +94,7 @@ class Governor:
             samples.append(dt if self._kind is False else dt / plain)
             if self._kind:
                 self.ratio = statistics.median(samples)
-            else:
+            elif len(samples) == SAMPLES:          # a median of fewer is a fresh server's slow steps
                 self.plain = statistics.median(samples)
         self._started, self._kind, self._timing_probe = now, None, False
 
@@ -121,13 +124,13 @@ class Governor:
         return gap
 
     def step_may_speculate(self) -> bool:
-        """False now and then, until a plain step is timed: to re-measure what one costs."""
+        """False until the plain cost is known, and now and then until a plain step is timed: to
+        re-measure what one costs."""
         if not self.cfg.adaptive:
             return True
         self._since_plain += 1
         self._quiet += 1
-        every = REMEASURE if len(self._samples[False]) == SAMPLES else 8
-        return self.plain is not None and self._since_plain <= every
+        return self.plain is not None and self._since_plain <= REMEASURE
 
     def wants(self, seq: Sequence) -> bool:
         """Whether seq drafts this step (called once per step while it decodes)."""
