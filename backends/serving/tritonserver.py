@@ -97,12 +97,23 @@ class TritonServer:
         """admin_key: Triton's administrative APIs (ADMIN_APIS) answer only requests that carry the
         header ADMIN_HEADER with this value; "" leaves them open."""
         install = install or TritonInstall.find()
+        cmd = self.command(install, models, admin_key)
+        env = install.env() | (extra_env or {})
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
+        # its own session (stop() signals the whole group), and it dies with us if we are killed
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=die_with_parent)
+
+    def command(self, install: TritonInstall, models: list[str] | None = None, admin_key: str = "") -> list[str]:
         backends = install.backend_dir(self.workdir / "backends")
         cmd = [
             str(install.binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
             "--disable-auto-complete-config", "--allow-gpu-metrics=false", f"--http-address={self.http_address or self.address}",
             f"--http-port={self.http_port}", f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-port={self.metrics_port}", f"--metrics-address={self.address}",   # else: the HTTP address "--exit-timeout-secs=5", "--log-verbose=" + os.environ.get("BATON_TRITON_VERBOSE", "0"),
+            f"--metrics-port={self.metrics_port}",
+            f"--metrics-address={self.address}",       # else: the HTTP address, loopback behind the front
+            "--exit-timeout-secs=5", "--log-verbose=" + os.environ.get("BATON_TRITON_VERBOSE", "0"),
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if models is not None:
@@ -111,12 +122,7 @@ class TritonServer:
             apis = ",".join(ADMIN_APIS)
             cmd += [f"--http-restricted-api={apis}:{ADMIN_HEADER}={admin_key}",
                     f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={admin_key}"]
-        env = install.env() | (extra_env or {})
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
-        # its own session (stop() signals the whole group), and it dies with us if we are killed
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+        return cmd
 
     def ready(self) -> bool:
         try:
