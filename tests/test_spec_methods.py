@@ -7,6 +7,7 @@ catching a wrong verifier); the bad configurations."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -323,6 +324,26 @@ def test_the_governor_times_steady_steps_only(monkeypatch: pytest.MonkeyPatch):
     step(False, 0.004)
     step(False, 0.004)
     assert gov.plain == pytest.approx(0.004) and gov.step_may_speculate()
+
+
+def test_the_governor_traces_its_cycles_and_decisions_on_request(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    from baton.backends.spec.adaptive import Governor
+    from baton.backends.spec.config import SpeculativeConfig
+
+    assert Governor(SpeculativeConfig(method="ngram"))._trace is None and not list(tmp_path.iterdir())
+    monkeypatch.setenv("BATON_SPEC_TRACE", str(tmp_path))
+    gov = Governor(SpeculativeConfig(method="ngram"))
+    gov.tick()
+    gov.measured(False)
+    gov.tick()
+    gov.plain, gov.ratio = 0.004, 2.5
+    gov.pop = [10.0, 10.0, 10.0]                    # every verifying step emitted 1 token: below 2.5
+    seq = Sequence([1, 2], SamplingParams(), 16)
+    seq.spec_steps = 1
+    assert not gov.wants(seq)
+    lines = (tmp_path / f"governor-{os.getpid()}.log").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("cycle ") and "timed_as=None" in lines[1]
+    assert lines[2].startswith(f"seq {seq.seq_id} out=0 drafts=False ") and "break_even=2.5" in lines[2]
 
 
 # ---- lossless sampling ------------------------------------------------------------------------

@@ -41,9 +41,11 @@ the longest probe interval (someone must keep looking)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import deque
+from pathlib import Path
 
 from ..engine.sequence import Sequence
 from .config import SpeculativeConfig
@@ -80,12 +82,19 @@ class Governor:
         self._since_plain = 0
         self._quiet = 0                      # steps that could draft since a step verified drafts
         self.pop = [0.0, 0.0, 0.0]           # every sequence's verifying steps: decayed weight, tokens, squares
+        # BATON_SPEC_TRACE=<dir>: every cycle timed and every decision, one line each, to
+        # <dir>/governor-<pid>.log (why a node did or did not draft; how the findings above were made)
+        trace = os.environ.get("BATON_SPEC_TRACE")
+        self._trace = open(Path(trace) / f"governor-{os.getpid()}.log", "a", buffering=1) if trace else None  # noqa: SIM115
 
     def tick(self) -> None:
         """A step starts: the one before it ends."""
         now = time.perf_counter()
         dt = now - self._started if self._started is not None else IDLE_GAP_S
         plain = self.plain
+        if self._trace:
+            self._trace.write(f"cycle {dt * 1e3:.2f} ms timed_as={self._kind} probe={self._timing_probe} "
+                              f"plain_ms={plain and round(plain * 1e3, 2)} break_even={self.ratio and round(self.ratio, 2)}\n")
         if self._timing_probe and dt < IDLE_GAP_S and plain:
             r, old = dt / plain, self.probe_ratio
             self.probe_ratio = r if old is None else 0.8 * old + 0.2 * r
@@ -136,6 +145,15 @@ class Governor:
         """Whether seq drafts this step (called once per step while it decodes)."""
         if not self.cfg.adaptive:
             return True
+        drafts = self._decide(seq)
+        if self._trace:
+            self._trace.write(f"seq {seq.seq_id} out={seq.num_output_tokens} drafts={drafts} bound={self.bound(seq):.2f} "
+                              f"break_even={self.ratio and round(self.ratio, 2)} probe_ratio="
+                              f"{self.probe_ratio and round(self.probe_ratio, 2)} gap={self.probe_gap()} "
+                              f"idle={seq.spec_idle} probes={seq.spec_probes} quiet={self._quiet}\n")
+        return drafts
+
+    def _decide(self, seq: Sequence) -> bool:
         seq.spec_w *= DECAY
         seq.spec_sum *= DECAY
         seq.spec_sq *= DECAY
