@@ -331,7 +331,7 @@ def test_the_governor_traces_its_cycles_and_decisions_on_request(tmp_path, monke
     from baton.backends.spec.config import SpeculativeConfig
 
     assert Governor(SpeculativeConfig(method="ngram"))._trace is None and not list(tmp_path.iterdir())
-    monkeypatch.setenv("BATON_SPEC_TRACE", str(tmp_path))
+    monkeypatch.setenv("BATON_SPEC_TRACE", str(tmp_path / "trace"))       # made if missing
     gov = Governor(SpeculativeConfig(method="ngram"))
     gov.tick()
     gov.measured(False)
@@ -341,7 +341,7 @@ def test_the_governor_traces_its_cycles_and_decisions_on_request(tmp_path, monke
     seq = Sequence([1, 2], SamplingParams(), 16)
     seq.spec_steps = 1
     assert not gov.wants(seq)
-    lines = (tmp_path / f"governor-{os.getpid()}.log").read_text().splitlines()
+    lines = (tmp_path / "trace" / f"governor-{os.getpid()}.log").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("cycle ") and "timed_as=None" in lines[1]
     assert lines[2].startswith(f"seq {seq.seq_id} out=0 drafts=False ") and "break_even=2.5" in lines[2]
 

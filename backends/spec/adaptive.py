@@ -85,7 +85,10 @@ class Governor:
         # BATON_SPEC_TRACE=<dir>: every cycle timed and every decision, one line each, to
         # <dir>/governor-<pid>.log (why a node did or did not draft; how the findings above were made)
         trace = os.environ.get("BATON_SPEC_TRACE")
-        self._trace = open(Path(trace) / f"governor-{os.getpid()}.log", "a", buffering=1) if trace else None  # noqa: SIM115
+        self._trace = None
+        if trace:
+            Path(trace).mkdir(parents=True, exist_ok=True)
+            self._trace = open(Path(trace) / f"governor-{os.getpid()}.log", "a", buffering=1)  # noqa: SIM115
 
     def tick(self) -> None:
         """A step starts: the one before it ends."""
