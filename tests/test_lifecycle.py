@@ -101,7 +101,8 @@ def test_a_killed_baton_serve_takes_its_processes_and_the_next_start_its_files(q
         assert len(_cmdlines_with(str(run_dir))) >= 5       # tritonserver, 4 stubs, the worker, the manager
         # told to go, tritonserver waits at most 5 s for requests in flight (its default: 30)
         server = [c for c in _cmdlines_with(str(run_dir)) if "--model-repository=" in c]
-        assert len(server) == 1 and " --exit-timeout-secs=5 " in server[0] and " --log-verbose=0 " in server[0]
+        verbose = f" --log-verbose={os.environ.get('BATON_TRITON_VERBOSE', '0')} "
+        assert len(server) == 1 and " --exit-timeout-secs=5 " in server[0] and verbose in server[0]
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 20

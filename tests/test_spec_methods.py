@@ -344,6 +344,9 @@ def test_the_governor_traces_its_cycles_and_decisions_on_request(tmp_path, monke
     lines = (tmp_path / "trace" / f"governor-{os.getpid()}.log").read_text().splitlines()
     assert len(lines) == 3 and lines[0].startswith("cycle ") and "timed_as=None" in lines[1]
     assert lines[2].startswith(f"seq {seq.seq_id} out=0 drafts=False ") and "break_even=2.5" in lines[2]
+    gov.close()                                     # the engine's close closes it
+    assert gov._trace is None and gov.wants(seq) is False
+    assert len((tmp_path / "trace" / f"governor-{os.getpid()}.log").read_text().splitlines()) == 3
 
 
 # ---- lossless sampling ------------------------------------------------------------------------

@@ -429,6 +429,8 @@ class LLMEngine:
         return HANDOFF if seq.prefill_only else None
 
     def close(self) -> None:
+        if getattr(self, "governor", None) is not None:
+            self.governor.close()
         if getattr(self, "proposer", None) is not None:
             self.proposer.close()
             self.proposer = None

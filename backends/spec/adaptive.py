@@ -90,6 +90,11 @@ class Governor:
             Path(trace).mkdir(parents=True, exist_ok=True)
             self._trace = open(Path(trace) / f"governor-{os.getpid()}.log", "a", buffering=1)  # noqa: SIM115
 
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
+
     def tick(self) -> None:
         """A step starts: the one before it ends."""
         now = time.perf_counter()
