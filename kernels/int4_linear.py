@@ -5,8 +5,8 @@ w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] with q and zero in 0..15 and g th
 (k // group_size, or g_idx[k] for GPTQ act-order). The linear method then packs it for the kernel
 that runs it:
 - CPU, bf16 activations: Baton's kernel (csrc/cpu_ops.cpp linear_int4): per 64 columns and 8 k a
-  uint32 per column ([N/64][K/8][64]; the even k's nibbles in its low half, the odd k's in its high
-  half: WORD_LOW / WORD_HIGH) and per (64 columns, group) the scales and zero * scale. An act-order
+  uint32 per column ([N/64][K/8][64]; byte i holds k = 8t + i and 8t + 4 + i: WORD_LOW / WORD_HIGH)
+  and per (64 columns, group) the scales and zeros, multiplied in integers (VNNI). An act-order
   weight's columns are sorted by group at load (each group then is G consecutive columns) and x is
   permuted the same way before the product, as vLLM's exllama path does.
 - otherwise: the GPTQ layout and kernels/quant.py int4_linear (Triton on CUDA, torch's CPU op).
@@ -23,9 +23,9 @@ from .linear import Linear, LinearMethod, StoredWeight
 from .quant import Int4Weight, int4_linear, pack_gptq
 
 NB = 64
-# a column's uint32 for k = 8t..8t+7, as 4 little-endian bytes (low nibble, high nibble): bits 4i hold
-# k = 8t + 2i and bits 16 + 4i hold k = 8t + 2i + 1, so one shift and mask give the kernel k-pair i
-WORD_LOW, WORD_HIGH = [0, 4, 1, 5], [2, 6, 3, 7]
+# a column's uint32 for k = 8t..8t+7, as 4 little-endian bytes (low nibble, high nibble): byte i holds
+# k = 8t + i and k = 8t + 4 + i, so one AND (and one shift) give the kernel the bytes of 4 consecutive k
+WORD_LOW, WORD_HIGH = [0, 1, 2, 3], [4, 5, 6, 7]
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Int4Packed:
     act-order weight (None otherwise)."""
 
     qweight: torch.Tensor              # uint8, [N/64][K/8][64][4] (a uint32 per column and 8 k)
-    sz: torch.Tensor                   # fp32, [N/64][K/G][2][64]: scale, zero * scale
+    sz: torch.Tensor                   # fp32, [N/64][K/G][2][64]: scale, zero
     shape: tuple[int, int]
     group_size: int
     perm: torch.Tensor | None = None
@@ -97,7 +97,7 @@ class Int4Packed:
         words = (q8[..., WORD_LOW] | (q8[..., WORD_HIGH] << 4)).view(Np // NB, NB, K // 8, 4)
         sz = torch.zeros(Np, K // G, 2)
         sz[:N, :, 0] = scale
-        sz[:N, :, 1] = zero.float() * scale
+        sz[:N, :, 1] = zero.float()
         return cls(words.permute(0, 2, 1, 3).contiguous().view(-1), sz.view(Np // NB, NB, K // G, 2).permute(0, 2, 3, 1)
                    .contiguous().view(-1), (N, K), G, perm)
 
@@ -111,7 +111,7 @@ class Int4Packed:
         q = q.view(Np, K)[:N]
         sz = self.sz.view(Np // NB, K // G, 2, NB).permute(0, 3, 1, 2).reshape(Np, K // G, 2)[:N]
         scale = sz[..., 0]
-        zero = torch.round(sz[..., 1] / torch.where(scale == 0, 1, scale)).to(torch.uint8)
+        zero = sz[..., 1].to(torch.uint8)
         g_idx = None
         if self.perm is not None:
             inv = torch.argsort(self.perm)

@@ -1,12 +1,11 @@
 """Weight-only INT8 linears on CPU: symmetric per-output-channel int8 weights, bf16 activations.
 
 The weight is stored in the blocked layout Baton's kernel (csrc/cpu_ops.cpp linear_int8) reads:
-[N/64][K/2][64 n][2 k] int8, zero-padded to whole blocks. A k-pair of 64 columns is one 128-byte
-run, widened to bf16 in registers and multiplied with VDPBF16PS like the bf16 kernel: batch-invariant
-rows, half the bytes streamed per decode step. Measured on medium's GEMMs streaming from DRAM
-(benchmarks/quant.py kernels): 1.9x the bf16 kernel at 1 row; torch's `_weight_int8pack_mm` is 1.5x
-slower than this kernel at 1 row and 2.1x at 8, so it is only the fallback where the extension is
-missing."""
+[N/64][K/4][64 n][4 k] bytes holding q + 128 (as int8 bits), zero-padded to whole blocks. 4 k of 16
+columns are one VPDPBUSD operand, multiplied in integers with x cut into three signed bytes per
+element (see the kernel): batch-invariant rows, half the bytes streamed per decode step. Measured
+against torch's `_weight_int8pack_mm` in benchmarks/quant.py kernels (results in benchmarks/README.md),
+which stays the fallback where the extension is missing."""
 
 from __future__ import annotations
 
@@ -27,17 +26,19 @@ NB = 64
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """q int8 [N, K] -> the kernel's blocked layout, flat int8."""
+    """q int8 [N, K] -> the kernel's blocked layout of q + 128 (unsigned, as VPDPBUSD takes it; the
+    pad is q = 0), flat, int8 bits."""
     N, K = q.shape
-    Np, Kp = -(-N // NB) * NB, K + K % 2
-    padded = torch.zeros(Np, Kp, dtype=torch.int8)
-    padded[:N, :K] = q
-    return padded.view(Np // NB, NB, Kp // 2, 2).permute(0, 2, 1, 3).contiguous().view(-1)
+    Np, Kp = -(-N // NB) * NB, -(-K // 4) * 4
+    padded = torch.full((Np, Kp), 128, dtype=torch.uint8)
+    padded[:N, :K] = (q.to(torch.int16) + 128).to(torch.uint8)
+    return padded.view(Np // NB, NB, Kp // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1).view(torch.int8)
 
 
 def unpack_int8(blob: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    Np, Kp = -(-N // NB) * NB, K + K % 2
-    return blob.view(Np // NB, Kp // 2, NB, 2).permute(0, 2, 1, 3).reshape(Np, Kp)[:N, :K].contiguous()
+    Np, Kp = -(-N // NB) * NB, -(-K // 4) * 4
+    u = blob.view(torch.uint8).view(Np // NB, Kp // 4, NB, 4).permute(0, 2, 1, 3).reshape(Np, Kp)[:N, :K]
+    return (u.to(torch.int16) - 128).to(torch.int8).contiguous()
 
 
 def kernel_supported() -> bool:

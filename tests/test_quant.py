@@ -31,7 +31,7 @@ def test_int8_quantization_follows_its_definition():
 def test_int8_packing_round_trips(N, K):
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     blob = pack_int8(q)
-    assert blob.numel() == -(-N // 64) * 64 * (K + K % 2)
+    assert blob.numel() == -(-N // 64) * 64 * -(-K // 4) * 4
     assert torch.equal(unpack_int8(blob, N, K), q)
 
 
@@ -78,6 +78,43 @@ def test_int4_kernel_equals_the_dequantized_product_and_is_batch_invariant(N, K,
     for m in (1, 2, 5, 6, 7, 12):
         assert torch.equal(lin.apply(x[:m].contiguous()), y[:m])
     assert torch.equal(lin.apply(x[7:8].contiguous())[0], y[7])
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_kernels_keep_small_activations_beside_an_outlier_and_pass_nan_on(kind):
+    """The quantized kernels multiply in integers, x cut into three bytes per element scaled to each
+    128-k block's largest |x|: elements 2^12 below an outlier in their block stay exact (two bytes
+    would keep 3 of their bits), so the product matches fp32 to one bf16 rounding; here the outliers
+    meet zero weights, so the output is the small elements' share alone. A NaN in x makes its row's
+    outputs NaN, and only its row's, as the bf16 kernel does."""
+    from baton.kernels.int4_linear import Int4Data, Int4Linear, Int4Packed
+
+    g = torch.Generator().manual_seed(5)
+    N, K, spikes = 96, 384, [5, 200]
+    if kind == "int8":
+        w = torch.randn(N, K, generator=g) * 0.05
+        w[:, spikes] = 0
+        lin, ref_w = Int8Linear(Int8Weight.quantize(w, packed=True), None), \
+            Int8Weight.quantize(w, packed=False).dequantize()
+    else:
+        d = Int4Data(torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8),
+                     torch.randint(0, 16, (N, K // 128), generator=g, dtype=torch.uint8),
+                     torch.rand(N, K // 128, generator=g) * 0.02 + 1e-3, 128)
+        d.q[:, spikes] = d.zero[:, [k // 128 for k in spikes]]
+        lin, ref_w = Int4Linear(Int4Packed.pack(d), None), d.dequantize()
+    assert (ref_w[:, spikes] == 0).all()
+    x = torch.randn(4, K, generator=g)
+    x[:, 5] = 4096.0                    # an outlier in the first block of every row
+    x[1, 200] = -3000.0
+    x = x.bfloat16()
+    y = lin.apply(x).float()
+    ref = (x.float() @ ref_w.T).bfloat16().float()
+    assert ((y - ref).abs() <= ref.abs() * 2**-7 + 2e-3).all(), float((y - ref).abs().max())
+    x[2, 300] = float("nan")
+    y2 = lin.apply(x).float()
+    assert y2[2].isnan().all()
+    assert torch.equal(y2[[0, 1, 3]], y[[0, 1, 3]])
 
 
 def test_int4_group_sizes_the_kernel_cannot_hold_are_errors_naming_them():
