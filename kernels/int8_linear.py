@@ -42,7 +42,8 @@ def unpack_int8(blob: torch.Tensor, N: int, K: int) -> torch.Tensor:
 
 
 def kernel_supported() -> bool:
-    return cpu_ext.available() and torch.ops.baton_cpu.packed_bf16_supported()
+    """Baton's int8 and int4 kernels run here (the extension, built with AVX512-BF16 and VNNI)."""
+    return cpu_ext.available() and torch.ops.baton_cpu.quant_kernels_supported()
 
 
 @dataclass

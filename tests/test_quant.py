@@ -13,7 +13,7 @@ from baton.kernels.quant import quantize_int8
 
 TARGET = ROOT / "models" / "baton-tiny"
 SLICE = (ROOT / "models" / "heldout-slice.txt").read_text(encoding="utf-8")
-needs_kernel = pytest.mark.skipif(not int8_linear.kernel_supported(), reason="needs the CPU extension on AVX512-BF16")
+needs_kernel = pytest.mark.skipif(not int8_linear.kernel_supported(), reason="needs the CPU extension on AVX512-BF16 and VNNI")
 
 
 def test_int8_quantization_follows_its_definition():

@@ -882,6 +882,15 @@ bool packed_bf16_supported() {
 #endif
 }
 
+// the int8 / int4 kernels (integer products: VPDPBUSD)
+bool quant_kernels_supported() {
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 #if defined(__AVX512BF16__)
 // acc[r][j] += w[j] . x_r's k-pair (two k per VDPBF16PS): the accumulation step of every GEMM kernel
 // here; xp points at row 0's pair, rows xstride pairs apart.
@@ -1004,10 +1013,9 @@ at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& blob, int64
 // ---- weight-only INT8 and INT4: integer products on VNNI ----------------------------------------
 // Both quantized kernels multiply in integers: the weight's bytes (int8 q + 128, or int4 nibbles
 // widened to bytes by one AND and one shift) against x cut into three signed bytes, 4 products per
-// VPDPBUSD lane, exact int32 sums. Measured on this CPU (one thread, L2-resident, in one process):
-// 44-53 G int4 weights/s against 13-16 for the previous kernel, which widened nibbles to bf16 for
-// VDPBF16PS, an instruction that runs here at about a third of VPDPBUSD's rate (also what caps the
-// bf16 kernel's rate).
+// VPDPBUSD lane, exact int32 sums. Measured on this CPU (one thread, a 4-bit weight in L2; the loops
+// alone in benchmarks/csrc/int4_loop.c): 52-73 G weights/s against 22-26 for the previous kernel,
+// which widened nibbles to bf16 for VDPBF16PS and so was compute-bound below the memory's rate.
 //
 // x is made integer per row and per block of at most 128 k: S = 21 - floor(log2(max |x|)) so that
 // t = rint(x * 2^S) has |t| <= 2^22, and t = 65536 a + 256 b + c with a in [-64, 64], b and c in
@@ -1376,6 +1384,7 @@ TORCH_LIBRARY(baton_cpu, m) {
   m.def("linear_int8", &linear_int8);
   m.def("linear_int4", &linear_int4);
   m.def("packed_bf16_supported", &packed_bf16_supported);
+  m.def("quant_kernels_supported", &quant_kernels_supported);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("qk_norm_rope", &qk_norm_rope);
