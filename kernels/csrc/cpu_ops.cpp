@@ -25,6 +25,7 @@ inline float f32(T v) { return static_cast<float>(v); }
 // around the integer ones (strict aliasing), e.g. drop a bias added to a row just before it is rounded.
 typedef uint32_t __attribute__((may_alias)) u32_alias;
 typedef uint16_t __attribute__((may_alias)) u16_alias;
+typedef int32_t __attribute__((may_alias, aligned(1))) i32_bytes;   // 4 bytes read as one int32, anywhere
 
 // Row -> fp32. The bf16 case is a plain 16-bit shift so the compiler vectorizes it
 // (c10::BFloat16's conversion goes through a union and stays scalar).
@@ -1036,8 +1037,8 @@ struct XPieces {
 };
 
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-// x [M, K] bf16 -> XPieces over kpad >= K columns (the pad is zeros) in blocks of xb (a multiple of 16
-// or the whole row; the last block may be short).
+// x [M, K] bf16 -> XPieces over kpad >= K columns (the pad is zeros) in blocks of xb k (a multiple of
+// 4; the last block may be short). Rows are independent: split across threads for prefill's many.
 inline void x_pieces(const at::Tensor& x, int64_t kpad, int64_t xb, XPieces& p) {
   const int64_t M = x.size(0), K = x.size(1);
   p.kpad = kpad, p.xb = xb, p.nblk = (kpad + xb - 1) / xb;
@@ -1048,43 +1049,45 @@ inline void x_pieces(const at::Tensor& x, int64_t kpad, int64_t xb, XPieces& p) 
     const __mmask16 m = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r + k)), 16));
   };
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* r = xs + m * K;
-    int8_t* out = p.q.data() + m * 3 * kpad;
-    float* bl = p.blk.data() + m * p.nblk * 4;
-    for (int64_t b = 0; b < p.nblk; ++b) {
-      const int64_t k0 = b * xb, k1 = std::min(K, k0 + xb);
-      __m512 mx = _mm512_setzero_ps();
-      __mmask16 nan = 0;
-      for (int64_t k = k0; k < k1; k += 16) {
-        const __m512 v = load(r, k, k1);
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);      // MAXPS would drop a NaN
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint16_t* r = xs + m * K;
+      int8_t* out = p.q.data() + m * 3 * kpad;
+      float* bl = p.blk.data() + m * p.nblk * 4;
+      for (int64_t b = 0; b < p.nblk; ++b) {
+        const int64_t k0 = b * xb, k1 = std::min(K, k0 + xb);
+        __m512 mx = _mm512_setzero_ps();
+        __mmask16 nan = 0;
+        for (int64_t k = k0; k < k1; k += 16) {
+          const __m512 v = load(r, k, k1);
+          nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);      // MAXPS would drop a NaN
+          mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        }
+        const float top = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx);
+        int e = 0;
+        std::frexp(top, &e);                                  // top = f * 2^e, f in [0.5, 1)
+        const int S = top > 0.f ? 22 - e : 0;                 // 21 - floor(log2(top))
+        const __m512 s = _mm512_set1_ps(static_cast<float>(S));
+        __m512i ta = _mm512_setzero_si512(), tb = ta, tc = ta;
+        for (int64_t k = k0; k < k1; k += 16) {
+          const __mmask16 mk = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
+          const __m512i t = _mm512_cvtps_epi32(_mm512_scalef_ps(load(r, k, k1), s));   // exact scaling, one rint
+          const __m512i c = _mm512_srai_epi32(_mm512_slli_epi32(t, 24), 24);
+          const __m512i t1 = _mm512_srai_epi32(_mm512_sub_epi32(t, c), 8);
+          const __m512i bb = _mm512_srai_epi32(_mm512_slli_epi32(t1, 24), 24);
+          const __m512i a = _mm512_srai_epi32(_mm512_sub_epi32(t1, bb), 8);
+          _mm512_mask_cvtepi32_storeu_epi8(out + k, mk, a);
+          _mm512_mask_cvtepi32_storeu_epi8(out + kpad + k, mk, bb);
+          _mm512_mask_cvtepi32_storeu_epi8(out + 2 * kpad + k, mk, c);
+          ta = _mm512_add_epi32(ta, a), tb = _mm512_add_epi32(tb, bb), tc = _mm512_add_epi32(tc, c);
+        }
+        bl[4 * b] = std::isfinite(top) ? std::ldexp(1.f, -S) : std::numeric_limits<float>::quiet_NaN();
+        bl[4 * b + 1] = static_cast<float>(_mm512_reduce_add_epi32(ta));
+        bl[4 * b + 2] = static_cast<float>(_mm512_reduce_add_epi32(tb));
+        bl[4 * b + 3] = static_cast<float>(_mm512_reduce_add_epi32(tc));
       }
-      const float top = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mx);
-      int e = 0;
-      std::frexp(top, &e);                                  // top = f * 2^e, f in [0.5, 1)
-      const int S = top > 0.f ? 22 - e : 0;                 // 21 - floor(log2(top))
-      const __m512 s = _mm512_set1_ps(static_cast<float>(S));
-      __m512i ta = _mm512_setzero_si512(), tb = ta, tc = ta;
-      for (int64_t k = k0; k < k1; k += 16) {
-        const __mmask16 mk = k1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k1 - k)) - 1);
-        const __m512i t = _mm512_cvtps_epi32(_mm512_scalef_ps(load(r, k, k1), s));   // exact scaling, one rint
-        const __m512i c = _mm512_srai_epi32(_mm512_slli_epi32(t, 24), 24);
-        const __m512i t1 = _mm512_srai_epi32(_mm512_sub_epi32(t, c), 8);
-        const __m512i bb = _mm512_srai_epi32(_mm512_slli_epi32(t1, 24), 24);
-        const __m512i a = _mm512_srai_epi32(_mm512_sub_epi32(t1, bb), 8);
-        _mm512_mask_cvtepi32_storeu_epi8(out + k, mk, a);
-        _mm512_mask_cvtepi32_storeu_epi8(out + kpad + k, mk, bb);
-        _mm512_mask_cvtepi32_storeu_epi8(out + 2 * kpad + k, mk, c);
-        ta = _mm512_add_epi32(ta, a), tb = _mm512_add_epi32(tb, bb), tc = _mm512_add_epi32(tc, c);
-      }
-      bl[4 * b] = std::isfinite(top) ? std::ldexp(1.f, -S) : std::numeric_limits<float>::quiet_NaN();
-      bl[4 * b + 1] = static_cast<float>(_mm512_reduce_add_epi32(ta));
-      bl[4 * b + 2] = static_cast<float>(_mm512_reduce_add_epi32(tb));
-      bl[4 * b + 3] = static_cast<float>(_mm512_reduce_add_epi32(tc));
     }
-  }
+  });
 }
 
 // acc[r][piece][j] += w (bytes of 16 columns x 4 k) . x piece's 4 bytes at xr + r * xstride
@@ -1092,7 +1095,7 @@ template <int R, int J>
 inline void dot_pieces(__m512i (&acc)[R][3][J], const __m512i (&w)[J], const int8_t* xr, int64_t xstride, int64_t kpad) {
   for (int r = 0; r < R; ++r)
     for (int pc = 0; pc < 3; ++pc) {
-      const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xr + r * xstride + pc * kpad));
+      const __m512i xv = _mm512_set1_epi32(*reinterpret_cast<const i32_bytes*>(xr + r * xstride + pc * kpad));
       for (int j = 0; j < J; ++j) acc[r][pc][j] = _mm512_dpbusd_epi32(acc[r][pc][j], w[j], xv);
     }
 }
