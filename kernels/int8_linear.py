@@ -1,7 +1,7 @@
 """Weight-only INT8 linears on CPU: symmetric per-output-channel int8 weights, bf16 activations.
 
 The weight is stored in the blocked layout Baton's kernel (csrc/cpu_ops.cpp linear_int8) reads:
-[N/64][K/4][64 n][4 k] bytes holding q + 128 (as int8 bits), zero-padded to whole blocks. 4 k of 16
+[N/64][K/4][64 n][4 k] bytes holding q + 128 (as int8 bits), padded with q = 0 to whole blocks. 4 k of 16
 columns are one VPDPBUSD operand, multiplied in integers with x cut into three signed bytes per
 element (see the kernel): batch-invariant rows, half the bytes streamed per decode step. Measured
 against torch's `_weight_int8pack_mm` in benchmarks/quant.py kernels (results in benchmarks/README.md),
