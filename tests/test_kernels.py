@@ -7,7 +7,15 @@ import torch
 from baton.kernels import attention, cpu_ext, kv_cache, norm, rotary
 from baton.kernels.activation import silu_and_mul, silu_and_mul_ref
 from baton.kernels.attention import DecodeMeta, PrefillMeta
-from baton.kernels.linear import LinearWeight, PackedWeight, can_share_packed, linear, linear_ref, pack_weight
+from baton.kernels.linear import (
+    LinearWeight,
+    PackedWeight,
+    can_share_packed,
+    linear,
+    linear_ref,
+    onednn_packs,
+    pack_weight,
+)
 
 
 @pytest.fixture(autouse=True, params=["fused", "torch"])
@@ -161,7 +169,8 @@ def test_linear_and_activation(dtype, m):
     torch.testing.assert_close(silu_and_mul(g), silu_and_mul_ref(g))
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.skipif(not onednn_packs(torch.bfloat16), reason="needs oneDNN's bf16 packing (AVX512BW/VL/DQ or "
+                    "AVX-NE-CONVERT; on other CPUs bf16 weights stay unpacked)")
 @pytest.mark.parametrize("m", [1, 17])
 def test_packed_weight_bytes_wrap_back_exactly(impl, m):
     """pack_weight() copies oneDNN's blocked buffer out; wrapping those bytes (as a stage does with the node's

@@ -137,22 +137,6 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
   return p * scale;
 }
 
-// In place: x <- softmax(x).
-inline void softmax_row(float* x, int64_t n) {
-  float m = x[0];
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = fast_exp(x[i] - m);
-    sum += x[i];
-  }
-  const float inv = 1.f / sum;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
-}
-
 // Rows per thread chunk: below this a call stays on one thread (no OpenMP wake-up).
 constexpr int64_t kRowGrain = 8;
 
@@ -411,6 +395,14 @@ inline float block_softmax(float* sc, int64_t n, float& m, float& l) {
   return corr;
 }
 
+// (declared on every CPU: the scalar paths tile the same way)
+constexpr int64_t kPrefillTile = 16;   // query rows per work item
+constexpr int64_t kKeys = 16;          // keys per score micro-tile: one AVX-512 register of fp32
+
+template <int NV>
+inline void qk_rows16(const float* q, int64_t D, const float* kr, float* sc, int64_t ldsc);
+inline void softmax_pv(float* sc, int64_t n, const float* vf, int64_t D, float& m, float& l, float* acc);
+
 #ifdef __AVX512F__
 // 16 elements of the storage type -> fp32
 template <typename T>
@@ -451,12 +443,6 @@ inline __m512 load16_kv(const T* p, float scale) {
   else
     return load16(p);
 }
-
-constexpr int64_t kPrefillTile = 16;   // query rows per work item
-constexpr int64_t kKeys = 16;          // keys per score micro-tile: one AVX-512 register of fp32
-
-template <int NV>
-inline void qk_rows16(const float* q, int64_t D, const float* kr, float* sc, int64_t ldsc);
 
 // ---- attention arithmetic shared by decode and prefill ----------------------------------------
 // A query's output must not depend on which kernel computes it: a token's K/V computed by decode
@@ -624,7 +610,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
     const KT* vp = static_cast<const KT*>(vc.data_ptr());
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * KV, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(G * D), acc(G * D), row(D), scores, corr, kr(kKeys * D), sc(G * kKeys);
+      std::vector<float> qf(G * D), acc(G * D), scores, corr, kr(kKeys * D), sc(G * kKeys);
+      std::vector<float> krows(bs * D), vrows(bs * D), bsc(bs), m(G), l(G);   // the scalar path's
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / KV, h = idx % KV, n = lens[b];
         const ScaleView ksc = ScaleView::of(k_scale, h), vsc = ScaleView::of(v_scale, h);
@@ -637,28 +624,31 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& kc, con
           for (int64_t g = 0; g < G; ++g) store_row(acc.data() + g * D, op + (b * H + h * G + g) * D, D);
           continue;
         }
-        for (int64_t t0 = 0; t0 < n; t0 += bs) {  // block by block: one table lookup per block
-          const int64_t id = bt[b * maxb + t0 / bs];
-          const KT* kb = kp + id * ks0 + h * ks2;
-          if (t0 + bs < n) prefetch_rows(kp + bt[b * maxb + t0 / bs + 1] * ks0 + h * ks2, ks1, bs, D);
-          for (int64_t t = t0; t < std::min(n, t0 + bs); ++t) {
-            load_kv_row(kb + (t - t0) * ks1, row.data(), D, ksc.row(id, t - t0));
-            for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot(qf.data() + g * D, row.data(), D);
-          }
-        }
-        for (int64_t g = 0; g < G; ++g) softmax_row(scores.data() + g * n, n);
+        // without the vector path: prefill's scalar arithmetic (dot scores, then per block the online
+        // softmax and pv_rows), so a query gives the same bits from either kernel here too
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t0 = 0; t0 < n; t0 += bs) {
-          const int64_t id = bt[b * maxb + t0 / bs];
+        std::fill(m.begin(), m.end(), -INFINITY);
+        std::fill(l.begin(), l.end(), 0.f);
+        for (int64_t t0 = 0; t0 < n; t0 += bs) {  // block by block: one table lookup per block
+          const int64_t id = bt[b * maxb + t0 / bs], nb = std::min(bs, n - t0);
+          const KT* kb = kp + id * ks0 + h * ks2;
           const KT* vb = vp + id * vs0 + h * vs2;
-          if (t0 + bs < n) prefetch_rows(vp + bt[b * maxb + t0 / bs + 1] * vs0 + h * vs2, vs1, bs, D);
-          for (int64_t t = t0; t < std::min(n, t0 + bs); ++t) {
-            load_kv_row(vb + (t - t0) * vs1, row.data(), D, vsc.row(id, t - t0));
-            for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + t], row.data(), acc.data() + g * D, D);
+          if (t0 + bs < n) prefetch_rows(kp + bt[b * maxb + t0 / bs + 1] * ks0 + h * ks2, ks1, bs, D);
+          for (int64_t t = 0; t < nb; ++t) {
+            load_kv_row(kb + t * ks1, krows.data() + t * D, D, ksc.row(id, t));
+            load_kv_row(vb + t * vs1, vrows.data() + t * D, D, vsc.row(id, t));
+          }
+          for (int64_t g = 0; g < G; ++g) {
+            for (int64_t t = 0; t < nb; ++t) bsc[t] = dot(qf.data() + g * D, krows.data() + t * D, D);
+            softmax_pv(bsc.data(), nb, vrows.data(), D, m[g], l[g], acc.data() + g * D);
           }
         }
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t d = 0; d < D; ++d) op[(b * H + h * G + g) * D + d] = static_cast<scalar_t>(acc[g * D + d]);
+        for (int64_t g = 0; g < G; ++g) {
+          float* a = acc.data() + g * D;
+          const float inv = 1.f / l[g];
+          for (int64_t d = 0; d < D; ++d) a[d] *= inv;
+          store_row(a, op + (b * H + h * G + g) * D, D);
+        }
       }
     });
    });
