@@ -103,6 +103,27 @@ def test_vision_tower_is_transformers(vl_dir, hf):
         torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bf16_tower_computes_in_fp32_where_the_cpu_has_no_bf16(vl_dir, native, monkeypatch):
+    """Without native bf16 GEMMs (an AVX2 CPU) the tower runs on fp32 copies of its bf16 weights and
+    rounds its embeddings to bf16 at the end; with them it stays in bf16."""
+    from baton.backends.models import vision
+    from baton.backends.models.config import ModelConfig
+
+    monkeypatch.setattr(vision, "native_half_matmul", lambda dtype: native)
+    cfg = vision.VisionConfig.from_hf_dict(ModelConfig.from_dir(vl_dir).vision_config)
+    tower = vision.VisionTower(cfg, vision.load_vision_weights(vl_dir, torch.bfloat16))
+    assert tower.dtype == (torch.bfloat16 if native else torch.float32)
+    side = cfg.patch_size * cfg.spatial_merge_size
+    assert tower.max_embedding_bytes(448 * 448) == 448 * 448 // side ** 2 * cfg.out_hidden_size * 2   # bf16 out
+    grids = [(1, 4, 8)]
+    pixels = torch.randn(32, cfg.patch_dim, generator=torch.Generator().manual_seed(0))
+    got = tower.forward(pixels, grids)
+    assert got.dtype == torch.bfloat16
+    if not native:     # the fp32 tower on the same (bf16-valued) weights, rounded once
+        ref = vision.VisionTower(cfg, {k: v.float() for k, v in tower.w.items()}).forward(pixels, grids)
+        assert torch.equal(got, ref.to(torch.bfloat16))
+
 def test_mrope_positions_are_transformers(vl_dir, hf):
     from baton.backends.multimodal.image import ImageProcessor
     from baton.backends.multimodal.prompt import expand_prompt
