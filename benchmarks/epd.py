@@ -1,9 +1,9 @@
 """EPD measured: a vision-language model served monolithic (the vision tower inside prefill, profile
-single_node_vl_mono, both cores shared by every stage) against EPD on the same box (profile
-single_node_vl: the `encode` stage, the front and preprocess pinned to core 1, prefill and decode
-pinned to core 0; and `epd_pd`: prefill on core 1 too, decode alone with tritonserver on core 0).
+single_node_vl_mono, both cores shared by every stage) against EPD arms on the same box (profile
+single_node_vl, the `encode` stage pinned to core 1; ARMS below says where the other stages run).
 
-    python benchmarks/epd.py --model .cache/checkpoints/small-qwen2.5-vl --out benchmarks/results/epd-small-vl-2cpu.json
+    python benchmarks/epd.py --model .cache/checkpoints/small-qwen2.5-vl --arms mono,epd,epd_prio \
+        --out benchmarks/results/epd-small-vl-2cpu.json
 
 Both servers run at once and the arms alternate (same minutes). Per offered rate, a mixed workload:
 Poisson arrivals, half text-only chat turns, half one new image (448x448: 256 visual tokens) plus a
@@ -37,6 +37,7 @@ from baton.backends.serving.launcher import free_port
 
 PROFILE = """extends = "{base}"
 [engine]
+dtype = "{dtype}"
 max_model_len = 2048
 kv_cache_memory_mb = 256
 {engine}
@@ -57,6 +58,18 @@ ARMS = {
     # prompt on core 0 (it shares it with tritonserver and the KV manager only)
     "epd_pd": dict(base="single_node_vl", engine="threads = 1",
                    serving='share_cores = 0\nencode_cpus = "1"\nfront_cpus = "1"\nprefill_cpus = "1"', taskset="0"),
+    # the encoder on core 1 and decode on core 0 as before; prefill on no core of its own but below
+    # them in priority (prefill_nice): it takes what decode and the request path leave idle, on either
+    # core, and the kernel preempts it when they wake
+    "epd_prio": dict(base="single_node_vl", engine="threads = 1",
+                     serving='share_cores = 0\nencode_cpus = "1"\ndecode_cpus = "0"\nprefill_nice = 10', taskset=""),
+    # as epd_prio, with the front and preprocess beside the encoder (images decoded off decode's core)
+    "epd_prio_front": dict(base="single_node_vl", engine="threads = 1",
+                           serving='share_cores = 0\nencode_cpus = "1"\nfront_cpus = "1"\ndecode_cpus = "0"\n'
+                                   'prefill_nice = 10', taskset=""),
+    # as epd_prio, prefill at the lowest priority (the encoder's)
+    "epd_prio19": dict(base="single_node_vl", engine="threads = 1",
+                       serving='share_cores = 0\nencode_cpus = "1"\ndecode_cpus = "0"\nprefill_nice = 19', taskset=""),
 }
 
 
@@ -82,11 +95,11 @@ def question(rng: random.Random) -> str:
 
 class Server:
     def __init__(self, arm: str, model: str, root: Path, chunk: int, decode_wait_ms: float,
-                 responses_per_step: int) -> None:
+                 responses_per_step: int, dtype: str) -> None:
         a = ARMS[arm]
         prof = root / f"{arm}.toml"
         prof.write_text(PROFILE.format(**a, chunk=chunk, decode_wait_ms=decode_wait_ms,
-                                       responses_per_step=responses_per_step))
+                                       responses_per_step=responses_per_step, dtype=dtype))
         self.grpc = free_port()
         run = root / arm
         run.mkdir()
@@ -196,14 +209,21 @@ def main() -> None:
     ap.add_argument("--responses-per-step", type=int, default=0, help="stream_responses_per_step of both arms; "
                     "0 (every token its own response) so that a gap between responses is a decode step's cadence, "
                     "not the coalescing, which spaces responses by the number of live streams")
+    ap.add_argument("--dtype", default="auto", help="the model's dtype in every arm (float32 where the CPU has no "
+                    "native bf16 GEMMs: torch's bf16 prefill ran 13x slower than fp32 on an AVX2 host)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="the arms to run, mono first (the ratios' baseline)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-epd-bench-"))
-    servers = {arm: Server(arm, a.model, root, a.chunk, a.decode_wait_ms, a.responses_per_step) for arm in ARMS}
+    arms = a.arms.split(",")
+    if arms[0] != "mono" or not set(arms) <= set(ARMS):
+        raise SystemExit(f"--arms: mono first, then some of {list(ARMS)[1:]}")
+    servers = {arm: Server(arm, a.model, root, a.chunk, a.decode_wait_ms, a.responses_per_step, a.dtype)
+               for arm in arms}
     report: dict = {"model": a.model, "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "duration_s": a.duration,
-                    "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
+                    "dtype": a.dtype, "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
                     "stream_responses_per_step": a.responses_per_step,
-                    "arms": {k: {kk: v for kk, v in ARMS[k].items()} for k in ARMS}, "rates": {}}
+                    "arms": {k: dict(ARMS[k]) for k in arms}, "rates": {}}
     try:
         for s in servers.values():              # warm up: a few of each kind
             measure(s, workload(2.0, 2.0, 8, seed=999))
@@ -215,16 +235,16 @@ def main() -> None:
                                                              images=False))
                 print(f"rate {rate}/s {arm}: {json.dumps({k: round(v, 2) for k, v in row[arm].items() if not isinstance(v, dict)})}"
                       f" image-free ITL p99 {row[arm]['image_free']['text_itl_ms_p99']:.1f} ms", flush=True)
-            for arm in ARMS:
+            for arm in arms:
                 if arm != "mono":
                     row[f"{arm}_over_mono_req_per_s"] = row[arm]["req_per_s"] / row["mono"]["req_per_s"]
-            for arm in ARMS:
+            for arm in arms:
                 row[f"{arm}_text_itl_p99_over_image_free"] = (row[arm]["text_itl_ms_p99"]
                                                               / row[arm]["image_free"]["text_itl_ms_p99"])
             report["rates"][str(rate)] = row
             print(f"rate {rate}/s: " + ", ".join(f"{arm}/mono throughput {row[f'{arm}_over_mono_req_per_s']:.2f}x, text "
                                                  f"ITL p99 / image-free {row[f'{arm}_text_itl_p99_over_image_free']:.2f}x"
-                                                 for arm in ARMS if arm != "mono"), flush=True)
+                                                 for arm in arms if arm != "mono"), flush=True)
         report["repeated_image"] = {arm: repeated_image(s, a.trials, seed=7_000_000) for arm, s in servers.items()}
         print(json.dumps(report["repeated_image"], indent=1), flush=True)
     finally:

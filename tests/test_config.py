@@ -99,6 +99,10 @@ def test_cpu_lists_parse_and_a_bad_one_names_its_key():
         ServingConfig(decode_wait_ms=-1)
     with pytest.raises(ConfigError, match="draft_threads"):
         ServingConfig(draft_threads=-1)
+    for nice in (-1, 20):                           # an OS priority a stage may lower itself to
+        with pytest.raises(ConfigError, match="prefill_nice: expected 0 to 19"):
+            ServingConfig(prefill_nice=nice)
+    assert ServingConfig(prefill_nice=19).prefill_nice == 19
 
 
 def test_the_draft_stage_is_called_where_draft_channel_says(tmp_path):

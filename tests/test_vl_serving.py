@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 PIL = pytest.importorskip("PIL.Image")
 OVERRIDES = {"dtype": "float32", "max_model_len": 512, "max_tokens_limit": 400, "kv_cache_memory_mb": 4}
 GREEDY = dict(temperature=0.0, max_tokens=10, ignore_eos=True)
+PREFILL_NICE = 5
 
 
 def png(h: int, w: int, seed: int, fmt: str = "PNG") -> bytes:
@@ -70,6 +71,7 @@ def offline(vl_dir):
 def node(vl_dir):
     pins = {"encode_cpus": "1", "front_cpus": "1", "prefill_cpus": "1", "decode_cpus": "0", "share_cores": 0} \
         if len(os.sched_getaffinity(0)) >= 2 else {}
+    pins |= {"prefill_nice": PREFILL_NICE}
     n = Node(str(vl_dir), "single_node_vl", overrides=OVERRIDES | {"embedding_cache_mb": 1} | pins, gateway_port=0)
     n.start(timeout=180, quiet=True)
     yield n
@@ -243,7 +245,8 @@ def test_a_text_model_refuses_images(node, qwen3_dir):
 def test_encode_and_the_front_run_on_the_cpus_named(node):
     """encode_cpus, front_cpus, prefill_cpus and decode_cpus pin those stages' processes, every
     thread of them (EPD on one box: the encoder, the front, preprocess and prefill on one core,
-    decode on the other); the encoder's threads run below the request path's priority."""
+    decode on the other); the encoder's threads, and prefill's under prefill_nice, run below the
+    request path's priority."""
     from baton.backends.serving.supervisor import _group_members
     from baton.backends.stages.encode import ENCODE_NICE
 
@@ -267,4 +270,5 @@ def test_encode_and_the_front_run_on_the_cpus_named(node):
     assert cpus(stubs["decode worker"]) == {frozenset({0})}
     nice = {m: {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{stubs[m]}/task")} for m in stubs}
     assert min(nice["encode"]) == ENCODE_NICE, nice
-    assert nice["llm"] == nice["prefill"] == {0}, nice
+    assert nice["prefill"] == {PREFILL_NICE}, nice
+    assert nice["llm"] == nice["preprocess"] == nice["decode worker"] == {0}, nice

@@ -86,6 +86,10 @@ class ServingConfig:
     # prompt's prefill never sits between a stream's tokens (benchmarks/README.md "EPD")
     prefill_cpus: str = ""
     decode_cpus: str = ""
+    # the prefill stage's OS priority (nice, 0-19). Above 0 it runs on the cores decode and the request
+    # path leave idle, and the kernel preempts it when they wake: with share_cores = 0 and prefill not
+    # pinned, a prompt's prefill neither sits between a stream's tokens nor waits for a core of its own
+    prefill_nice: int = 0
     # the `draft` stage's torch threads. Decode waits while the draft model runs, but decode's
     # OpenMP threads spin for a while after each step and the stage's would fight them for the
     # cores: one thread ran the spec_draft profile at 1.17x against 1.02x with two (2 cores, a
@@ -114,6 +118,8 @@ class ServingConfig:
             key = "prefill_cpus" if pcpus else "decode_cpus"
             raise ConfigError(f"{key}: prefill and decode on CPUs apart share none; set share_cores = 0 (or "
                               "name the same CPUs in prefill_cpus and decode_cpus)")
+        if not 0 <= self.prefill_nice <= 19:
+            raise ConfigError(f"prefill_nice: expected 0 to 19, got {self.prefill_nice}")
         for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s",
                      "embedding_cache_mb", "decode_wait_ms", "draft_threads"):
             if getattr(self, name) < 0:

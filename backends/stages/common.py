@@ -11,7 +11,7 @@ from ..kv.connector import HandoffConnector, KVConnector
 from ..kv.manager import RemoteBlockManager
 from ..kv.pool import KVPool
 from ..loader import weight_store
-from ..runtime import configure_process
+from ..runtime import configure_process, lower_priority
 from ..serving.config import NodeConfig, pin_to
 from ..serving.tensors import PREFILL_REQUEST
 from .cores import CoreShare
@@ -34,6 +34,8 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
     if stage == "decode" or node.encode_stage:        # images are encoded before decode, by `encode` (EPD)
         config = config.replace(vision=False)
     configure_process(config.threads)
+    if stage == "prefill" and node.serving.prefill_nice:
+        lower_priority(node.serving.prefill_nice)
     pool = KVPool.attach(node.kv_pool)
     bm = RemoteBlockManager(node.kv_address, pool.spec.num_blocks, pool.spec.block_size)
     weights = weight_store.attach(node.weights) if node.weights else None
