@@ -101,8 +101,10 @@ def test_cpu_lists_parse_and_a_bad_one_names_its_key():
         ServingConfig(draft_threads=-1)
     for nice in (-1, 20):                           # an OS priority a stage may lower itself to
         with pytest.raises(ConfigError, match="prefill_nice: expected 0 to 19"):
-            ServingConfig(prefill_nice=nice)
-    assert ServingConfig(prefill_nice=19).prefill_nice == 19
+            ServingConfig(prefill_nice=nice, share_cores=0)
+    with pytest.raises(ConfigError, match="prefill_nice: needs share_cores = 0"):
+        ServingConfig(prefill_nice=10)                # share_cores "auto": decode would wait on it
+    assert ServingConfig(prefill_nice=19, share_cores=0).prefill_nice == 19
 
 
 def test_the_draft_stage_is_called_where_draft_channel_says(tmp_path):

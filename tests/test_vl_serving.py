@@ -69,9 +69,8 @@ def offline(vl_dir):
 
 @pytest.fixture(scope="module")
 def node(vl_dir):
-    pins = {"encode_cpus": "1", "front_cpus": "1", "prefill_cpus": "1", "decode_cpus": "0", "share_cores": 0} \
-        if len(os.sched_getaffinity(0)) >= 2 else {}
-    pins |= {"prefill_nice": PREFILL_NICE}
+    pins = {"encode_cpus": "1", "front_cpus": "1", "prefill_cpus": "1", "decode_cpus": "0", "share_cores": 0,
+            "prefill_nice": PREFILL_NICE} if len(os.sched_getaffinity(0)) >= 2 else {}
     n = Node(str(vl_dir), "single_node_vl", overrides=OVERRIDES | {"embedding_cache_mb": 1} | pins, gateway_port=0)
     n.start(timeout=180, quiet=True)
     yield n

@@ -86,9 +86,9 @@ class ServingConfig:
     # prompt's prefill never sits between a stream's tokens (benchmarks/README.md "EPD")
     prefill_cpus: str = ""
     decode_cpus: str = ""
-    # the prefill stage's OS priority (nice, 0-19). Above 0 it runs on the cores decode and the request
-    # path leave idle, and the kernel preempts it when they wake: with share_cores = 0 and prefill not
-    # pinned, a prompt's prefill neither sits between a stream's tokens nor waits for a core of its own
+    # the prefill stage's OS priority (nice, 0-19; needs share_cores = 0). Above 0 it runs on the cores
+    # decode and the request path leave idle, and the kernel preempts it when they wake: with prefill
+    # not pinned, a prompt's prefill neither sits between a stream's tokens nor waits for a core of its own
     prefill_nice: int = 0
     # the `draft` stage's torch threads. Decode waits while the draft model runs, but decode's
     # OpenMP threads spin for a while after each step and the stage's would fight them for the
@@ -120,6 +120,9 @@ class ServingConfig:
                               "name the same CPUs in prefill_cpus and decode_cpus)")
         if not 0 <= self.prefill_nice <= 19:
             raise ConfigError(f"prefill_nice: expected 0 to 19, got {self.prefill_nice}")
+        if self.prefill_nice and self.share_cores:     # decode waits for a prefill that holds shared cores
+            raise ConfigError("prefill_nice: needs share_cores = 0 (on shared cores decode steps wait for a "
+                              "working prefill, which a lower priority would only hold longer)")
         for name in ("max_tokens_limit", "prefill_chunk_tokens", "stream_responses_per_step", "request_timeout_s",
                      "embedding_cache_mb", "decode_wait_ms", "draft_threads"):
             if getattr(self, name) < 0:
