@@ -136,8 +136,10 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def workload(rate: float, duration: float, max_tokens: int, seed: int, images: bool = True) -> list[dict]:
-    """Poisson arrivals at `rate`/s for `duration` s; every other request has a new image."""
+def workload(rate: float, duration: float, max_tokens: int, seed: int, images: bool = True,
+             one_image: bool = False) -> list[dict]:
+    """Poisson arrivals at `rate`/s for `duration` s; every other request has a new image (one_image:
+    the same image each time, so its embeddings and KV are cached and only its decode rows remain)."""
     rng = random.Random(seed)
     reqs, t, i = [], 0.0, 0
     while True:
@@ -150,7 +152,7 @@ def workload(rate: float, duration: float, max_tokens: int, seed: int, images: b
             continue
         content: list[dict] = [{"type": "text", "text": question(rng)}]
         if with_image:
-            content.insert(0, {"type": "image_url", "image_url": {"url": png_url(448, 448, seed * 100_000 + i)}})
+            content.insert(0, {"type": "image_url", "image_url": {"url": png_url(448, 448, seed * 100_000 + (1 if one_image else i))}})
         reqs.append({"prompt": None, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                      "ignore_eos": True, "temperature": 0.0, "delay": t, "kind": "image" if with_image else "text"})
 
@@ -211,6 +213,8 @@ def main() -> None:
                     "not the coalescing, which spaces responses by the number of live streams")
     ap.add_argument("--dtype", default="auto", help="the model's dtype in every arm (float32 where the CPU has no "
                     "native bf16 GEMMs: torch's bf16 prefill ran 13x slower than fp32 on an AVX2 host)")
+    ap.add_argument("--one-image", action="store_true", help="the image half repeats one image (cached "
+                    "after its first use): what the image requests' decode rows alone do to the text streams")
     ap.add_argument("--arms", default=",".join(ARMS), help="the arms to run, mono first (the ratios' baseline)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -221,7 +225,7 @@ def main() -> None:
     servers = {arm: Server(arm, a.model, root, a.chunk, a.decode_wait_ms, a.responses_per_step, a.dtype)
                for arm in arms}
     report: dict = {"model": a.model, "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "duration_s": a.duration,
-                    "dtype": a.dtype, "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
+                    "dtype": a.dtype, "one_image": a.one_image, "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
                     "stream_responses_per_step": a.responses_per_step,
                     "arms": {k: dict(ARMS[k]) for k in arms}, "rates": {}}
     try:
@@ -230,7 +234,8 @@ def main() -> None:
         for rate in [float(x) for x in a.rates.split(",")]:
             row: dict = {}
             for arm, s in servers.items():
-                row[arm] = measure(s, workload(rate, a.duration, a.max_tokens, seed=int(rate * 10)))
+                row[arm] = measure(s, workload(rate, a.duration, a.max_tokens, seed=int(rate * 10),
+                                               one_image=a.one_image))
                 row[arm]["image_free"] = measure(s, workload(rate, a.duration, a.max_tokens, seed=int(rate * 10),
                                                              images=False))
                 print(f"rate {rate}/s {arm}: {json.dumps({k: round(v, 2) for k, v in row[arm].items() if not isinstance(v, dict)})}"
