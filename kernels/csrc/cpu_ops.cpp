@@ -452,8 +452,10 @@ inline __m512 load16_kv(const T* p, float scale) {
 //   per KV block, in order: block_softmax (online max/denominator update), then
 //   acc = acc * corr + sum_t p_t V_t (fma chain over the block's keys)
 //   out = acc * (1 / l)
-// with the score vectorized along d in decode and along keys in prefill. The extension is built
-// with -ffp-contract=off, so inlining cannot fuse a multiply-add differently at the two sites.
+// with the score vectorized along d in decode and along keys in prefill. Without AVX-512 (or with
+// another head_dim) both run the scalar form of the same steps: dot scores, then per block the same.
+// The extension is built with -ffp-contract=off, so inlining cannot fuse a multiply-add differently
+// at the two sites.
 
 // scores[g * ld + t] = q_g . K_t for the `rows` keys of one block (D a multiple of 16, <= 256):
 // 16 keys at a time are converted to fp32 rows (kr: [16][D] scratch; sc: [G][16] scratch) and
