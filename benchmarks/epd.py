@@ -215,6 +215,8 @@ def main() -> None:
                     "native bf16 GEMMs: torch's bf16 prefill ran 13x slower than fp32 on an AVX2 host)")
     ap.add_argument("--one-image", action="store_true", help="the image half repeats one image (cached "
                     "after its first use): what the image requests' decode rows alone do to the text streams")
+    ap.add_argument("--client-cpus", default="", help="CPUs this client runs on once the servers are up, e.g. "
+                    "\"1\" (the servers keep theirs); \"\": any")
     ap.add_argument("--arms", default=",".join(ARMS), help="the arms to run, mono first (the ratios' baseline)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -224,7 +226,11 @@ def main() -> None:
         raise SystemExit(f"--arms: mono first, then some of {list(ARMS)[1:]}")
     servers = {arm: Server(arm, a.model, root, a.chunk, a.decode_wait_ms, a.responses_per_step, a.dtype)
                for arm in arms}
-    report: dict = {"model": a.model, "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "duration_s": a.duration,
+    if a.client_cpus:
+        from baton.backends.serving.config import pin_to
+
+        pin_to(a.client_cpus)
+    report: dict = {"model": a.model, "client_cpus": a.client_cpus, "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "duration_s": a.duration,
                     "dtype": a.dtype, "one_image": a.one_image, "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
                     "stream_responses_per_step": a.responses_per_step,
                     "arms": {k: dict(ARMS[k]) for k in arms}, "rates": {}}
