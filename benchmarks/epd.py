@@ -152,7 +152,8 @@ def workload(rate: float, duration: float, max_tokens: int, seed: int, images: b
             continue
         content: list[dict] = [{"type": "text", "text": question(rng)}]
         if with_image:
-            content.insert(0, {"type": "image_url", "image_url": {"url": png_url(448, 448, seed * 100_000 + (1 if one_image else i))}})
+            url = png_url(448, 448, seed * 100_000 + (1 if one_image else i))
+            content.insert(0, {"type": "image_url", "image_url": {"url": url}})
         reqs.append({"prompt": None, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                      "ignore_eos": True, "temperature": 0.0, "delay": t, "kind": "image" if with_image else "text"})
 
@@ -230,8 +231,9 @@ def main() -> None:
         from baton.backends.serving.config import pin_to
 
         pin_to(a.client_cpus)
-    report: dict = {"model": a.model, "client_cpus": a.client_cpus, "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "duration_s": a.duration,
-                    "dtype": a.dtype, "one_image": a.one_image, "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
+    report: dict = {"model": a.model, "cpus": os.cpu_count(), "client_cpus": a.client_cpus, "dtype": a.dtype,
+                    "max_tokens": a.max_tokens, "duration_s": a.duration, "one_image": a.one_image,
+                    "prefill_chunk_tokens": a.chunk, "decode_wait_ms": a.decode_wait_ms,
                     "stream_responses_per_step": a.responses_per_step,
                     "arms": {k: dict(ARMS[k]) for k in arms}, "rates": {}}
     try:

@@ -124,6 +124,7 @@ def test_a_bf16_tower_computes_in_fp32_where_the_cpu_has_no_bf16(vl_dir, native,
         ref = vision.VisionTower(cfg, {k: v.float() for k, v in tower.w.items()}).forward(pixels, grids)
         assert torch.equal(got, ref.to(torch.bfloat16))
 
+
 def test_mrope_positions_are_transformers(vl_dir, hf):
     from baton.backends.multimodal.image import ImageProcessor
     from baton.backends.multimodal.prompt import expand_prompt

@@ -87,8 +87,8 @@ class ServingConfig:
     prefill_cpus: str = ""
     decode_cpus: str = ""
     # the prefill stage's OS priority (nice, 0-19; needs share_cores = 0). Above 0 it runs on the cores
-    # decode and the request path leave idle, and the kernel preempts it when they wake: with prefill
-    # not pinned, a prompt's prefill neither sits between a stream's tokens nor waits for a core of its own
+    # decode and the request path leave idle (the scheduler favours them over it): with prefill not
+    # pinned, a prompt's prefill neither holds decode's core for long nor waits for a core of its own
     prefill_nice: int = 0
     # the `draft` stage's torch threads. Decode waits while the draft model runs, but decode's
     # OpenMP threads spin for a while after each step and the stage's would fight them for the
