@@ -2,11 +2,15 @@
 transformers generate() measured in the same process on the same prompts. Greedy, EOS ignored.
 
     python benchmarks/engine.py --model .cache/checkpoints/small [--threads 2] [--out results.json]
+
+--dtype float32 runs both engines in fp32; --f32-kernel-ab then also runs Baton with its fp32 kernel
+off (F.linear for every matmul: `baton_flinear`), alternating with it on, and prints the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import statistics
@@ -20,6 +24,7 @@ configure_process()  # before torch loads: OpenMP workers spin as in serving
 import torch
 
 from baton import EngineConfig, LLMEngine, SamplingParams
+linear_mod = importlib.import_module("baton.kernels.linear")   # the module (baton.kernels.linear is also a function)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -65,17 +70,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--f32-kernel-ab", action="store_true", help="also Baton with F.linear for fp32 matmuls")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    engine = LLMEngine(EngineConfig(model=a.model, dtype="bfloat16", enable_prefix_caching=False, threads=a.threads))
+    engine = LLMEngine(EngineConfig(model=a.model, dtype=a.dtype, enable_prefix_caching=False, threads=a.threads))
     vocab = engine.config.vocab_size
     results: dict[str, dict] = {"baton": {}, "transformers": {}}
     hf = None
     if not a.skip_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval()
+        hf = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).eval()
 
     def measure(name: str, fn, bsz: int) -> None:
         ttfts, rates = [], []
@@ -83,7 +90,7 @@ def main() -> None:
             ttft, rate = fn(prompts(bsz, a.prompt_len, vocab, seed=100 * bsz + r), a.new)
             ttfts.append(ttft)
             rates.append(rate)
-        results[name][f"batch{bsz}"] = {"ttft_ms": 1000 * statistics.median(ttfts),
+        results.setdefault(name, {})[f"batch{bsz}"] = {"ttft_ms": 1000 * statistics.median(ttfts),
                                          "decode_tok_s": statistics.median(rates)}
         print(f"{name:13s} batch {bsz}: TTFT {1000 * statistics.median(ttfts):7.1f} ms   "
               f"decode {statistics.median(rates):7.1f} tok/s   (runs: {[round(x, 1) for x in rates]})", flush=True)
@@ -92,16 +99,25 @@ def main() -> None:
     for bsz in (1, 8):
         # interleave engines per batch size so both see the same minute of this noisy machine
         measure("baton", lambda b, n: baton_run(engine, b, n), bsz)
+        if a.f32_kernel_ab:
+            rows, linear_mod.F32_KERNEL_ROWS = linear_mod.F32_KERNEL_ROWS, 0
+            measure("baton_flinear", lambda b, n: baton_run(engine, b, n), bsz)
+            linear_mod.F32_KERNEL_ROWS = rows
         if hf is not None:
             hf_run(hf, prompts(1, a.prompt_len, vocab, seed=2), 4)
             measure("transformers", lambda b, n: hf_run(hf, b, n), bsz)
+    if a.f32_kernel_ab:
+        for k in ("batch1", "batch8"):
+            b, f = results["baton"][k], results["baton_flinear"][k]
+            print(f"fp32 kernel / F.linear {k}: decode {b['decode_tok_s'] / f['decode_tok_s']:.2f}x, "
+                  f"TTFT {f['ttft_ms'] / b['ttft_ms']:.2f}x faster")
     if hf is not None:
         for k in ("batch1", "batch8"):
             b, h = results["baton"][k], results["transformers"][k]
             print(f"ratio {k}: decode {b['decode_tok_s'] / h['decode_tok_s']:.2f}x, "
                   f"TTFT {h['ttft_ms'] / b['ttft_ms']:.2f}x faster")
     results["setup"] = {"model": str(a.model), "threads": a.threads, "prompt_len": a.prompt_len,
-                        "new_tokens": a.new, "dtype": "bfloat16", "torch": torch.__version__,
+                        "new_tokens": a.new, "dtype": a.dtype, "torch": torch.__version__,
                         "cpu": platform.processor() or platform.machine(),
                         "date": time.strftime("%Y-%m-%d %H:%M")}
     if a.out:

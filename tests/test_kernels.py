@@ -218,6 +218,44 @@ def test_packed_linear_rows_do_not_depend_on_the_batch():
         assert torch.equal(linear(x[s:e].contiguous(), lw), full[s:e]), (s, e)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 64, 65])
+@pytest.mark.parametrize("n, k, bias", [(96, 64, True), (101, 77, False), (1024, 512, True)])
+def test_fp32_linear_kernel(impl, m, n, k, bias):
+    """fp32 rows up to F32_KERNEL_ROWS run linear_f32 (odd N and K: partial weight blocks, k tails);
+    more rows, and the torch path, keep F.linear. Both agree with a float64 reference."""
+    from baton.kernels.linear import F32_KERNEL_ROWS
+
+    torch.manual_seed(4)
+    w, b = torch.randn(n, k), torch.randn(n) if bias else None
+    lw = LinearWeight(w, b)
+    x = torch.randn(m, k)
+    uses_kernel = impl == "fused" and torch.ops.baton_cpu.linear_f32_supported()
+    assert lw.f32 == uses_kernel
+    if uses_kernel:
+        calls = []
+        real = torch.ops.baton_cpu.linear_f32
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.ops.baton_cpu, "linear_f32", lambda *a: calls.append(1) or real(*a))
+            y = linear(x, lw)
+        assert bool(calls) == (m <= F32_KERNEL_ROWS)
+    else:
+        y = linear(x, lw)
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_fp32_linear_rows_do_not_depend_on_the_batch():
+    """linear_f32's rows are bit-identical however they are batched (pairs, a lone last row, any offset)."""
+    if not (cpu_ext.available() and torch.ops.baton_cpu.linear_f32_supported()):
+        pytest.skip("needs the CPU extension on an AVX2+FMA CPU")
+    torch.manual_seed(5)
+    w, b = torch.randn(515, 203), torch.randn(515)
+    x = torch.randn(40, 203)
+    full = torch.ops.baton_cpu.linear_f32(x, w, b)
+    for s, e in [(0, 1), (39, 40), (5, 12), (3, 16), (1, 40), (7, 8)]:
+        assert torch.equal(torch.ops.baton_cpu.linear_f32(x[s:e].contiguous(), w, b), full[s:e]), (s, e)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("group, d", [(1, 64), (3, 64), (4, 128), (8, 64)])
 def test_attention_rows_do_not_depend_on_the_kernel_or_chunk(impl, dtype, group, d):
