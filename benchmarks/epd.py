@@ -9,8 +9,10 @@ Both servers run at once and the arms alternate (same minutes). Per offered rate
 Poisson arrivals, half text-only chat turns, half one new image (448x448: 256 visual tokens) plus a
 question; each asks for `--max-tokens` tokens. Reported per arm and rate: completed requests/s and
 output tok/s, TTFT p50/p95 (text and image requests apart), ITL p99 of the text streams; and the
-text streams' ITL p99 with the image half left out (the image-free value). Then a repeated image's
-TTFT against a new image's, on an idle server.
+text streams' ITL p99 with the image half left out (the image-free value), and with each image
+request replaced by a text request of as many prompt tokens (same arrivals, same decode load: what
+is left of the excess is the images' own doing). Then a repeated image's TTFT against a new image's,
+on an idle server.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ prefill_chunk_tokens = {chunk}
 decode_wait_ms = {decode_wait_ms}
 stream_responses_per_step = {responses_per_step}
 {serving}
+{extra}
 """
 ARMS = {
     # everything on both cores, the tower inside prefill
@@ -67,6 +70,11 @@ ARMS = {
     "epd_prio_front": dict(base="single_node_vl", engine="threads = 1",
                            serving='share_cores = 0\nencode_cpus = "1"\nfront_cpus = "1"\ndecode_cpus = "0"\n'
                                    'prefill_nice = 10', taskset=""),
+    # as epd_prio, with two encode instances of one thread each on no core of their own (nice 19, as
+    # every encoder): the tower takes whatever either core leaves idle, one image per instance
+    "epd_prio_enc2": dict(base="single_node_vl", engine="threads = 1",
+                          serving='share_cores = 0\ndecode_cpus = "0"\nprefill_nice = 10', taskset="",
+                          extra="[instances]\nencode = 2"),
     # as epd_prio, prefill at the lowest priority (the encoder's)
     "epd_prio19": dict(base="single_node_vl", engine="threads = 1",
                        serving='share_cores = 0\nencode_cpus = "1"\ndecode_cpus = "0"\nprefill_nice = 19', taskset=""),
@@ -98,7 +106,7 @@ class Server:
                  responses_per_step: int, dtype: str) -> None:
         a = ARMS[arm]
         prof = root / f"{arm}.toml"
-        prof.write_text(PROFILE.format(**a, chunk=chunk, decode_wait_ms=decode_wait_ms,
+        prof.write_text(PROFILE.format(**{"extra": ""} | a, chunk=chunk, decode_wait_ms=decode_wait_ms,
                                        responses_per_step=responses_per_step, dtype=dtype))
         self.grpc = free_port()
         run = root / arm
@@ -136,10 +144,25 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def filler(model: str, tokens: int) -> str:
+    """Words that make `tokens` prompt tokens under the model's tokenizer (what a 448x448 image takes)."""
+    from transformers import AutoTokenizer
+
+    tok, rng, words = AutoTokenizer.from_pretrained(model), random.Random(3), []
+    colours = "red green blue cat dog tree house sky road hill lake river cloud".split()
+    while len(tok(" ".join(words))["input_ids"]) < tokens:
+        words.append(rng.choice(colours))
+    return " ".join(words)
+
+
+IMAGE_TOKENS = (448 // 28) ** 2 + 2          # its <|image_pad|> tokens and the vision start and end
+
+
 def workload(rate: float, duration: float, max_tokens: int, seed: int, images: bool = True,
-             one_image: bool = False) -> list[dict]:
+             one_image: bool = False, instead: str = "") -> list[dict]:
     """Poisson arrivals at `rate`/s for `duration` s; every other request has a new image (one_image:
-    the same image each time, so its embeddings and KV are cached and only its decode rows remain)."""
+    the same image each time, so its embeddings and KV are cached and only its decode rows remain;
+    `instead`: text put in the image's place, the request then has no image)."""
     rng = random.Random(seed)
     reqs, t, i = [], 0.0, 0
     while True:
@@ -151,7 +174,9 @@ def workload(rate: float, duration: float, max_tokens: int, seed: int, images: b
         if with_image and not images:
             continue
         content: list[dict] = [{"type": "text", "text": question(rng)}]
-        if with_image:
+        if with_image and instead:
+            content = [{"type": "text", "text": instead + " " + content[0]["text"]}]
+        elif with_image:
             url = png_url(448, 448, seed * 100_000 + (1 if one_image else i))
             content.insert(0, {"type": "image_url", "image_url": {"url": url}})
         reqs.append({"prompt": None, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
@@ -239,6 +264,7 @@ def main() -> None:
     try:
         for s in servers.values():              # warm up: a few of each kind
             measure(s, workload(2.0, 2.0, 8, seed=999))
+        instead = filler(a.model, IMAGE_TOKENS)
         for rate in [float(x) for x in a.rates.split(",")]:
             row: dict = {}
             for arm, s in servers.items():
@@ -246,17 +272,23 @@ def main() -> None:
                                                one_image=a.one_image))
                 row[arm]["image_free"] = measure(s, workload(rate, a.duration, a.max_tokens, seed=int(rate * 10),
                                                              images=False))
+                row[arm]["text_for_image"] = measure(s, workload(rate, a.duration, a.max_tokens,
+                                                                 seed=int(rate * 10), instead=instead))
                 print(f"rate {rate}/s {arm}: {json.dumps({k: round(v, 2) for k, v in row[arm].items() if not isinstance(v, dict)})}"
-                      f" image-free ITL p99 {row[arm]['image_free']['text_itl_ms_p99']:.1f} ms", flush=True)
+                      f" image-free ITL p99 {row[arm]['image_free']['text_itl_ms_p99']:.1f} ms, text for image "
+                      f"{row[arm]['text_for_image']['text_itl_ms_p99']:.1f} ms", flush=True)
             for arm in arms:
                 if arm != "mono":
                     row[f"{arm}_over_mono_req_per_s"] = row[arm]["req_per_s"] / row["mono"]["req_per_s"]
             for arm in arms:
                 row[f"{arm}_text_itl_p99_over_image_free"] = (row[arm]["text_itl_ms_p99"]
                                                               / row[arm]["image_free"]["text_itl_ms_p99"])
+                row[f"{arm}_text_itl_p99_over_text_for_image"] = (row[arm]["text_itl_ms_p99"]
+                                                                  / row[arm]["text_for_image"]["text_itl_ms_p99"])
             report["rates"][str(rate)] = row
             print(f"rate {rate}/s: " + ", ".join(f"{arm}/mono throughput {row[f'{arm}_over_mono_req_per_s']:.2f}x, text "
-                                                 f"ITL p99 / image-free {row[f'{arm}_text_itl_p99_over_image_free']:.2f}x"
+                                                 f"ITL p99 / image-free {row[f'{arm}_text_itl_p99_over_image_free']:.2f}x, "
+                                                 f"/ text for image {row[f'{arm}_text_itl_p99_over_text_for_image']:.2f}x"
                                                  for arm in arms if arm != "mono"), flush=True)
         report["repeated_image"] = {arm: repeated_image(s, a.trials, seed=7_000_000) for arm, s in servers.items()}
         print(json.dumps(report["repeated_image"], indent=1), flush=True)

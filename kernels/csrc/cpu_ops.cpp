@@ -1026,6 +1026,7 @@ inline float hsum8(__m256 v) {
 }
 
 // y[r][j] = x[r] . w[j] for R rows of x and J (<= 4) rows of w.
+constexpr int PF = 8;
 template <int R, int J>
 inline void f32_block(const float* x, int64_t xs, const float* w, int64_t K, float* y, int64_t ys) {
   __m256 acc[R][J];
@@ -1034,7 +1035,10 @@ inline void f32_block(const float* x, int64_t xs, const float* w, int64_t K, flo
   const int64_t K8 = K / 8 * 8;
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 wv[J];
-    for (int j = 0; j < J; ++j) wv[j] = _mm256_loadu_ps(w + j * K + k);
+    for (int j = 0; j < J; ++j) {
+      if ((k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (j + PF) * K + k), _MM_HINT_T0);
+      wv[j] = _mm256_loadu_ps(w + j * K + k);
+    }
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + r * xs + k);
       for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
