@@ -24,6 +24,7 @@ configure_process()  # before torch loads: OpenMP workers spin as in serving
 import torch
 
 from baton import EngineConfig, LLMEngine, SamplingParams
+
 linear_mod = importlib.import_module("baton.kernels.linear")   # the module (baton.kernels.linear is also a function)
 
 
