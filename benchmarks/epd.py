@@ -75,6 +75,11 @@ ARMS = {
     "epd_prio_enc2": dict(base="single_node_vl", engine="threads = 1",
                           serving='share_cores = 0\ndecode_cpus = "0"\nprefill_nice = 10', taskset="",
                           extra="[instances]\nencode = 2"),
+    # decode alone on core 0; everything else (tritonserver, the KV manager, the front, preprocess, the
+    # encoder, prefill) on core 1: the text streams' steps wait for nothing but other decode rows
+    "epd_iso": dict(base="single_node_vl", engine="threads = 1",
+                    serving='share_cores = 0\nencode_cpus = "1"\nfront_cpus = "1"\nprefill_cpus = "1"\n'
+                            'decode_cpus = "0"\nprefill_nice = 10', taskset="1"),
     # as epd_prio, prefill at the lowest priority (the encoder's)
     "epd_prio19": dict(base="single_node_vl", engine="threads = 1",
                        serving='share_cores = 0\nencode_cpus = "1"\ndecode_cpus = "0"\nprefill_nice = 19', taskset=""),
