@@ -107,7 +107,8 @@ def _serve(argv: list[str]) -> None:
     pd.add_argument("--cluster-key-file", default="", help="the cluster's shared key (hex), the same file on every node")
     pd.add_argument("--cluster", default="baton", help="the cluster's name in the name service")
     pd.add_argument("--transfer-protocol", default="tcp", choices=["tcp", "rdma"], help="Mooncake transport")
-    pd.add_argument("--encode-address", default="", help="EPD (profile epd_llm): the encode server's gRPC host:port")
+    pd.add_argument("--encode-address", default="", help="EPD (profile epd_llm): the encode server's gRPC host:port "
+                    "(without it, the encode servers registered with --name-service)")
     a = ap.parse_args(argv)
 
     def on_term(*_: object) -> None:

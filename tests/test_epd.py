@@ -44,19 +44,38 @@ def user(*parts: str | bytes) -> list[dict]:
 
 
 class EPD:
-    def __init__(self, vl_dir: Path, root: Path) -> None:
+    """encoders: the encode servers' host names; with `name_service` they register with an etcd on the
+    hub and llm0 finds them there, else llm0 is given the first one's address."""
+
+    def __init__(self, vl_dir: Path, root: Path, encoders: tuple[str, ...] = ("encode0",),
+                 name_service: bool = False, arena_mb: float = 0.02) -> None:
         from baton.backends.cluster.netns import Hosts
 
-        self.hosts = Hosts(["encode0", "llm0"])
-        self.root, self.procs = root, {}
-        key = root / "cluster.key"
+        self.hosts = Hosts([*encoders, "llm0"])
+        self.root, self.procs, self.etcd = root, {}, None
+        try:
+            self._start(vl_dir, encoders, name_service, arena_mb)
+        except Exception:
+            self.stop()
+            raise
+
+    def _start(self, vl_dir: Path, encoders: tuple[str, ...], name_service: bool, arena_mb: float) -> None:
+        from baton.backends.cluster.etcd import EtcdProcess
+
+        key = self.root / "cluster.key"
         key.write_text(secrets.token_hex(32))
-        for name, base, extra in (("encode0", "epd_encode", []),
-                                  ("llm0", "epd_llm", ["--encode-address", f"{self.hosts.addr['encode0']}:8001"])):
-            prof = root / f"{name}.toml"
-            # the encode server's arena: a few images only, so that slots are reused under load
-            prof.write_text(PROFILE.format(base=base, cache_mb=1 if name == "llm0" else 0.02))
-            run = root / name
+        if name_service:
+            self.etcd = EtcdProcess(self.hosts.addr["hub"], 2379, 2380, self.hosts.run_in("hub")).start()
+        for name in (*encoders, "llm0"):
+            base = "epd_encode" if name.startswith("encode") else "epd_llm"
+            if self.etcd is not None:
+                extra = ["--name-service", self.etcd.url]
+            else:
+                extra = [] if base == "epd_encode" else ["--encode-address", f"{self.hosts.addr[encoders[0]]}:8001"]
+            prof = self.root / f"{name}.toml"
+            # the encode server's arena: by default a few images only, so that slots are reused under load
+            prof.write_text(PROFILE.format(base=base, cache_mb=1 if name == "llm0" else arena_mb))
+            run = self.root / name
             run.mkdir()
             cmd = [*self.hosts.run_in(name), sys.executable, "-P", "-m", "baton.backends.cli", "serve", str(prof),
                    "--model", str(vl_dir), "--host", self.hosts.addr[name], "--gateway-port", "-1",
@@ -98,6 +117,8 @@ class EPD:
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        if self.etcd is not None:
+            self.etcd.stop()
         self.hosts.close()
 
 
@@ -200,3 +221,124 @@ def test_arena_reads_by_handle_and_refuses_a_reused_slot():
     with pytest.raises(TransferError, match="changed on the encode server"):
         reader.read(source, [0])
     assert torch.equal(reader.read(arena.source([keys[4]]), [0])[0], embeds[keys[4]])
+
+
+def test_epd_llm_without_an_encode_server_says_so_before_starting_anything(vl_dir, tmp_path, monkeypatch):
+    from baton.backends.serving.launcher import Node
+
+    monkeypatch.setenv("BATON_RUN_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"an encode server: give its address \(--encode-address HOST:PORT\), or --name-service URL"):
+        Node(str(vl_dir), "epd_llm").start(quiet=True)
+    assert list(tmp_path.iterdir()) == []                              # no run dir, nothing started
+
+
+@pytest.fixture(scope="module")
+def named(vl_dir, tmp_path_factory):
+    """Two encode servers that register with the name service; llm0 finds them there."""
+    from baton.backends.cluster.netns import NetnsUnavailable
+
+    pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
+    pytest.importorskip("etcd3gw")
+    try:
+        c = EPD(vl_dir, tmp_path_factory.mktemp("epd-named"), ("encode0", "encode1"), name_service=True, arena_mb=1)
+    except NetnsUnavailable as e:
+        pytest.skip(f"network namespaces cannot be created here: {e}")
+    yield c
+    c.stop()
+
+
+def _encoded(c: EPD, metric: str) -> dict[str, float]:
+    return {h: c.metric(metric, h) for h in c.procs if h.startswith("encode")}
+
+
+def test_encode_servers_found_in_the_name_service_share_the_images(named, offline):
+    msgs = [user(png(48 + 4 * i, 56, 300 + i), f"Picture {i}?") for i in range(12)]
+    out = named.generate(msgs, concurrency=3)
+    assert [r["token_ids"] for r in out] == [offline(m) for m in msgs], [r["error"] for r in out]
+    images = _encoded(named, "baton:encode_images_total")
+    assert sum(images.values()) == 12 and min(images.values()) >= 1, images    # both took some
+
+
+def test_a_repeated_image_goes_back_to_the_encode_server_that_has_it(named, offline):
+    m = user(png(72, 64, 400), "And this one?")
+    first = named.generate([m])
+    images, hits = _encoded(named, "baton:encode_images_total"), _encoded(named, "baton:encode_cache_hits_total")
+    for _ in range(3):                      # idle servers, equal loads: the image's own order decides
+        assert named.generate([m])[0]["token_ids"] == first[0]["token_ids"] == offline(m)
+    more_images = {h: n - images[h] for h, n in _encoded(named, "baton:encode_images_total").items()}
+    more_hits = {h: n - hits[h] for h, n in _encoded(named, "baton:encode_cache_hits_total").items()}
+    assert sorted(more_images.values()) == [0, 3] and more_hits == more_images     # one server, each a hit
+
+
+# A crashed encode server whose key is still in the name service (its lease not yet expired): an
+# address nothing answers at, named so that it ranks first for one image (ghost_for), kept registered
+# until killed.
+GHOST = """
+import sys, time
+from baton.backends.cluster.encoders import rank_encoders
+from baton.backends.cluster.registry import Membership, NodeInfo, Registration
+url, key, address = sys.argv[1:]
+live = Membership(url, "baton").of_role("encode")
+ghost = next(g for g in (NodeInfo(f"ghost-{i}", "encode", address) for i in range(1000))
+             if rank_encoders([g, *live], {}, key)[0] is g)
+Registration(url, "baton", lambda: ghost)
+print(ghost.node_id, flush=True)
+time.sleep(3600)
+"""
+
+
+def _image_hash(vl_dir: Path, data: bytes) -> str:
+    from baton.backends.multimodal.image import ImageProcessor
+
+    return ImageProcessor.from_dir(vl_dir)(data).hash
+
+
+def _descendant(pid: int, name: str) -> int:
+    """The first process under `pid` whose command line has `name`."""
+    children = {}
+    for d in Path("/proc").iterdir():
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append((int(d.name), (d / "cmdline").read_bytes()))
+        except (ValueError, OSError, IndexError):
+            continue
+    todo = [pid]
+    while todo:
+        for child, cmdline in children.get(todo.pop(), []):
+            if name.encode() in cmdline:
+                return child
+            todo.append(child)
+    raise LookupError(f"no {name} under {pid}")
+
+
+def test_a_dead_encode_server_is_skipped_and_none_left_is_a_clear_error(named, offline, vl_dir):
+    """A registered encode server that refuses calls (crashed, its key not yet expired) is skipped
+    after one refused call and the request served by another; a crashed server stops saying why; with
+    every encode server gone an image request is refused naming them, and text still works."""
+    image = png(66, 58, 450)
+    ghost = subprocess.Popen([*named.hosts.run_in("hub"), sys.executable, "-P", "-c", GHOST, named.etcd.url,
+                              _image_hash(vl_dir, image), f"{named.hosts.addr['hub']}:1"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert ghost.stdout is not None and ghost.stdout.readline().startswith("ghost-")
+        retries = named.metric("baton:route_retries_total", "llm0")
+        m = user(image, "Who answers?")
+        time.sleep(1.0)                                    # llm0's front polls the membership every 0.5 s
+        (r,) = named.generate([m])
+        assert r["token_ids"] == offline(m), r["error"]
+        assert named.metric("baton:route_retries_total", "llm0") == retries + 1      # the ghost was tried first
+        os.kill(_descendant(named.procs["encode1"].pid, "tritonserver"), signal.SIGKILL)
+        msgs = [user(png(60, 60 + 4 * i, 500 + i), f"After the crash {i}") for i in range(4)]
+        out = named.generate(msgs)
+        assert [r["token_ids"] for r in out] == [offline(m) for m in msgs], [r["error"] for r in out]
+        assert named.procs["encode1"].wait(60) != 0
+        assert "tritonserver exited" in (named.root / "encode1" / "serve.log").read_text(errors="replace")
+    finally:
+        ghost.kill()
+        ghost.wait()
+    named.procs["encode0"].send_signal(signal.SIGTERM)
+    named.procs["encode0"].wait(60)
+    (r,) = named.generate([user(png(64, 64, 600), "anyone?")])
+    assert r["token_ids"] == [] and "encode server" in r["error"], r
+    m = user("text needs no encoder")
+    assert named.generate([m])[0]["token_ids"] == offline(m)

@@ -184,3 +184,21 @@ def test_tier_weights_are_checked():
     for bad in ({"ssd": 0.5}, {"host": 1.5}, {"disk": "high"}):
         with pytest.raises(ConfigError, match="tier_weights"):
             ServingConfig(tier_weights=bad)
+
+
+def test_encode_servers_rank_by_calls_in_flight_then_by_the_image():
+    from baton.backends.cluster.encoders import rank_encoders, rendezvous
+
+    a, b, c = (NodeInfo(x, "encode", f"{x}:1") for x in "abc")
+    key = "0123456789abcdef0123456789abcdef"
+    by_image = sorted([a, b, c], key=lambda n: -rendezvous(n.node_id, key))
+    # idle: the image's own order, the same every time and whatever order the membership lists them in
+    assert rank_encoders([a, b, c], {}, key) == rank_encoders([c, a, b], {}, key) == by_image
+    # another image, another order for some (rendezvous hashing spreads images over the servers)
+    firsts = {rank_encoders([a, b, c], {}, f"{i:032x}")[0].node_id for i in range(32)}
+    assert firsts == {"a", "b", "c"}
+    # busy: fewest calls in flight first, this front's own and those the server reports queued
+    best = by_image[0]
+    assert rank_encoders([a, b, c], {best.node_id: 1}, key)[-1] is best
+    best.waiting = 2
+    assert rank_encoders([a, b, c], {}, key)[-1] is best

@@ -20,10 +20,7 @@ is also skipped for one lease TTL (`Router.down`), whatever the membership still
 
 from __future__ import annotations
 
-import logging
 import math
-import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -33,13 +30,11 @@ from ..engine.sampling_params import SamplingParams
 from ..kv.hashing import hash_blocks
 from ..kv.transfer import BlockSource
 from ..stages.front import FrontError
-from ..stages.loopback import Arrays, Loopback
-from .registry import LEASE_TTL_S, Membership, NodeInfo, short_hash
-
-log = logging.getLogger("router")
+from ..stages.loopback import Arrays
+from .nodes import NODE_TRIES, NodeCalls
+from .registry import NodeInfo, short_hash
 
 QUEUED_REQUEST_TOKENS = 256       # what one request waiting at a prefill node is assumed to cost
-NODE_TRIES = 3                    # nodes tried per request (prefill; decode before its first response)
 
 
 # How much a prompt block found in a node's lower KV tier is worth against one in its pool (1.0):
@@ -111,42 +106,16 @@ def rank_decode(nodes: list[NodeInfo], tokens: int, inflight: dict[str, int], bl
     return sorted([n for n in nodes if not (block_bytes and n.block_bytes and n.block_bytes != block_bytes)], key=key)
 
 
-class Router:
+class Router(NodeCalls):
     """The pd_router front's view of the cluster and its calls to the chosen nodes."""
 
     def __init__(self, name_service: str, cluster: str, timeout_s: float,
                  tier_weights: dict[str, float] | None = None, stage_key: str = "") -> None:
-        """stage_key: what calls to the nodes' internal stages carry (the cluster's NodeConfig.stage_key)."""
-        self.members = Membership(name_service, cluster)
-        self.stage_key = stage_key
+        super().__init__(name_service, cluster, timeout_s, stage_key)
         self.tier_weights = tier_weights
-        self.name_service = name_service
-        self.timeout_s = timeout_s
-        self.lock = threading.Lock()
         self.prefill_tokens: dict[str, int] = defaultdict(int)    # node -> prompt tokens sent, unanswered
         self.decode_blocks: dict[str, int] = defaultdict(int)     # node -> blocks of requests streaming there
-        self.down: dict[str, float] = {}                          # node -> skipped until (monotonic)
-        self.channels: dict[str, Loopback] = {}
-        self.retries = 0
         self.turn = 0                                             # requests routed (rotates ties)
-        self._sent: dict[str, int] = {}
-
-    def _live(self, role: str) -> list[NodeInfo]:
-        now = time.monotonic()
-        with self.lock:
-            return [n for n in self.members.of_role(role) if self.down.get(n.node_id, 0) <= now]
-
-    def _channel(self, address: str) -> Loopback:
-        with self.lock:
-            if address not in self.channels:
-                self.channels[address] = Loopback(address, self.timeout_s, self.stage_key)
-            return self.channels[address]
-
-    def _mark_down(self, node: NodeInfo, why: str) -> None:
-        log.warning("node %s (%s) failed a call (%s); not routing to it for %d s", node.node_id, node.grpc, why,
-                    LEASE_TTL_S)
-        with self.lock:
-            self.down[node.node_id] = time.monotonic() + LEASE_TTL_S
 
     def prefill(self, request: Arrays, outputs: list[str]) -> Arrays:
         """Prefill on the best prefill node; a node that fails is skipped and the next one tried."""
@@ -211,19 +180,6 @@ class Router:
             finally:
                 with self.lock:
                     self.decode_blocks[node.node_id] -= blocks
-
-    def metrics(self) -> dict[str, float]:
-        """Counter deltas since the last call (stages/metrics.py FRONT), and the name service's state."""
-        with self.lock:
-            now = {"baton:name_service_errors_total": self.members.errors, "baton:route_retries_total": self.retries}
-            out = {k: v - self._sent.get(k, 0) for k, v in now.items()}
-            self._sent = now
-        return out | {"baton:name_service_up": 0.0 if self.members.down_since is not None else 1.0}
-
-    def close(self) -> None:
-        self.members.stop()
-        for ch in self.channels.values():
-            ch.close()
 
 
 def _text(a: np.ndarray) -> str:

@@ -99,8 +99,10 @@ class ServingConfig:
     # directory (stages/draft_channel.py); "grpc", through tritonserver's gRPC endpoint (~0.5 ms
     # more per call on 2 cores)
     draft_channel: Literal["ipc", "grpc"] = "ipc"
-    # EPD across servers (profile epd_llm): the encode server's gRPC address, host:port; its images'
-    # embeddings are read over the transfer engine. "": encode runs on this node (or inside prefill)
+    # EPD across servers (profile epd_llm): images are encoded on an encode server (profile
+    # epd_encode) and their embeddings read over the transfer engine. The server: `encode_address`
+    # (gRPC host:port), or else any the name service (--name-service) has registered
+    remote_encode: bool = False
     encode_address: str = ""
 
     def __post_init__(self) -> None:
@@ -189,6 +191,7 @@ class NodeConfig:
     # `encode` model (EPD) rather than inside prefill
     embedding_store: str = ""
     encode_stage: bool = False
+    encode_service: str = ""             # etcd URL where this node's front finds encode servers (remote_encode)
     # EPD across servers: this node's address for the transfer engine that serves (encode server) or
     # reads (prefill beside a remote encode server) image embeddings
     epd_host: str = ""

@@ -107,8 +107,16 @@ class Node:
         model_dir = str(Path(self.model_dir).resolve())
         engine, serving = prof.configs(model_dir, self.overrides)
         role = serving.pd_role
-        epd = role == "encode" or bool(serving.encode_address)      # EPD across servers: the cluster's key
-        handle_key = self._cluster_key(etcd=role != "encode" and bool(role)) if role or epd \
+        remote_encode = serving.remote_encode or bool(serving.encode_address)
+        if remote_encode and not serving.encode_address and not self.name_service:
+            raise RuntimeError(f"profile {self.profile!r} encodes images on an encode server: give its address "
+                               "(--encode-address HOST:PORT), or --name-service URL where encode servers "
+                               "(profile epd_encode) register")
+        epd = role == "encode" or remote_encode      # EPD across servers: the cluster's key
+        encode_service = self.name_service if remote_encode and not serving.encode_address else ""
+        # PD roles need etcd; an encode server (and the node finding it) only when given one
+        etcd = bool(role) and role != "encode" or bool(encode_service) or role == "encode" and bool(self.name_service)
+        handle_key = self._cluster_key(etcd=etcd) if role or epd \
             else secrets.token_hex(32)   # checked before anything starts
         self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -166,7 +174,7 @@ class Node:
                           stage_calls_keyed=use_keyed_stages(prof.models, role),
                           draft_address=draft_address(prof.models, serving, self.run_dir, self.grpc_url),
                           embedding_store=str(self.embedding_dir or ""),
-                          encode_stage="encode" in prof.models or bool(serving.encode_address),
+                          encode_stage="encode" in prof.models or remote_encode, encode_service=encode_service,
                           epd_host=self.host if epd else "")
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
@@ -216,7 +224,7 @@ class Node:
         except Exception:
             self.stop()
             raise
-        if role and role != "encode":
+        if role and (role != "encode" or self.name_service):
             try:
                 self.registration = Registration(self.name_service, self.cluster, self._node_info)
             except Exception as e:
@@ -352,7 +360,8 @@ class Node:
         if self.listen:
             return self.listen
         serving = Profile.load(self.profile).serving
-        cluster = serving.get("pd_role", "") or self.overrides.get("encode_address") or serving.get("encode_address")
+        cluster = serving.get("pd_role", "") or self.overrides.get("encode_address") or serving.get("encode_address") \
+            or serving.get("remote_encode")
         return "0.0.0.0" if cluster and not self.host.startswith("127.") else "127.0.0.1"
 
     @property
@@ -419,7 +428,7 @@ def scrape_load(metrics_port: int, role: str) -> tuple[int, int]:
     batch gauge, and the requests Triton holds queued for the stage."""
     import urllib.request
 
-    stage = {"prefill": "prefill", "decode": "decode"}.get(role)
+    stage = {"prefill": "prefill", "decode": "decode", "encode": "encode"}.get(role)
     if stage is None:
         return 0, 0
     try:

@@ -85,11 +85,12 @@ FRONT = {
                                           "per request).", [0.001, 0.0025] + _SECONDS[:12]),
     "baton:request_queue_time_seconds": ("histogram", "From arrival to prefill starting on the request (tokenizing "
                                          "and waiting in prefill's queue).", _SECONDS),
-    # pd_router only
-    "baton:name_service_errors_total": ("counter", "PD router: polls of the name service that failed (routing "
-                                                    "went on with the last membership it saw)."),
-    "baton:name_service_up": ("gauge", "PD router: 1 while the name service answers, 0 while it does not."),
-    "baton:route_retries_total": ("counter", "PD router: calls retried on another node after a node failed."),
+    # fronts that find nodes in the name service: pd_router, epd_llm without --encode-address
+    "baton:name_service_errors_total": ("counter", "Polls of the name service that failed (routing went on "
+                                                    "with the last membership it saw)."),
+    "baton:name_service_up": ("gauge", "1 while the name service answers, 0 while it does not."),
+    "baton:route_retries_total": ("counter", "Calls retried on another node (PD: prefill or decode; EPD: "
+                                             "encode) after a node failed."),
 }
 
 

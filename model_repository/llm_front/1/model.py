@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports] (the Python backend provides it)
 
+from baton.backends.cluster.nodes import NodeCalls
 from baton.backends.runtime import configure_process
 from baton.backends.serving.config import DRAINING, NodeConfig, pin_to
 from baton.backends.serving.tensors import HANDLE, PREFILL_REQUEST, STREAM
@@ -42,7 +43,11 @@ class TritonPythonModel:
         self.timeout_s = node.serving.request_timeout_s
         # EPD: images go through the encode model before prefill, this node's or an encode server's
         self.encoder = None
-        if node.encode_stage:
+        if node.encode_service:               # encode servers found in the name service
+            from baton.backends.cluster.encoders import EncodeServers
+
+            self.encoder = EncodeServers(node.encode_service, node.cluster, node.serving.request_timeout_s, node.stage_key)
+        elif node.encode_stage:
             self.encoder = Loopback(node.serving.encode_address, node.serving.request_timeout_s, node.stage_key) \
                 if node.serving.encode_address else self.stages
         self.metrics = TritonMetrics(pb_utils, FRONT, {"model": args["model_name"], "version": args["model_version"]})
@@ -70,7 +75,8 @@ class TritonPythonModel:
             self.limit.leave()
         # after leave(): the metric updates are IPC calls, and the request is done for its client
         # (a slot held through them refused the next wave's requests as "server busy")
-        self.metrics.update(timer.observations() | (self.router.metrics() if self.router else {}))
+        cluster = self.router or (self.encoder if isinstance(self.encoder, NodeCalls) else None)
+        self.metrics.update(timer.observations() | (cluster.metrics() if cluster else {}))
 
     def _serve(self, r, timer):
         sender = r.get_response_sender()
