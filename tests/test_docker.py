@@ -38,15 +38,16 @@ def test_pd_compose_has_one_service_per_role_with_gpus_shm_and_health_checks():
         assert (DOCKER.parent / "ensemble_configs" / f"{p}.toml").is_file()
 
 
-def test_epd_compose_runs_the_encode_server_and_the_llm_server_that_reads_from_it():
+def test_epd_compose_runs_encode_servers_and_the_llm_server_that_finds_them_in_etcd():
     svcs = _load("compose.epd.yaml")["services"]
     enc, llm = " ".join(svcs["encode"]["entrypoint"]), " ".join(svcs["llm"]["entrypoint"])
     assert "baton serve epd_encode" in enc and "baton serve epd_llm" in llm
-    assert "--encode-address encode:8001" in llm
     for cmd in (enc, llm):
         assert "--cluster-key-file /run/secrets/cluster_key" in cmd and "--host $$(hostname -i)" in cmd
+        assert "--name-service http://etcd:2379" in cmd
     assert _gpus(svcs["encode"]) and _gpus(svcs["llm"]) and "8001:8001" in svcs["llm"]["ports"]
-    assert set(svcs["llm"]["depends_on"]) == {"encode"}
+    assert set(svcs["llm"]["depends_on"]) == {"etcd", "encode"} and set(svcs["encode"]["depends_on"]) == {"etcd"}
+    assert "ports" not in svcs["encode"]                  # scalable: no fixed host port
     for p in ("epd_encode", "epd_llm", "single_node_vl"):
         assert (DOCKER.parent / "ensemble_configs" / f"{p}.toml").is_file()
 
