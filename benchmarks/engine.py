@@ -3,8 +3,9 @@ transformers generate() measured in the same process on the same prompts. Greedy
 
     python benchmarks/engine.py --model .cache/checkpoints/small [--threads 2] [--out results.json]
 
---dtype float32 runs both engines in fp32; --f32-kernel-ab then also runs Baton with its fp32 kernel
-off (F.linear for every matmul: `baton_flinear`), alternating with it on, and prints the ratio.
+--dtype float32 runs both engines in fp32. --kernel-ab also runs Baton with its AVX2 matmul kernel
+off (`baton_flinear`: F.linear for every matmul), alternating with it on, and prints the ratio: in
+fp32 linear_f32 (up to F32_KERNEL_ROWS rows), in bf16 linear_bf16 (on CPUs without native bf16 GEMMs).
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def hf_run(model, batch: list[list[int]], new: int) -> tuple[float, float]:
     return ttft, len(batch) * (new - 1) / ((t2 - t1) - ttft)
 
 
+def bf16_kernel(on: bool, weights: list | None = None) -> list:
+    """Turn linear_bf16 off (or back on) for every weight that uses it; returns those weights."""
+    import gc
+
+    if weights is None:
+        weights = [o for o in gc.get_objects() if isinstance(o, linear_mod.LinearWeight) and o.bf16]
+    for w in weights:
+        w.bf16 = on
+    return weights
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=".cache/checkpoints/small")
@@ -72,7 +84,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--f32-kernel-ab", action="store_true", help="also Baton with F.linear for fp32 matmuls")
+    ap.add_argument("--kernel-ab", "--f32-kernel-ab", action="store_true",
+                    help="also Baton with F.linear in place of its fp32 / bf16 AVX2 kernels")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -100,17 +113,19 @@ def main() -> None:
     for bsz in (1, 8):
         # interleave engines per batch size so both see the same minute of this noisy machine
         measure("baton", lambda b, n: baton_run(engine, b, n), bsz)
-        if a.f32_kernel_ab:
+        if a.kernel_ab:
             rows, linear_mod.F32_KERNEL_ROWS = linear_mod.F32_KERNEL_ROWS, 0
+            bf16 = bf16_kernel(False)
             measure("baton_flinear", lambda b, n: baton_run(engine, b, n), bsz)
             linear_mod.F32_KERNEL_ROWS = rows
+            bf16_kernel(True, bf16)
         if hf is not None:
             hf_run(hf, prompts(1, a.prompt_len, vocab, seed=2), 4)
             measure("transformers", lambda b, n: hf_run(hf, b, n), bsz)
-    if a.f32_kernel_ab:
+    if a.kernel_ab:
         for k in ("batch1", "batch8"):
             b, f = results["baton"][k], results["baton_flinear"][k]
-            print(f"fp32 kernel / F.linear {k}: decode {b['decode_tok_s'] / f['decode_tok_s']:.2f}x, "
+            print(f"{a.dtype} kernel / F.linear {k}: decode {b['decode_tok_s'] / f['decode_tok_s']:.2f}x, "
                   f"TTFT {f['ttft_ms'] / b['ttft_ms']:.2f}x faster")
     if hf is not None:
         for k in ("batch1", "batch8"):

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from baton.kernels import attention, cpu_ext, kv_cache, norm, rotary
 from baton.kernels.activation import silu_and_mul, silu_and_mul_ref
@@ -254,6 +255,32 @@ def test_fp32_linear_rows_do_not_depend_on_the_batch():
     full = torch.ops.baton_cpu.linear_f32(x, w, b)
     for s, e in [(0, 1), (39, 40), (5, 12), (3, 16), (1, 40), (7, 8)]:
         assert torch.equal(torch.ops.baton_cpu.linear_f32(x[s:e].contiguous(), w, b), full[s:e]), (s, e)
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 64, 96), (5, 67, 203), (80, 130, 64)])
+def test_bf16_linear_kernel_where_torch_has_no_native_bf16(impl, monkeypatch, m, n, k):
+    """Without native bf16 GEMMs (AVX2: torch's bf16 F.linear converts element by element) plain bf16
+    weights run linear_bf16 at any row count: within one bf16 rounding of torch's result (both
+    accumulate in fp32 and round once), rows bit-identical however they are batched."""
+    import importlib
+
+    lin = importlib.import_module("baton.kernels.linear")    # the package's `linear` is the function
+    monkeypatch.setattr(lin, "native_half_matmul", lambda dtype: False)    # as on such a CPU, anywhere
+    torch.manual_seed(6)
+    w, b, x = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16(), torch.randn(m, k).bfloat16()
+    lw = LinearWeight(w, b, pack=False)
+    assert lw.bf16 == (impl == "fused" and torch.ops.baton_cpu.linear_f32_supported())
+    y = linear(x, lw)
+    assert y.dtype == torch.bfloat16
+    ref = F.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(y.double(), ref, atol=0.05, rtol=1 / 128)          # one bf16 rounding
+    torch.testing.assert_close(y, F.linear(x, w, b), atol=0.05, rtol=1 / 128)
+    if lw.bf16:
+        for s, e in [(0, 1), (m - 1, m), (1, m)]:
+            assert torch.equal(linear(x[s:e].contiguous(), lw), y[s:e]), (s, e)
+    # on a CPU with native bf16 GEMMs torch's own path stays
+    monkeypatch.setattr(lin, "native_half_matmul", lambda dtype: True)
+    assert not LinearWeight(w, b, pack=False).bf16
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -1025,10 +1025,25 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));                            // + i+1
 }
 
-// y[r][j] = x[r] . w[j] for R rows of x and J (<= 4) rows of w.
+// Eight weights as fp32: loaded (fp32), or widened from bf16 (its bits are fp32's top half).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// y[r][j] = x[r] . w[j] for R rows of x and J (<= 4) rows of w (W: float, or bf16 bits).
 constexpr int PF = 8;
-template <int R, int J>
-inline void f32_block(const float* x, int64_t xs, const float* w, int64_t K, float* y, int64_t ys) {
+template <int R, int J, typename W>
+inline void f32_block(const float* x, int64_t xs, const W* w, int64_t K, float* y, int64_t ys) {
+  constexpr int64_t LINE = 64 / sizeof(W);      // weights per cache line: one prefetch each
   __m256 acc[R][J];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
@@ -1036,8 +1051,8 @@ inline void f32_block(const float* x, int64_t xs, const float* w, int64_t K, flo
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 wv[J];
     for (int j = 0; j < J; ++j) {
-      if ((k & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (j + PF) * K + k), _MM_HINT_T0);
-      wv[j] = _mm256_loadu_ps(w + j * K + k);
+      if ((k & (LINE - 1)) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (j + PF) * K + k), _MM_HINT_T0);
+      wv[j] = load8(w + j * K + k);
     }
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + r * xs + k);
@@ -1047,40 +1062,26 @@ inline void f32_block(const float* x, int64_t xs, const float* w, int64_t K, flo
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) {
       float v = hsum8(acc[r][j]);
-      for (int64_t k = K8; k < K; ++k) v = std::fma(x[r * xs + k], w[j * K + k], v);
+      for (int64_t k = K8; k < K; ++k) v = std::fma(x[r * xs + k], widen(w[j * K + k]), v);
       y[r * ys + j] = v;
     }
 }
 
-template <int J>
-inline void f32_rows(const float* x, int64_t M, int64_t K, const float* w, float* y, int64_t N) {
+template <int J, typename W>
+inline void f32_rows(const float* x, int64_t M, int64_t K, const W* w, float* y, int64_t N) {
   int64_t m = 0;
   for (; m + 2 <= M; m += 2) f32_block<2, J>(x + m * K, K, w, K, y + m * N, N);
   if (m < M) f32_block<1, J>(x + m * K, K, w, K, y + m * N, N);
 }
-#endif
 
-at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.is_contiguous() &&
-              w.is_contiguous() && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-              "linear_f32: x [M, K] and w [N, K] must be contiguous fp32");
-  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  auto out = at::empty({M, N}, x.options());
-#if defined(__AVX2__) && defined(__FMA__)
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
-                "linear_f32: bias must be a contiguous fp32 [N]");
-    bp = bias->data_ptr<float>();
-  }
+// out[M, N] (fp32) = x[M, K] (fp32) . w[N, K]^T + bias, over blocks of 4 weight rows.
+template <typename W>
+void f32_linear(const float* xp, const W* wp, const float* bp, float* op, int64_t M, int64_t N, int64_t K) {
   const int64_t blocks = (N + 3) / 4;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * 4, nn = std::min<int64_t>(4, N - n0);
-      const float* wb = wp + n0 * K;
+      const W* wb = wp + n0 * K;
       switch (nn) {
         case 4: f32_rows<4>(xp, M, K, wb, op + n0, N); break;
         case 3: f32_rows<3>(xp, M, K, wb, op + n0, N); break;
@@ -1092,10 +1093,53 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optio
           for (int64_t j = 0; j < nn; ++j) op[m * N + n0 + j] += bp[n0 + j];
     }
   });
+}
+#endif
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.is_contiguous() &&
+              w.is_contiguous() && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "linear_f32: x [M, K] and w [N, K] must be contiguous fp32");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  auto out = at::empty({M, N}, x.options());
+#if defined(__AVX2__) && defined(__FMA__)
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+                "linear_f32: bias must be a contiguous fp32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+  f32_linear(x.data_ptr<float>(), w.data_ptr<float>(), bp, out.data_ptr<float>(), M, N, K);
 #else
   TORCH_CHECK(false, "linear_f32: built without AVX2 and FMA");
 #endif
   return out;
+}
+
+// bf16 x and weights on a CPU without native bf16 GEMMs (AVX2: torch's bf16 F.linear converts element
+// by element, ~13x slower than fp32 there): x widened to fp32 once, each weight widened in registers
+// (a bf16 is fp32's top 16 bits), fp32 accumulation as linear_f32 (the same fixed chain per output:
+// batch-invariant rows), the bias added in fp32, one rounding to bf16 at the end.
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
+              w.is_contiguous() && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "linear_bf16: x [M, K] and w [N, K] must be contiguous bf16");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+#if defined(__AVX2__) && defined(__FMA__)
+  const at::Tensor xf = x.to(at::kFloat);
+  auto out = at::empty({M, N}, xf.options());
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N, "linear_bf16: bias must be a bf16 [N]");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  f32_linear(xf.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+             bf.defined() ? bf.data_ptr<float>() : nullptr, out.data_ptr<float>(), M, N, K);
+  return out.to(at::kBFloat16);
+#else
+  TORCH_CHECK(false, "linear_bf16: built without AVX2 and FMA");
+  return at::Tensor();
+#endif
 }
 
 // ---- weight-only INT8 and INT4: integer products on VNNI ----------------------------------------
@@ -1473,6 +1517,7 @@ TORCH_LIBRARY(baton_cpu, m) {
   m.def("linear_packed_bf16", &linear_packed_bf16);
   m.def("linear_f32", &linear_f32);
   m.def("linear_f32_supported", &linear_f32_supported);
+  m.def("linear_bf16", &linear_bf16);
   m.def("linear_int8", &linear_int8);
   m.def("linear_int4", &linear_int4);
   m.def("packed_bf16_supported", &packed_bf16_supported);
