@@ -158,8 +158,6 @@ class LinearWeight:
         self.packed = None
         self.f32 = (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous()
                     and (bias is None or bias.dtype == torch.float32) and _f32_kernel_supported())
-        self.bf16 = (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.is_contiguous()
-                     and (bias is None or bias.dtype == torch.bfloat16) and _bf16_kernel_supported())
         if pack and weight.device.type == "cpu" and onednn_packs(weight.dtype):
             if can_share_packed(weight.dtype):          # our own bytes: the batch-1 kernel can read them
                 self._wrap(pack_weight(weight))
@@ -168,6 +166,10 @@ class LinearWeight:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
                 if not keep_weight:
                     self.weight = None
+        # bf16 left unpacked (oneDNN packs it only with AVX-512) on a CPU without native bf16 GEMMs
+        self.bf16 = (self.packed is None and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                     and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)
+                     and _bf16_kernel_supported())
 
     def _wrap(self, pw: PackedWeight) -> None:
         if not cpu_ext.available():
@@ -194,7 +196,7 @@ def linear(x: torch.Tensor, w: LinearWeight | Int8Linear | Int4Linear) -> torch.
         return torch.ops.baton_cpu.linear_packed_bf16(x, w._blob, w.out_features, w.in_features, w.bias)
     if w.f32 and x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= F32_KERNEL_ROWS and x.is_contiguous():
         return torch.ops.baton_cpu.linear_f32(x, w.weight, w.bias)
-    if w.bf16 and w.weight is not None and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
+    if w.bf16 and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
         return torch.ops.baton_cpu.linear_bf16(x, w.weight, w.bias)
     if w.packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, w.packed, w.bias, "none", [], "")

@@ -10,7 +10,6 @@ servers are equally busy. A server that fails a call is skipped for a lease TTL 
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections import defaultdict
 
 from ..stages.front import FrontError
@@ -34,15 +33,13 @@ class EncodeServers(NodeCalls):
     def __init__(self, name_service: str, cluster: str, timeout_s: float, stage_key: str = "") -> None:
         super().__init__(name_service, cluster, timeout_s, stage_key)
         self.inflight: dict[str, int] = defaultdict(int)          # node -> this front's calls there
-        self.calls: dict[str, int] = defaultdict(int)             # node -> calls it answered (tests, logs)
-        self.count_lock = threading.Lock()
 
     def call(self, model: str, request: Arrays, outputs: list[str]) -> Arrays:
         hashes = request.get("image_hashes")
         first = hashes.reshape(-1)[0] if hashes is not None and hashes.size else b""
         key = first.decode() if isinstance(first, bytes) else str(first)
         live = self._live("encode")
-        with self.count_lock:
+        with self.lock:
             ranked = rank_encoders(live, dict(self.inflight), key)
         if not ranked:
             if self.members.of_role("encode"):
@@ -53,13 +50,10 @@ class EncodeServers(NodeCalls):
                              "--name-service)", "unavailable")
         last: FrontError | None = None
         for node in ranked[:NODE_TRIES]:
-            with self.count_lock:
+            with self.lock:
                 self.inflight[node.node_id] += 1
             try:
-                out = self._channel(node.grpc).call(model, request, outputs)
-                with self.count_lock:
-                    self.calls[node.node_id] += 1
-                return out
+                return self._channel(node.grpc).call(model, request, outputs)
             except FrontError as e:
                 if e.code == "invalid":              # the request's fault: the same anywhere
                     raise
@@ -69,6 +63,6 @@ class EncodeServers(NodeCalls):
                 if e.code == "unavailable":          # unreachable or stopping; a fault of one call is not that
                     self._mark_down(node, str(e))
             finally:
-                with self.count_lock:
+                with self.lock:
                     self.inflight[node.node_id] -= 1
         raise FrontError(f"encode failed on {min(len(ranked), NODE_TRIES)} encode servers; last: {last}", "unavailable")

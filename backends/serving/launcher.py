@@ -114,8 +114,8 @@ class Node:
                                "(profile epd_encode) register")
         epd = role == "encode" or remote_encode      # EPD across servers: the cluster's key
         encode_service = self.name_service if remote_encode and not serving.encode_address else ""
-        # PD roles need etcd; an encode server (and the node finding it) only when given one
-        etcd = bool(role) and role != "encode" or bool(encode_service) or role == "encode" and bool(self.name_service)
+        # PD roles need etcd; an encode server (and the node finding encode servers) only when given one
+        etcd = bool(self.name_service) if role == "encode" else bool(role or encode_service)
         handle_key = self._cluster_key(etcd=etcd) if role or epd \
             else secrets.token_hex(32)   # checked before anything starts
         self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
@@ -428,8 +428,7 @@ def scrape_load(metrics_port: int, role: str) -> tuple[int, int]:
     batch gauge, and the requests Triton holds queued for the stage."""
     import urllib.request
 
-    stage = {"prefill": "prefill", "decode": "decode", "encode": "encode"}.get(role)
-    if stage is None:
+    if role not in ("prefill", "decode", "encode"):
         return 0, 0
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1).read().decode()
@@ -439,6 +438,6 @@ def scrape_load(metrics_port: int, role: str) -> tuple[int, int]:
     for line in text.splitlines():
         if line.startswith("baton:decode_running_requests"):
             running += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("nv_inference_pending_request_count") and f'model="{stage}"' in line:
+        elif line.startswith("nv_inference_pending_request_count") and f'model="{role}"' in line:
             waiting += float(line.rsplit(" ", 1)[1])
     return int(running), int(waiting)
