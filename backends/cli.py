@@ -233,6 +233,8 @@ def _cluster(argv: list[str]) -> None:
     ap.add_argument("action", choices=["up"])
     ap.add_argument("--prefill", type=int, default=1, help="prefill nodes")
     ap.add_argument("--decode", type=int, default=1, help="decode nodes")
+    ap.add_argument("--encode", type=int, default=0, help="encode servers (EPD, a vision model): the router sends "
+                    "images to them (profile epd_router); 0: prefill nodes encode images themselves")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory (default: baton-tiny)")
     ap.add_argument("--http-port", type=int, default=8000, help="the router's")
     ap.add_argument("--grpc-port", type=int, default=8001, help="the router's")
@@ -243,8 +245,8 @@ def _cluster(argv: list[str]) -> None:
                     help='every node\'s KV cache tiers (JSON); "store": "auto" starts one Mooncake Store for the cluster')
     ap.add_argument("--timeout", type=float, default=300)
     a = ap.parse_args(argv)
-    if a.prefill < 1 or a.decode < 1:
-        ap.error("--prefill and --decode must be at least 1")
+    if a.prefill < 1 or a.decode < 1 or a.encode < 0:
+        ap.error("--prefill and --decode must be at least 1, --encode at least 0")
 
     def on_term(*_: object) -> None:
         raise KeyboardInterrupt
@@ -252,9 +254,10 @@ def _cluster(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, on_term)
     cluster = LocalCluster(a.model, a.prefill, a.decode, hosts=a.hosts,
                            router_ports=(a.http_port, a.grpc_port, a.metrics_port, a.gateway_port),
-                           kv_tiers=a.kv_tiers or None)
+                           kv_tiers=a.kv_tiers or None, encode=a.encode)
     try:
-        print(f"[baton] starting etcd, {a.prefill} prefill and {a.decode} decode nodes, a router ...",
+        encode = f"{a.encode} encode, " if a.encode else ""
+        print(f"[baton] starting etcd, {encode}{a.prefill} prefill and {a.decode} decode nodes, a router ...",
               file=sys.stderr, flush=True)
         cluster.start(a.timeout)
         r = cluster.router

@@ -52,13 +52,28 @@ def test_epd_compose_runs_encode_servers_and_the_llm_server_that_finds_them_in_e
         assert (DOCKER.parent / "ensemble_configs" / f"{p}.toml").is_file()
 
 
+def test_epd_pd_compose_runs_encode_prefill_decode_and_a_router_that_sends_images_to_encode():
+    svcs = _load("compose.epd-pd.yaml")["services"]
+    assert {"etcd", "encode", "prefill", "decode", "router"} <= set(svcs)
+    for role, profile in (("encode", "epd_encode"), ("prefill", "pd_prefill"), ("decode", "pd_decode"),
+                          ("router", "epd_router")):
+        s = svcs[role]
+        cmd = " ".join(s["entrypoint"])
+        assert f"baton serve {profile} " in cmd and "--name-service http://etcd:2379" in cmd
+        assert "--cluster-key-file /run/secrets/cluster_key" in cmd and "--host $$(hostname -i)" in cmd
+        assert bool(_gpus(s)) == (role != "router")           # the router runs no model
+        assert ("ports" in s) == (role == "router")           # the rest scale: no fixed host port
+        assert (DOCKER.parent / "ensemble_configs" / f"{profile}.toml").is_file()
+    assert set(svcs["router"]["depends_on"]) == {"etcd", "encode", "prefill", "decode"}
+
+
 def test_single_node_compose_listens_beyond_loopback():
     s = _load("compose.yaml")["services"]["baton"]
     assert "--listen" in s["command"] and "0.0.0.0" in s["command"] and _gpus(s)
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian's) validates compose files")
-@pytest.mark.parametrize("name", ["compose.yaml", "compose.pd.yaml", "compose.epd.yaml"])
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.pd.yaml", "compose.epd.yaml", "compose.epd-pd.yaml"])
 def test_docker_compose_accepts_the_files(name, tmp_path):
     key = DOCKER / "cluster.key"
     made = not key.exists()

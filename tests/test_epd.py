@@ -148,9 +148,9 @@ def offline(vl_dir):
     llm = LLM(vl_dir, dtype="float32", num_blocks=128, max_model_len=512)
     template = _chat_template(Path(vl_dir))
 
-    def run(messages: list[dict]) -> list[int]:
+    def run(messages: list[dict], max_tokens: int = 10) -> list[int]:
         prompt = template.render(messages=messages, add_generation_prompt=True)
-        sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         return llm.generate({"prompt": prompt, "multi_modal_data": {"image": _image_parts(messages)}}, sp)[0].token_ids
 
     yield run
@@ -221,6 +221,28 @@ def test_arena_reads_by_handle_and_refuses_a_reused_slot():
     with pytest.raises(TransferError, match="changed on the encode server"):
         reader.read(source, [0])
     assert torch.equal(reader.read(arena.source([keys[4]]), [0])[0], embeds[keys[4]])
+
+
+def test_a_recomputing_node_reads_the_embeddings_back_from_the_encode_server():
+    """Decode recomputing a prompt whose images it never encoded: its own store first, else the slots
+    the handle names on the encode server; a slot reused since is None (that request ends), not wrong."""
+    pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
+    import torch
+
+    from baton.backends.multimodal.remote import EmbeddingArena, RemoteEmbeddings, fetcher
+
+    arena = EmbeddingArena(2 * 4096, 4096, "127.0.0.1")              # two slots
+    reader = RemoteEmbeddings("127.0.0.1", staging_bytes=1 << 16)
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(8, 64, generator=g) for _ in range(3))
+    arena.put("a", a)
+    arena.put("b", b)
+    local = {"b": b + 1}                                              # the node's own store wins
+    fetch = fetcher(local.get, lambda: reader, arena.source(["a", "b"]).to_json(), ["a", "b"])
+    assert torch.equal(fetch("a"), a) and torch.equal(fetch("b"), b + 1)
+    arena.put("c", c)                                                 # reuses a's slot
+    assert fetch("a") is None
+    assert fetcher(local.get, None, arena.source(["c"]).to_json(), ["c"]) == local.get    # no reader: the store
 
 
 def test_epd_llm_without_an_encode_server_says_so_before_starting_anything(vl_dir, tmp_path, monkeypatch):
@@ -342,3 +364,97 @@ def test_a_dead_encode_server_is_skipped_and_none_left_is_a_clear_error(named, o
     assert r["token_ids"] == [] and "encode server" in r["error"], r
     m = user("text needs no encoder")
     assert named.generate([m])[0]["token_ids"] == offline(m)
+
+
+# ---- E, P and D each on its own server: encode0, prefill0, decode0 and a router (profile epd_router) ----
+
+@pytest.fixture(scope="module")
+def epd_pd(vl_dir, tmp_path_factory):
+    """An EPD cluster on simulated hosts (cluster.local with encode=1), and beside its router a second
+    one (profile pd_router) whose images the prefill node encodes itself."""
+    from baton.backends.cluster.local import LocalCluster, NodeProcess
+    from baton.backends.cluster.netns import NetnsUnavailable
+
+    pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
+    pytest.importorskip("etcd3gw")
+    d = tmp_path_factory.mktemp("epd-pd-profiles")
+    for name in ("pd_prefill", "pd_decode", "pd_router", "epd_router", "epd_encode"):
+        (d / f"{name}.toml").write_text(PROFILE.format(base=name, cache_mb=1))
+    # decode: a pool two long requests outgrow (one is preempted, then recomputed from the start)
+    (d / "pd_decode.toml").write_text(PROFILE.format(base="pd_decode", cache_mb=1).replace(
+        "[engine]\n", "[engine]\nnum_blocks = 40\nenable_prefix_caching = false\n"))
+    try:
+        c = LocalCluster(str(vl_dir), 1, 1, hosts=True, profile_dir=d, encode=1).start()
+    except NetnsUnavailable as e:
+        pytest.skip(f"network namespaces cannot be created here: {e}")
+    try:
+        hub = c.hosts.addr["hub"]
+        mono = NodeProcess("router_mono", str(d / "pd_router.toml"), hub, (8100, 8101, 8102, -1), c.run_root / "router_mono",
+                           prefix=c.hosts.run_in("hub"))
+        c.nodes[mono.name] = mono
+        c._launch(mono)
+        c._wait_serving(mono, 180)
+    except BaseException:
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+def _generate(c, messages: list[list[dict]], router: str = "router", concurrency: int = 1, **kw: object) -> list[dict]:
+    reqs = [{"prompt": None, "messages": m, "temperature": 0.0, "max_tokens": 10, "ignore_eos": True} | kw
+            for m in messages]
+    r = subprocess.run([*c.hosts.run_in("hub"), sys.executable, "-P", "-m", "baton.backends.cluster.probe",
+                        c.nodes[router].grpc], input=json.dumps({"requests": reqs, "concurrency": concurrency}),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)["results"]
+
+
+def _held(c) -> dict[str, tuple[int, int]]:
+    """KV blocks held (in use, handed off) on the prefill and decode nodes once idle."""
+    deadline = time.monotonic() + 10
+    while True:
+        held = {n: (st["num_used"], st["handoffs"]) for n in ("prefill0", "decode0") for st in [c.kv_stats(n)]}
+        if all(v == (0, 0) for v in held.values()) or time.monotonic() > deadline:
+            return held
+        time.sleep(0.2)
+
+
+def test_encode_prefill_and_decode_each_on_its_own_server_give_the_offline_tokens(epd_pd, offline):
+    msgs = [user(png(70, 100, 701), "What is this?"), user("Compare", png(300, 120, 702), "with", png(40, 260, 703)),
+            user("text only"), user(png(56, 56, 704), "again?")]
+    encoded = epd_pd.metric("baton:encode_images_total", ["encode0"])["encode0"]
+    out = _generate(epd_pd, msgs, concurrency=2)
+    assert [r["token_ids"] for r in out] == [offline(m) for m in msgs], [r["error"] for r in out]
+    assert epd_pd.metric("baton:encode_images_total", ["encode0"])["encode0"] == encoded + 4   # all on encode0
+    assert _held(epd_pd) == {"prefill0": (0, 0), "decode0": (0, 0)}
+
+
+def test_a_repeated_image_is_a_prefix_hit_on_the_prefill_node_across_servers(epd_pd, offline):
+    m = user(png(90, 90, 710), "Tell me more.")
+    first, second = _generate(epd_pd, [m]), _generate(epd_pd, [m])
+    assert first[0]["token_ids"] == second[0]["token_ids"] == offline(m)
+    assert second[0]["cached_tokens"] > first[0]["cached_tokens"] + 16    # past the image's blocks
+
+
+def test_a_pd_router_without_encode_servers_has_the_prefill_node_encode(epd_pd, offline):
+    msgs = [user(png(64, 80, 720), "Describe it."), user("plain text")]
+    before = epd_pd.metric("baton:encode_images_total", ["encode0"])["encode0"]
+    out = _generate(epd_pd, msgs, router="router_mono")
+    assert [r["token_ids"] for r in out] == [offline(m) for m in msgs], [r["error"] for r in out]
+    assert epd_pd.metric("baton:encode_images_total", ["encode0"])["encode0"] == before
+    (bad,) = _generate(epd_pd, [user(png(64, 64, 721)[:300], "x")], router="router_mono")
+    assert "corrupt or truncated" in bad["error"]
+    assert _held(epd_pd) == {"prefill0": (0, 0), "decode0": (0, 0)}
+
+
+def test_a_prompt_preempted_on_the_decode_node_is_recomputed_from_the_encode_servers_embeddings(epd_pd, offline):
+    """decode0's pool (40 blocks) holds one of these requests to its end, not both: one is preempted and
+    recomputed from its first token, its image's embeddings read from encode0 (decode0 never held them)."""
+    msgs = [user(png(224, 224, 730), "Describe this at length."), user(png(224, 196, 731), "And this one?")]
+    preempted = epd_pd.metric("baton:decode_preemptions_total", ["decode0"])["decode0"]
+    out = _generate(epd_pd, msgs, concurrency=2, max_tokens=300)
+    assert [r["token_ids"] for r in out] == [offline(m, 300) for m in msgs], [r["error"] for r in out]
+    assert epd_pd.metric("baton:decode_preemptions_total", ["decode0"])["decode0"] > preempted
+    assert _held(epd_pd) == {"prefill0": (0, 0), "decode0": (0, 0)}

@@ -202,3 +202,20 @@ def test_encode_servers_rank_by_calls_in_flight_then_by_the_image():
     assert rank_encoders([a, b, c], {best.node_id: 1}, key)[-1] is best
     best.waiting = 2
     assert rank_encoders([a, b, c], {}, key)[-1] is best
+
+
+def test_a_prompt_with_an_image_matches_the_blocks_a_prefill_node_keyed_on_that_image():
+    """A node's cached hashes of an image prompt chain through the image's content hash from its
+    placeholders' block on; the router computes the same ones from the spans preprocess made, so it
+    sees the hit, and sees none past the text before the image for another image."""
+    from baton.backends.engine.sampling_params import SamplingParams
+    from baton.backends.engine.sequence import Sequence
+    from baton.backends.multimodal.prompt import ImageSpan, MultiModalPrompt
+
+    prompt = list(range(100, 100 + 80))                # 5 blocks; placeholders at 20..35 (blocks 1-2)
+    image, other = ImageSpan(20, 16, "a" * 32, (1, 8, 8)), ImageSpan(20, 16, "b" * 32, (1, 8, 8))
+    seq = Sequence(prompt, SamplingParams(), 16, mm=MultiModalPrompt.of([image], len(prompt), 2))
+    node = _p("a", [short_hash(h) for h in seq.block_hashes])
+    assert uncached_tokens([node], prompt, images=[image]) == {"a": 0}
+    assert uncached_tokens([node], prompt, images=[other]) == {"a": 80 - 16}      # only block 0 is text alone
+    assert uncached_tokens([node], prompt) == {"a": 80 - 16}                       # no image keys: no match either

@@ -260,7 +260,7 @@ def test_a_prompt_whose_embeddings_are_gone_ends_alone(llm, hf):
         for o in eng.step():
             if o.error:
                 errors[o.seq.request_id] = o.error
-    assert list(errors) == [gone.request_id] and "embeddings left the embedding cache" in errors[gone.request_id]
+    assert list(errors) == [gone.request_id] and "image embeddings were no longer cached" in errors[gone.request_id]
     assert gone.finish_reason == "error" and ok.finish_reason == "length" and ok.num_output_tokens == 4
     assert eng.block_manager.num_used == 0
 

@@ -1,5 +1,6 @@
 """A PD cluster on one machine: etcd, N prefill nodes, M decode nodes and a router, each node its own
-`baton serve` process (its own tritonserver, KV manager and pool). Optionally each node on its own
+`baton serve` process (its own tritonserver, KV manager and pool); for a vision model optionally E
+encode servers (EPD: the router sends images to them, profile epd_router). Optionally each node on its own
 simulated host (cluster.netns.Hosts: network namespaces), so the KV transfer crosses a network
 interface. Used by `baton cluster up`, the PD tests and benchmarks/pd.py."""
 
@@ -27,7 +28,7 @@ from .registry import Membership
 
 @dataclass
 class NodeProcess:
-    name: str                  # prefill0, decode1, router
+    name: str                  # prefill0, decode1, encode0, router
     profile: str
     host: str                  # its address
     ports: tuple[int, int, int, int]     # http, grpc, metrics, gateway (-1: none)
@@ -64,19 +65,20 @@ class LocalCluster:
     def __init__(self, model: str, prefill: int = 1, decode: int = 1, hosts: bool = False,
                  profile_dir: Path | None = None, run_root: Path | None = None,
                  router_ports: tuple[int, int, int, int] = (0, 0, 0, 0), taskset: dict[str, str] | None = None,
-                 kv_tiers: dict | None = None) -> None:
-        """profile_dir: where to find pd_prefill/pd_decode/pd_router.toml overrides (tests shrink the
+                 kv_tiers: dict | None = None, encode: int = 0) -> None:
+        """profile_dir: where to find pd_prefill/pd_decode/pd_router.toml (epd_encode, epd_router) overrides (tests shrink the
         pool); hosts: one network namespace per node; router_ports: the router's HTTP, gRPC, metrics and
         OpenAI gateway ports without hosts (0: a free one, -1: no gateway); taskset: node name -> CPUs;
         kv_tiers: every prefill and decode node's [engine.kv_tiers] (store "auto": one mooncake_master
-        for the cluster, beside etcd, that every node uses)."""
-        self.model, self.n_prefill, self.n_decode = model, prefill, decode
+        for the cluster, beside etcd, that every node uses); encode: encode servers (EPD)."""
+        self.model, self.n_prefill, self.n_decode, self.n_encode = model, prefill, decode, encode
         self.profile_dir = profile_dir
         self.run_root = Path(run_root or tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-cluster-"))
         self.router_ports = router_ports
         self.taskset = taskset or {}
         self.hosts: Hosts | None = None
-        self.names = [f"prefill{i}" for i in range(prefill)] + [f"decode{i}" for i in range(decode)] + ["router"]
+        self.names = [f"encode{i}" for i in range(encode)] + [f"prefill{i}" for i in range(prefill)] \
+            + [f"decode{i}" for i in range(decode)] + ["router"]
         self.want_hosts = hosts
         self.etcd: EtcdProcess | None = None
         self.nodes: dict[str, NodeProcess] = {}
@@ -85,9 +87,10 @@ class LocalCluster:
         self.store = None                    # the cluster's mooncake_master (kv/services.py)
 
     def _profile(self, role: str) -> str:
-        if self.profile_dir is not None and (self.profile_dir / f"pd_{role}.toml").is_file():
-            return str(self.profile_dir / f"pd_{role}.toml")
-        return f"pd_{role}"
+        name = {"encode": "epd_encode", "router": "epd_router" if self.n_encode else "pd_router"}.get(role, f"pd_{role}")
+        if self.profile_dir is not None and (self.profile_dir / f"{name}.toml").is_file():
+            return str(self.profile_dir / f"{name}.toml")
+        return name
 
     def start(self, timeout: float = 300) -> LocalCluster:
         try:
@@ -127,7 +130,7 @@ class LocalCluster:
                     ports = (free_port(), free_port(), free_port(), -1)
             self.nodes[name] = NodeProcess(name, self._profile(role), host, ports, self.run_root / name, prefix=prefix,
                                            taskset=self.taskset.get(name, ""))
-        # prefill and decode nodes first (in parallel), then the router, once they are registered
+        # encode, prefill and decode nodes first (in parallel), then the router, once they are registered
         workers = [n for n in self.nodes.values() if n.name != "router"]
         for n in workers:
             self._launch(n)
@@ -135,7 +138,7 @@ class LocalCluster:
             self._wait_serving(n, timeout)
         members = Membership(self.etcd.url, "baton") if self.hosts is None else None
         if members is not None:
-            members.wait_for({"prefill": self.n_prefill, "decode": self.n_decode}, 10)
+            members.wait_for({"prefill": self.n_prefill, "decode": self.n_decode, "encode": self.n_encode}, 10)
             members.stop()
         self._launch(self.nodes["router"])
         self._wait_serving(self.nodes["router"], timeout)
@@ -147,7 +150,7 @@ class LocalCluster:
                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                "--gateway-port", str(gateway), "--name-service", self.etcd.url, "--host", n.host,
                "--cluster-key-file", str(self.key_file)]
-        if self.kv_tiers and n.name != "router":
+        if self.kv_tiers and n.name.startswith(("prefill", "decode")):
             cmd += ["--kv-tiers", json.dumps(self.kv_tiers)]
         if n.taskset:
             cmd = ["taskset", "-c", n.taskset, *cmd]

@@ -287,7 +287,8 @@ class LLMEngine:
 
     def _drop_unencoded(self, scheduled: list[tuple[Sequence, int]]) -> list[StepOutput]:
         """A scheduled prompt chunk whose image embeddings are gone (a decode node recomputing a
-        preempted prompt after the node's embedding cache let them go) ends that request alone."""
+        prompt after the node's embedding cache, and the encode server's arena, let them go) ends
+        that request alone."""
         out = []
         for s, n in list(scheduled):
             mm, p = s.mm, s.num_computed_tokens
@@ -296,8 +297,9 @@ class LLMEngine:
             if missing:
                 scheduled.remove((s, n))
                 self.scheduler.finish(s, "error")
-                out.append(StepOutput(s, [], True, error="its image embeddings left the embedding cache before "
-                                      "its prompt had to be recomputed (preempted); retry the request"))
+                out.append(StepOutput(s, [], True, error="its prompt had to be recomputed here (preempted, or its "
+                                      "KV could not be read) and its image embeddings were no longer cached; "
+                                      "retry the request"))
         return out
 
     def _publish(self, seq: Sequence) -> None:

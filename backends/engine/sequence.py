@@ -6,7 +6,7 @@ import itertools
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from ..kv.hashing import ROOT, block_hash, hash_blocks
+from ..kv.hashing import ROOT, hash_blocks
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -94,10 +94,6 @@ class Sequence(TokenHistory):
     def _extend_hashes(self) -> None:
         parent = self.block_hashes[-1] if self.block_hashes else ROOT
         start = len(self.block_hashes) * self.block_size
-        if self.mm is None:
-            self.block_hashes += hash_blocks(self.token_ids, self.block_size, self.extra_keys, parent, start)
-            return
-        bs = self.block_size
-        for i in range(start, self.num_tokens - bs + 1, bs):    # a block with an image's placeholders keys on it
-            parent = block_hash(parent, self.token_ids[i:i + bs], self.extra_keys + self.mm.keys_for(i, i + bs))
-            self.block_hashes.append(parent)
+        # a block with an image's placeholders keys on that image
+        self.block_hashes += hash_blocks(self.token_ids, self.block_size, self.extra_keys, parent, start,
+                                         self.mm.keys_for if self.mm is not None else None)

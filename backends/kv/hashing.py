@@ -5,7 +5,7 @@ same key for the same prefix (Python's hash() is salted per process and cannot b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import xxhash
@@ -24,10 +24,13 @@ def block_hash(parent: int, token_ids: Sequence[int], extra_keys: tuple = ()) ->
 
 
 def hash_blocks(token_ids: Sequence[int], block_size: int, extra_keys: tuple = (),
-                parent: int = ROOT, start: int = 0) -> list[int]:
-    """Hashes of the full blocks of token_ids[start:], chained from `parent`."""
+                parent: int = ROOT, start: int = 0,
+                keys_for: Callable[[int, int], tuple] | None = None) -> list[int]:
+    """Hashes of the full blocks of token_ids[start:], chained from `parent`. keys_for(start, end):
+    a block's own extra keys (a multimodal prompt: the images with a placeholder in it)."""
     out = []
     for i in range(start, len(token_ids) - block_size + 1, block_size):
-        parent = block_hash(parent, token_ids[i:i + block_size], extra_keys)
+        keys = extra_keys + keys_for(i, i + block_size) if keys_for is not None else extra_keys
+        parent = block_hash(parent, token_ids[i:i + block_size], keys)
         out.append(parent)
     return out

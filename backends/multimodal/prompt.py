@@ -49,9 +49,7 @@ class MultiModalPrompt:
         return self.embeds[i]
 
     def keys_for(self, start: int, end: int) -> tuple[str, ...]:
-        """Hashes of the images with a placeholder in tokens [start, end): a block's extra keys, so
-        the same tokens with another image never share cached K/V."""
-        return tuple(s.hash for s in self.spans if s.start < end and s.start + s.length > start)
+        return image_keys(self.spans, start, end)
 
     def position_rows(self, start: int, end: int) -> torch.Tensor:
         """[3, end - start] positions of tokens [start, end) (prompt or generated)."""
@@ -61,6 +59,12 @@ class MultiModalPrompt:
         tail = torch.arange(max(start, n), end, dtype=torch.int64) + self.delta
         head = self.positions[:, start:n] if start < n else self.positions[:, :0]
         return torch.cat([head, tail.expand(3, -1)], dim=1)
+
+
+def image_keys(spans: list[ImageSpan], start: int, end: int) -> tuple[str, ...]:
+    """Hashes of the images with a placeholder in tokens [start, end): a block's extra keys, so the
+    same tokens with another image never share cached K/V."""
+    return tuple(s.hash for s in spans if s.start < end and s.start + s.length > start)
 
 
 def expand_prompt(ids: list[int], image_token_id: int, images: list[ProcessedImage],

@@ -11,8 +11,10 @@ server with a small arena) is detected and refused (the request is retried), nev
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,6 +22,8 @@ import torch
 import xxhash
 
 from ..kv.transfer import TransferAgent, TransferError
+
+log = logging.getLogger("embeddings")
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -144,3 +148,25 @@ class RemoteEmbeddings:
                     out.append(raw.view(_DTYPES[s.dtype]).view(s.rows, s.cols))
                 start += len(batch)
         return out
+
+
+def fetcher(local: Callable[[str], torch.Tensor | None] | None, reader: Callable[[], RemoteEmbeddings] | None,
+            source: str, hashes: list[str]) -> Callable[[str], torch.Tensor | None] | None:
+    """How a node that recomputes a prompt (decode, preempted or after a failed KV read) gets its
+    images' embeddings back: its own store (`local`), else the encode server's slots the handle names
+    (`source`: EmbeddingSource JSON; `hashes`: the prompt's images in order), read through `reader`.
+    The fetch answers None when neither has them (a reused slot fails its checksum), and that request
+    alone ends with an error."""
+    if not source or reader is None:
+        return local
+
+    def fetch(key: str) -> torch.Tensor | None:
+        found = local(key) if local is not None else None
+        if found is not None:
+            return found
+        try:
+            return reader().read(EmbeddingSource.from_json(source), [hashes.index(key)])[0]
+        except (TransferError, ValueError, KeyError) as e:
+            log.warning("image %s: its embeddings could not be read from the encode server: %s", key, e)
+            return None
+    return fetch

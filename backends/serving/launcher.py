@@ -175,7 +175,9 @@ class Node:
                           draft_address=draft_address(prof.models, serving, self.run_dir, self.grpc_url),
                           embedding_store=str(self.embedding_dir or ""),
                           encode_stage="encode" in prof.models or remote_encode, encode_service=encode_service,
-                          epd_host=self.host if epd else "")
+                          # a PD node of a vision model reads embeddings from encode servers (prefill, and
+                          # decode recomputing a prompt)
+                          epd_host=self.host if epd or (role in ("prefill", "decode") and cfg.vision_config) else "")
         node.save(self.run_dir / "node.json")
         if serving.share_cores:
             CoreShare.create(self.run_dir / "cores")

@@ -26,6 +26,7 @@ from ..engine.detokenizer import Detokenizer
 from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Sequence
 from ..multimodal.embedding_store import EmbeddingStore
+from ..multimodal.remote import RemoteEmbeddings, fetcher
 from .messages import KVHandle, TokenDelta
 from .metrics import DECODE
 
@@ -54,13 +55,16 @@ class _Live:
 
 class DecodeStage:
     def __init__(self, engine: LLMEngine, handle_key: bytes, responses_per_step: int = 0,
-                 embeddings: EmbeddingStore | None = None) -> None:
+                 embeddings: EmbeddingStore | None = None, transfer_host: str = "") -> None:
         """handle_key: the node's secret; a KV handle this node's prefill did not sign, or whose blocks
         the KV manager does not hold for that request (forged, replayed, expired), is refused before
         any block is touched. embeddings: the node's embedding store, where a preempted prompt's
-        images are read back when it is recomputed."""
+        images are read back when it is recomputed; transfer_host: this node's address for reading
+        them from the encode server a handle names instead (EPD, decode on a server of its own)."""
         self.engine = engine
         self.embeddings = embeddings
+        self.transfer_host = transfer_host
+        self.remote: RemoteEmbeddings | None = None       # made on the first read from an encode server
         self.merge = int((engine.config.vision_config or {}).get("spatial_merge_size", 2))
         self.handle_key = handle_key
         self.responses_per_step = responses_per_step
@@ -169,9 +173,16 @@ class DecodeStage:
             return "its blocks are not held for it (already used, or expired)"
         return ""
 
+    def _remote(self) -> RemoteEmbeddings:
+        if self.remote is None:
+            self.remote = RemoteEmbeddings(self.transfer_host)
+        return self.remote
+
     def _admit(self, handle: KVHandle, sink: Sink) -> None:
         eng = self.engine
-        seq = handle.to_sequence(eng.block_size, self.merge, self.embeddings.get if self.embeddings else None)
+        fetch = fetcher(self.embeddings.get if self.embeddings else None, self._remote if self.transfer_host else None,
+                        handle.embed_source, [s.hash for s in handle.images])
+        seq = handle.to_sequence(eng.block_size, self.merge, fetch)
         first = seq.output_token_ids
         self.tokens += len(first)
         if handle.finish_reason:                   # prefill already finished it (max_tokens=1, EOS, stop)
@@ -215,6 +226,7 @@ class DecodeStage:
         spec = self.engine.spec_stats
         now = {"baton:decode_steps_total": self.steps, "baton:decode_step_seconds_total": self.step_s,
                "baton:generation_tokens_total": self.tokens, "baton:spec_draft_tokens_total": spec["drafted"],
+               "baton:decode_preemptions_total": self.engine.scheduler.num_preemptions,
                "baton:spec_accepted_tokens_total": spec["accepted"], "baton:spec_drafts_total": spec["drafts"]}
         for j, (d, a) in enumerate(zip(spec["drafted_at"], spec["accepted_at"])):
             now[f"baton:spec_draft_tokens_per_position_total|position={j + 1}"] = d

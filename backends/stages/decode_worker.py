@@ -59,7 +59,7 @@ def serve(node: NodeConfig, address: str, cancel_address: str | None = None) -> 
     inbox = CancelInbox(cancel_address) if cancel_address else None
     stage = DecodeStage(node_engine(node, "decode"), bytes.fromhex(node.handle_key),
                         responses_per_step=node.serving.stream_responses_per_step,
-                        embeddings=node.embedding_store_client())
+                        embeddings=node.embedding_store_client(), transfer_host=node.epd_host)
     cores = core_share(node, "decode")
     if cores:
         stage.engine.cores_contended = cores.other_busy

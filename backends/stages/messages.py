@@ -110,6 +110,7 @@ class KVHandle:
     prefill_seconds: float = 0.0  # how long prefill computed the batch this request was in (the front's queue time)
     cached_by_tier: list[int] = field(default_factory=list)   # num_cached_tokens per kv.tiers.TIER_NAMES
     images: list[ImageSpan] = field(default_factory=list)     # the prompt's images (their positions, block keys)
+    embed_source: str = ""        # where an encode server holds their embeddings (PrefillRequest.embed_source)
     mac: bytes = b""              # HMAC-SHA256 of the rest under the node's secret (sign / verify)
 
     def _digest(self, key: bytes) -> bytes:
@@ -169,6 +170,7 @@ class KVHandle:
             "prefill_seconds": np.asarray([self.prefill_seconds], dtype=np.float32),
             "cached_by_tier": np.asarray(self.cached_by_tier, dtype=np.int32),
             **_spans_arrays(self.images),
+            "embed_source": _string(self.embed_source),
             "mac": np.frombuffer(self.mac, dtype=np.uint8).copy() if self.mac else np.zeros(0, np.uint8),
         }
 
@@ -180,7 +182,8 @@ class KVHandle:
                    _text(a["finish_reason"]), SamplingParams.from_json(_text(a["sampling"])),
                    a["logprobs"].astype(np.float32).tolist(),
                    _text(a["source"]), float(a["prefill_seconds"].reshape(-1)[0]),
-                   a["cached_by_tier"].astype(np.int32).tolist(), _spans(a), a["mac"].astype(np.uint8).tobytes())
+                   a["cached_by_tier"].astype(np.int32).tolist(), _spans(a),
+                   _text(a["embed_source"]) if "embed_source" in a else "", a["mac"].astype(np.uint8).tobytes())
 
 
 @dataclass

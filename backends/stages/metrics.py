@@ -17,6 +17,8 @@ DECODE = {
     "baton:decode_step_seconds_total": ("counter", "Seconds inside decode engine steps (mean step time: "
                                                    "rate of this over rate of baton:decode_steps_total)."),
     "baton:generation_tokens_total": ("counter", "Generated tokens, the first one (sampled by prefill) included."),
+    "baton:decode_preemptions_total": ("counter", "Requests preempted for want of KV blocks (their KV freed, "
+                                                  "recomputed when readmitted)."),
     "baton:decode_running_requests": ("gauge", "Requests in the decode batch."),
     "baton:num_requests_waiting": ("gauge", "Requests at decode not yet stepping (waiting for blocks or their KV)."),
     "baton:kv_blocks_used": ("gauge", "KV blocks of the node's pool in use, as decode last heard from the KV manager."),

@@ -111,7 +111,8 @@ class PrefillStage:
             if self.cores:
                 self.cores.idle()
             took = time.perf_counter() - t0 if t0 else 0.0
-            out = [self._signed(s.kv_handle, took) if isinstance(s, Sequence) else s for s in seqs]
+            out = [self._signed(s.kv_handle, took, r.embed_source) if isinstance(s, Sequence) else s
+                   for r, s in zip(batch, seqs)]
             for h in out:
                 if isinstance(h, KVHandle) and h.block_table:
                     eng.block_manager.hand_off(h.request_id, h.block_table)
@@ -149,7 +150,8 @@ class PrefillStage:
             self.remote = RemoteEmbeddings(self.transfer_host)
         return self.remote
 
-    def _signed(self, h: KVHandle, took: float) -> KVHandle:
+    def _signed(self, h: KVHandle, took: float, embed_source: str = "") -> KVHandle:
         h.source = self.source if h.block_table else ""
         h.prefill_seconds = took
+        h.embed_source = embed_source if h.images else ""    # decode, recomputing, reads them there
         return h.sign(self.handle_key)
