@@ -80,6 +80,10 @@ ARMS = {
     "epd_iso": dict(base="single_node_vl", engine="threads = 1",
                     serving='share_cores = 0\nencode_cpus = "1"\nfront_cpus = "1"\nprefill_cpus = "1"\n'
                             'decode_cpus = "0"\nprefill_nice = 10', taskset="1"),
+    # as epd_prio, decode on both cores (two threads): its steps take the core the encoder holds, at once
+    # (the encoder runs at nice 19)
+    "epd_prio_d2": dict(base="single_node_vl", engine="threads = 1",
+                        serving='share_cores = 0\nencode_cpus = "1"\ndecode_cpus = "0,1"\nprefill_nice = 10', taskset=""),
     # as epd_prio, prefill at the lowest priority (the encoder's)
     "epd_prio19": dict(base="single_node_vl", engine="threads = 1",
                        serving='share_cores = 0\nencode_cpus = "1"\ndecode_cpus = "0"\nprefill_nice = 19', taskset=""),
