@@ -40,7 +40,7 @@ class Sink:
         return False
 
 
-def _node(qwen3_dir, tmp, name, serve):
+def _node(qwen3_dir, tmp, name, serve, encode_stage=False):
     cfg = ModelConfig.from_dir(qwen3_dir)
     spec = pool_spec(cfg, cfg.torch_dtype, 16, 96, 0)
     pool = f"test-{name}-{uuid.uuid4().hex[:6]}"
@@ -50,7 +50,8 @@ def _node(qwen3_dir, tmp, name, serve):
     mgr.start()
     node = NodeConfig(EngineConfig(model=str(qwen3_dir), dtype="float32", max_model_len=1024),
                       ServingConfig(share_cores=0, stream_responses_per_step=0), pool, mgr.address, "", str(tmp),
-                      KEY, node_id=name, transfer_host="" if serve else "127.0.0.1", block_source=mgr.source)
+                      KEY, node_id=name, transfer_host="" if serve else "127.0.0.1", block_source=mgr.source,
+                      encode_stage=encode_stage)
     return mgr, node
 
 
@@ -278,3 +279,55 @@ def _offline(qwen3_dir, prompt):
         return llm.generate([prompt], GREEDY)[0].token_ids
     finally:
         llm.close()
+
+
+def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from_the_encode_server(checkpoint, tmp_path):
+    """E, P and D apart: prefill reads an image's embeddings from the encode server's arena and passes
+    where they are on in its KV handle; decode, whose KV read fails (the source let the blocks go), then
+    recomputes the prompt and reads them from the arena itself (its node never held them)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from baton.backends.multimodal.embedding_store import EmbeddingStore
+    from baton.backends.multimodal.remote import EmbeddingArena
+    from baton.backends.stages.messages import embed_mac, images_of
+
+    vl = checkpoint("tiny-qwen2.5-vl", dtype="float32")
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(5).random((84, 112, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    text = "<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
+    llm = LLM(str(vl), dtype="float32", kv_cache_memory_mb=16)
+    pm = dm = decode = None
+    try:
+        want = llm.generate({"prompt": text, "multi_modal_data": {"image": [buf.getvalue()]}}, GREEDY)[0].token_ids
+        ids, mm = llm.engine.expand_images(llm.engine.tokenizer.encode(text), [buf.getvalue()])
+        req = PrefillRequest(uuid.uuid4().hex, ids, GREEDY, mm.spans, [buf.getvalue()])
+        (embeds,) = llm.engine.encoder.encode(images_of(req))            # what the encode server computed
+        arena = EmbeddingArena(4 << 20, 1 << 20, "127.0.0.1")
+        arena.put(mm.spans[0].hash, embeds)
+        req.image_data, req.embed_source = [], arena.source([mm.spans[0].hash]).to_json()
+        req.embed_mac = embed_mac(bytes.fromhex(KEY), req.request_id, req.images, req.embed_source)
+        pm, pnode = _node(vl, tmp_path, "vl-prefill", serve=True, encode_stage=True)
+        dm, dnode = _node(vl, tmp_path, "vl-decode", serve=False)
+        prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source,
+                               embeddings=EmbeddingStore(tmp_path / "prefill-store"), transfer_host="127.0.0.1")
+        decode = DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY), transfer_host="127.0.0.1")
+        (h,) = prefill.run([req])
+        assert h.images == mm.spans and h.embed_source == req.embed_source
+        assert ack(BlockSource.from_json(h.source), bytes.fromhex(KEY), h.request_id, h.block_table)
+        sink = Sink()
+        decode.step_once([(h, sink)])
+        while not sink.final:
+            decode.step_once()
+        assert decode.engine.connector.stats["failures"] == 1            # recomputed, not read
+        assert sink.err is None and sink.ids == want
+        assert decode.remote is not None                                  # the embeddings came from the arena
+    finally:
+        llm.close()
+        if decode is not None:
+            decode.engine.connector.close()
+        for m in (pm, dm):
+            if m is not None:
+                m.stop()
