@@ -165,7 +165,7 @@ def pd_leaks(cluster):
 
     deadline = time.monotonic() + 10
     while True:
-        held = {n: (st["num_used"], st["handoffs"]) for n in cluster.nodes if n != "router"
+        held = {n: (st["num_used"], st["handoffs"]) for n in cluster.nodes if n.startswith(("prefill", "decode"))
                 for st in [cluster.kv_stats(n)]}
         if all(v == (0, 0) for v in held.values()) or time.monotonic() > deadline:
             return held

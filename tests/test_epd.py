@@ -401,21 +401,13 @@ def epd_pd(vl_dir, tmp_path_factory):
 def _generate(c, messages: list[list[dict]], router: str = "router", concurrency: int = 1, **kw: object) -> list[dict]:
     reqs = [{"prompt": None, "messages": m, "temperature": 0.0, "max_tokens": 10, "ignore_eos": True} | kw
             for m in messages]
-    r = subprocess.run([*c.hosts.run_in("hub"), sys.executable, "-P", "-m", "baton.backends.cluster.probe",
-                        c.nodes[router].grpc], input=json.dumps({"requests": reqs, "concurrency": concurrency}),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout)["results"]
+    return c.probe({"requests": reqs, "concurrency": concurrency}, via=router)["results"]
 
 
 def _held(c) -> dict[str, tuple[int, int]]:
-    """KV blocks held (in use, handed off) on the prefill and decode nodes once idle."""
-    deadline = time.monotonic() + 10
-    while True:
-        held = {n: (st["num_used"], st["handoffs"]) for n in ("prefill0", "decode0") for st in [c.kv_stats(n)]}
-        if all(v == (0, 0) for v in held.values()) or time.monotonic() > deadline:
-            return held
-        time.sleep(0.2)
+    from conftest import pd_leaks
+
+    return pd_leaks(c)
 
 
 def test_encode_prefill_and_decode_each_on_its_own_server_give_the_offline_tokens(epd_pd, offline):

@@ -170,10 +170,11 @@ class LocalCluster:
     def router(self) -> NodeProcess:
         return self.nodes["router"]
 
-    def probe(self, job: dict, timeout: float = 300) -> dict:
-        """Run a cluster.probe job from the router's host (the client sits on the cluster's network)."""
+    def probe(self, job: dict, timeout: float = 300, via: str = "router") -> dict:
+        """Run a cluster.probe job from the router's host (the client sits on the cluster's network),
+        against the node `via`."""
         prefix = self.hosts.run_in("hub") if self.hosts is not None else []
-        r = subprocess.run(prefix + [sys.executable, "-P", "-m", "baton.backends.cluster.probe", self.router.grpc],
+        r = subprocess.run(prefix + [sys.executable, "-P", "-m", "baton.backends.cluster.probe", self.nodes[via].grpc],
                            input=json.dumps(job), capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"probe failed: {r.stderr[-2000:]}")
