@@ -245,6 +245,37 @@ def test_a_recomputing_node_reads_the_embeddings_back_from_the_encode_server():
     assert fetcher(local.get, None, arena.source(["c"]).to_json(), ["c"]) == local.get    # no reader: the store
 
 
+def test_a_read_from_an_encode_server_that_does_not_answer_fails_in_time(monkeypatch):
+    """An encode server alive but silent: the read gives up after its timeout (prefill refuses the
+    request, decode ends it) instead of holding the stage; once the stuck read ends, reads work again."""
+    pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
+    import threading
+
+    import torch
+
+    from baton.backends.kv.transfer import TransferError
+    from baton.backends.multimodal.remote import EmbeddingArena, RemoteEmbeddings
+
+    arena = EmbeddingArena(2 * 4096, 4096, "127.0.0.1")
+    reader = RemoteEmbeddings("127.0.0.1", staging_bytes=1 << 16)
+    arena.put("a", torch.ones(8, 64))
+    gate = threading.Event()
+    engine = reader.agent.engine
+
+    class Silent:                                     # the engine's read, held until the test lets it go
+        def batch_transfer_sync_read(self, *a):
+            gate.wait(20)
+            return engine.batch_transfer_sync_read(*a)
+
+    monkeypatch.setattr(reader.agent, "engine", Silent())
+    t = time.monotonic()
+    with pytest.raises(TransferError, match="does not answer"):
+        reader.read(arena.source(["a"]), [0], timeout_s=0.3)
+    assert time.monotonic() - t < 5
+    gate.set()
+    assert torch.equal(reader.read(arena.source(["a"]), [0])[0], torch.ones(8, 64))
+
+
 def test_epd_llm_without_an_encode_server_says_so_before_starting_anything(vl_dir, tmp_path, monkeypatch):
     from baton.backends.serving.launcher import Node
 

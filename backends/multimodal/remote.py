@@ -15,6 +15,8 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,6 +28,10 @@ from ..kv.transfer import TransferAgent, TransferError
 log = logging.getLogger("embeddings")
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# A read not done this long (its encode server alive but silent) fails: the request is refused or
+# ends, the caller (prefill's batch, decode's loop) goes on. A read that later ends frees the reader.
+READ_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -118,10 +124,21 @@ class RemoteEmbeddings:
         self.buf = torch.zeros(staging_bytes, dtype=torch.uint8)
         self.agent = TransferAgent(host, protocol, self.buf.data_ptr(), self.buf.numel())
         self.lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="baton-embed-read")
 
-    def read(self, source: EmbeddingSource, which: list[int]) -> list[torch.Tensor]:
+    def read(self, source: EmbeddingSource, which: list[int], timeout_s: float | None = None) -> list[torch.Tensor]:
         """The embeddings of source.slots[i] for i in `which`, checked against their checksums (a
-        mismatch: the slot was reused before this read; TransferError, the request is retried)."""
+        mismatch: the slot was reused before this read; TransferError, the request is retried).
+        Not done within `timeout_s` (default READ_TIMEOUT_S): TransferError."""
+        fut = self.worker.submit(self._read, source, which)
+        try:
+            return fut.result(READ_TIMEOUT_S if timeout_s is None else timeout_s)
+        except FutureTimeout:
+            raise TransferError(f"reading image embeddings from {source.segment} took over "
+                                f"{READ_TIMEOUT_S if timeout_s is None else timeout_s:g} s (the encode server "
+                                "does not answer); retry") from None
+
+    def _read(self, source: EmbeddingSource, which: list[int]) -> list[torch.Tensor]:
         slots = [source.slots[i] for i in which]
         out: list[torch.Tensor] = []
         with self.lock:                          # one staging region: one read at a time
