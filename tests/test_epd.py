@@ -312,11 +312,36 @@ def test_encode_servers_found_in_the_name_service_share_the_images(named, offlin
     assert sum(images.values()) == 12 and min(images.values()) >= 1, images    # both took some
 
 
+# Until every encode server's record in the name service says no request waits, from a heartbeat
+# sent after Triton refreshed its queue gauge (every 2 s) past now: a record from during an earlier
+# test's load can say 1, and would send a request by load rather than by the image's order.
+SETTLE = """
+import sys, time
+from baton.backends.cluster.registry import Membership
+members, since = Membership(sys.argv[1], "baton"), time.time() + 2.5
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    nodes = members.of_role("encode")
+    if nodes and all(n.ts > since and n.waiting == 0 for n in nodes):
+        sys.exit(0)
+    time.sleep(0.2)
+sys.exit(f"encode servers still report waiting requests: {nodes}")
+"""
+
+
+def _settle(c: EPD) -> None:
+    r = subprocess.run([*c.hosts.run_in("hub"), sys.executable, "-P", "-c", SETTLE, c.etcd.url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    time.sleep(1.0)                          # the front's membership polls every 0.5 s
+
+
 def test_a_repeated_image_goes_back_to_the_encode_server_that_has_it(named, offline):
     m = user(png(72, 64, 400), "And this one?")
+    _settle(named)                          # loads equal: the image's own order decides
     first = named.generate([m])
     images, hits = _encoded(named, "baton:encode_images_total"), _encoded(named, "baton:encode_cache_hits_total")
-    for _ in range(3):                      # idle servers, equal loads: the image's own order decides
+    for _ in range(3):
         assert named.generate([m])[0]["token_ids"] == first[0]["token_ids"] == offline(m)
     more_images = {h: n - images[h] for h, n in _encoded(named, "baton:encode_images_total").items()}
     more_hits = {h: n - hits[h] for h, n in _encoded(named, "baton:encode_cache_hits_total").items()}
