@@ -40,7 +40,7 @@ class Sink:
         return False
 
 
-def _node(qwen3_dir, tmp, name, serve, encode_stage=False):
+def _node(qwen3_dir, tmp, name, serve, encode_stage=False, epd_host=""):
     cfg = ModelConfig.from_dir(qwen3_dir)
     spec = pool_spec(cfg, cfg.torch_dtype, 16, 96, 0)
     pool = f"test-{name}-{uuid.uuid4().hex[:6]}"
@@ -49,9 +49,9 @@ def _node(qwen3_dir, tmp, name, serve, encode_stage=False):
                            serve_blocks=("127.0.0.1", "tcp", str(tmp / "cluster.key"), name) if serve else None)
     mgr.start()
     node = NodeConfig(EngineConfig(model=str(qwen3_dir), dtype="float32", max_model_len=1024),
-                      ServingConfig(share_cores=0, stream_responses_per_step=0), pool, mgr.address, "", str(tmp),
-                      KEY, node_id=name, transfer_host="" if serve else "127.0.0.1", block_source=mgr.source,
-                      encode_stage=encode_stage)
+                      ServingConfig(share_cores=0, stream_responses_per_step=0, pd_role="prefill" if serve else "decode"),
+                      pool, mgr.address, "", str(tmp), KEY, node_id=name, transfer_host="" if serve else "127.0.0.1",
+                      block_source=mgr.source, encode_stage=encode_stage, epd_host=epd_host)
     return mgr, node
 
 
@@ -324,6 +324,56 @@ def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from
         assert decode.engine.connector.stats["failures"] == 1            # recomputed, not read
         assert sink.err is None and sink.ids == want
         assert decode.remote is not None                                  # the embeddings came from the arena
+    finally:
+        llm.close()
+        if decode is not None:
+            decode.engine.connector.close()
+        for m in (pm, dm):
+            if m is not None:
+                m.stop()
+
+
+def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from_the_prefill_node(checkpoint, tmp_path):
+    """E inside P, D apart (`pd_router` with a vision model): the prefill node's tower writes the
+    embeddings to an arena its transfer engine serves and names it in the KV handle; decode, whose KV
+    read fails, recomputes the prompt reading them from there (before, that request ended with an error)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from baton.backends.multimodal.remote import EmbeddingArena, EmbeddingSource
+
+    vl = checkpoint("tiny-qwen2.5-vl", dtype="float32")
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(6).random((112, 84, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    text = "Look: <|vision_start|><|image_pad|><|vision_end|>Describe it."
+    llm = LLM(str(vl), dtype="float32", kv_cache_memory_mb=16)
+    pm = dm = decode = None
+    try:
+        want = llm.generate({"prompt": text, "multi_modal_data": {"image": [buf.getvalue()]}}, GREEDY)[0].token_ids
+        ids, mm = llm.engine.expand_images(llm.engine.tokenizer.encode(text), [buf.getvalue()])
+        pm, pnode = _node(vl, tmp_path, "vlp-prefill", serve=True, epd_host="127.0.0.1")
+        dm, dnode = _node(vl, tmp_path, "vlp-decode", serve=False, epd_host="127.0.0.1")
+        prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source,
+                               transfer_host="127.0.0.1")
+        assert isinstance(prefill.engine.encoder.cache, EmbeddingArena)
+        decode = DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY), transfer_host="127.0.0.1")
+        assert decode.engine.encoder is None                              # no tower on a decode node
+        # as the router sends it: the image's bytes, and a stray embed_source that must not be signed on
+        req = PrefillRequest(uuid.uuid4().hex, ids, GREEDY, mm.spans, [buf.getvalue()], embed_source="junk")
+        (h,) = prefill.run([req])
+        src = EmbeddingSource.from_json(h.embed_source)
+        assert src.segment == prefill.engine.encoder.cache.agent.segment and len(src.slots) == 1
+        assert h.verified(bytes.fromhex(KEY))
+        assert ack(BlockSource.from_json(h.source), bytes.fromhex(KEY), h.request_id, h.block_table)
+        sink = Sink()
+        decode.step_once([(h, sink)])
+        while not sink.final:
+            decode.step_once()
+        assert decode.engine.connector.stats["failures"] == 1            # recomputed, not read
+        assert sink.err is None and sink.ids == want
+        assert decode.remote is not None                                  # the embeddings came from prefill's arena
     finally:
         llm.close()
         if decode is not None:

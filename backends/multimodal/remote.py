@@ -66,8 +66,8 @@ def _bytes_of(t: torch.Tensor) -> np.ndarray:
 
 
 class EmbeddingArena:
-    """The encode server's embedding cache (an EmbeddingCache for multimodal.encoder.ImageEncoder),
-    in memory the transfer engine serves."""
+    """An encode server's embedding cache (an EmbeddingCache for multimodal.encoder.ImageEncoder), or
+    a PD prefill node's that runs the tower itself, in memory the transfer engine serves."""
 
     def __init__(self, capacity_bytes: int, slot_bytes: int, host: str, protocol: str = "tcp") -> None:
         self.slot_bytes = -(-slot_bytes // 4096) * 4096

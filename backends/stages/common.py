@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import InvalidRequestError
 from ..engine.llm_engine import LLMEngine
@@ -16,6 +16,11 @@ from ..serving.config import NodeConfig, pin_to
 from ..serving.tensors import PREFILL_REQUEST
 from .cores import CoreShare
 from .messages import PrefillRequest
+
+if TYPE_CHECKING:
+    from ..models.vision import VisionTower
+    from ..multimodal.image import ImageProcessor
+    from ..multimodal.remote import EmbeddingArena
 
 
 def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
@@ -58,8 +63,22 @@ def node_engine(node: NodeConfig, stage: str) -> LLMEngine:
         from ..spec.remote import RemoteDraftProposer
 
         proposer = RemoteDraftProposer(node.draft_address, node.stage_key)
-    return LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector, proposer=proposer,
-                     embedding_cache=node.embedding_store_client() if config.vision else None)
+    eng = LLMEngine(config, pool=pool, block_manager=bm, weights=weights, connector=connector, proposer=proposer,
+                    embedding_cache=node.embedding_store_client() if config.vision else None)
+    if eng.encoder is not None and node.serving.pd_role == "prefill" and node.epd_host:
+        # E inside P across servers: the tower's output goes where the transfer engine serves it, so
+        # a decode node that must recompute an image prompt reads the embeddings from here
+        eng.encoder.cache = embedding_arena(node, eng.encoder.tower, eng.encoder.processor)
+    return eng
+
+
+def embedding_arena(node: NodeConfig, tower: VisionTower, processor: ImageProcessor) -> EmbeddingArena:
+    """The node's embeddings in an arena other servers read over the transfer engine: an encode
+    server's, or a PD prefill node's that runs the tower itself."""
+    from ..multimodal.remote import EmbeddingArena
+
+    return EmbeddingArena(int(node.serving.embedding_cache_mb * 2**20), tower.max_embedding_bytes(processor.max_pixels),
+                          node.epd_host, node.transfer_protocol)
 
 
 def core_share(node: NodeConfig, stage: str) -> CoreShare | None:

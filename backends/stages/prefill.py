@@ -17,7 +17,7 @@ from ..engine.sequence import Sequence
 from ..kv.transfer import TransferError
 from ..multimodal.embedding_store import EmbeddingStore
 from ..multimodal.prompt import MultiModalPrompt
-from ..multimodal.remote import EmbeddingSource, RemoteEmbeddings
+from ..multimodal.remote import EmbeddingArena, EmbeddingSource, RemoteEmbeddings
 from .cores import CoreShare
 from .messages import KVHandle, PrefillRequest, embed_mac, images_of
 from .metrics import Deltas
@@ -141,7 +141,15 @@ class PrefillStage:
         if eng.encoder is None or not req.image_data:
             raise InvalidRequestError("image", "images reached prefill without embeddings, and this prefill "
                                       "has no vision tower (profile with an `encode` stage?)")
-        return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, eng.encoder.encode(images_of(req)))
+        embeds = eng.encoder.encode(images_of(req))
+        req.embed_source = ""                    # only ever this node's own arena (what the handle signs)
+        arena = eng.encoder.cache
+        if isinstance(arena, EmbeddingArena):    # a PD prefill node: decode, recomputing, reads them here
+            try:
+                req.embed_source = arena.source([s.hash for s in req.images]).to_json()
+            except KeyError:                     # more images than the arena has slots: decode cannot
+                pass
+        return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, embeds)
 
     def _remote(self) -> RemoteEmbeddings:
         if self.remote is None:

@@ -8,10 +8,9 @@ from baton.backends.models.config import ModelConfig
 from baton.backends.models.vision import VisionConfig, VisionTower
 from baton.backends.multimodal.encoder import ImageEncoder, visual_weights
 from baton.backends.multimodal.image import ImageProcessor
-from baton.backends.multimodal.remote import EmbeddingArena
 from baton.backends.runtime import configure_process, lower_priority
 from baton.backends.serving.config import NodeConfig, pin_to
-from baton.backends.stages.common import execute_batch
+from baton.backends.stages.common import embedding_arena, execute_batch
 from baton.backends.stages.encode import ENCODE_NICE, EncodeStage
 from baton.backends.stages.metrics import ENCODE, TritonMetrics
 
@@ -28,8 +27,7 @@ class TritonPythonModel:
         processor = ImageProcessor.from_dir(model)
         cache = node.embedding_store_client()
         if node.serving.pd_role == "encode":  # an encode server: prefill servers read over the transfer engine
-            cache = EmbeddingArena(int(node.serving.embedding_cache_mb * 2**20), tower.max_embedding_bytes(processor.max_pixels),
-                                   node.epd_host, node.transfer_protocol)
+            cache = embedding_arena(node, tower, processor)
         encoder = ImageEncoder(tower, processor, cache)
         self.stage = EncodeStage(encoder, bytes.fromhex(node.handle_key))
         self.metrics = TritonMetrics(pb_utils, ENCODE, {"model": args["model_name"], "version": args["model_version"]})
