@@ -143,6 +143,39 @@ def test_http_malformed_requests_are_400_and_name_the_field(node, name, body, fi
     _still_serving(node)
 
 
+OTHER_MODEL_CASES = [                                  # passed to tritonserver, whose parser answers 500
+    ("generate, a list body", "/v2/models/prefill/generate", b"[1]", "JSON object"),
+    ("generate, a null body", "/v2/models/decode/generate_stream", b"null", "JSON object"),
+    ("generate, a string for an INT64 input", "/v2/models/prefill/generate", b'{"input_ids": "abc"}', "parse"),
+    ("generate, a number for a string input", "/v2/models/preprocess/generate", b'{"text_input": 5}', "parse"),
+    ("infer, no inputs", "/v2/models/prefill/infer", b"{}", "list of inputs"),
+    ("infer, an empty body", "/v2/models/llm/infer", b"", "list of inputs"),
+]
+
+
+@pytest.mark.parametrize("name, path, body, needle", OTHER_MODEL_CASES, ids=[c[0] for c in OTHER_MODEL_CASES])
+def test_http_requests_tritonserver_cannot_parse_are_400(node, name, path, body, needle):
+    req = urllib.request.Request(f"http://{node.http_url}{path}", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    text = e.value.read().decode()
+    assert e.value.code == 400 and needle in text, (e.value.code, text)
+    _still_serving(node)
+
+
+def test_http_generate_of_a_version_llm_does_not_have_is_404(node):
+    req = urllib.request.Request(f"http://{node.http_url}/v2/models/llm/versions/7/generate",
+                                 data=json.dumps({"text_input": "hi", "max_tokens": 2}).encode())
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 404 and "version 1 only" in e.value.read().decode()
+    req = urllib.request.Request(f"http://{node.http_url}/v2/models/llm/versions/1/generate",
+                                 data=json.dumps({"text_input": "hi", "max_tokens": 2}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert len(json.loads(r.read())["token_ids"]) == 2
+
+
 def test_http_generate_answers_once_and_server_faults_are_5xx(node):
     """`generate` on the decoupled llm gives one JSON response (Triton: 200 with an error body unless
     stream is false); a JSON infer request's INT32 past 2^31 is refused, not wrapped; a server that is

@@ -11,8 +11,9 @@ not keep. tritonserver's HTTP port moves to 127.0.0.1 on an internal port.
   request (Triton 2.51 only notices when it writes).
 - Everything else (health, metadata, infer, statistics, the admin APIs with their key...): passed
   to tritonserver as it came, its body bounded (a large form-encoded body crashes tritonserver 2.51),
-  sent as JSON or binary, never as a form, and a JSON `infer` request's numbers checked against each
-  input's datatype first.
+  sent as JSON or binary, never as a form; a JSON `infer` request's numbers checked against each
+  input's datatype first, another model's `generate` body must be an object, and a request body that
+  tritonserver's parser cannot read is a 400 (it answers 500).
 
     python -P -m baton.backends.gateway.v2 --triton-grpc 127.0.0.1:8001 --triton-http 127.0.0.1:PORT --port 8000
 """
@@ -104,7 +105,7 @@ def _array(name: str, kind: str, dims: int, value: Any) -> np.ndarray:
 def check_infer(body: Any) -> None:
     """A JSON `infer` request's numbers against each input's datatype: Triton 2.51 wraps an INT32
     past 2^31 instead of refusing it."""
-    if not isinstance(body, dict) or not isinstance(body.get("inputs", []), list):
+    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
         raise APIError(400, "the body must be a JSON object with a list of inputs")
     for inp in body.get("inputs", []):
         if not isinstance(inp, dict):
@@ -164,19 +165,26 @@ def create_app(gw: Gateway, triton_http: str) -> FastAPI:
         url_path = "/" + path
         m = _GENERATE.match(url_path)
         if m and m.group(1) in FRONT_MODELS and request.method == "POST":
+            if m.group(2) not in (None, "1"):
+                raise APIError(404, f"{m.group(1)} has version 1 only, not {m.group(2)}")
             return await generate(request, m.group(1), m.group(3) == "generate_stream")
         body = await _body(request)
         content_type = "application/json" if body else None
-        if _INFER.match(url_path) and body:
-            if "inference-header-content-length" in request.headers:
-                content_type = "application/octet-stream"      # binary tensor data after a JSON header
-            else:
-                check_infer(_parse(body))
+        inference = request.method == "POST" and bool(m or _INFER.match(url_path))
+        if inference and "inference-header-content-length" in request.headers:
+            content_type = "application/octet-stream"          # binary tensor data after a JSON header
+        elif inference:
+            parsed = _parse(body or b"null")
+            if m and not isinstance(parsed, dict):
+                raise APIError(400, "the body must be a JSON object of the model's inputs")
+            if not m:
+                check_infer(parsed)
         elif body and request.method in ("POST", "PUT"):
             _parse(body)                                       # JSON, or refused here: never a form
-        return await asyncio.to_thread(_forward, triton_http, request.method, url_path, request.url.query,
-                                       {k: v for k, v in request.headers.items() if k.lower() not in _HOP},
-                                       body, content_type)
+        out = await asyncio.to_thread(_forward, triton_http, request.method, url_path, request.url.query,
+                                      {k: v for k, v in request.headers.items() if k.lower() not in _HOP},
+                                      body, content_type)
+        return _parser_fault_is_400(out) if inference else out
 
     async def generate(request: Request, model: str, stream: bool) -> Response:
         inputs = llm_arrays(_parse(await _body(request)))
@@ -216,6 +224,17 @@ async def _sse(model: str, first: dict, rest: AsyncIterator[dict]) -> AsyncItera
         yield f"data: {json.dumps({'error': e.message})}\n\n".encode()
     finally:
         await rest.aclose()
+
+
+# tritonserver 2.51's JSON parser reports a request it cannot read (a value of the wrong JSON type for
+# the input's datatype, a missing member) as an internal error, 500: the client's fault, so 400
+_PARSER_FAULT = re.compile(rb'^\{"error":"(\[request id: [^\]]*\] )?(Unable to parse|attempt to )')
+
+
+def _parser_fault_is_400(r: Response) -> Response:
+    if r.status_code == 500 and _PARSER_FAULT.match(bytes(r.body)):
+        r.status_code = 400
+    return r
 
 
 def _parse(body: bytes) -> Any:
