@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -77,6 +78,31 @@ def _json_table(text: str) -> dict:
     return value
 
 
+def _port(text: str, none_ok: bool = False) -> int:
+    """A TCP port (0: a free one; -1: none, where none_ok)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not (-1 if none_ok else 0) <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535{'; -1: none' if none_ok else ''})")
+    return port
+
+
+def _gateway_port(text: str) -> int:
+    return _port(text, none_ok=True)
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < s < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return s
+
+
 def _serve(argv: list[str]) -> None:
     import signal
     from pathlib import Path
@@ -87,15 +113,15 @@ def _serve(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="baton serve", description="Serve a model through tritonserver.")
     ap.add_argument("profile", nargs="?", default="single_node", help="ensemble_configs/<profile>.toml")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory (default: baton-tiny)")
-    ap.add_argument("--http-port", type=int, default=8000)
-    ap.add_argument("--grpc-port", type=int, default=8001)
-    ap.add_argument("--metrics-port", type=int, default=8002)
-    ap.add_argument("--gateway-port", type=int, default=9000, help="the OpenAI-compatible API; -1: none")
+    ap.add_argument("--http-port", type=_port, default=8000)
+    ap.add_argument("--grpc-port", type=_port, default=8001)
+    ap.add_argument("--metrics-port", type=_port, default=8002)
+    ap.add_argument("--gateway-port", type=_gateway_port, default=9000, help="the OpenAI-compatible API; -1: none")
     ap.add_argument("--prompt", default=None, help="stream this sample completion once ready")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--smoke", action="store_true",
                     help="stream the sample, check it against the in-process engine, stop, exit 0/1")
-    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--timeout", type=_seconds, default=300)
     ap.add_argument("--listen", default="", help="address Triton and the gateway listen on (default 127.0.0.1; "
                     "a PD node with a non-loopback --host: 0.0.0.0); 0.0.0.0 in a container")
     ap.add_argument("--kv-tiers", default=None, type=_json_table,
@@ -236,14 +262,14 @@ def _cluster(argv: list[str]) -> None:
     ap.add_argument("--encode", type=int, default=0, help="encode servers (EPD, a vision model): the router sends "
                     "images to them (profile epd_router); 0: prefill nodes encode images themselves")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory (default: baton-tiny)")
-    ap.add_argument("--http-port", type=int, default=8000, help="the router's")
-    ap.add_argument("--grpc-port", type=int, default=8001, help="the router's")
-    ap.add_argument("--metrics-port", type=int, default=8002, help="the router's")
-    ap.add_argument("--gateway-port", type=int, default=9000, help="the router's OpenAI-compatible API; -1: none")
+    ap.add_argument("--http-port", type=_port, default=8000, help="the router's")
+    ap.add_argument("--grpc-port", type=_port, default=8001, help="the router's")
+    ap.add_argument("--metrics-port", type=_port, default=8002, help="the router's")
+    ap.add_argument("--gateway-port", type=_gateway_port, default=9000, help="the router's OpenAI-compatible API; -1: none")
     ap.add_argument("--hosts", action="store_true", help="each node on a simulated host (network namespaces; root)")
     ap.add_argument("--kv-tiers", default=None, type=_json_table,
                     help='every node\'s KV cache tiers (JSON); "store": "auto" starts one Mooncake Store for the cluster')
-    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--timeout", type=_seconds, default=300)
     a = ap.parse_args(argv)
     if a.prefill < 1 or a.decode < 1 or a.encode < 0:
         ap.error("--prefill and --decode must be at least 1, --encode at least 0")
@@ -329,7 +355,15 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print("usage: baton {" + ",".join(COMMANDS) + "} ...", file=sys.stderr)
         raise SystemExit(2)
-    COMMANDS[argv[0]](argv[1:])
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ValueError, RuntimeError, OSError) as e:
+        # a node or cluster that cannot start says why in one line (its messages name the setting);
+        # BATON_DEBUG=1 keeps the traceback
+        if argv[0] not in ("serve", "cluster") or os.environ.get("BATON_DEBUG"):
+            raise
+        print(f"baton {argv[0]}: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -137,6 +137,22 @@ def test_a_taken_port_is_refused_before_anything_starts(qwen3_dir):
     assert n.manager is None and n.server is None
 
 
+@pytest.mark.parametrize("args, rc, message", [
+    (["--model", "/nonexistent"], 1, "model directory not found: '/nonexistent'"),
+    (["no_such_profile"], 1, "no deployment profile 'no_such_profile'"),
+    (["pd_prefill"], 1, "it needs --name-service URL"),
+    (["--http-port", "70000"], 2, "argument --http-port: 70000 is not a port"),
+    (["--timeout", "0"], 2, "argument --timeout: must be a positive number of seconds"),
+])
+def test_baton_serve_that_cannot_start_says_why_in_one_line(tmp_path, args, rc, message):
+    """An operator's mistake is a one-line error naming it and a nonzero exit, not a traceback."""
+    r = subprocess.run([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--gateway-port", "-1", *args],
+                       capture_output=True, text=True, timeout=120, env=os.environ | {"BATON_RUN_DIR": str(tmp_path)})
+    assert r.returncode == rc and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"baton serve: error: {message}" or message in r.stderr.splitlines()[-1]
+    assert not any(tmp_path.iterdir())                   # nothing left behind
+
+
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(qwen3_dir, tmp_path):
     """SIGTERM to `baton serve` mid-stream: the stream finishes all its tokens, a new request is refused

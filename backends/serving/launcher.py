@@ -118,11 +118,11 @@ class Node:
         etcd = bool(self.name_service) if role == "encode" else bool(role or encode_service)
         handle_key = self._cluster_key(etcd=etcd) if role or epd \
             else secrets.token_hex(32)   # checked before anything starts
-        self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cfg = ModelConfig.from_dir(model_dir)
         quant = checkpoint_quantization(engine.quantization, model_dir)     # before anything starts
         dtype = resolve_dtype(engine.dtype, cfg.torch_dtype)
+        self.run_dir = Path(self.run_dir or tmp / f"baton-{self.node_id}")
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # resolved once here, so every stage sees the same numbers
         engine = engine.replace(dtype=str(dtype).split(".")[-1],
                                 max_model_len=engine.resolved_max_model_len(cfg.max_position_embeddings))
