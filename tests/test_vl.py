@@ -265,9 +265,37 @@ def test_a_prompt_whose_embeddings_are_gone_ends_alone(llm, hf):
     assert eng.block_manager.num_used == 0
 
 
-def test_speculation_with_a_vision_model_is_refused(vl_dir):
-    with pytest.raises(InvalidRequestError, match="speculative: not supported with a multimodal"):
-        LLM(vl_dir, dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+@pytest.mark.parametrize("method", ["ngram", "medusa"])
+def test_speculation_with_images_is_token_exact_with_transformers(vl_dir, hf, method, tmp_path):
+    """Drafts of image prompts are verified at their M-RoPE positions (generated tokens: the prompt's
+    delta), in a batch with text and other images: greedy output stays transformers'. Medusa's heads
+    here are random (none are trained for this model): drafts still get accepted and rejected."""
+    spec: dict = {"method": method, "num_speculative_tokens": 3, "max_batch": 64, "adaptive": False}
+    if method == "medusa":
+        from baton.backends.models.config import ModelConfig
+        from baton.backends.spec.heads import MedusaHeads
+
+        cfg = ModelConfig.from_dir(vl_dir)
+        torch.manual_seed(0)
+        heads = MedusaHeads(cfg.hidden_size, 3, 1)
+        for p in heads.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        heads.save(tmp_path, cfg.vocab_size, str(vl_dir))
+        spec["model"] = str(tmp_path)
+    cases = [CASES[c] for c in ("one image", "two images of other shapes", "text only")]
+    images = [[png(h, w, i) for i, (h, w) in enumerate(shapes)] for _, shapes in cases]
+    want = [hf_generate(hf, parts, ims, 24)[0] for (parts, _), ims in zip(cases, images)]
+    llm = LLM(vl_dir, dtype="float32", block_size=4, speculative_config=spec)
+    try:
+        out = llm.generate([{"prompt": chat(hf[1], parts), "multi_modal_data": {"image": ims}}
+                            for (parts, _), ims in zip(cases, images)],
+                           SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+        assert [o.token_ids for o in out] == want
+        stats = llm.engine.spec_stats
+        assert 0 < stats["accepted"] < stats["drafted"], stats
+        assert llm.engine.block_manager.num_used == 0
+    finally:
+        llm.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's CUDA path needs a GPU")

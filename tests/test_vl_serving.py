@@ -214,15 +214,22 @@ def test_openai_gateway_takes_image_url_parts(node, offline, vl_dir):
     assert e.value.code == 400 and "image" in e.value.read().decode()
 
 
-def test_vision_inside_prefill_serves_the_same(vl_dir, offline):
-    n = Node(str(vl_dir), "single_node_vl_mono", overrides=OVERRIDES)
+def test_vision_inside_prefill_and_a_speculating_decode_serve_the_same(vl_dir, offline):
+    """single_node_vl_mono (the tower inside prefill), its decode speculating (ngram): the offline
+    engine's tokens, drafts accepted."""
+    n = Node(str(vl_dir), "single_node_vl_mono", overrides=OVERRIDES | {"speculative": {"method": "ngram"}})
     n.start(timeout=180, quiet=True)
     try:
         client = BatonClient(n.grpc_url)
         for _, parts in CASES:
-            assert client.generate(messages=user(*parts), **GREEDY).token_ids == offline(user(*parts)).token_ids
+            got = client.generate(messages=user(*parts), **(GREEDY | {"max_tokens": 24}))
+            assert got.token_ids == offline(user(*parts), max_tokens=24).token_ids
         client.close()
         assert blocks_in_use(n.manager.address) == 0
+        deadline = time.monotonic() + 10           # decode sends its counters when it goes idle
+        while not _metric(n, "baton:spec_accepted_tokens_total") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert 0 < _metric(n, "baton:spec_accepted_tokens_total") < _metric(n, "baton:spec_draft_tokens_total")
     finally:
         n.stop()
 

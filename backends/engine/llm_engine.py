@@ -115,8 +115,6 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool)
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.sampler = Sampler(config.seed, frozenset(self.eos_token_ids))
-        if config.speculative and cfg.mrope_section:   # its proposers position drafts in 1-D
-            raise InvalidRequestError("speculative", "not supported with a multimodal (M-RoPE) model")
         self.spec = SpeculativeConfig.from_table(config.speculative) if config.speculative else None
         self.proposer = proposer or (make_proposer(self.spec, self) if self.spec else None)
         self.governor = Governor(self.spec) if self.spec else None
