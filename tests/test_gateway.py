@@ -68,6 +68,23 @@ def test_async_client_streams(node, offline, model):
     assert asyncio.run(run()) == offline(PROMPT, max_tokens=16, ignore_eos=False).text
 
 
+def test_vllms_extra_sampling_parameters_reach_the_engine(node, offline, model):
+    """top_k, min_p, repetition_penalty, min_tokens and ignore_eos, as vLLM's server takes them (the
+    SDK's extra_body): the engine's tokens for the same parameters, which differ from those without."""
+    extra = {"top_k": 1, "min_p": 0.05, "repetition_penalty": 1.5, "min_tokens": 12, "ignore_eos": True}
+    client = _client(node)
+    prompt = "a a a a a a a a"                 # greedy repeats itself here, unless penalized
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=1.0, seed=5,
+                                  extra_body=extra)
+    want = offline(prompt, max_tokens=12, temperature=1.0, seed=5, **extra)
+    assert r.choices[0].text == want.text and r.usage.completion_tokens == 12
+    assert want.token_ids != offline(prompt, max_tokens=12, temperature=1.0, seed=5, top_k=1).token_ids
+    assert want.token_ids != offline(prompt, max_tokens=12, temperature=1.0, seed=5, repetition_penalty=1.5).token_ids
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          extra_body={"min_tokens": 3, "ignore_eos": True, "top_k": 1})
+    assert chat.usage.completion_tokens == 3 and chat.choices[0].finish_reason == "length"
+
+
 def _post(node, path, body, headers=None):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(f"http://{node.gateway_url}{path}", data=data,
@@ -95,6 +112,11 @@ def _post(node, path, body, headers=None):
     ({"model": "M", "prompt": "x " * 2100}, 400, "prompt"),                           # past max_model_len
     ({"model": "M", "prompt": "hi", "stop": [""]}, 400, "stop"),
     ({"model": "M", "prompt": "hi", "logprobs": 3}, 400, "logprobs"),                # top alternatives: not served
+    ({"model": "M", "prompt": "hi", "top_k": -2}, 400, "top_k"),                     # vLLM's extras
+    ({"model": "M", "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (b'{"model": "M", "prompt": "hi", "repetition_penalty": Infinity}', 400, "repetition_penalty"),
+    ({"model": "M", "prompt": "hi", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ({"model": "M", "prompt": "hi", "min_tokens": 300}, 400, "min_tokens"),         # past max_tokens: the server's
 ])
 def test_bad_requests_get_openai_errors_naming_the_param(node, model, body, status, param):
     if isinstance(body, dict) and body.get("model") == "M":

@@ -20,8 +20,8 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    # strict: "0.5" is not a number, 1.0 is not an integer (OpenAI's API refuses both)
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: "0.5" is not a number, 1.0 is not an integer (OpenAI's API refuses both); no Infinity/NaN
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
@@ -35,6 +35,13 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extra sampling parameters (the openai SDK sends them with extra_body=); the server checks
+    # the rest of each range and names the parameter
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
+    ignore_eos: bool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -125,10 +132,16 @@ def llm_inputs(req: _Sampling, prompt: str | None, seed_offset: int = 0) -> dict
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if max_tokens is not None:
         x["max_tokens"] = np.array([max_tokens], np.int32)
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty"):
         v = getattr(req, name)
         if v is not None:
             x[name] = np.array([v], np.float32)
+    for name in ("top_k", "min_tokens"):
+        v = getattr(req, name)
+        if v is not None:
+            x[name] = np.array([v], np.int32)
+    if req.ignore_eos is not None:
+        x["ignore_eos"] = np.array([req.ignore_eos])
     if req.seed is not None:
         x["seed"] = np.array([(req.seed + seed_offset + 2**63) % 2**64 - 2**63], np.int64)
     if req.stop:
