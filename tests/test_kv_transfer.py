@@ -281,103 +281,109 @@ def _offline(qwen3_dir, prompt):
         llm.close()
 
 
-def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from_the_encode_server(checkpoint, tmp_path):
-    """E, P and D apart: prefill reads an image's embeddings from the encode server's arena and passes
-    where they are on in its KV handle; decode, whose KV read fails (the source let the blocks go), then
-    recomputes the prompt and reads them from the arena itself (its node never held them)."""
+@pytest.fixture
+def vl(checkpoint):
+    """The tiny vision-language checkpoint and its offline engine."""
+    d = checkpoint("tiny-qwen2.5-vl", dtype="float32")
+    llm = LLM(str(d), dtype="float32", kv_cache_memory_mb=16)
+    yield d, llm
+    llm.close()
+
+
+@pytest.fixture
+def stopped():
+    """stopped(x) -> x: a KV manager stopped, a decode stage's connector closed, at the test's end."""
+    held = []
+    yield lambda x: held.append(x) or x
+    for x in reversed(held):
+        if isinstance(x, DecodeStage):
+            x.engine.connector.close()
+        else:
+            x.stop()
+
+
+def _image_prompt(llm, seed, hw, text):
+    """A random PNG: its bytes, the offline engine's greedy tokens for `text` with it, the expanded
+    prompt's ids and its MultiModalPrompt."""
     import io
 
     import numpy as np
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((*hw, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    want = llm.generate({"prompt": text, "multi_modal_data": {"image": [buf.getvalue()]}}, GREEDY)[0].token_ids
+    ids, mm = llm.engine.expand_images(llm.engine.tokenizer.encode(text), [buf.getvalue()])
+    return buf.getvalue(), want, ids, mm
+
+
+def _recomputed(decode, h):
+    """Decode the handle after its prefill node let the blocks go (acknowledged): decode's KV read
+    fails and it recomputes the prompt. Its sink."""
+    assert ack(BlockSource.from_json(h.source), bytes.fromhex(KEY), h.request_id, h.block_table)
+    sink = Sink()
+    decode.step_once([(h, sink)])
+    while not sink.final:
+        decode.step_once()
+    assert decode.engine.connector.stats["failures"] == 1            # recomputed, not read
+    return sink
+
+
+def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from_the_encode_server(vl, stopped,
+                                                                                                    tmp_path):
+    """E, P and D apart: prefill reads an image's embeddings from the encode server's arena and passes
+    where they are on in its KV handle; decode, whose KV read fails (the source let the blocks go), then
+    recomputes the prompt and reads them from the arena itself (its node never held them)."""
     from baton.backends.multimodal.embedding_store import EmbeddingStore
     from baton.backends.multimodal.remote import EmbeddingArena
     from baton.backends.stages.messages import embed_mac, images_of
 
-    vl = checkpoint("tiny-qwen2.5-vl", dtype="float32")
-    buf = io.BytesIO()
-    Image.fromarray((np.random.default_rng(5).random((84, 112, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
-    text = "<|vision_start|><|image_pad|><|vision_end|>What is in the picture?"
-    llm = LLM(str(vl), dtype="float32", kv_cache_memory_mb=16)
-    pm = dm = decode = None
-    try:
-        want = llm.generate({"prompt": text, "multi_modal_data": {"image": [buf.getvalue()]}}, GREEDY)[0].token_ids
-        ids, mm = llm.engine.expand_images(llm.engine.tokenizer.encode(text), [buf.getvalue()])
-        req = PrefillRequest(uuid.uuid4().hex, ids, GREEDY, mm.spans, [buf.getvalue()])
-        (embeds,) = llm.engine.encoder.encode(images_of(req))            # what the encode server computed
-        arena = EmbeddingArena(4 << 20, 1 << 20, "127.0.0.1")
-        arena.put(mm.spans[0].hash, embeds)
-        req.image_data, req.embed_source = [], arena.source([mm.spans[0].hash]).to_json()
-        req.embed_mac = embed_mac(bytes.fromhex(KEY), req.request_id, req.images, req.embed_source)
-        pm, pnode = _node(vl, tmp_path, "vl-prefill", serve=True, encode_stage=True)
-        dm, dnode = _node(vl, tmp_path, "vl-decode", serve=False)
-        prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source,
-                               embeddings=EmbeddingStore(tmp_path / "prefill-store"), transfer_host="127.0.0.1")
-        decode = DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY), transfer_host="127.0.0.1")
-        (h,) = prefill.run([req])
-        assert h.images == mm.spans and h.embed_source == req.embed_source
-        assert ack(BlockSource.from_json(h.source), bytes.fromhex(KEY), h.request_id, h.block_table)
-        sink = Sink()
-        decode.step_once([(h, sink)])
-        while not sink.final:
-            decode.step_once()
-        assert decode.engine.connector.stats["failures"] == 1            # recomputed, not read
-        assert sink.err is None and sink.ids == want
-        assert decode.remote is not None                                  # the embeddings came from the arena
-    finally:
-        llm.close()
-        if decode is not None:
-            decode.engine.connector.close()
-        for m in (pm, dm):
-            if m is not None:
-                m.stop()
+    d, llm = vl
+    data, want, ids, mm = _image_prompt(llm, 5, (84, 112), "<|vision_start|><|image_pad|><|vision_end|>What is in "
+                                        "the picture?")
+    req = PrefillRequest(uuid.uuid4().hex, ids, GREEDY, mm.spans, [data])
+    (embeds,) = llm.engine.encoder.encode(images_of(req))            # what the encode server computed
+    arena = EmbeddingArena(4 << 20, 1 << 20, "127.0.0.1")
+    arena.put(mm.spans[0].hash, embeds)
+    req.image_data, req.embed_source = [], arena.source([mm.spans[0].hash]).to_json()
+    req.embed_mac = embed_mac(bytes.fromhex(KEY), req.request_id, req.images, req.embed_source)
+    pm, pnode = _node(d, tmp_path, "vl-prefill", serve=True, encode_stage=True)
+    dm, dnode = _node(d, tmp_path, "vl-decode", serve=False)
+    stopped(pm), stopped(dm)
+    prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source,
+                           embeddings=EmbeddingStore(tmp_path / "prefill-store"), transfer_host="127.0.0.1")
+    decode = stopped(DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY), transfer_host="127.0.0.1"))
+    (h,) = prefill.run([req])
+    assert h.images == mm.spans and h.embed_source == req.embed_source
+    sink = _recomputed(decode, h)
+    assert sink.err is None and sink.ids == want
+    assert decode.remote is not None                                  # the embeddings came from the arena
 
 
-def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from_the_prefill_node(checkpoint, tmp_path):
+def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from_the_prefill_node(vl, stopped,
+                                                                                                   tmp_path):
     """E inside P, D apart (`pd_router` with a vision model): the prefill node's tower writes the
     embeddings to an arena its transfer engine serves and names it in the KV handle; decode, whose KV
     read fails, recomputes the prompt reading them from there (before, that request ended with an error)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     from baton.backends.multimodal.remote import EmbeddingArena, EmbeddingSource
 
-    vl = checkpoint("tiny-qwen2.5-vl", dtype="float32")
-    buf = io.BytesIO()
-    Image.fromarray((np.random.default_rng(6).random((112, 84, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
-    text = "Look: <|vision_start|><|image_pad|><|vision_end|>Describe it."
-    llm = LLM(str(vl), dtype="float32", kv_cache_memory_mb=16)
-    pm = dm = decode = None
-    try:
-        want = llm.generate({"prompt": text, "multi_modal_data": {"image": [buf.getvalue()]}}, GREEDY)[0].token_ids
-        ids, mm = llm.engine.expand_images(llm.engine.tokenizer.encode(text), [buf.getvalue()])
-        pm, pnode = _node(vl, tmp_path, "vlp-prefill", serve=True, epd_host="127.0.0.1")
-        dm, dnode = _node(vl, tmp_path, "vlp-decode", serve=False, epd_host="127.0.0.1")
-        prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source,
-                               transfer_host="127.0.0.1")
-        assert isinstance(prefill.engine.encoder.cache, EmbeddingArena)
-        decode = DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY), transfer_host="127.0.0.1")
-        assert decode.engine.encoder is None                              # no tower on a decode node
-        # as the router sends it: the image's bytes, and a stray embed_source that must not be signed on
-        req = PrefillRequest(uuid.uuid4().hex, ids, GREEDY, mm.spans, [buf.getvalue()], embed_source="junk")
-        (h,) = prefill.run([req])
-        src = EmbeddingSource.from_json(h.embed_source)
-        assert src.segment == prefill.engine.encoder.cache.agent.segment and len(src.slots) == 1
-        assert h.verified(bytes.fromhex(KEY))
-        assert ack(BlockSource.from_json(h.source), bytes.fromhex(KEY), h.request_id, h.block_table)
-        sink = Sink()
-        decode.step_once([(h, sink)])
-        while not sink.final:
-            decode.step_once()
-        assert decode.engine.connector.stats["failures"] == 1            # recomputed, not read
-        assert sink.err is None and sink.ids == want
-        assert decode.remote is not None                                  # the embeddings came from prefill's arena
-    finally:
-        llm.close()
-        if decode is not None:
-            decode.engine.connector.close()
-        for m in (pm, dm):
-            if m is not None:
-                m.stop()
+    d, llm = vl
+    data, want, ids, mm = _image_prompt(llm, 6, (112, 84), "Look: <|vision_start|><|image_pad|><|vision_end|>"
+                                        "Describe it.")
+    pm, pnode = _node(d, tmp_path, "vlp-prefill", serve=True, epd_host="127.0.0.1")
+    dm, dnode = _node(d, tmp_path, "vlp-decode", serve=False, epd_host="127.0.0.1")
+    stopped(pm), stopped(dm)
+    prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source,
+                           transfer_host="127.0.0.1")
+    assert isinstance(prefill.engine.encoder.cache, EmbeddingArena)
+    decode = stopped(DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY), transfer_host="127.0.0.1"))
+    assert decode.engine.encoder is None                              # no tower on a decode node
+    # as the router sends it: the image's bytes, and a stray embed_source that must not be signed on
+    req = PrefillRequest(uuid.uuid4().hex, ids, GREEDY, mm.spans, [data], embed_source="junk")
+    (h,) = prefill.run([req])
+    src = EmbeddingSource.from_json(h.embed_source)
+    assert src.segment == prefill.engine.encoder.cache.agent.segment and len(src.slots) == 1
+    assert h.verified(bytes.fromhex(KEY))
+    sink = _recomputed(decode, h)
+    assert sink.err is None and sink.ids == want
+    assert decode.remote is not None                                  # the embeddings came from prefill's arena
