@@ -83,6 +83,14 @@ def test_vllms_extra_sampling_parameters_reach_the_engine(node, offline, model):
     chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                           extra_body={"min_tokens": 3, "ignore_eos": True, "top_k": 1})
     assert chat.usage.completion_tokens == 3 and chat.choices[0].finish_reason == "length"
+    # unserved parameters at their defaults, as frameworks send them, change nothing
+    same = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          response_format={"type": "text"}, tools=[], tool_choice="none",
+                                          logit_bias={}, extra_body={"min_tokens": 3, "ignore_eos": True, "top_k": 1})
+    assert same.choices[0].message.content == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="tools: not supported by this server"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
 
 
 def _post(node, path, body, headers=None):
@@ -117,6 +125,7 @@ def _post(node, path, body, headers=None):
     (b'{"model": "M", "prompt": "hi", "repetition_penalty": Infinity}', 400, "repetition_penalty"),
     ({"model": "M", "prompt": "hi", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ({"model": "M", "prompt": "hi", "min_tokens": 300}, 400, "min_tokens"),         # past max_tokens: the server's
+    ({"model": "M", "prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format"),  # unserved
 ])
 def test_bad_requests_get_openai_errors_naming_the_param(node, model, body, status, param):
     if isinstance(body, dict) and body.get("model") == "M":

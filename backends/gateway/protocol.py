@@ -95,6 +95,15 @@ class APIError(Exception):
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
+def _default(name: str, value: Any) -> bool:
+    return value in (None, {}, []) or (name, value) in (("response_format", {"type": "text"}), ("tool_choice", "none"),
+                                                       ("parallel_tool_calls", True), ("store", False))
+
+
+# OpenAI's parameters that Baton does not serve: named as such, not as misspellings
+UNSERVED = frozenset({"response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+                      "logit_bias", "audio", "modalities", "prediction", "reasoning_effort", "service_tier", "store",
+                      "metadata", "web_search_options", "best_of", "suffix"})
 
 
 def parse(cls: type[_Sampling], raw: bytes) -> Any:
@@ -104,12 +113,17 @@ def parse(cls: type[_Sampling], raw: bytes) -> Any:
         raise APIError(400, f"the body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
+    # an unserved parameter set to what it means by default (SDKs and frameworks send these) changes nothing
+    body = {k: v for k, v in body.items() if not (k in UNSERVED and _default(k, v))}
     try:
         return cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         # the field's path, without pydantic's union-member tags ("prompt.str" -> "prompt")
         param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p not in _TYPE_TAGS and "[" not in p) or None
+        if err["type"] == "extra_forbidden" and param in UNSERVED:
+            raise APIError(400, f"{param}: not supported by this server (Baton serves text generation: no "
+                                "tools, structured output, logit bias or audio)", param) from None
         raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param) from None
 
 
