@@ -78,7 +78,7 @@ def _json_table(text: str) -> dict:
     return value
 
 
-def _port(text: str, none_ok: bool = False) -> int:
+def port_arg(text: str, none_ok: bool = False) -> int:
     """A TCP port (0: a free one; -1: none, where none_ok)."""
     try:
         port = int(text)
@@ -89,8 +89,8 @@ def _port(text: str, none_ok: bool = False) -> int:
     return port
 
 
-def _gateway_port(text: str) -> int:
-    return _port(text, none_ok=True)
+def gateway_port_arg(text: str) -> int:
+    return port_arg(text, none_ok=True)
 
 
 def _seconds(text: str) -> float:
@@ -113,10 +113,10 @@ def _serve(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="baton serve", description="Serve a model through tritonserver.")
     ap.add_argument("profile", nargs="?", default="single_node", help="ensemble_configs/<profile>.toml")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory (default: baton-tiny)")
-    ap.add_argument("--http-port", type=_port, default=8000)
-    ap.add_argument("--grpc-port", type=_port, default=8001)
-    ap.add_argument("--metrics-port", type=_port, default=8002)
-    ap.add_argument("--gateway-port", type=_gateway_port, default=9000, help="the OpenAI-compatible API; -1: none")
+    ap.add_argument("--http-port", type=port_arg, default=8000)
+    ap.add_argument("--grpc-port", type=port_arg, default=8001)
+    ap.add_argument("--metrics-port", type=port_arg, default=8002)
+    ap.add_argument("--gateway-port", type=gateway_port_arg, default=9000, help="the OpenAI-compatible API; -1: none")
     ap.add_argument("--prompt", default=None, help="stream this sample completion once ready")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--smoke", action="store_true",
@@ -262,10 +262,10 @@ def _cluster(argv: list[str]) -> None:
     ap.add_argument("--encode", type=int, default=0, help="encode servers (EPD, a vision model): the router sends "
                     "images to them (profile epd_router); 0: prefill nodes encode images themselves")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face checkpoint directory (default: baton-tiny)")
-    ap.add_argument("--http-port", type=_port, default=8000, help="the router's")
-    ap.add_argument("--grpc-port", type=_port, default=8001, help="the router's")
-    ap.add_argument("--metrics-port", type=_port, default=8002, help="the router's")
-    ap.add_argument("--gateway-port", type=_gateway_port, default=9000, help="the router's OpenAI-compatible API; -1: none")
+    ap.add_argument("--http-port", type=port_arg, default=8000, help="the router's")
+    ap.add_argument("--grpc-port", type=port_arg, default=8001, help="the router's")
+    ap.add_argument("--metrics-port", type=port_arg, default=8002, help="the router's")
+    ap.add_argument("--gateway-port", type=gateway_port_arg, default=9000, help="the router's OpenAI-compatible API; -1: none")
     ap.add_argument("--hosts", action="store_true", help="each node on a simulated host (network namespaces; root)")
     ap.add_argument("--kv-tiers", default=None, type=_json_table,
                     help='every node\'s KV cache tiers (JSON); "store": "auto" starts one Mooncake Store for the cluster')
@@ -358,9 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         COMMANDS[argv[0]](argv[1:])
     except (ValueError, RuntimeError, OSError) as e:
-        # a node or cluster that cannot start says why in one line (its messages name the setting);
-        # BATON_DEBUG=1 keeps the traceback
-        if argv[0] not in ("serve", "cluster") or os.environ.get("BATON_DEBUG"):
+        # what cannot start says why in one line (the messages name the setting); BATON_DEBUG=1 keeps
+        # the traceback
+        if argv[0] not in ("serve", "cluster", "generate", "gateway") or os.environ.get("BATON_DEBUG"):
             raise
         print(f"baton {argv[0]}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -137,19 +137,25 @@ def test_a_taken_port_is_refused_before_anything_starts(qwen3_dir):
     assert n.manager is None and n.server is None
 
 
+FREE = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--gateway-port", "-1"]   # any port in use
+
+
 @pytest.mark.parametrize("args, rc, message", [
-    (["--model", "/nonexistent"], 1, "model directory not found: '/nonexistent'"),
-    (["no_such_profile"], 1, "no deployment profile 'no_such_profile'"),
-    (["pd_prefill"], 1, "it needs --name-service URL"),
-    (["--http-port", "70000"], 2, "argument --http-port: 70000 is not a port"),
-    (["--timeout", "0"], 2, "argument --timeout: must be a positive number of seconds"),
+    (["serve", *FREE, "--model", "/nonexistent"], 1, "model directory not found: '/nonexistent'"),
+    (["serve", *FREE, "no_such_profile"], 1, "no deployment profile 'no_such_profile'"),
+    (["serve", *FREE, "pd_prefill"], 1, "it needs --name-service URL"),
+    (["serve", "--http-port", "70000"], 2, "argument --http-port: 70000 is not a port"),
+    (["serve", *FREE, "--timeout", "0"], 2, "argument --timeout: must be a positive number of seconds"),
+    (["generate", "--model", "/nonexistent", "hi"], 1, "model directory not found: '/nonexistent'"),
+    (["gateway", "--port", "-3"], 2, "argument --port: -3 is not a port"),
 ])
-def test_baton_serve_that_cannot_start_says_why_in_one_line(tmp_path, args, rc, message):
+def test_a_baton_command_that_cannot_start_says_why_in_one_line(tmp_path, args, rc, message):
     """An operator's mistake is a one-line error naming it and a nonzero exit, not a traceback."""
-    r = subprocess.run([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--gateway-port", "-1", *args],
-                       capture_output=True, text=True, timeout=120, env=os.environ | {"BATON_RUN_DIR": str(tmp_path)})
+    r = subprocess.run([sys.executable, "-P", "-m", "baton.backends.cli", *args], capture_output=True, text=True,
+                       timeout=120, env=os.environ | {"BATON_RUN_DIR": str(tmp_path)})
     assert r.returncode == rc and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1] == f"baton serve: error: {message}" or message in r.stderr.splitlines()[-1]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"baton {args[0]}: error: ") and message in last, last
     assert not any(tmp_path.iterdir())                   # nothing left behind
 
 

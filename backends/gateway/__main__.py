@@ -7,10 +7,12 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..cli import port_arg
+
     ap = argparse.ArgumentParser(prog="baton gateway", description="An OpenAI-compatible API over a node's llm model.")
     ap.add_argument("--triton", default="127.0.0.1:8001", help="the node's gRPC address")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument("--port", type=port_arg, default=9000)
     ap.add_argument("--model", default=None, help="the served checkpoint: its tokenizer names logprob tokens")
     ap.add_argument("--model-name", default=None, help="the name clients pass as `model` (default: --model's folder name)")
     a = ap.parse_args(argv)

@@ -263,11 +263,13 @@ def _forward(base: str, method: str, path: str, query: str, headers: dict[str, s
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..cli import port_arg
+
     ap = argparse.ArgumentParser(prog="baton http-front")
     ap.add_argument("--triton-grpc", required=True, help="tritonserver's gRPC address")
     ap.add_argument("--triton-http", required=True, help="tritonserver's own (internal) HTTP address")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--port", type=port_arg, default=8000)
     a = ap.parse_args(argv)
     import uvicorn
 

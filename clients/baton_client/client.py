@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import struct
 import threading
@@ -244,18 +245,24 @@ class BatonClient:
             resp = urllib.request.urlopen(req, timeout=timeout)
         except urllib.error.HTTPError as e:
             raise BatonError(f"HTTP {e.code}: {e.read().decode(errors='replace')}") from None
+        except OSError as e:                   # refused, unreachable, timed out (URLError is one)
+            raise BatonError(f"HTTP: cannot reach http://{self.url}: {getattr(e, 'reason', e)}") from None
         with resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data:"):
-                    continue
-                d = json.loads(line[5:])
-                if "error" in d:
-                    raise BatonError(d["error"])
-                c = _failed(_chunk(_sse_getter(d)))
-                yield c
-                if c.finish_reason:
-                    return
+            try:
+                for raw in resp:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    d = json.loads(line[5:])
+                    if "error" in d:
+                        raise BatonError(d["error"])
+                    c = _failed(_chunk(_sse_getter(d)))
+                    yield c
+                    if c.finish_reason:
+                        return
+            except (OSError, http.client.HTTPException) as e:     # the connection broke mid-stream
+                raise BatonError(f"HTTP: the stream from http://{self.url} broke: {e!r}") from None
+        raise BatonError("the stream ended without a final response")
 
 
 def _sse_getter(d: dict):  # noqa: ANN202 - name -> np.ndarray | None, like InferResult.as_numpy

@@ -1,0 +1,56 @@
+"""baton_client's failures without a Baton server: what a client sees when the server is not there, or
+its stream breaks. Each is a BatonError saying so, never a urllib or http.client traceback."""
+
+import json
+import socket
+import threading
+
+import pytest
+
+from baton_client import BatonClient, BatonError
+
+
+def _one_shot_server(reply: bytes) -> tuple[str, threading.Thread]:
+    """A socket that answers one HTTP request with `reply` and closes."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply)
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return f"127.0.0.1:{srv.getsockname()[1]}", t
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_http_server_is_a_baton_error():
+    with pytest.raises(BatonError, match=r"cannot reach http://127\.0\.0\.1:\d+: .*refused"):
+        BatonClient(f"127.0.0.1:{_free_port()}", "http").generate("hi", max_tokens=2)
+
+
+def test_a_stream_without_its_final_response_is_a_baton_error():
+    event = {"text_output": "x", "token_ids": [5], "finish_reason": "", "prompt_tokens": 1, "completion_tokens": 1}
+    url, t = _one_shot_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                              + f"data: {json.dumps(event)}\n\n".encode())
+    with pytest.raises(BatonError, match="the stream ended without a final response"):
+        list(BatonClient(url, "http").stream("hi", max_tokens=4))
+    t.join(5)
+
+
+def test_a_stream_cut_mid_chunk_is_a_baton_error():
+    url, t = _one_shot_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                              b"\r\n400\r\ndata: {\"text_output\"")
+    with pytest.raises(BatonError, match="broke"):
+        list(BatonClient(url, "http").stream("hi", max_tokens=4))
+    t.join(5)
