@@ -387,3 +387,53 @@ def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from
     sink = _recomputed(decode, h)
     assert sink.err is None and sink.ids == want
     assert decode.remote is not None                                  # the embeddings came from prefill's arena
+
+
+def test_decode_steps_other_requests_while_a_recomputed_prompts_embeddings_are_read(vl, stopped, tmp_path,
+                                                                                   monkeypatch):
+    """The read-back of a recomputed image prompt's embeddings runs off decode's loop: a text stream
+    keeps getting a token every step while the read is held; the image request waits, then gives the
+    offline engine's tokens (before, the loop itself waited for the read, up to READ_TIMEOUT_S)."""
+    import threading
+
+    from baton.backends.multimodal.remote import RemoteEmbeddings
+
+    d, llm = vl
+    data, want, ids, mm = _image_prompt(llm, 7, (56, 84), "<|vision_start|><|image_pad|><|vision_end|>And this?")
+    text = llm.engine.tokenizer.encode("def f(x): return x + 1")
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want_text = llm.generate([text], params)[0].token_ids
+    pm, pnode = _node(d, tmp_path, "vlq-prefill", serve=True, epd_host="127.0.0.1")
+    dm, dnode = _node(d, tmp_path, "vlq-decode", serve=False, epd_host="127.0.0.1")
+    stopped(pm), stopped(dm)
+    prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source,
+                           transfer_host="127.0.0.1")
+    decode = stopped(DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY), transfer_host="127.0.0.1"))
+    gate, real = threading.Event(), RemoteEmbeddings._read
+
+    def held(self, *a, **k):                         # the real read, once the test lets it go
+        gate.wait(20)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RemoteEmbeddings, "_read", held)
+    (ht,) = prefill.run([PrefillRequest(uuid.uuid4().hex, text, params)])
+    sink_t = Sink()
+    decode.step_once([(ht, sink_t)])
+    while len(sink_t.ids) < 3:
+        decode.step_once()
+    (hi,) = prefill.run([PrefillRequest(uuid.uuid4().hex, ids, GREEDY, mm.spans, [data])])
+    assert ack(BlockSource.from_json(hi.source), bytes.fromhex(KEY), hi.request_id, hi.block_table)
+    sink_i = Sink()
+    decode.step_once([(hi, sink_i)])
+    while decode.engine.connector.stats["failures"] == 0:      # its KV read fails: recompute, embeddings held
+        decode.step_once()
+    before = len(sink_t.ids)
+    for _ in range(8):
+        decode.step_once()
+    assert len(sink_t.ids) >= before + 8             # the text stream stepped every time
+    assert len(sink_i.ids) == 1 and not sink_i.final  # the image request waits for its embeddings
+    gate.set()
+    while not (sink_t.final and sink_i.final):
+        decode.step_once()
+    assert sink_i.err is None and sink_i.ids == want
+    assert sink_t.ids == want_text

@@ -51,6 +51,9 @@ class Scheduler:
                     i += 1
                     continue
                 seq.loading = False
+            if seq.mm is not None and not seq.mm.ready(seq.num_computed_tokens):
+                i += 1                               # recomputing: its images' embeddings are being read back
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._blocks_needed(seq, n)
             while need > self.bm.num_free and self.running[-1] is not seq:
@@ -79,6 +82,8 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 self.running.append(seq)
                 continue
+            if seq.mm is not None and not seq.mm.ready(seq.num_computed_tokens):
+                break                        # a preempted image prompt: its embeddings are being read back
             n = seq.num_tokens - seq.num_computed_tokens
             if n > budget and not self.chunked:
                 break

@@ -9,6 +9,7 @@ text after it starts at start + max(rows, columns). Generated tokens are text: i
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import torch
@@ -34,19 +35,40 @@ class MultiModalPrompt:
     # where a missing embedding is read when needed (decode recomputing a preempted prompt: the
     # node's embedding store); None: all are in `embeds`
     fetch: Callable[[str], torch.Tensor | None] | None = None
+    # where `ready` runs those reads, off the caller's thread (decode's loop); None: `embedding` reads
+    background: Executor | None = None
+    pending: dict[int, Future] = field(default_factory=dict)    # span index -> its read in `background`
 
     @classmethod
     def of(cls, spans: list[ImageSpan], num_prompt_tokens: int, merge: int,
            embeds: list[torch.Tensor | None] | None = None,
-           fetch: Callable[[str], torch.Tensor | None] | None = None) -> MultiModalPrompt:
+           fetch: Callable[[str], torch.Tensor | None] | None = None,
+           background: Executor | None = None) -> MultiModalPrompt:
         """An expanded prompt's images as stages pass them (spans), with its positions recomputed."""
         positions, delta = mrope_positions(num_prompt_tokens, spans, merge)
-        return cls(list(spans), positions, delta, list(embeds) if embeds else [None] * len(spans), fetch)
+        return cls(list(spans), positions, delta, list(embeds) if embeds else [None] * len(spans), fetch, background)
 
     def embedding(self, i: int) -> torch.Tensor | None:
         if self.embeds[i] is None and self.fetch is not None:
-            self.embeds[i] = self.fetch(self.spans[i].hash)
+            fut = self.pending.pop(i, None)
+            self.embeds[i] = fut.result() if fut is not None else self.fetch(self.spans[i].hash)
+            if self.embeds[i] is None:           # gone: not asked again
+                self.fetch = None
         return self.embeds[i]
+
+    def ready(self, start: int) -> bool:
+        """Whether the embeddings of the images from token `start` on can be had without waiting:
+        the missing ones start reading in `background` (a scheduler skips the sequence meanwhile)."""
+        if self.fetch is None or self.background is None:
+            return True
+        done = True
+        for i, sp in enumerate(self.spans):
+            if sp.start + sp.length > start and self.embeds[i] is None:
+                fut = self.pending.get(i)
+                if fut is None:
+                    fut = self.pending[i] = self.background.submit(self.fetch, sp.hash)
+                done = done and fut.done()
+        return done
 
     def keys_for(self, start: int, end: int) -> tuple[str, ...]:
         return image_keys(self.spans, start, end)

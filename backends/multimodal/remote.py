@@ -30,7 +30,7 @@ log = logging.getLogger("embeddings")
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # A read not done this long (its encode server alive but silent) fails: the request is refused or
-# ends, the caller (prefill's batch, decode's loop) goes on. A read that later ends frees the reader.
+# ends, the caller (prefill's batch, decode's read-back thread) goes on. A read that later ends frees the reader.
 READ_TIMEOUT_S = 10.0
 
 

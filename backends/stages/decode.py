@@ -19,6 +19,7 @@ import logging
 import math
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +66,8 @@ class DecodeStage:
         self.embeddings = embeddings
         self.transfer_host = transfer_host
         self.remote: RemoteEmbeddings | None = None       # made on the first read from an encode server
+        # a recomputed image prompt's embeddings are read here, not in the loop (the other streams step on)
+        self.reads = ThreadPoolExecutor(1, thread_name_prefix="baton-embed-fetch")
         self.merge = int((engine.config.vision_config or {}).get("spatial_merge_size", 2))
         self.handle_key = handle_key
         self.responses_per_step = responses_per_step
@@ -182,7 +185,7 @@ class DecodeStage:
         eng = self.engine
         fetch = fetcher(self.embeddings.get if self.embeddings else None, self._remote if self.transfer_host else None,
                         handle.embed_source, [s.hash for s in handle.images])
-        seq = handle.to_sequence(eng.block_size, self.merge, fetch)
+        seq = handle.to_sequence(eng.block_size, self.merge, fetch, self.reads)
         first = seq.output_token_ids
         self.tokens += len(first)
         if handle.finish_reason:                   # prefill already finished it (max_tokens=1, EOS, stop)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,14 +138,15 @@ class KVHandle:
                    list(seq.logprobs), cached_by_tier=list(seq.cached_by_tier or []),
                    images=list(seq.mm.spans) if seq.mm is not None else [])
 
-    def to_sequence(self, block_size: int, merge: int = 2,
-                    fetch: Callable[[str], torch.Tensor | None] | None = None) -> Sequence:
+    def to_sequence(self, block_size: int, merge: int = 2, fetch: Callable[[str], torch.Tensor | None] | None = None,
+                    background: Executor | None = None) -> Sequence:
         """The sequence decode continues: prompt and first token (a seeded request's draws are keyed by
         position: engine.sampler.noise); its blocks come through the
         KV connector (seq.kv_transfer) when the scheduler admits it. A prompt with images gets its
         M-RoPE positions back (the vision tower's `merge`), and reads its images' embeddings through
-        `fetch` if it is ever recomputed."""
-        mm = MultiModalPrompt.of(self.images, self.num_prompt_tokens, merge, fetch=fetch) if self.images else None
+        `fetch` (in `background`) if it is ever recomputed."""
+        mm = MultiModalPrompt.of(self.images, self.num_prompt_tokens, merge, fetch=fetch, background=background) \
+            if self.images else None
         seq = Sequence(self.token_ids[: self.num_prompt_tokens], self.sampling, block_size, self.request_id, mm=mm)
         for t in self.token_ids[self.num_prompt_tokens:]:
             seq.append(t)
