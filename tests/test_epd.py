@@ -242,7 +242,15 @@ def test_a_recomputing_node_reads_the_embeddings_back_from_the_encode_server():
     assert torch.equal(fetch("a"), a) and torch.equal(fetch("b"), b + 1)
     arena.put("c", c)                                                 # reuses a's slot
     assert fetch("a") is None
-    assert fetcher(local.get, None, arena.source(["c"]).to_json(), ["c"]) == local.get    # no reader: the store
+    only_store = fetcher(local.get, None, arena.source(["c"]).to_json(), ["c"])          # no reader: the store
+    assert torch.equal(only_store("b"), b + 1) and only_store("c") is None
+    assert fetcher(None, None, "", []) is None
+
+    def corrupt(key):                                                 # a store file gone bad (embedding_store)
+        raise ValueError(f"embedding file for {key} is corrupt")
+
+    assert torch.equal(fetcher(corrupt, lambda: reader, arena.source(["c"]).to_json(), ["c"])("c"), c)
+    assert fetcher(corrupt, None, "", [])("c") is None               # that request ends, not the step
 
 
 def test_a_read_from_an_encode_server_that_does_not_answer_fails_in_time(monkeypatch):
