@@ -19,8 +19,19 @@ def _one_shot_server(reply: bytes) -> tuple[str, threading.Thread]:
     def serve() -> None:
         conn, _ = srv.accept()
         with conn:
-            conn.recv(65536)
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:                      # the whole request: unread bytes at
+                data += conn.recv(65536)                            # close would make it a reset (RST)
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = next(int(v) for k, v in (ln.split(b":", 1) for ln in head.split(b"\r\n")[1:])
+                          if k.strip().lower() == b"content-length")
+            while len(body) < length:
+                body += conn.recv(65536)
             conn.sendall(reply)
+            conn.shutdown(socket.SHUT_WR)                           # then an orderly close (FIN)
+            while conn.recv(65536):
+                pass
         srv.close()
 
     t = threading.Thread(target=serve, daemon=True)
