@@ -65,3 +65,11 @@ def test_a_stream_cut_mid_chunk_is_a_baton_error():
     with pytest.raises(BatonError, match="broke"):
         list(BatonClient(url, "http").stream("hi", max_tokens=4))
     t.join(5)
+
+
+def test_a_malformed_event_is_a_baton_error():
+    url, t = _one_shot_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                              b"data: {not json\n\n")
+    with pytest.raises(BatonError, match="sent a malformed event"):
+        list(BatonClient(url, "http").stream("hi", max_tokens=4))
+    t.join(5)

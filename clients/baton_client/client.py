@@ -262,6 +262,8 @@ class BatonClient:
                         return
             except (OSError, http.client.HTTPException) as e:     # the connection broke mid-stream
                 raise BatonError(f"HTTP: the stream from http://{self.url} broke: {e!r}") from None
+            except ValueError as e:                                 # not Baton's JSON events
+                raise BatonError(f"HTTP: http://{self.url} sent a malformed event: {e}") from None
         raise BatonError("the stream ended without a final response")
 
 
