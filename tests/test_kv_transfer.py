@@ -350,8 +350,10 @@ def test_an_image_prompt_recomputed_on_the_decode_node_reads_its_embeddings_from
     pm, pnode = _node(d, tmp_path, "vl-prefill", serve=True, encode_stage=True)
     dm, dnode = _node(d, tmp_path, "vl-decode", serve=False)
     stopped(pm), stopped(dm)
+    store = EmbeddingStore(tmp_path / "prefill-store")
+    (store.dir / f"{mm.spans[0].hash}.emb").write_bytes(b"garbage")   # unreadable: read from the arena instead
     prefill = PrefillStage(node_engine(pnode, "prefill"), bytes.fromhex(KEY), source=pnode.block_source,
-                           embeddings=EmbeddingStore(tmp_path / "prefill-store"), transfer_host="127.0.0.1")
+                           embeddings=store, transfer_host="127.0.0.1")
     decode = stopped(DecodeStage(node_engine(dnode, "decode"), bytes.fromhex(KEY), transfer_host="127.0.0.1"))
     (h,) = prefill.run([req])
     assert h.images == mm.spans and h.embed_source == req.embed_source

@@ -53,6 +53,8 @@ class EmbeddingStore:
             raw = self._path(key).read_bytes()
         except FileNotFoundError:
             return None
+        if len(raw) < _HEADER.size:
+            raise ValueError(f"embedding file for {key} is truncated")
         magic, code, rows, cols = _HEADER.unpack_from(raw)
         if magic != _MAGIC or code >= len(_DTYPES):
             raise ValueError(f"embedding file for {key} is corrupt")
