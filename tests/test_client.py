@@ -50,26 +50,18 @@ def test_an_unreachable_http_server_is_a_baton_error():
         BatonClient(f"127.0.0.1:{_free_port()}", "http").generate("hi", max_tokens=2)
 
 
-def test_a_stream_without_its_final_response_is_a_baton_error():
-    event = {"text_output": "x", "token_ids": [5], "finish_reason": "", "prompt_tokens": 1, "completion_tokens": 1}
-    url, t = _one_shot_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
-                              + f"data: {json.dumps(event)}\n\n".encode())
-    with pytest.raises(BatonError, match="the stream ended without a final response"):
-        list(BatonClient(url, "http").stream("hi", max_tokens=4))
-    t.join(5)
+SSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+EVENT = {"text_output": "x", "token_ids": [5], "finish_reason": "", "prompt_tokens": 1, "completion_tokens": 1}
 
 
-def test_a_stream_cut_mid_chunk_is_a_baton_error():
-    url, t = _one_shot_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-                              b"\r\n400\r\ndata: {\"text_output\"")
-    with pytest.raises(BatonError, match="broke"):
-        list(BatonClient(url, "http").stream("hi", max_tokens=4))
-    t.join(5)
-
-
-def test_a_malformed_event_is_a_baton_error():
-    url, t = _one_shot_server(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
-                              b"data: {not json\n\n")
-    with pytest.raises(BatonError, match="sent a malformed event"):
+@pytest.mark.parametrize("reply, message", [
+    (SSE + b"Connection: close\r\n\r\n" + f"data: {json.dumps(EVENT)}\n\n".encode(),
+     "the stream ended without a final response"),
+    (SSE + b"Transfer-Encoding: chunked\r\n\r\n400\r\ndata: {\"text_output\"", "broke"),    # cut mid-chunk
+    (SSE + b"Connection: close\r\n\r\ndata: {not json\n\n", "sent a malformed event"),
+], ids=["no final response", "cut mid-chunk", "malformed event"])
+def test_a_broken_stream_is_a_baton_error(reply, message):
+    url, t = _one_shot_server(reply)
+    with pytest.raises(BatonError, match=message):
         list(BatonClient(url, "http").stream("hi", max_tokens=4))
     t.join(5)
