@@ -397,6 +397,7 @@ def test_decode_steps_other_requests_while_a_recomputed_prompts_embeddings_are_r
     keeps getting a token every step while the read is held; the image request waits, then gives the
     offline engine's tokens (before, the loop itself waited for the read, up to READ_TIMEOUT_S)."""
     import threading
+    import time
 
     from baton.backends.multimodal.remote import RemoteEmbeddings
 
@@ -427,11 +428,14 @@ def test_decode_steps_other_requests_while_a_recomputed_prompts_embeddings_are_r
     assert ack(BlockSource.from_json(hi.source), bytes.fromhex(KEY), hi.request_id, hi.block_table)
     sink_i = Sink()
     decode.step_once([(hi, sink_i)])
-    while decode.engine.connector.stats["failures"] == 0:      # its KV read fails: recompute, embeddings held
-        decode.step_once()
+    conn, deadline = decode.engine.connector, time.monotonic() + 20
+    while not all(f.done() for f, _ in conn.loads.values()):    # its KV read fails (no step meanwhile)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     before = len(sink_t.ids)
     for _ in range(8):
         decode.step_once()
+    assert conn.stats["failures"] == 1               # recomputing, its embeddings' read held
     assert len(sink_t.ids) >= before + 8             # the text stream stepped every time
     assert len(sink_i.ids) == 1 and not sink_i.final  # the image request waits for its embeddings
     gate.set()
