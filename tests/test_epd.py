@@ -246,12 +246,6 @@ def test_a_recomputing_node_reads_the_embeddings_back_from_the_encode_server():
     assert torch.equal(only_store("b"), b + 1) and only_store("c") is None
     assert fetcher(None, None, "", []) is None
 
-    def corrupt(key):                                                 # a store file gone bad (embedding_store)
-        raise ValueError(f"embedding file for {key} is corrupt")
-
-    assert torch.equal(fetcher(corrupt, lambda: reader, arena.source(["c"]).to_json(), ["c"])("c"), c)
-    assert fetcher(corrupt, None, "", [])("c") is None               # that request ends, not the step
-
 
 def test_a_read_from_an_encode_server_that_does_not_answer_fails_in_time(monkeypatch):
     """An encode server alive but silent: the read gives up after its timeout (prefill refuses the

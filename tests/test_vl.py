@@ -330,6 +330,12 @@ def test_embedding_store_is_bounded_shared_and_whole(tmp_path):
     assert sorted(p.suffix for p in (tmp_path / "emb").iterdir()) == [".emb"] * 3    # no temporary files
     with pytest.raises(ValueError, match="not a content hash"):
         reader.get("../../etc/passwd")
+    # a file gone bad reads as missing (the request that wanted it is refused or re-read, never the
+    # batch or the decode step failed) and is removed, so the encoder writes it again
+    whole = (tmp_path / "emb" / f"{keys[0]}.emb").read_bytes()
+    for bad in (b"garbage", whole[:-2]):
+        (tmp_path / "emb" / f"{keys[0]}.emb").write_bytes(bad)
+        assert reader.get(keys[0]) is None and not (tmp_path / "emb" / f"{keys[0]}.emb").exists()
 
 
 def test_the_encode_stage_marks_cached_images_used_without_reading_them(vl_dir, tmp_path, monkeypatch):

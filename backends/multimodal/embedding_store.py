@@ -9,6 +9,7 @@ embedding or none."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from ..kv.pool import SHM_DIR
+
+log = logging.getLogger("embeddings")
 
 PREFIX = "baton-emb-"
 _MAGIC = b"BEMB"
@@ -49,19 +52,20 @@ class EmbeddingStore:
         return self.dir / f"{key}.emb"
 
     def get(self, key: str) -> torch.Tensor | None:
+        """The key's embeddings; None when they are not here, or their file is unreadable (it is
+        removed: the encoder writes it again, and no reader ever uses it)."""
+        path = self._path(key)
         try:
-            raw = self._path(key).read_bytes()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        if len(raw) < _HEADER.size:
-            raise ValueError(f"embedding file for {key} is truncated")
-        magic, code, rows, cols = _HEADER.unpack_from(raw)
-        if magic != _MAGIC or code >= len(_DTYPES):
-            raise ValueError(f"embedding file for {key} is corrupt")
+        magic, code, rows, cols = _HEADER.unpack_from(raw) if len(raw) >= _HEADER.size else (b"", 0, 0, 0)
+        if magic != _MAGIC or code >= len(_DTYPES) or len(raw) - _HEADER.size != rows * cols * _DTYPES[code].itemsize:
+            log.warning("embedding file %s is corrupt or truncated (%d bytes); removed", path, len(raw))
+            path.unlink(missing_ok=True)
+            return None
         dtype = _DTYPES[code]
         data = np.frombuffer(raw, dtype=np.uint8, offset=_HEADER.size).copy()
-        if data.size != rows * cols * dtype.itemsize:
-            raise ValueError(f"embedding file for {key} is truncated")
         with self.lock:
             if key in self.lru:
                 self.lru.move_to_end(key)

@@ -172,14 +172,10 @@ def fetcher(local: Callable[[str], torch.Tensor | None] | None, reader: Callable
     """How a node that recomputes a prompt (decode, preempted or after a failed KV read) gets its
     images' embeddings back: its own store (`local`), else the encode server's slots the handle names
     (`source`: EmbeddingSource JSON; `hashes`: the prompt's images in order), read through `reader`.
-    The fetch answers None when neither has them (a reused slot fails its checksum, a store file is
-    unreadable), and that request alone ends with an error; None instead of a fetch: nowhere to look."""
+    The fetch answers None when neither has them (a reused slot fails its checksum), and that request
+    alone ends with an error; None instead of a fetch: nowhere to look."""
     def fetch(key: str) -> torch.Tensor | None:
-        try:                                     # a corrupt store file fails this request, not the step
-            found = local(key) if local is not None else None
-        except (ValueError, OSError) as e:
-            log.warning("image %s: its embeddings in the node's store are unreadable: %s", key, e)
-            found = None
+        found = local(key) if local is not None else None
         if found is not None or not source or reader is None:
             return found
         try:

@@ -8,7 +8,6 @@ import hmac
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,9 +21,6 @@ from ..multimodal.remote import EmbeddingArena, EmbeddingSource, RemoteEmbedding
 from .cores import CoreShare
 from .messages import KVHandle, PrefillRequest, embed_mac, images_of
 from .metrics import Deltas
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger("prefill")
 
@@ -132,7 +128,7 @@ class PrefillStage:
             if self.embeddings is None or not hmac.compare_digest(
                     req.embed_mac, embed_mac(self.handle_key, req.request_id, req.images, req.embed_source)):
                 raise InvalidRequestError("image", "embedding handle not signed by this node's encoder")
-            embeds = [self._stored(s.hash) for s in req.images]
+            embeds = [self.embeddings.get(s.hash) for s in req.images]
             missing = [i for i, e in enumerate(embeds) if e is None]
             if missing and req.embed_source:     # on the encode server: read by handle, kept here too
                 for i, e in zip(missing, self._remote().read(EmbeddingSource.from_json(req.embed_source), missing)):
@@ -154,16 +150,6 @@ class PrefillStage:
             except KeyError:                     # more images than the arena has slots: decode cannot
                 pass
         return MultiModalPrompt.of(req.images, len(req.prompt_token_ids), merge, embeds)
-
-    def _stored(self, key: str) -> torch.Tensor | None:
-        """An image's embeddings from the node's store; an unreadable file counts as missing (read
-        again from the encode server, or this request alone is refused), not as the batch's failure."""
-        assert self.embeddings is not None
-        try:
-            return self.embeddings.get(key)
-        except (ValueError, OSError) as e:
-            log.warning("image %s: its embeddings in the node's store are unreadable: %s", key, e)
-            return None
 
     def _remote(self) -> RemoteEmbeddings:
         if self.remote is None:
