@@ -95,15 +95,16 @@ class APIError(Exception):
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
-def _default(name: str, value: Any) -> bool:
-    return value in (None, {}, []) or (name, value) in (("response_format", {"type": "text"}), ("tool_choice", "none"),
-                                                       ("parallel_tool_calls", True), ("store", False))
-
-
 # OpenAI's parameters that Baton does not serve: named as such, not as misspellings
 UNSERVED = frozenset({"response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
                       "logit_bias", "audio", "modalities", "prediction", "reasoning_effort", "service_tier", "store",
                       "metadata", "web_search_options", "best_of", "suffix"})
+
+
+def _default(name: str, value: Any) -> bool:
+    """An unserved parameter set to what it means when absent."""
+    return value in (None, {}, []) or (name, value) in (("response_format", {"type": "text"}), ("tool_choice", "none"),
+                                                       ("parallel_tool_calls", True), ("store", False))
 
 
 def parse(cls: type[_Sampling], raw: bytes) -> Any:

@@ -59,8 +59,8 @@ class MultiModalPrompt:
     def ready(self, start: int) -> bool:
         """Whether the embeddings of the images from token `start` on can be had without waiting:
         the missing ones start reading in `background` (a scheduler skips the sequence meanwhile)."""
-        if self.fetch is None or self.background is None:
-            return True
+        if self.fetch is None or self.background is None or start >= self.positions.shape[1]:
+            return True                          # (past the prompt: every decode step of a text token)
         done = True
         for i, sp in enumerate(self.spans):
             if sp.start + sp.length > start and self.embeds[i] is None:
