@@ -247,9 +247,37 @@ def test_a_recomputing_node_reads_the_embeddings_back_from_the_encode_server():
     assert fetcher(None, None, "", []) is None
 
 
-def test_a_read_from_an_encode_server_that_does_not_answer_fails_in_time(monkeypatch):
-    """An encode server alive but silent: the read gives up after its timeout (prefill refuses the
-    request, decode ends it) instead of holding the stage; once the stuck read ends, reads work again."""
+def test_the_embedding_readers_staging_hands_out_ranges_that_never_overlap():
+    from baton.backends.kv.transfer import TransferError
+    from baton.backends.multimodal.remote import _Staging
+
+    st = _Staging(100)
+    far = time.monotonic() + 5
+    a, b, c = st.take(30, far), st.take(30, far), st.take(40, far)
+    assert (a, b, c) == (0, 30, 60)
+    t = time.monotonic()
+    with pytest.raises(TransferError, match="no staging space"):
+        st.take(1, time.monotonic() + 0.1)           # full: waits until its deadline, no longer
+    assert time.monotonic() - t < 2
+    st.give(b)
+    assert st.take(20, far) == 30 and st.take(10, far) == 50       # the gap, first fit
+    with pytest.raises(TransferError):
+        st.take(11, time.monotonic() + 0.05)
+    import threading
+
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(st.take(60, far)))
+    waiter.start()
+    for at in (a, 30, 50):
+        st.give(at)                                   # 60 bytes free from 0 only once all three are back
+    waiter.join(5)
+    assert got == [0] and sorted(st.held.items()) == [(0, 60), (60, 40)]
+
+
+def test_an_encode_server_that_does_not_answer_costs_only_its_own_reads(monkeypatch):
+    """An encode server alive but silent (the transfer engine waits 30 s on it): a read from it gives
+    up after its timeout, instead of holding the stage; reads from another encode server go on
+    meanwhile; new reads from the silent one fail at once; once its stuck read ends, they work again."""
     pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
     import threading
 
@@ -258,24 +286,35 @@ def test_a_read_from_an_encode_server_that_does_not_answer_fails_in_time(monkeyp
     from baton.backends.kv.transfer import TransferError
     from baton.backends.multimodal.remote import EmbeddingArena, RemoteEmbeddings
 
-    arena = EmbeddingArena(2 * 4096, 4096, "127.0.0.1")
+    silent, other = EmbeddingArena(2 * 4096, 4096, "127.0.0.1"), EmbeddingArena(2 * 4096, 4096, "127.0.0.1")
     reader = RemoteEmbeddings("127.0.0.1", staging_bytes=1 << 16)
-    arena.put("a", torch.ones(8, 64))
+    silent.put("a", torch.ones(8, 64))
+    other.put("b", torch.full((8, 64), 2.0))
     gate = threading.Event()
     engine = reader.agent.engine
 
-    class Silent:                                     # the engine's read, held until the test lets it go
-        def batch_transfer_sync_read(self, *a):
-            gate.wait(20)
-            return engine.batch_transfer_sync_read(*a)
+    class Silent:                                     # the engine's reads from `silent`, held until the test lets them go
+        def batch_transfer_sync_read(self, segment, *a):
+            if segment == silent.agent.segment:
+                gate.wait(30)
+            return engine.batch_transfer_sync_read(segment, *a)
 
     monkeypatch.setattr(reader.agent, "engine", Silent())
     t = time.monotonic()
     with pytest.raises(TransferError, match="does not answer"):
-        reader.read(arena.source(["a"]), [0], timeout_s=0.3)
+        reader.read(silent.source(["a"]), [0], timeout_s=0.3)
     assert time.monotonic() - t < 5
+    t = time.monotonic()
+    assert torch.equal(reader.read(other.source(["b"]), [0], timeout_s=5)[0], torch.full((8, 64), 2.0))
+    with pytest.raises(TransferError, match="has not answered"):
+        reader.read(silent.source(["a"]), [0], timeout_s=0.3)
+    assert time.monotonic() - t < 5                  # neither waited for the stuck read (held up to 30 s)
     gate.set()
-    assert torch.equal(reader.read(arena.source(["a"]), [0])[0], torch.ones(8, 64))
+    deadline = time.monotonic() + 10
+    while reader.transfers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert torch.equal(reader.read(silent.source(["a"]), [0])[0], torch.ones(8, 64))
+    assert not reader.staging.held                   # every read gave its staging back
 
 
 def test_epd_llm_without_an_encode_server_says_so_before_starting_anything(vl_dir, tmp_path, monkeypatch):

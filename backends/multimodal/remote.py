@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,8 @@ log = logging.getLogger("embeddings")
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # A read not done this long (its encode server alive but silent) fails: the request is refused or
-# ends, the caller (prefill's batch, decode's read-back thread) goes on. A read that later ends frees the reader.
+# ends, the caller (prefill's batch, decode's read-back thread) goes on; new reads from that server
+# fail at once until its stuck read ends (RemoteEmbeddings).
 READ_TIMEOUT_S = 10.0
 
 
@@ -117,54 +119,115 @@ class EmbeddingArena:
         return len(self.index)
 
 
-class RemoteEmbeddings:
-    """A prefill server's reader: one staging region registered with its own transfer engine."""
+class _Staging:
+    """Byte ranges of the reader's registered region, each held by one read in flight: a read that
+    hangs holds only its own range, and the others go on."""
 
-    def __init__(self, host: str, protocol: str = "tcp", staging_bytes: int = 64 << 20) -> None:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.held: dict[int, int] = {}           # start -> length
+        self.cond = threading.Condition()
+
+    def take(self, n: int, deadline: float) -> int:
+        with self.cond:
+            while (at := self._fit(n)) is None:
+                if not self.cond.wait(max(0.0, deadline - time.monotonic())) and time.monotonic() >= deadline:
+                    raise TransferError("no staging space for an image embedding read in time (reads in flight "
+                                        "hold it); retry")
+            self.held[at] = n
+            return at
+
+    def give(self, at: int) -> None:
+        with self.cond:
+            del self.held[at]
+            self.cond.notify_all()
+
+    def _fit(self, n: int) -> int | None:
+        at = 0
+        for start in sorted(self.held):
+            if start - at >= n:
+                return at
+            at = max(at, start + self.held[start])
+        return at if self.size - at >= n else None
+
+
+class RemoteEmbeddings:
+    """A prefill or decode server's reader: one staging region registered with its own transfer
+    engine, shared by up to `readers` reads at once. An encode server that stops answering (alive
+    but silent: the transfer engine gives up on it only after 30 s) costs its own reads, not
+    others': while one of its reads is past the timeout, new reads from it fail at once."""
+
+    def __init__(self, host: str, protocol: str = "tcp", staging_bytes: int = 64 << 20, readers: int = 4) -> None:
         self.buf = torch.zeros(staging_bytes, dtype=torch.uint8)
         self.agent = TransferAgent(host, protocol, self.buf.data_ptr(), self.buf.numel())
+        self.staging = _Staging(staging_bytes)
+        self.batch_bytes = max(1, staging_bytes // readers)      # a read's batch, so others fit beside it
         self.lock = threading.Lock()
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="baton-embed-read")
+        self.transfers: dict[int, tuple[str, float]] = {}        # transfer id -> (segment, when it began)
+        self.next_id = 0
+        self.worker = ThreadPoolExecutor(readers, thread_name_prefix="baton-embed-read")
 
     def read(self, source: EmbeddingSource, which: list[int], timeout_s: float | None = None) -> list[torch.Tensor]:
         """The embeddings of source.slots[i] for i in `which`, checked against their checksums (a
         mismatch: the slot was reused before this read; TransferError, the request is retried).
         Not done within `timeout_s` (default READ_TIMEOUT_S): TransferError."""
-        fut = self.worker.submit(self._read, source, which)
+        timeout = READ_TIMEOUT_S if timeout_s is None else timeout_s
+        if self._silent(source.segment, timeout):
+            raise TransferError(f"{source.segment} has not answered a read of image embeddings for over "
+                                f"{timeout:g} s (the encode server does not answer); retry")
+        fut = self.worker.submit(self._read, source, which, time.monotonic() + timeout)
         try:
-            return fut.result(READ_TIMEOUT_S if timeout_s is None else timeout_s)
+            return fut.result(timeout)
         except FutureTimeout:
-            raise TransferError(f"reading image embeddings from {source.segment} took over "
-                                f"{READ_TIMEOUT_S if timeout_s is None else timeout_s:g} s (the encode server "
-                                "does not answer); retry") from None
+            fut.cancel()                          # not started yet: never started (its caller is gone)
+            raise TransferError(f"reading image embeddings from {source.segment} took over {timeout:g} s (the "
+                                "encode server does not answer); retry") from None
 
-    def _read(self, source: EmbeddingSource, which: list[int]) -> list[torch.Tensor]:
+    def _silent(self, segment: str, timeout: float) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            return any(seg == segment and now - began > timeout for seg, began in self.transfers.values())
+
+    def _read(self, source: EmbeddingSource, which: list[int], deadline: float) -> list[torch.Tensor]:
         slots = [source.slots[i] for i in which]
+        if any(s.nbytes > self.staging.size for s in slots):
+            raise TransferError(f"an image's embeddings ({max(s.nbytes for s in slots)} bytes) exceed the "
+                                f"staging region ({self.staging.size})")
         out: list[torch.Tensor] = []
-        with self.lock:                          # one staging region: one read at a time
-            start = 0
-            while start < len(slots):
-                batch, size = [], 0
-                for s in slots[start:]:
-                    if batch and size + s.nbytes > self.buf.numel():
-                        break
-                    if s.nbytes > self.buf.numel():
-                        raise TransferError(f"an image's embeddings ({s.nbytes} bytes) exceed the staging region")
-                    batch.append((s, size))
-                    size += s.nbytes
-                local = [self.agent.base + at for _, at in batch]
-                remote = [source.base + s.offset for s, _ in batch]
-                if self.agent.engine.batch_transfer_sync_read(source.segment, local, remote,
-                                                              [s.nbytes for s, _ in batch]) != 0:
-                    raise TransferError(f"reading {len(batch)} image embeddings from {source.segment} failed")
-                for s, at in batch:
-                    raw = self.buf[at:at + s.nbytes].clone()
+        start = 0
+        while start < len(slots):
+            batch, size = [], 0
+            for s in slots[start:]:
+                if batch and size + s.nbytes > self.batch_bytes:
+                    break
+                batch.append((s, size))
+                size += s.nbytes
+            at = self.staging.take(size, deadline)
+            try:
+                self._transfer(source, [(s, at + off) for s, off in batch])
+                for s, off in batch:
+                    raw = self.buf[at + off:at + off + s.nbytes].clone()
                     if xxhash.xxh3_64_hexdigest(raw.numpy()) != s.checksum:
                         raise TransferError("an image's embeddings changed on the encode server before they were "
                                             "read (its arena reused the slot); retry")
                     out.append(raw.view(_DTYPES[s.dtype]).view(s.rows, s.cols))
-                start += len(batch)
+            finally:
+                self.staging.give(at)
+            start += len(batch)
         return out
+
+    def _transfer(self, source: EmbeddingSource, batch: list[tuple[Slot, int]]) -> None:
+        with self.lock:
+            tid, self.next_id = self.next_id, self.next_id + 1
+            self.transfers[tid] = (source.segment, time.monotonic())
+        try:
+            if self.agent.engine.batch_transfer_sync_read(
+                    source.segment, [self.agent.base + at for _, at in batch],
+                    [source.base + s.offset for s, _ in batch], [s.nbytes for s, _ in batch]) != 0:
+                raise TransferError(f"reading {len(batch)} image embeddings from {source.segment} failed")
+        finally:
+            with self.lock:
+                del self.transfers[tid]
 
 
 def fetcher(local: Callable[[str], torch.Tensor | None] | None, reader: Callable[[], RemoteEmbeddings] | None,
