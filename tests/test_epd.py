@@ -389,6 +389,60 @@ def test_a_repeated_image_goes_back_to_the_encode_server_that_has_it(named, offl
     assert sorted(more_images.values()) == [0, 3] and more_hits == more_images     # one server, each a hit
 
 
+ENCODERS = """
+import json, sys
+from baton.backends.cluster.registry import Membership
+print(json.dumps([[n.node_id, n.grpc] for n in Membership(sys.argv[1], "baton").of_role("encode")]))
+"""
+
+
+def _encoders(c: EPD) -> list:
+    from baton.backends.cluster.registry import NodeInfo
+
+    r = subprocess.run([*c.hosts.run_in("hub"), sys.executable, "-P", "-c", ENCODERS, c.etcd.url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return [NodeInfo(node_id, "encode", grpc) for node_id, grpc in json.loads(r.stdout)]
+
+
+def test_a_call_to_an_encode_server_that_freezes_moves_to_another_once_its_lease_ends(named, offline, vl_dir):
+    """An encode server that stops answering (its tritonserver stopped, its launcher still
+    heartbeating), then stops heartbeating too (the whole host frozen): the call waiting on it is given
+    up once its key leaves the name service and the request is served by the other encode server,
+    instead of waiting out request_timeout_s (600 s) on the connection it has."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from baton.backends.cluster.encoders import rank_encoders
+
+    _settle(named)
+    nodes, target = _encoders(named), f"{named.hosts.addr['encode0']}:8001"
+    assert len(nodes) == 2
+    image = next(im for im in (png(64, 64, 700 + i) for i in range(200))
+                 if rank_encoders(nodes, {}, _image_hash(vl_dir, im))[0].grpc == target)    # encode0 first
+    m = user(image, "Still there?")
+    assert named.generate([m])[0]["token_ids"] == offline(m)     # llm0's front now has a connection to encode0
+    retries = named.metric("baton:route_retries_total", "llm0")
+    launcher = named.procs["encode0"].pid
+    triton = _descendant(launcher, "tritonserver")
+    os.kill(triton, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(named.generate, [m])
+            time.sleep(3.0)
+            assert not fut.done()                         # waiting on encode0, which is still registered
+            os.killpg(launcher, signal.SIGSTOP)           # the host freezes: no more heartbeats
+            (r,) = fut.result(60)
+        assert r["token_ids"] == offline(m), r["error"]
+        assert named.metric("baton:route_retries_total", "llm0") == retries + 1
+    finally:
+        os.killpg(launcher, signal.SIGCONT)
+        os.kill(triton, signal.SIGCONT)
+    deadline = time.monotonic() + 30                      # encode0 registers again (a new lease)
+    while len(_encoders(named)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(_encoders(named)) == 2
+
+
 # A crashed encode server whose key is still in the name service (its lease not yet expired): an
 # address nothing answers at, named so that it ranks first for one image (ghost_for), kept registered
 # until killed.

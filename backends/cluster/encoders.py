@@ -53,7 +53,7 @@ class EncodeServers(NodeCalls):
             with self.lock:
                 self.inflight[node.node_id] += 1
             try:
-                return self._channel(node.grpc).call(model, request, outputs)
+                return self._call(node, model, request, outputs)
             except FrontError as e:
                 if e.code == "invalid":              # the request's fault: the same anywhere
                     raise

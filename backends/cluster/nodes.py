@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 
-from ..stages.loopback import Loopback
+from ..stages.loopback import Arrays, Loopback
 from .registry import LEASE_TTL_S, Membership, NodeInfo
 
 log = logging.getLogger("router")
@@ -38,6 +38,16 @@ class NodeCalls:
             if address not in self.channels:
                 self.channels[address] = Loopback(address, self.timeout_s, self.stage_key)
             return self.channels[address]
+
+    def _call(self, node: NodeInfo, model: str, request: Arrays, outputs: list[str]) -> Arrays:
+        """A unary call to `node`, given up once the node leaves the name service (its lease ended: it
+        stopped heartbeating, a frozen host or a dead launcher), rather than waiting out the call's
+        deadline (request_timeout_s) on a server that will not answer."""
+        return self._channel(node.grpc).call(model, request, outputs, alive=lambda: self._member(node))
+
+    def _member(self, node: NodeInfo) -> bool:
+        with self.members.lock:
+            return node.node_id in self.members.nodes
 
     def _mark_down(self, node: NodeInfo, why: str) -> None:
         log.warning("node %s (%s) failed a call (%s); not routing to it for %d s", node.node_id, node.grpc, why,

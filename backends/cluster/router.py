@@ -141,7 +141,7 @@ class Router(NodeCalls):
             with self.lock:
                 self.prefill_tokens[node.node_id] += work[node.node_id]
             try:
-                return self._channel(node.grpc).call("prefill", request, outputs)
+                return self._call(node, "prefill", request, outputs)
             except FrontError as e:
                 if e.code == "invalid":              # the request's fault: the same anywhere
                     raise

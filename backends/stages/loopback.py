@@ -11,7 +11,7 @@ and the KV still travels only as a handle."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -34,6 +34,8 @@ _CODES = {grpc.StatusCode.INVALID_ARGUMENT: "invalid", grpc.StatusCode.UNAVAILAB
 # A stream's deadline past the request's own limit: the relay cuts a request at request_timeout_s
 # when its responses flow; this ends one whose stage went silent.
 STREAM_GRACE_S = 30.0
+
+ALIVE_CHECK_S = 0.5                  # how often a call with `alive` asks it (a cached membership read)
 
 MAX_MESSAGE_BYTES = 64 << 20         # prompts are bounded long before this (max_model_len tokens)
 
@@ -78,9 +80,21 @@ class Loopback:
                                                                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
-    def call(self, model: str, arrays: Arrays, outputs: list[str]) -> Arrays:
+    def call(self, model: str, arrays: Arrays, outputs: list[str], alive: Callable[[], bool] | None = None) -> Arrays:
+        """One unary call. `alive`, when given, is asked every ALIVE_CHECK_S while the call waits: once
+        it says False the call is cancelled (FrontError "unavailable"), not left to its deadline."""
+        req = encode(model, arrays, outputs, self.stage_key)
         try:
-            return decode(self.stub.ModelInfer(encode(model, arrays, outputs, self.stage_key), timeout=self.timeout))
+            if alive is None:
+                return decode(self.stub.ModelInfer(req, timeout=self.timeout))
+            fut = self.stub.ModelInfer.future(req, timeout=self.timeout)
+            while True:
+                try:
+                    return decode(fut.result(ALIVE_CHECK_S))
+                except grpc.FutureTimeoutError:
+                    if not alive():
+                        fut.cancel()
+                        raise FrontError(f"{model} call given up: the server stopped answering", "unavailable") from None
         except grpc.RpcError as e:
             raise FrontError(e.details() or str(e.code()), _CODES.get(e.code(), "error")) from None
 
