@@ -61,6 +61,61 @@ def _stream_in_background(cluster, requests, concurrency):
     return t, out
 
 
+def _tree(pid):
+    """pid and every process under it."""
+    from pathlib import Path
+
+    children = {}
+    for d in Path("/proc").iterdir():
+        try:
+            children.setdefault(int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d.name))
+        except (ValueError, OSError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def test_a_frozen_decode_node_ends_its_streams_once_its_lease_ends(p2d2):
+    """A decode node that freezes mid-stream (every process stopped: no tokens, no heartbeats): its
+    streams end with an error once its key leaves the name service, not at request_timeout_s (600 s);
+    the other node's streams finish; resumed, the node registers again and serves."""
+    import os
+    import signal
+
+    long = [{"prompt": p, "max_tokens": 900, "temperature": 0.0, "ignore_eos": True} for p in PROMPTS]
+    t, out = _stream_in_background(p2d2, long, 4)
+    deadline = time.monotonic() + 60
+    while p2d2.kv_stats("decode1")["num_used"] == 0:      # decode1 is streaming some of them
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.02)
+    frozen = _tree(p2d2.nodes["decode1"].proc.pid)
+    frozen_at = time.time()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        t.join(120)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert not t.is_alive()
+    res = out["results"]
+    failed = [r for r in res if r["error"]]
+    assert failed and all("given up" in r["error"] and r["t_end"] - frozen_at < 20 for r in failed), \
+        [(r["error"][:120], r["t_end"] - frozen_at) for r in res]
+    assert all(r["finish_reason"] == "length" for r in res if r not in failed)
+    reads = _count(p2d2, "baton:kv_transfer_blocks_read_total", ["decode1"])["decode1"]
+    deadline = time.monotonic() + 60                      # back in the name service, and served
+    while _count(p2d2, "baton:kv_transfer_blocks_read_total", ["decode1"])["decode1"] == reads:
+        assert time.monotonic() < deadline, "decode1 serves no request after it resumed"
+        after = p2d2.generate([{"prompt": p, "max_tokens": 8} for p in PROMPTS], concurrency=4)
+        assert [r["error"] for r in after] == [""] * 4
+        time.sleep(1.5)                                   # decode's counters reach its metrics about once a second
+
+
 def test_a_killed_decode_node_ends_its_streams_quickly_and_is_avoided(p2d2):
     long = [{"prompt": p, "max_tokens": 900, "temperature": 0.0, "ignore_eos": True} for p in PROMPTS]
     t, out = _stream_in_background(p2d2, long, 4)

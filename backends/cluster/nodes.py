@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 
 from ..stages.loopback import Arrays, Loopback
 from .registry import LEASE_TTL_S, Membership, NodeInfo
@@ -43,9 +44,11 @@ class NodeCalls:
         """A unary call to `node`, given up once the node leaves the name service (its lease ended: it
         stopped heartbeating, a frozen host or a dead launcher), rather than waiting out the call's
         deadline (request_timeout_s) on a server that will not answer."""
-        return self._channel(node.grpc).call(model, request, outputs, alive=lambda: self._member(node))
+        return self._channel(node.grpc).call(model, request, outputs, alive=partial(self._member, node))
 
     def _member(self, node: NodeInfo) -> bool:
+        """Whether the node's key is still in the name service (as last polled; while etcd does not
+        answer, the last membership seen: no call is given up for that)."""
         with self.members.lock:
             return node.node_id in self.members.nodes
 

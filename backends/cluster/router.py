@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 
@@ -173,7 +174,7 @@ class Router(NodeCalls):
                 self.decode_blocks[node.node_id] += blocks
             started = False
             try:
-                for resp in self._channel(node.grpc).stream("decode", handle, outputs):
+                for resp in self._channel(node.grpc).stream("decode", handle, outputs, alive=partial(self._member, node)):
                     started = True
                     yield resp
                 return

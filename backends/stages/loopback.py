@@ -11,7 +11,12 @@ and the KV still travels only as a handle."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -68,6 +73,53 @@ def decode(resp: service_pb2.ModelInferResponse) -> Arrays:
     return out
 
 
+GIVEN_UP = "the server stopped answering (it left the name service)"
+
+
+@dataclass(eq=False)
+class _Watched:
+    call: Any                     # a gRPC future or stream (both have cancel())
+    alive: Callable[[], bool]
+    gave_up: bool = False         # cancelled by the watch
+
+
+class _Watch:
+    """Calls in flight on servers that may go silent: every ALIVE_CHECK_S each call's `alive` is
+    asked, and a call it says False to is cancelled. One thread for every call of the process."""
+
+    def __init__(self) -> None:
+        self.calls: set[_Watched] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, call: Any, alive: Callable[[], bool]) -> Iterator[_Watched]:
+        w = _Watched(call, alive)
+        with self.lock:
+            self.calls.add(w)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="baton-call-watch", daemon=True)
+                self.thread.start()
+        try:
+            yield w
+        finally:
+            with self.lock:
+                self.calls.discard(w)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(ALIVE_CHECK_S)
+            with self.lock:
+                calls = list(self.calls)
+            for w in calls:
+                if not w.alive():
+                    w.gave_up = True              # before cancel(): the caller sees the flag with the error
+                    w.gave_up = bool(w.call.cancel())
+
+
+_watch = _Watch()
+
+
 class Loopback:
     """Calls on one node's gRPC endpoint; one channel, shared by every request thread (gRPC channels
     are thread-safe). Every call has a deadline of `timeout_s` (0: none), so no request thread waits
@@ -88,27 +140,30 @@ class Loopback:
             if alive is None:
                 return decode(self.stub.ModelInfer(req, timeout=self.timeout))
             fut = self.stub.ModelInfer.future(req, timeout=self.timeout)
-            while True:
+            with _watch.watching(fut, alive):
                 try:
-                    return decode(fut.result(ALIVE_CHECK_S))
-                except grpc.FutureTimeoutError:
-                    if not alive():
-                        fut.cancel()
-                        raise FrontError(f"{model} call given up: the server stopped answering", "unavailable") from None
+                    return decode(fut.result())
+                except grpc.FutureCancelledError:
+                    raise FrontError(f"{model} call given up: {GIVEN_UP}", "unavailable") from None
         except grpc.RpcError as e:
             raise FrontError(e.details() or str(e.code()), _CODES.get(e.code(), "error")) from None
 
-    def stream(self, model: str, arrays: Arrays, outputs: list[str]) -> Iterator[Arrays]:
+    def stream(self, model: str, arrays: Arrays, outputs: list[str],
+               alive: Callable[[], bool] | None = None) -> Iterator[Arrays]:
         """A decoupled model's responses, to the last. Left early (the caller raised or closed the
-        generator), the call is cancelled rather than left streaming to no one."""
+        generator), the call is cancelled rather than left streaming to no one. `alive`: as in call()."""
         call = self.stub.ModelStreamInfer(iter([encode(model, arrays, outputs, self.stage_key)]),
                                           timeout=self.timeout and self.timeout + STREAM_GRACE_S)
+        w = None
         try:
-            for r in call:
-                if r.error_message:
-                    raise FrontError(r.error_message, "error")
-                yield decode(r.infer_response)
+            with _watch.watching(call, alive) if alive is not None else contextlib.nullcontext() as w:
+                for r in call:
+                    if r.error_message:
+                        raise FrontError(r.error_message, "error")
+                    yield decode(r.infer_response)
         except grpc.RpcError as e:
+            if w is not None and w.gave_up:
+                raise FrontError(f"{model} stream given up: {GIVEN_UP}", "unavailable") from None
             raise FrontError(e.details() or str(e.code()), _CODES.get(e.code(), "error")) from None
         finally:
             call.cancel()                             # a no-op once the stream has ended
