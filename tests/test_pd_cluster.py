@@ -61,6 +61,17 @@ def _stream_in_background(cluster, requests, concurrency):
     return t, out
 
 
+def _streaming_on_decode1(cluster):
+    """Long streams in the background, once decode1 is streaming some of them."""
+    long = [{"prompt": p, "max_tokens": 900, "temperature": 0.0, "ignore_eos": True} for p in PROMPTS]
+    t, out = _stream_in_background(cluster, long, 4)
+    deadline = time.monotonic() + 60
+    while cluster.kv_stats("decode1")["num_used"] == 0:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.02)
+    return t, out
+
+
 def _tree(pid):
     """pid and every process under it."""
     from pathlib import Path
@@ -86,12 +97,7 @@ def test_a_frozen_decode_node_ends_its_streams_once_its_lease_ends(p2d2):
     import os
     import signal
 
-    long = [{"prompt": p, "max_tokens": 900, "temperature": 0.0, "ignore_eos": True} for p in PROMPTS]
-    t, out = _stream_in_background(p2d2, long, 4)
-    deadline = time.monotonic() + 60
-    while p2d2.kv_stats("decode1")["num_used"] == 0:      # decode1 is streaming some of them
-        assert time.monotonic() < deadline and t.is_alive()
-        time.sleep(0.02)
+    t, out = _streaming_on_decode1(p2d2)
     frozen = _tree(p2d2.nodes["decode1"].proc.pid)
     frozen_at = time.time()
     for pid in frozen:
@@ -117,12 +123,7 @@ def test_a_frozen_decode_node_ends_its_streams_once_its_lease_ends(p2d2):
 
 
 def test_a_killed_decode_node_ends_its_streams_quickly_and_is_avoided(p2d2):
-    long = [{"prompt": p, "max_tokens": 900, "temperature": 0.0, "ignore_eos": True} for p in PROMPTS]
-    t, out = _stream_in_background(p2d2, long, 4)
-    deadline = time.monotonic() + 60
-    while p2d2.kv_stats("decode1")["num_used"] == 0:      # decode1 is streaming some of them
-        assert time.monotonic() < deadline and t.is_alive()
-        time.sleep(0.02)
+    t, out = _streaming_on_decode1(p2d2)
     killed_at = time.time()
     p2d2.kill("decode1")
     t.join(120)
