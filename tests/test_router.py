@@ -219,3 +219,26 @@ def test_a_prompt_with_an_image_matches_the_blocks_a_prefill_node_keyed_on_that_
     assert uncached_tokens([node], prompt, images=[image]) == {"a": 0}
     assert uncached_tokens([node], prompt, images=[other]) == {"a": 80 - 16}      # only block 0 is text alone
     assert uncached_tokens([node], prompt) == {"a": 80 - 16}                       # no image keys: no match either
+
+
+def test_a_call_is_given_up_only_once_its_node_has_been_gone_from_the_name_service_a_while(monkeypatch):
+    """A lease that lapsed for a heartbeat (the node registers again at its next) does not end the
+    node's calls; a node gone ABSENT_GRACE_S does."""
+    from baton.backends.cluster import nodes
+
+    monkeypatch.setattr(nodes, "ABSENT_GRACE_S", 0.2)
+    calls = nodes.NodeCalls("http://127.0.0.1:9", "t", 1.0)       # no etcd there: membership set by hand
+    try:
+        n = NodeInfo("p0", "prefill", "127.0.0.1:1")
+        calls.members.nodes = {"p0": n}
+        assert calls._member(n)
+        calls.members.nodes = {}
+        assert calls._member(n)                                      # just gone: still counts
+        time.sleep(0.25)
+        assert not calls._member(n)
+        calls.members.nodes = {"p0": n}                              # registered again
+        assert calls._member(n)
+        calls.members.nodes = {}
+        assert calls._member(n)                                      # the grace starts over
+    finally:
+        calls.close()

@@ -16,6 +16,7 @@ from .registry import LEASE_TTL_S, Membership, NodeInfo
 log = logging.getLogger("router")
 
 NODE_TRIES = 3                    # nodes tried per call
+ABSENT_GRACE_S = LEASE_TTL_S      # a node gone from the name service this long: its calls are given up
 
 
 class NodeCalls:
@@ -25,6 +26,7 @@ class NodeCalls:
         self.name_service, self.timeout_s, self.stage_key = name_service, timeout_s, stage_key
         self.lock = threading.Lock()
         self.down: dict[str, float] = {}                          # node -> skipped until (monotonic)
+        self.absent_since: dict[str, float] = {}                  # node -> first seen gone, by a call's watch
         self.channels: dict[str, Loopback] = {}
         self.retries = 0
         self._sent: dict[str, int] = {}
@@ -41,16 +43,24 @@ class NodeCalls:
             return self.channels[address]
 
     def _call(self, node: NodeInfo, model: str, request: Arrays, outputs: list[str]) -> Arrays:
-        """A unary call to `node`, given up once the node leaves the name service (its lease ended: it
-        stopped heartbeating, a frozen host or a dead launcher), rather than waiting out the call's
+        """A unary call to `node`, given up once the node has left the name service (its lease ended: it
+        stopped heartbeating, a frozen host or a dead launcher; _member), rather than waiting out the call's
         deadline (request_timeout_s) on a server that will not answer."""
         return self._channel(node.grpc).call(model, request, outputs, alive=partial(self._member, node))
 
     def _member(self, node: NodeInfo) -> bool:
-        """Whether the node's key is still in the name service (as last polled; while etcd does not
-        answer, the last membership seen: no call is given up for that)."""
+        """Whether the node still counts as a member: its key is in the name service (as last polled;
+        while etcd does not answer, the last membership seen), or has been gone for less than
+        ABSENT_GRACE_S (a heartbeat late under load lets the lease lapse, and the node registers
+        again at its next one: its calls are not given up for that)."""
         with self.members.lock:
-            return node.node_id in self.members.nodes
+            present = node.node_id in self.members.nodes
+        now = time.monotonic()
+        with self.lock:
+            if present:
+                self.absent_since.pop(node.node_id, None)
+                return True
+            return now - self.absent_since.setdefault(node.node_id, now) < ABSENT_GRACE_S
 
     def _mark_down(self, node: NodeInfo, why: str) -> None:
         log.warning("node %s (%s) failed a call (%s); not routing to it for %d s", node.node_id, node.grpc, why,
