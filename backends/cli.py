@@ -104,7 +104,6 @@ def _seconds(text: str) -> float:
 
 
 def _serve(argv: list[str]) -> None:
-    import signal
     from pathlib import Path
 
     from .serving.config import Profile
@@ -137,10 +136,7 @@ def _serve(argv: list[str]) -> None:
                     "(without it, the encode servers registered with --name-service)")
     a = ap.parse_args(argv)
 
-    def on_term(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    _stop_on_signals()
     role = Profile.load(a.profile).serving.get("pd_role", "")
     gateway = a.gateway_port >= 0 and role in ("", "router")      # only where `llm` is served
     node = Node(a.model, a.profile, a.http_port, a.grpc_port, a.metrics_port,
@@ -175,6 +171,19 @@ def _serve(argv: list[str]) -> None:
     finally:
         _stop_uninterrupted("[baton] stopping", node.stop)
     raise SystemExit(exit_code)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT both raise KeyboardInterrupt (the caller drains, then stops). SIGINT is set
+    too: a process a non-interactive shell starts in the background (`make serve &`, nohup) inherits
+    SIGINT ignored, and Python leaves it so: `kill -INT` would do nothing."""
+    import signal
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def _stop_uninterrupted(message: str, stop: Callable[[], None]) -> None:
@@ -250,8 +259,6 @@ def _client(argv: list[str]) -> None:
 
 
 def _cluster(argv: list[str]) -> None:
-    import signal
-
     from .cluster.local import LocalCluster
 
     ap = argparse.ArgumentParser(prog="baton cluster", description="A PD cluster on this machine: etcd, prefill "
@@ -274,10 +281,7 @@ def _cluster(argv: list[str]) -> None:
     if a.prefill < 1 or a.decode < 1 or a.encode < 0:
         ap.error("--prefill and --decode must be at least 1, --encode at least 0")
 
-    def on_term(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    _stop_on_signals()
     cluster = LocalCluster(a.model, a.prefill, a.decode, hosts=a.hosts,
                            router_ports=(a.http_port, a.grpc_port, a.metrics_port, a.gateway_port),
                            kv_tiers=a.kv_tiers or None, encode=a.encode)

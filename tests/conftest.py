@@ -65,9 +65,11 @@ def blocks_in_use(kv_address: str, timeout: float = 5.0) -> int:
         time.sleep(0.05)
 
 
-def baton_serve(model_dir, run_root):
+def baton_serve(model_dir, run_root, sigint_ignored=False):
     """`baton serve` in a subprocess (free ports, run dirs under run_root), returned once it says it is
-    serving: (process, its run dir). The caller kills it."""
+    serving: (process, its run dir). The caller kills it. sigint_ignored: started as a non-interactive
+    shell starts a background job (SIGINT inherited ignored)."""
+    import signal
     import subprocess
     import sys
 
@@ -78,7 +80,8 @@ def baton_serve(model_dir, run_root):
     proc = subprocess.Popen([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--model", str(model_dir),
                              "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2],
                              "--gateway-port", ports[3]],
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
     lines = []
     for line in proc.stderr:
         lines.append(line)

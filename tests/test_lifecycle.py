@@ -160,19 +160,21 @@ def test_a_baton_command_that_cannot_start_says_why_in_one_line(tmp_path, args, 
 
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_streams_and_refuses_new_ones(qwen3_dir, tmp_path):
-    """SIGTERM to `baton serve` mid-stream: the stream finishes all its tokens, a new request is refused
-    with "shutting down", and the process exits 0 leaving nothing behind."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_drains_in_flight_streams_and_refuses_new_ones(qwen3_dir, tmp_path, sig):
+    """SIGTERM (or SIGINT: `kill -INT`, Ctrl-C) to `baton serve` mid-stream: the stream finishes all its
+    tokens, a new request is refused with "shutting down", and the process exits 0 leaving nothing
+    behind. SIGINT to a server started as a background job, which inherits SIGINT ignored."""
     from baton_client import BatonClient, BatonError
 
-    proc, run_dir = baton_serve(qwen3_dir, tmp_path)
+    proc, run_dir = baton_serve(qwen3_dir, tmp_path, sigint_ignored=sig == signal.SIGINT)
     try:
         grpc_port = next(a.split("=")[1] for a in _cmdlines_with(str(run_dir / "models"))[0].split()
                          if a.startswith("--grpc-port="))
         url = f"127.0.0.1:{grpc_port}"
         stream = BatonClient(url).stream("def long_function():", temperature=0.0, max_tokens=200, ignore_eos=True)
         chunks = [next(stream)]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         deadline = time.monotonic() + 10
         while not (run_dir / "draining").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
