@@ -30,6 +30,11 @@ def build_dir() -> Path:
     return d
 
 
+def built() -> bool:
+    """The library is compiled for this checkout (loading it is then quick)."""
+    return (build_dir() / "baton_cpu_ops.so").exists()
+
+
 def available() -> bool:
     """True when torch.ops.baton_cpu is loaded (building it first if needed)."""
     if "ok" in _state:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from baton.kernels import cpu_ext
 from baton.kernels.linear import select_linear_method
 
 from ..cluster.registry import HASH_SUMMARY, NodeInfo, Registration, short_hash
@@ -148,6 +149,10 @@ class Node:
                                             engine.enable_prefix_caching, serve_blocks,
                                             (engine.kv_tiers, model_dir) if engine.kv_tiers else None)
             self.manager.start()
+            if engine.device == "cpu" and not quiet and os.environ.get("BATON_CPU_EXT", "1") != "0" and not cpu_ext.built():
+                print("[baton] compiling the fused CPU kernels for this CPU (first start only, ~30 s)",
+                      file=sys.stderr, flush=True)
+            cpu_ext.available()          # built here, once, not timed as the weights' load
             # weights: loaded, fused and processed by the linear method once here, mapped by every stage
             t = time.monotonic()
             self.weights_name = pool_name
