@@ -49,6 +49,9 @@ class EngineConfig:
     # a multimodal checkpoint's vision tower: load it and encode images in this engine (monolithic);
     # false where images arrive already encoded (the prefill stage behind an `encode` stage)
     vision: bool = True
+    # LoRA adapters (PEFT directories) a request may name, as vLLM's --lora-modules: {name: path};
+    # each is loaded at start, beside the base weights (models/lora.py)
+    lora_modules: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_types(self, "EngineConfig")
@@ -68,6 +71,9 @@ class EngineConfig:
         if self.quantization and self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization: unknown method {self.quantization!r}; known: "
                               f"{', '.join(QUANTIZATIONS)} (or \"\" for none)")
+        for name, path in self.lora_modules.items():
+            if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+                raise ConfigError(f"lora_modules: expected {{name: adapter directory}}, got {name!r}: {path!r}")
         for name in ("num_blocks", "kv_cache_memory_mb", "max_model_len", "max_num_batched_tokens", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

@@ -50,24 +50,30 @@ class LLM:
         self.engine = LLMEngine(config, weights=weights)
 
     def generate(self, prompts: str | list[int] | dict | list[str] | list[list[int]] | list[dict],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 lora: str | list[str] | None = None) -> list[RequestOutput]:
         """A prompt is text, token ids, or (as in vLLM) {"prompt": text or "prompt_token_ids": ids,
-        "multi_modal_data": {"image": an image or a list of them}}: one image per <|image_pad|>."""
+        "multi_modal_data": {"image": an image or a list of them}}: one image per <|image_pad|>.
+        lora: the LoRA adapter (a name in `lora_modules`) for every prompt, or one per prompt."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        loras = lora if isinstance(lora, list) else [lora or ""] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} LoRA names for {len(prompts)} prompts")
         eng = self.engine
         seqs = []
         try:
-            for p, sp in zip(prompts, params_list):
+            for p, sp, name in zip(prompts, params_list, loras):
                 if isinstance(p, dict):
                     images = (p.get("multi_modal_data") or {}).get("image") or []
                     images = images if isinstance(images, list) else [images]
-                    seqs.append(eng.add_request(p.get("prompt", p.get("prompt_token_ids")), sp, images=images))
+                    seqs.append(eng.add_request(p.get("prompt", p.get("prompt_token_ids")), sp, images=images,
+                                                lora=name or ""))
                 else:
-                    seqs.append(eng.add_request(p, sp))
+                    seqs.append(eng.add_request(p, sp, lora=name or ""))
             while eng.has_unfinished():
                 eng.step()
                 if eng.idle_step:         # every sequence waits for KV being loaded: don't spin

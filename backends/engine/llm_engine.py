@@ -18,6 +18,7 @@ from ..kv.pool import SHM_DIR, KVPool, PoolSpec
 from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
 from ..models.decoder import DecoderLM, load_weights
+from ..models.lora import LoRAAdapter
 from ..runtime import owned_name, remove_leftovers, torch_threads
 from ..spec.adaptive import Governor
 from ..spec.config import SpeculativeConfig
@@ -81,6 +82,8 @@ class LLMEngine:
             weights = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
         method = select_linear_method(self.dtype, self.device, config.pack_weights, config.quantization, self.quant)
         self.model = DecoderLM(cfg, weights, self.max_model_len, method)
+        self.loras = {name: LoRAAdapter.load(name, path, cfg, str(self.device))
+                      for name, path in config.lora_modules.items()}
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.encoder: ImageEncoder | None = None     # the vision tower of a multimodal checkpoint
         if cfg.vision_config is not None and config.vision:
@@ -112,7 +115,7 @@ class LLMEngine:
             self.connector = TierConnector(self.connector, self.tiers, self.tiers.names, self.block_manager)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget, config.enable_chunked_prefill,
                                    self.connector)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, self.loras)
         self.eos_token_ids = set(cfg.eos_token_ids)
         self.sampler = Sampler(config.seed, frozenset(self.eos_token_ids))
         self.spec = SpeculativeConfig.from_table(config.speculative) if config.speculative else None
@@ -132,16 +135,18 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None,
                     stream_text: bool = False, prefill_only: bool = False,
-                    images: list | None = None, mm: MultiModalPrompt | None = None) -> Sequence:
+                    images: list | None = None, mm: MultiModalPrompt | None = None, lora: str = "") -> Sequence:
         """prefill_only: the sequence ends after its first token with finish reason HANDOFF, its K/V
         handed on through the KV connector (the prefill stage). images: one per image placeholder
         in the prompt (encoded bytes, base64, data URLs or PIL images), encoded here; or `mm`, a
-        prompt already expanded with its images' embeddings (the prefill stage, from `encode`)."""
+        prompt already expanded with its images' embeddings (the prefill stage, from `encode`).
+        lora: the name of one of `lora_modules` to run it with ("": the base model)."""
         params = params or SamplingParams()
+        self.check_lora(lora)
         ids = self.encode_prompt(prompt)
         if mm is None:
             ids, mm = self.expand_images(ids, images or [])
-        seq = Sequence(ids, params, self.block_size, request_id, (cache_salt,) if cache_salt else (), mm)
+        seq = Sequence(ids, params, self.block_size, request_id, (cache_salt,) if cache_salt else (), mm, lora)
         seq.prefill_only = prefill_only
         return self.add_sequence(seq, stream_text)
 
@@ -160,6 +165,11 @@ class LLMEngine:
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def check_lora(self, lora: str) -> None:
+        if lora and lora not in self.loras:
+            known = ", ".join(sorted(self.loras)) or "none (lora_modules is empty)"
+            raise InvalidRequestError("lora", f"no LoRA adapter named {lora!r}; this server has: {known}")
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

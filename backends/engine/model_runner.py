@@ -12,6 +12,7 @@ from baton.kernels.attention_backend import StepLayout, attention_backend
 
 from ..kv.pool import KVPool
 from ..models.decoder import DecoderLM
+from ..models.lora import LoRAAdapter, LoRABatch
 from .sequence import Sequence
 
 
@@ -56,8 +57,9 @@ def layout_step(scheduled: list[tuple[Paged, int]], block_size: int) -> tuple[li
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, pool: KVPool) -> None:
+    def __init__(self, model: DecoderLM, pool: KVPool, loras: dict[str, LoRAAdapter] | None = None) -> None:
         self.model = model
+        self.loras = loras or {}                      # by name: what a sequence's `lora` names
         self.pool = pool
         self.block_size = pool.spec.block_size
         self.device = pool.tensor.device
@@ -84,8 +86,12 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64)
         if mm_rows:
             pos, inputs_embeds = self._multimodal(order, ids, pos, inputs_embeds)
+        lora = None
+        if self.loras and any(getattr(s, "lora", "") for s, _ in order):
+            lora = LoRABatch.of([self.loras[s.lora] if getattr(s, "lora", "") else None
+                                 for s, n in order for _ in range(n)], dev)
         hidden = self.model.forward(None if inputs_embeds is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
-                                    pos.to(dev), self.attention.build(step), self.pool.layers, inputs_embeds)
+                                    pos.to(dev), self.attention.build(step), self.pool.layers, inputs_embeds, lora)
         return order, hidden
 
     def _multimodal(self, order: list[tuple[Paged, int]], ids: list[int], pos: torch.Tensor,

@@ -39,12 +39,15 @@ class Sequence(TokenHistory):
     _ids = itertools.count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int,
-                 request_id: str | None = None, extra_keys: tuple = (), mm: MultiModalPrompt | None = None) -> None:
+                 request_id: str | None = None, extra_keys: tuple = (), mm: MultiModalPrompt | None = None,
+                 lora: str = "") -> None:
         super().__init__(list(token_ids), len(token_ids), params)
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.block_size = block_size
-        self.extra_keys = extra_keys
+        self.lora = lora                  # the LoRA adapter it runs with ("": the base model)
+        # an adapter's K/V differs from the base model's: its blocks are cached under keys of their own
+        self.extra_keys = extra_keys + (("lora", lora),) if lora else extra_keys
         self.mm = mm                      # images in the prompt: their spans, embeddings, M-RoPE positions
         self.status = Status.WAITING
         self.num_computed_tokens = 0      # tokens whose K/V is in the pool

@@ -24,6 +24,7 @@ from baton.kernels.quant import Int4Weight
 from ..loader.quantized import RAW_SUFFIXES, QuantConfig, read_linear
 from ..loader.safetensors_loader import load_state_dict, take
 from .config import ModelConfig
+from .lora import LoRABatch
 
 Checkpoint = torch.Tensor | Int4Data | Int8Weight     # a linear weight as prepare_weights gives it
 
@@ -196,10 +197,11 @@ class DecoderLM:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, batch: AttentionBatch,
                 kv_layers: list[tuple[torch.Tensor, ...]],
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, lora: LoRABatch | None = None) -> torch.Tensor:
         """Token ids [T], or their embeddings [T, hidden] (inputs_embeds: e.g. with visual features
         spliced in), at explicit positions [T] (or [3, T] for M-RoPE) -> final-normed hidden states [T, hidden]. kv_layers: per
-        layer its K and V caches, and their scales when the cache is INT8/FP8 (KVPool.layers)."""
+        layer its K and V caches, and their scales when the cache is INT8/FP8 (KVPool.layers).
+        lora: the LoRA adapters of the batch's rows (models/lora.py); None: the base model only."""
         cfg = self.cfg
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -209,7 +211,7 @@ class DecoderLM:
         if positions.dim() == 2:             # [3, T] M-RoPE positions: per-token tables, looked up in order
             rope = rope.mrope_rows(positions, cfg.mrope_section)
             positions = torch.arange(T, device=positions.device)
-        if self._fused is not None and batch.prefill is None and batch.decode is not None:
+        if self._fused is not None and batch.prefill is None and batch.decode is not None and lora is None:
             # all decodes: the same kernels in one C++ call (bit-identical, no per-op Python)
             d = batch.decode
             return torch.ops.baton_cpu.decode_forward_bf16(
@@ -224,18 +226,23 @@ class DecoderLM:
                 if self.between_layers is not None:
                     self.between_layers()
                 x, residual = add_rms_norm(h, residual, L.input_norm, eps)
-            qkv = linear(x, L.qkv).view(T, H + 2 * KV, D)
+            qkv = self._linear(x, L.qkv, lora, i, "qkv").view(T, H + 2 * KV, D)
             qk_norm_rope_(qkv[:, : H + KV], L.qk_norm, positions, rope, eps)
             k_cache, v_cache, *scales = kv_layers[i]
             o = paged_attention(qkv[:, :H], qkv[:, H:H + KV], qkv[:, H + KV:], k_cache, v_cache, batch, self.scale,
                                 *scales)
-            h = linear(o.view(T, H * D), L.o)
+            h = self._linear(o.view(T, H * D), L.o, lora, i, "o")
             x, residual = add_rms_norm(h, residual, L.post_norm, eps)
-            h = linear(silu_and_mul(linear(x, L.gate_up)), L.down)
+            h = self._linear(silu_and_mul(self._linear(x, L.gate_up, lora, i, "gate_up")), L.down, lora, i, "down")
         if self.norm is None:
             return h + residual
         x, _ = add_rms_norm(h, residual, self.norm, eps)
         return x
+
+    @staticmethod
+    def _linear(x: torch.Tensor, w: Linear, lora: LoRABatch | None, layer: int, name: str) -> torch.Tensor:
+        y = linear(x, w)
+        return y if lora is None else lora.add_(y, x, layer, name)
 
     def head_over(self, n: int) -> Linear | None:
         """An lm_head over the first n token ids only (a drafter's vocabulary: spec/config.py
