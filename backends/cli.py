@@ -78,6 +78,17 @@ def _json_table(text: str) -> dict:
     return value
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    from pathlib import Path
+
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    if not Path(path, "adapter_config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{path!r} has no adapter_config.json (a PEFT LoRA adapter directory)")
+    return name, str(Path(path).resolve())
+
+
 def port_arg(text: str, none_ok: bool = False) -> int:
     """A TCP port (0: a free one; -1: none, where none_ok)."""
     try:
@@ -126,6 +137,9 @@ def _serve(argv: list[str]) -> None:
     ap.add_argument("--kv-tiers", default=None, type=_json_table,
                     help='KV cache tiers, replacing the profile\'s [engine.kv_tiers]: JSON, e.g. '
                          '\'{"host_mb": 1024, "store": "auto", "disk_dir": "/var/cache/baton"}\'')
+    ap.add_argument("--lora-modules", nargs="+", default=[], type=_lora_module, metavar="NAME=DIR",
+                    help="LoRA adapters (PEFT directories) requests may name in `lora` (the OpenAI API: as `model`), "
+                         "as vLLM's --lora-modules; in place of the profile's [engine] lora_modules")
     pd = ap.add_argument_group("PD across servers (profiles pd_prefill, pd_decode, pd_router)")
     pd.add_argument("--name-service", default="", help="etcd URL, e.g. http://10.0.0.1:2379")
     pd.add_argument("--host", default="127.0.0.1", help="this node's address as the other nodes reach it")
@@ -144,7 +158,8 @@ def _serve(argv: list[str]) -> None:
                 cluster_key_file=a.cluster_key_file and str(Path(a.cluster_key_file).resolve()),
                 cluster=a.cluster, transfer_protocol=a.transfer_protocol, listen=a.listen,
                 overrides=({"kv_tiers": a.kv_tiers} if a.kv_tiers else {})
-                | ({"encode_address": a.encode_address} if a.encode_address else {}))
+                | ({"encode_address": a.encode_address} if a.encode_address else {})
+                | ({"lora_modules": dict(a.lora_modules)} if a.lora_modules else {}))
     exit_code = 0
     try:
         node.start(a.timeout)

@@ -146,6 +146,8 @@ FREE = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--gatewa
     (["serve", *FREE, "pd_prefill"], 1, "it needs --name-service URL"),
     (["serve", "--http-port", "70000"], 2, "argument --http-port: 70000 is not a port"),
     (["serve", *FREE, "--timeout", "0"], 2, "argument --timeout: must be a positive number of seconds"),
+    (["serve", *FREE, "--lora-modules", "sql=/nonexistent"], 2,
+     "argument --lora-modules: '/nonexistent' has no adapter_config.json"),
     (["generate", "--model", "/nonexistent", "hi"], 1, "model directory not found: '/nonexistent'"),
     (["gateway", "--port", "-3"], 2, "argument --port: -3 is not a port"),
 ])

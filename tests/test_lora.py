@@ -152,3 +152,80 @@ def test_an_adapter_of_other_shapes_is_refused_naming_the_projection(qwen3_dir, 
     save_file(tensors, str(d / "adapter_model.safetensors"))
     with pytest.raises(LoRAError, match=r"LoRA adapter 'x': layer 1 o_proj is \(\d+, 4\) x \(4, 8\), the model needs"):
         LLM(qwen3_dir, dtype="float32", max_model_len=64, kv_cache_memory_mb=4, lora_modules={"x": str(d)})
+
+
+@pytest.fixture(scope="module")
+def served(qwen3_dir, adapters):
+    """A single_node server with both adapters (and its OpenAI gateway)."""
+    from baton.backends.serving.launcher import Node
+
+    n = Node(str(qwen3_dir), "single_node", gateway_port=0,
+             overrides={"dtype": "float32", "max_model_len": 256, "kv_cache_memory_mb": 4,
+                        "lora_modules": {k: str(v) for k, v in adapters.items()}})
+    n.start(timeout=180, quiet=True)
+    yield n
+    n.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_streams_with_adapters_equal_the_offline_engine(served, llm, protocol):
+    """Adapters and the base model streamed at the same time through Triton: each stream's tokens
+    are the offline engine's for its adapter, and no KV block is left held."""
+    import threading
+
+    from conftest import blocks_in_use
+
+    from baton_client import BatonClient
+
+    prompt, names = "def fibonacci(n):", ["all", "", "some", "all"]
+    tok = llm.engine.tokenizer
+    expect = {n: llm.generate(tok.encode(prompt), GREEDY, lora=n)[0].token_ids for n in set(names)}
+    url = served.grpc_url if protocol == "grpc" else served.http_url
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        c = BatonClient(url, protocol)
+        got[i] = c.generate(prompt, temperature=0.0, max_tokens=12, ignore_eos=True, lora=names[i] or None).token_ids
+        c.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(names))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [got.get(i) for i in range(len(names))] == [expect[n] for n in names]
+    assert expect["all"] != expect[""] != expect["some"]
+    assert blocks_in_use(served.manager.address) == 0
+
+
+@pytest.mark.slow
+def test_the_openai_gateway_takes_an_adapter_as_the_model(served, llm):
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"http://{served.gateway_url}/v1", api_key="unused", max_retries=0)
+    base = client.models.list().data[0].id
+    assert [(m.id, getattr(m, "parent", None)) for m in client.models.list().data] == \
+        [(base, None), ("all", base), ("some", base)]
+    r = client.completions.create(model="some", prompt="class LRUCache:", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    ids = llm.engine.tokenizer.encode("class LRUCache:")
+    assert r.model == "some"
+    assert r.choices[0].text == llm.engine.tokenizer.decode(
+        llm.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), lora="some")[0].token_ids)
+    with pytest.raises(NotFoundError, match="The model `nope` does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+@pytest.mark.slow
+def test_a_served_request_naming_an_unknown_adapter_is_refused_naming_the_field(served):
+    from baton_client import BatonClient, BatonError
+
+    why = "lora: no LoRA adapter named 'nope'; this server has: all, some"
+    with pytest.raises(BatonError, match=f"^HTTP 400: .*{why}"):
+        BatonClient(served.http_url, "http").generate("x", max_tokens=2, lora="nope")
+    c = BatonClient(served.grpc_url)
+    with pytest.raises(BatonError, match=why):
+        c.generate("x", max_tokens=2, lora="nope")
+    assert c.generate("x", max_tokens=2, lora="all").completion_tokens == 2      # the server is fine
+    c.close()

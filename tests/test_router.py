@@ -39,6 +39,17 @@ def test_prefix_match_counts_leading_blocks_only():
     assert uncached_tokens([_p("a", h[:2])], PROMPT) == {"a": 64 - 32}
 
 
+def test_a_lora_requests_prefix_is_scored_with_the_blocks_the_engine_keys_by_its_adapter():
+    from baton.backends.engine.sampling_params import SamplingParams
+    from baton.backends.engine.sequence import Sequence
+
+    adapter = [short_hash(h) for h in Sequence(PROMPT, SamplingParams(), 16, lora="sql").block_hashes]
+    base, with_sql = _p("base", _hashes(PROMPT, 4)), _p("sql", adapter)
+    assert uncached_tokens([base, with_sql], PROMPT, lora="sql") == {"base": 64, "sql": 0}
+    assert uncached_tokens([base, with_sql], PROMPT) == {"base": 0, "sql": 64}
+    assert [n.node_id for n in rank_prefill([base, with_sql], PROMPT, {}, lora="sql")] == ["sql", "base"]
+
+
 def test_prefill_goes_where_the_prefix_is_cached_unless_that_node_is_busier_than_the_saving():
     h = _hashes(PROMPT, 4)
     warm, cold = _p("b-warm", h), _p("a-cold")

@@ -28,7 +28,7 @@ from functools import partial
 import numpy as np
 
 from ..engine.sampling_params import SamplingParams
-from ..kv.hashing import hash_blocks
+from ..kv.hashing import hash_blocks, lora_keys
 from ..kv.transfer import BlockSource
 from ..multimodal.prompt import ImageSpan, image_keys
 from ..stages.front import FrontError
@@ -81,12 +81,12 @@ def decode_room(node: NodeInfo, blocks_needed: int, inflight_blocks: int) -> int
 
 
 def uncached_tokens(nodes: list[NodeInfo], prompt: list[int], weights: dict[str, float] | None = None,
-                    images: list[ImageSpan] | None = None) -> dict[str, int]:
+                    images: list[ImageSpan] | None = None, lora: str = "") -> dict[str, int]:
     """node id -> the prompt tokens that node would compute (it caches the rest; a block in a lower
     tier counts as cached by its tier's weight). `images`: the prompt's, whose hashes key the blocks
-    that hold their placeholders (as the nodes' own hashes do)."""
+    that hold their placeholders (as the nodes' own hashes do); `lora`: its adapter's, which keys every block."""
     keys = (lambda start, end: image_keys(images, start, end)) if images else None
-    hashes = {bs: [short_hash(h) for h in hash_blocks(prompt, bs, keys_for=keys)] if bs > 0 else []
+    hashes = {bs: [short_hash(h) for h in hash_blocks(prompt, bs, lora_keys(lora), keys_for=keys)] if bs > 0 else []
               for bs in {n.block_size for n in nodes}}
     store = frozenset(h for n in nodes for h in n.tier_hashes.get("store", ()))
     return {n.node_id: len(prompt) - round(cached_prefix_blocks(n, hashes[n.block_size], store, weights) * n.block_size)
@@ -94,11 +94,12 @@ def uncached_tokens(nodes: list[NodeInfo], prompt: list[int], weights: dict[str,
 
 
 def rank_prefill(nodes: list[NodeInfo], prompt: list[int], inflight: dict[str, int], turn: int = 0,
-                 weights: dict[str, float] | None = None, images: list[ImageSpan] | None = None) -> list[NodeInfo]:
+                 weights: dict[str, float] | None = None, images: list[ImageSpan] | None = None,
+                 lora: str = "") -> list[NodeInfo]:
     """Prefill nodes, best first. Equal costs and loads rotate with `turn` (the router counts its
     requests), so equal nodes share the work even while their load reports lag behind."""
     order = {node_id: i for i, node_id in enumerate(sorted(n.node_id for n in nodes))}
-    uncached = uncached_tokens(nodes, prompt, weights, images)
+    uncached = uncached_tokens(nodes, prompt, weights, images, lora)
     return sorted(nodes, key=lambda n: (prefill_cost(n, uncached[n.node_id], inflight.get(n.node_id, 0)),
                                         n.running, (order[n.node_id] - turn) % len(order)))
 
@@ -133,10 +134,10 @@ class Router(NodeCalls):
             inflight = dict(self.prefill_tokens)
             self.turn += 1
             turn = self.turn
-        ranked = rank_prefill(live, prompt, inflight, turn, self.tier_weights, images)
+        ranked = rank_prefill(live, prompt, inflight, turn, self.tier_weights, images, req.lora)
         if not ranked:
             raise FrontError(f"no prefill node is registered with the name service {self.name_service}", "unavailable")
-        work = uncached_tokens(ranked, prompt, self.tier_weights, images)
+        work = uncached_tokens(ranked, prompt, self.tier_weights, images, req.lora)
         last: FrontError | None = None
         for node in ranked[:NODE_TRIES]:
             with self.lock:

@@ -6,7 +6,7 @@ import itertools
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from ..kv.hashing import ROOT, hash_blocks
+from ..kv.hashing import ROOT, hash_blocks, lora_keys
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Sequence(TokenHistory):
         self.block_size = block_size
         self.lora = lora                  # the LoRA adapter it runs with ("": the base model)
         # an adapter's K/V differs from the base model's: its blocks are cached under keys of their own
-        self.extra_keys = extra_keys + (("lora", lora),) if lora else extra_keys
+        self.extra_keys = extra_keys + lora_keys(lora)
         self.mm = mm                      # images in the prompt: their spans, embeddings, M-RoPE positions
         self.status = Status.WAITING
         self.num_computed_tokens = 0      # tokens whose K/V is in the pool

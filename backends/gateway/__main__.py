@@ -1,4 +1,5 @@
-"""python -P -m baton.backends.gateway --triton HOST:GRPC_PORT [--port 9000] [--model DIR] [--model-name NAME]"""
+"""python -P -m baton.backends.gateway --triton HOST:GRPC_PORT [--port 9000] [--model DIR] [--model-name NAME]
+[--lora NAME ...]"""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=port_arg, default=9000)
     ap.add_argument("--model", default=None, help="the served checkpoint: its tokenizer names logprob tokens")
     ap.add_argument("--model-name", default=None, help="the name clients pass as `model` (default: --model's folder name)")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME",
+                    help="a LoRA adapter the node serves: clients pass its name as `model` (repeatable)")
     a = ap.parse_args(argv)
     import uvicorn
 
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
         tokenizer = Tokenizer.from_file(str(Path(a.model) / "tokenizer.json"))
     name = a.model_name or (Path(a.model).resolve().name if a.model else "llm")
-    uvicorn.run(create_app(Gateway(a.triton, name, tokenizer)), host=a.host, port=a.port, log_level="warning")
+    uvicorn.run(create_app(Gateway(a.triton, name, tokenizer, a.lora)), host=a.host, port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +56,10 @@ class Choice:
 
 
 class Gateway:
-    def __init__(self, triton_address: str, model_name: str, tokenizer: Any = None) -> None:
+    def __init__(self, triton_address: str, model_name: str, tokenizer: Any = None, loras: Sequence[str] = ()) -> None:
+        """loras: the LoRA adapters the node serves; a request names one as its `model`, as with vLLM."""
         self.address, self.model_name, self.tokenizer = triton_address, model_name, tokenizer
+        self.loras = list(loras)
         self.channel: grpc.aio.Channel | None = None
 
     def stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
@@ -81,10 +83,14 @@ class Gateway:
         finally:
             call.cancel()
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist (this server has `{self.model_name}`)",
-                           "model", "model_not_found")
+    def check_model(self, name: str) -> str:
+        """The LoRA adapter a request's `model` names ("": the base model)."""
+        if name == self.model_name:
+            return ""
+        if name in self.loras:
+            return name
+        has = ", ".join(f"`{n}`" for n in [self.model_name, *self.loras])
+        raise APIError(404, f"The model `{name}` does not exist (this server has {has})", "model", "model_not_found")
 
     def token_texts(self, ids: list[int]) -> list[str]:
         if self.tokenizer is None:
@@ -133,23 +139,24 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": gw.model_name, "object": "model", "created": 0, "owned_by": "baton"}]}
+        base = {"id": gw.model_name, "object": "model", "created": 0, "owned_by": "baton"}
+        return {"object": "list", "data": [base] + [base | {"id": n, "parent": gw.model_name} for n in gw.loras]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = parse(CompletionRequest, await _body(request))
-        gw.check_model(req.model)
+        lora = gw.check_model(req.model)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "prompt: must not be empty", "prompt")
-        jobs = [(k, llm_inputs(req, p, k)) for p in prompts for k in range(req.n)]
+        jobs = [(k, llm_inputs(req, p, k, lora)) for p in prompts for k in range(req.n)]
         return await _serve(gw, request, req, jobs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         req = parse(ChatRequest, await _body(request))
-        gw.check_model(req.model)
-        return await _serve(gw, request, req, [(k, llm_inputs(req, None, k)) for k in range(req.n)], chat=True)
+        lora = gw.check_model(req.model)
+        return await _serve(gw, request, req, [(k, llm_inputs(req, None, k, lora)) for k in range(req.n)], chat=True)
 
     return app
 
@@ -179,7 +186,7 @@ async def _serve(gw: Gateway, request: Request, req: Any, jobs: list[tuple[int, 
         if isinstance(first, APIError):             # refused before any token: a real HTTP status
             stream.cancel()
             raise first
-        return StreamingResponse(_sse(gw, rid, created, stream, first, chat, include_usage),
+        return StreamingResponse(_sse(gw, rid, created, req.model, stream, first, chat, include_usage),
                                  media_type="text/event-stream")
     task = asyncio.ensure_future(_run_all(gw, jobs, choices))
     while not task.done():                 # a client that leaves cancels its requests
@@ -189,7 +196,7 @@ async def _serve(gw: Gateway, request: Request, req: Any, jobs: list[tuple[int, 
             return Response(status_code=499)
     task.result()
     body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": gw.model_name, "choices": [_final_choice(gw, c, chat) for c in choices], "usage": _usage(choices)}
+            "model": req.model, "choices": [_final_choice(gw, c, chat) for c in choices], "usage": _usage(choices)}
     return JSONResponse(body)
 
 
@@ -241,12 +248,12 @@ class _Stream:
             t.cancel()
 
 
-async def _sse(gw: Gateway, rid: str, created: int, stream: _Stream, first: Any, chat: bool,
+async def _sse(gw: Gateway, rid: str, created: int, model: str, stream: _Stream, first: Any, chat: bool,
                include_usage: bool) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
-        body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": gw.model_name,
+        body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
                                 "choices": choice_list}
         if include_usage:
             body["usage"] = usage

@@ -136,9 +136,12 @@ def param_of(triton_field: str) -> str:
     return _RENAME.get(triton_field, triton_field)
 
 
-def llm_inputs(req: _Sampling, prompt: str | None, seed_offset: int = 0) -> dict[str, np.ndarray]:
-    """The `llm` input tensors for one choice of `req` (`prompt` for completions; chat sends messages)."""
+def llm_inputs(req: _Sampling, prompt: str | None, seed_offset: int = 0, lora: str = "") -> dict[str, np.ndarray]:
+    """The `llm` input tensors for one choice of `req` (`prompt` for completions; chat sends messages);
+    `lora`: the adapter its `model` names."""
     x: dict[str, np.ndarray] = {}
+    if lora:
+        x["lora"] = np.array([lora.encode()], dtype=object)
     if prompt is not None:
         x["text_input"] = np.array([prompt.encode()], dtype=object)
     else:

@@ -34,3 +34,8 @@ def hash_blocks(token_ids: Sequence[int], block_size: int, extra_keys: tuple = (
         parent = block_hash(parent, token_ids[i:i + block_size], keys)
         out.append(parent)
     return out
+
+
+def lora_keys(lora: str) -> tuple:
+    """A LoRA adapter's extra keys: its K/V differs from the base model's (and from other adapters')."""
+    return (("lora", lora),) if lora else ()

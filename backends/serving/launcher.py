@@ -227,7 +227,8 @@ class Node:
                 self.gateway_port = self.gateway_port or free_port()
                 self.gateway = self._spawn("OpenAI gateway", "gateway.log", f"http://{self.gateway_url}/health", [
                     "baton.backends.gateway", "--triton", self.grpc_url, "--port", str(self.gateway_port),
-                    "--model", model_dir, "--host", self.listen_address])
+                    "--model", model_dir, "--host", self.listen_address,
+                    *[x for name in engine.lora_modules for x in ("--lora", name)]])
         except Exception:
             self.stop()
             raise

@@ -17,7 +17,7 @@ IMAGES = [("image_spans", "TYPE_INT64", "-1, 5"), ("image_hashes", "TYPE_STRING"
 # holds them (multimodal/remote.py EmbeddingSource JSON; "": this node's store)
 PREFILL_REQUEST = [("input_ids", "TYPE_INT64", -1), ("request_id", "TYPE_STRING", 1), ("sampling", "TYPE_STRING", 1),
                    *IMAGES, ("image_data", "TYPE_STRING", -1), ("embed_source", "TYPE_STRING", 1),
-                   ("embed_mac", "TYPE_UINT8", -1)]
+                   ("embed_mac", "TYPE_UINT8", -1), ("lora", "TYPE_STRING", 1)]
 
 # prefill -> decode: stages.messages.KVHandle (`embed_source`: an encode server's slots for the
 # prompt's images, read again by a decode node that recomputes the prompt)
@@ -26,7 +26,7 @@ HANDLE = [("request_id", "TYPE_STRING", 1), ("token_ids", "TYPE_INT64", -1), ("n
           ("num_cached_tokens", "TYPE_INT32", 1), ("finish_reason", "TYPE_STRING", 1),
           ("sampling", "TYPE_STRING", 1), ("logprobs", "TYPE_FP32", -1),
           ("source", "TYPE_STRING", 1), ("prefill_seconds", "TYPE_FP32", 1), ("cached_by_tier", "TYPE_INT32", -1),
-          *IMAGES, ("embed_source", "TYPE_STRING", 1), ("mac", "TYPE_UINT8", -1)]
+          *IMAGES, ("embed_source", "TYPE_STRING", 1), ("lora", "TYPE_STRING", 1), ("mac", "TYPE_UINT8", -1)]
 
 # decode -> postprocess, one per streamed response: stages.messages.TokenDelta
 STREAM = [("d_token_ids", "TYPE_INT64", -1), ("d_text", "TYPE_STRING", 1), ("d_finish_reason", "TYPE_STRING", 1),

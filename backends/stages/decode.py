@@ -194,6 +194,9 @@ class DecodeStage:
             detok.add(first)
             sink.send(_delta(seq, first, detok.delta(final=True)), True)
             return
+        if seq.lora and seq.lora not in eng.loras:  # PD: this node was started without the prefill node's adapter
+            raise RuntimeError(f"this decode node has no LoRA adapter {seq.lora!r} (its lora_modules differ "
+                               "from the prefill node's)")
         eng.add_sequence(seq, stream_text=True)    # its blocks come in through the hand-off connector
         if seq.detok.stopped:                      # a stop string in the first token
             eng.abort(seq.request_id)

@@ -71,13 +71,14 @@ class PrefillRequest:
     image_data: list[bytes] = field(default_factory=list)   # each image as sent (encoded), until encoded
     embed_source: str = ""                  # an encode server's EmbeddingSource JSON ("": the node's store)
     embed_mac: bytes = b""                  # the embeddings exist: signed by encode (embed_mac())
+    lora: str = ""                          # the LoRA adapter it runs with ("": the base model)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {"input_ids": np.asarray(self.prompt_token_ids, dtype=np.int64),
                 "request_id": _string(self.request_id), "sampling": _string(self.sampling.to_json()),
                 **_spans_arrays(self.images), "image_data": np.asarray(self.image_data, dtype=object).reshape(-1),
                 "embed_source": _string(self.embed_source),
-                "embed_mac": np.frombuffer(self.embed_mac, dtype=np.uint8).copy()}
+                "embed_mac": np.frombuffer(self.embed_mac, dtype=np.uint8).copy(), "lora": _string(self.lora)}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> PrefillRequest:
@@ -86,7 +87,8 @@ class PrefillRequest:
                    SamplingParams.from_json(_text(a["sampling"])), _spans(a),
                    data,
                    _text(a["embed_source"]) if "embed_source" in a else "",
-                   a["embed_mac"].astype(np.uint8).tobytes() if "embed_mac" in a else b"")
+                   a["embed_mac"].astype(np.uint8).tobytes() if "embed_mac" in a else b"",
+                   _text(a["lora"]) if "lora" in a else "")
 
 
 def images_of(req: PrefillRequest) -> list[ProcessedImage]:
@@ -112,6 +114,7 @@ class KVHandle:
     cached_by_tier: list[int] = field(default_factory=list)   # num_cached_tokens per kv.tiers.TIER_NAMES
     images: list[ImageSpan] = field(default_factory=list)     # the prompt's images (their positions, block keys)
     embed_source: str = ""        # where an encode server holds their embeddings (PrefillRequest.embed_source)
+    lora: str = ""                # the LoRA adapter its K/V was computed with ("": the base model)
     mac: bytes = b""              # HMAC-SHA256 of the rest under the node's secret (sign / verify)
 
     def _digest(self, key: bytes) -> bytes:
@@ -136,7 +139,7 @@ class KVHandle:
         return cls(seq.request_id, list(seq.token_ids), seq.num_prompt_tokens, seq.num_computed_tokens,
                    list(block_table), max(seq.num_cached_tokens, 0), finish_reason, seq.params,
                    list(seq.logprobs), cached_by_tier=list(seq.cached_by_tier or []),
-                   images=list(seq.mm.spans) if seq.mm is not None else [])
+                   images=list(seq.mm.spans) if seq.mm is not None else [], lora=seq.lora)
 
     def to_sequence(self, block_size: int, merge: int = 2, fetch: Callable[[str], torch.Tensor | None] | None = None,
                     background: Executor | None = None) -> Sequence:
@@ -147,7 +150,8 @@ class KVHandle:
         `fetch` (in `background`) if it is ever recomputed."""
         mm = MultiModalPrompt.of(self.images, self.num_prompt_tokens, merge, fetch=fetch, background=background) \
             if self.images else None
-        seq = Sequence(self.token_ids[: self.num_prompt_tokens], self.sampling, block_size, self.request_id, mm=mm)
+        seq = Sequence(self.token_ids[: self.num_prompt_tokens], self.sampling, block_size, self.request_id, mm=mm,
+                       lora=self.lora)
         for t in self.token_ids[self.num_prompt_tokens:]:
             seq.append(t)
         seq.num_cached_tokens = self.num_cached_tokens
@@ -173,6 +177,7 @@ class KVHandle:
             "cached_by_tier": np.asarray(self.cached_by_tier, dtype=np.int32),
             **_spans_arrays(self.images),
             "embed_source": _string(self.embed_source),
+            "lora": _string(self.lora),
             "mac": np.frombuffer(self.mac, dtype=np.uint8).copy() if self.mac else np.zeros(0, np.uint8),
         }
 
@@ -185,7 +190,8 @@ class KVHandle:
                    a["logprobs"].astype(np.float32).tolist(),
                    _text(a["source"]), float(a["prefill_seconds"].reshape(-1)[0]),
                    a["cached_by_tier"].astype(np.int32).tolist(), _spans(a),
-                   _text(a["embed_source"]) if "embed_source" in a else "", a["mac"].astype(np.uint8).tobytes())
+                   _text(a["embed_source"]) if "embed_source" in a else "", _text(a["lora"]) if "lora" in a else "",
+                   a["mac"].astype(np.uint8).tobytes())
 
 
 @dataclass

@@ -87,7 +87,7 @@ class PrefillStage:
             try:
                 mm = self._images(req) if req.images else None
                 seqs.append(eng.add_request(req.prompt_token_ids, req.sampling, request_id=req.request_id,
-                                            prefill_only=True, mm=mm))
+                                            prefill_only=True, mm=mm, lora=req.lora))
             except (InvalidRequestError, EmbeddingsGone) as e:
                 seqs.append(e)
             except TransferError as e:               # the encode server's embeddings could not be read

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ _JSON_KEYS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": 
 
 class Preprocessor:
     def __init__(self, model_dir: str, max_model_len: int, max_tokens_limit: int,
-                 max_images: int = MAX_IMAGES) -> None:
+                 max_images: int = MAX_IMAGES, loras: Collection[str] = ()) -> None:
+        """loras: the names of the LoRA adapters the node loaded (a request's `lora` names one)."""
         tok = Tokenizer.from_dir(model_dir)
         if tok is None:
             raise ValueError(f"no tokenizer.json in {model_dir}")
@@ -51,6 +53,7 @@ class Preprocessor:
         self.image_token_id = cfg.image_token_id          # None: a text model
         self.images = ImageProcessor.from_dir(model_dir) if cfg.vision_config is not None else None
         self.max_images = max_images
+        self.loras = frozenset(loras)
 
     def __call__(self, inputs: dict[str, np.ndarray], request_id: str = "") -> PrefillRequest:
         """Triton inputs -> the message prefill takes (request_id: a fresh one when empty)."""
@@ -84,11 +87,15 @@ class Preprocessor:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError("text_input", f"prompt of {len(ids)} tokens leaves no room to generate "
                                       f"within max_model_len={self.max_model_len}")
+        lora = _utf8("lora", inputs["lora"].reshape(-1)[0]) if "lora" in inputs and inputs["lora"].size else ""
+        if lora and lora not in self.loras:
+            known = ", ".join(sorted(self.loras)) or "none"
+            raise InvalidRequestError("lora", f"no LoRA adapter named {lora!r}; this server has: {known}")
         ids, spans, data = self._with_images(ids, images)
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError("image", f"the prompt with its images' {len(ids)} tokens leaves no room "
                                       f"to generate within max_model_len={self.max_model_len}")
-        return PrefillRequest(request_id or uuid.uuid4().hex, ids, params, spans, data)
+        return PrefillRequest(request_id or uuid.uuid4().hex, ids, params, spans, data, lora=lora)
 
     def _with_images(self, ids: list[int], images: list[Any]) -> tuple[list[int], list[ImageSpan], list[bytes]]:
         """Each image decoded (a bad one is refused here), hashed and measured; its placeholder

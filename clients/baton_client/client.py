@@ -141,6 +141,10 @@ def _grpc_request(model: str, prompt: str | None, messages: list[dict] | None, s
         add("stop", "BYTES", len(stop), _bytes_tensor([x.encode() for x in stop]))
     if images:
         add("image", "BYTES", len(images), _bytes_tensor(list(images)))
+    sampling = dict(sampling)
+    lora = sampling.pop("lora", None)
+    if lora:
+        add("lora", "BYTES", 1, _bytes_tensor([str(lora).encode()]))
     for k, v in _checked(sampling).items():
         t = SCALAR_TYPES[k]
         add(k, _TRITON[t], 1, np.array([v], dtype=_NP[t]).tobytes())
@@ -191,7 +195,8 @@ class BatonClient:
 
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None, stop: list[str] | None = None,
                timeout: float = 600, images: list[bytes] | None = None, **sampling: object) -> Iterator[Chunk]:
-        """images: encoded images (PNG, JPEG...), one per <|image_pad|> in `prompt` (a vision model)."""
+        """images: encoded images (PNG, JPEG...), one per <|image_pad|> in `prompt` (a vision model).
+        sampling: the sampling parameters (schema.SCALARS), and `lora`: a LoRA adapter the server loaded."""
         if self.protocol == "http":
             yield from self._stream_http(prompt, messages, stop, timeout, sampling, images)
         else:
@@ -230,7 +235,9 @@ class BatonClient:
 
     # ---- HTTP (Triton generate_stream, server-sent events) ----------------------------------------
     def _stream_http(self, prompt, messages, stop, timeout, sampling, images=None) -> Iterator[Chunk]:  # noqa: ANN001
-        body: dict = dict(_checked(sampling))
+        body: dict = dict(_checked({k: v for k, v in sampling.items() if k != "lora"}))
+        if sampling.get("lora"):
+            body["lora"] = str(sampling["lora"])
         if images:                 # JSON carries text: base64, which the server decodes
             body["image"] = [base64.b64encode(b).decode() for b in images]
         if prompt is not None:

@@ -22,9 +22,10 @@ SCALARS: list[tuple[str, str]] = [
 # `sampling_parameters` is the vLLM backend's JSON object of sampling parameters. `image`: images
 # (encoded bytes, base64 or data URLs), one per <|image_pad|> in text_input, for a vision model;
 # with `messages`, images come as content parts ({"type": "image_url", "image_url": {"url": ...}}).
+# `lora`: the name of a LoRA adapter the server loaded (its `lora_modules`); absent or "": the base model.
 STRINGS: list[tuple[str, int]] = [
     ("text_input", 1), ("messages", 1), ("sampling_parameters", 1), ("stop", -1), ("stop_words", -1),
-    ("bad_words", -1), ("image", -1),
+    ("bad_words", -1), ("image", -1), ("lora", 1),
 ]
 
 # Outputs of every streamed response: (name, Triton data type, dims).

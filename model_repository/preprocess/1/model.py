@@ -14,7 +14,8 @@ class TritonPythonModel:
     def initialize(self, args):
         node = self.node = NodeConfig.load(NodeConfig.path_in(args["model_config"]))
         pin_to(node.serving.front_cpus)
-        self.pre = Preprocessor(node.engine.model, node.engine.max_model_len, node.max_tokens_limit)
+        self.pre = Preprocessor(node.engine.model, node.engine.max_model_len, node.max_tokens_limit,
+                                loras=node.engine.lora_modules)
 
     def execute(self, requests):
         out = []
