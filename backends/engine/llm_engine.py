@@ -82,7 +82,9 @@ class LLMEngine:
             weights = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
         method = select_linear_method(self.dtype, self.device, config.pack_weights, config.quantization, self.quant)
         self.model = DecoderLM(cfg, weights, self.max_model_len, method)
-        self.loras = {name: LoRAAdapter.load(name, path, cfg, str(self.device))
+        # adapters multiply in the model's dtype by the float method its unquantized weights would use
+        lora_method = select_linear_method(self.dtype, self.device, config.pack_weights, "", None)
+        self.loras = {name: LoRAAdapter.load(name, path, cfg, lora_method, self.dtype, str(self.device))
                       for name, path in config.lora_modules.items()}
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.encoder: ImageEncoder | None = None     # the vision tower of a multimodal checkpoint

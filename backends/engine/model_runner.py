@@ -34,7 +34,9 @@ def layout_step(scheduled: list[tuple[Paged, int]], block_size: int) -> tuple[li
     """The step's rows in flat-batch order (short chunks as decode rows first, then longer chunks):
     the sequences in that order, token ids, positions and the attention layout."""
     bs = block_size
-    order = [x for x in scheduled if x[1] <= DECODE_ROWS] + [x for x in scheduled if x[1] > DECODE_ROWS]
+    # short chunks first; within each kind, the requests of one LoRA adapter together (one run of
+    # rows each: models/lora.py then slices instead of gathering). Stable: without adapters, as scheduled
+    order = sorted(scheduled, key=lambda x: (x[1] > DECODE_ROWS, getattr(x[0], "lora", "")))
     step = StepLayout()
     ids: list[int] = []
     positions: list[int] = []

@@ -4,8 +4,9 @@ each adapter's rows are gathered, run through its two small GEMMs and added back
 grouped kernels do this in one launch; on CPU the GEMMs are tiny next to W's). The base weights stay
 as they are (shared by every stage, packed or quantized), so an adapter costs only its own tensors.
 
-Computed in fp32 whatever the model's dtype (bf16 GEMMs are slow on CPUs without native bf16), then
-added in the model's dtype."""
+A and B are multiplied in the model's dtype by the same linear method as its unquantized weights (on
+CPU Baton's small-row kernels: torch's own matmul costs 3-4x as much at these sizes), as PEFT
+computes them in the model's dtype."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from baton.kernels.linear import Linear, LinearMethod, linear
 
 from .config import ModelConfig
 
@@ -31,8 +34,8 @@ class LoRAError(ValueError):
 
 @dataclass
 class LoRALinear:
-    a: torch.Tensor      # [rank (summed over the stacked projections), in]
-    b: torch.Tensor      # [out, rank], the scale folded in; block-diagonal for a fused linear
+    a: Linear            # [rank (summed over the stacked projections), in]
+    b: Linear            # [out, rank], the scale folded in; block-diagonal for a fused linear
 
 
 @dataclass
@@ -43,8 +46,14 @@ class LoRAAdapter:
     layers: list[dict[str, LoRALinear]]     # per layer, by fused linear name (absent: not adapted)
 
     @classmethod
-    def load(cls, name: str, path: str | Path, cfg: ModelConfig, device: str = "cpu") -> LoRAAdapter:
-        """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors) for a model of `cfg`."""
+    def load(cls, name: str, path: str | Path, cfg: ModelConfig, method: LinearMethod,
+             dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoRAAdapter:
+        """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors) for a model of
+        `cfg` running in `dtype`; `method`: a float linear method for that dtype (not a quantizing one)."""
+
+        def weight(t: torch.Tensor) -> Linear:
+            return method.create(method.process(t.to(device, dtype).contiguous()))
+
         d = Path(path)
         try:
             conf = json.loads((d / "adapter_config.json").read_text())
@@ -99,7 +108,7 @@ class LoRAAdapter:
                         bmat[row:row + out, col:col + b.shape[1]] = b
                         col += b.shape[1]
                     row += out
-                layers[i][fused] = LoRALinear(torch.cat(a_rows).contiguous().to(device), bmat.to(device))
+                layers[i][fused] = LoRALinear(weight(torch.cat(a_rows)), weight(bmat))
         return cls(name, str(d), r, layers)
 
 
@@ -130,9 +139,10 @@ def _read_tensors(name: str, d: Path) -> dict[str, torch.Tensor]:
 
 
 class LoRABatch:
-    """One step's adapters: for each adapter in it, the rows of the flat batch it applies to."""
+    """One step's adapters: for each adapter in it, the rows of the flat batch it applies to (a slice
+    when they are one run, as when a batch has one adapter: no gather, no scatter)."""
 
-    def __init__(self, groups: list[tuple[LoRAAdapter, torch.Tensor]]) -> None:
+    def __init__(self, groups: list[tuple[LoRAAdapter, slice | torch.Tensor]]) -> None:
         self.groups = groups
 
     @classmethod
@@ -144,13 +154,17 @@ class LoRABatch:
                 rows.setdefault(a.name, (a, []))[1].append(i)
         if not rows:
             return None
-        return cls([(a, torch.tensor(r, dtype=torch.int64, device=device)) for a, r in rows.values()])
+        return cls([(a, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else
+                     torch.tensor(r, dtype=torch.int64, device=device)) for a, r in rows.values()])
 
-    def add_(self, y: torch.Tensor, x: torch.Tensor, layer: int, linear: str) -> torch.Tensor:
+    def add_(self, y: torch.Tensor, x: torch.Tensor, layer: int, name: str) -> torch.Tensor:
         """y (= W·x of one linear, [T, out]) += each adapter's B·(A·x) on its rows."""
         for adapter, rows in self.groups:
-            lin = adapter.layers[layer].get(linear)
-            if lin is not None:
-                delta = (x.index_select(0, rows).float() @ lin.a.t()) @ lin.b.t()
-                y.index_add_(0, rows, delta.to(y.dtype))
+            lin = adapter.layers[layer].get(name)
+            if lin is None:
+                continue
+            if isinstance(rows, slice):
+                y[rows].add_(linear(linear(x[rows], lin.a), lin.b))
+            else:
+                y.index_add_(0, rows, linear(linear(x.index_select(0, rows), lin.a), lin.b))
         return y
