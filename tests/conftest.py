@@ -129,19 +129,20 @@ PD_PROFILE = """extends = "pd_{role}"
 [engine]
 max_model_len = 1024
 kv_cache_memory_mb = 16
+{engine_extra}
 [serving]
 max_tokens_limit = 1000
 """
 
 
-def pd_cluster(qwen3_dir, tmp_path_factory, prefill, decode):
+def pd_cluster(qwen3_dir, tmp_path_factory, prefill, decode, engine_extra=""):
     from baton.backends.cluster.local import LocalCluster
     from baton.backends.cluster.netns import NetnsUnavailable
 
     pytest.importorskip("mooncake.engine", reason="the Mooncake transfer engine (make test installs it)")
     d = tmp_path_factory.mktemp("profiles")
     for role in ("prefill", "decode", "router"):
-        (d / f"pd_{role}.toml").write_text(PD_PROFILE.format(role=role))
+        (d / f"pd_{role}.toml").write_text(PD_PROFILE.format(role=role, engine_extra=engine_extra))
     try:
         return LocalCluster(str(qwen3_dir), prefill, decode, hosts=True, profile_dir=d).start()
     except NetnsUnavailable as e:
@@ -175,6 +176,22 @@ def pd_leaks(cluster):
         time.sleep(0.2)
 
 
+
+
+def lora_adapter(base_dir, out, seed: int, **lora_kw):
+    """A random (not zero-initialised) PEFT LoRA adapter for the checkpoint in base_dir, saved to out."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_kw))
+    with torch.no_grad():                  # B at the scale of a trained adapter's, not Linear's init
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft.save_pretrained(out)
+    return out
 
 
 def weight_store_round_trip(tensors: dict) -> dict:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import prompts_of
+from conftest import lora_adapter, prompts_of
 
 from baton.backends.engine.errors import InvalidRequestError
 from baton.backends.engine.llm import LLM
@@ -16,29 +16,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _adapter(base_dir, out, seed: int, **lora_kw):
-    """A random (not zero-initialised) PEFT adapter for the checkpoint in base_dir, saved to out."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_kw))
-    with torch.no_grad():                  # B at the scale of a trained adapter's, not Linear's init
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapters(qwen3_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     return {
-        "all": _adapter(qwen3_dir, root / "all", 1, r=4, lora_alpha=8, target_modules=ALL),
+        "all": lora_adapter(qwen3_dir, root / "all", 1, r=4, lora_alpha=8, target_modules=ALL),
         # some projections only (q and v of the fused q|k|v; up of gate|up), rsLoRA's scale
-        "some": _adapter(qwen3_dir, root / "some", 2, r=8, lora_alpha=16, use_rslora=True,
+        "some": lora_adapter(qwen3_dir, root / "some", 2, r=8, lora_alpha=16, use_rslora=True,
                          target_modules=["q_proj", "v_proj", "up_proj"]),
     }
 
@@ -99,7 +83,7 @@ def test_the_fused_decode_step_and_the_lora_path_agree_in_bf16(qwen3_dir, adapte
         llm.close()
 
 
-def test_speculative_decoding_verifies_with_the_requests_adapter(qwen3_dir, adapters, llm):
+def test_speculative_decoding_verifies_with_the_requestslora_adapter(qwen3_dir, adapters, llm):
     """Drafts (prompt lookup here; any proposer's) are scored by the target with the request's adapter:
     the tokens are those of plain decoding with it."""
     p = prompts_of(512, [12], seed=14)[0]

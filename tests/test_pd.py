@@ -6,13 +6,20 @@ import time
 
 import pytest
 from conftest import PD_PROMPTS as PROMPTS
-from conftest import pd_cluster, pd_leaks
+from conftest import lora_adapter, pd_cluster, pd_leaks
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
-def p1d1(qwen3_dir, tmp_path_factory):
-    c = pd_cluster(qwen3_dir, tmp_path_factory, 1, 1)
+def adapter(qwen3_dir, tmp_path_factory):
+    return lora_adapter(qwen3_dir, tmp_path_factory.mktemp("lora") / "sql", 3, r=8, lora_alpha=16,
+                        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def p1d1(qwen3_dir, tmp_path_factory, adapter):
+    c = pd_cluster(qwen3_dir, tmp_path_factory, 1, 1, engine_extra=f'lora_modules = {{sql = "{adapter}"}}')
     yield c
     c.stop()
 
@@ -28,6 +35,28 @@ def test_1p1d_greedy_and_seeded_match_the_offline_engine(p1d1, pd_expected):
     read = p1d1.metric("baton:kv_transfer_blocks_read_total", ["decode0"])["decode0"]
     assert read > 0                      # the KV did cross: decode read blocks from the prefill host
     assert p1d1.metric("baton:kv_transfer_failures_total", ["decode0"])["decode0"] == 0
+    assert pd_leaks(p1d1) == {"prefill0": (0, 0), "decode0": (0, 0)}
+
+
+def test_a_lora_request_runs_its_adapter_on_both_servers(p1d1, qwen3_dir, adapter):
+    """The adapter's name crosses to the decode host in the signed KV handle: every token, the first
+    (prefill) and the rest (decode), is the offline engine's with that adapter."""
+    from baton import LLM, SamplingParams
+
+    llm = LLM(str(qwen3_dir), dtype="float32", kv_cache_memory_mb=16, max_model_len=1024,
+              lora_modules={"sql": str(adapter)})
+    try:
+        tok = llm.engine.tokenizer
+        sp = SamplingParams(temperature=0, max_tokens=20)
+        expect = [llm.generate(tok.encode(p), sp, lora=name)[0].token_ids for p, name in zip(PROMPTS[:2], ("sql", ""))]
+    finally:
+        llm.close()
+    out = p1d1.generate([{"prompt": p, "max_tokens": 20, "temperature": 0.0, "lora": name}
+                         for p, name in zip(PROMPTS[:2], ("sql", ""))], concurrency=2)
+    assert [r["error"] for r in out] == ["", ""]
+    assert [r["token_ids"] for r in out] == expect
+    (bad,) = p1d1.generate([{"prompt": "x", "max_tokens": 2, "lora": "nope"}])
+    assert "lora: no LoRA adapter named 'nope'; this server has: sql" in bad["error"]
     assert pd_leaks(p1d1) == {"prefill0": (0, 0), "decode0": (0, 0)}
 
 
