@@ -213,3 +213,25 @@ def test_a_served_request_naming_an_unknown_adapter_is_refused_naming_the_field(
         c.generate("x", max_tokens=2, lora="nope")
     assert c.generate("x", max_tokens=2, lora="all").completion_tokens == 2      # the server is fine
     c.close()
+
+
+@pytest.mark.slow
+def test_baton_serve_refuses_an_adapter_it_cannot_apply_in_one_line_before_starting(qwen3_dir, adapters, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    d = tmp_path / "dora"
+    shutil.copytree(adapters["all"], d)
+    conf = json.loads((d / "adapter_config.json").read_text()) | {"use_dora": True}
+    (d / "adapter_config.json").write_text(json.dumps(conf))
+    run_root = tmp_path / "runs"
+    run_root.mkdir()
+    r = subprocess.run([sys.executable, "-P", "-m", "baton.backends.cli", "serve", "--model", str(qwen3_dir),
+                        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", "--gateway-port", "-1",
+                        "--lora-modules", f"x={d}"], capture_output=True, text=True, timeout=120,
+                       env=os.environ | {"BATON_RUN_DIR": str(run_root)})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "baton serve: error: LoRA adapter 'x': DoRA is not supported"
+    assert not any(run_root.iterdir())

@@ -112,6 +112,15 @@ class LoRAAdapter:
         return cls(name, str(d), r, layers)
 
 
+def checked_adapters(lora_modules: dict[str, str], model_dir: str) -> dict[str, str]:
+    """Each adapter loaded once for `model_dir`'s model (a LoRAError naming what is wrong), before a
+    node starts its processes; their paths made absolute (the stage processes run elsewhere)."""
+    cfg = ModelConfig.from_dir(model_dir)
+    for name, path in lora_modules.items():
+        LoRAAdapter.load(name, path, cfg, LinearMethod())
+    return {name: str(Path(path).resolve()) for name, path in lora_modules.items()}
+
+
 def _check_config(name: str, conf: dict) -> None:
     """What PEFT can store that these adapters do not apply: refused, never silently dropped."""
     if conf.get("peft_type", "LORA") != "LORA":

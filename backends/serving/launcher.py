@@ -31,6 +31,7 @@ from ..loader import weight_store
 from ..loader.quantized import checkpoint_quantization
 from ..models.config import ModelConfig
 from ..models.decoder import load_weights, process_linears
+from ..models.lora import checked_adapters
 from ..models.vision import load_vision_weights
 from ..multimodal.embedding_store import EmbeddingStore, store_dir
 from ..multimodal.encoder import VISUAL
@@ -107,6 +108,8 @@ class Node:
                                    "pick another, or 0 for a free one")
         model_dir = str(Path(self.model_dir).resolve())
         engine, serving = prof.configs(model_dir, self.overrides)
+        if engine.lora_modules:
+            engine = engine.replace(lora_modules=checked_adapters(engine.lora_modules, model_dir))
         role = serving.pd_role
         remote_encode = serving.remote_encode or bool(serving.encode_address)
         if remote_encode and not serving.encode_address and not self.name_service:
